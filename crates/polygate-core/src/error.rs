@@ -1,0 +1,86 @@
+//! Gateway errors and the one place that turns them into HTTP responses.
+
+use bytes::Bytes;
+use http::StatusCode;
+
+/// Why a request could not be proxied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// No route matched.
+    #[error("404 Route Not Found")]
+    RouteNotFound,
+    /// The route has no upstream, or every node is down.
+    #[error("no valid upstream node: {0}")]
+    NoUpstream(String),
+    /// The upstream scheme is not proxied by this release.
+    #[error("upstream scheme {0:?} is not supported yet")]
+    UnsupportedScheme(String),
+    /// Connecting to the upstream failed.
+    #[error("connect to upstream {addr} failed: {reason}")]
+    Connect {
+        /// Node address.
+        addr: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The upstream did not answer in time.
+    #[error("upstream {addr} timed out ({what})")]
+    Timeout {
+        /// Node address.
+        addr: String,
+        /// Which timeout.
+        what: &'static str,
+    },
+    /// The upstream connection failed mid-request.
+    #[error("upstream {addr} failed: {reason}")]
+    Upstream {
+        /// Node address.
+        addr: String,
+        /// Cause.
+        reason: String,
+    },
+    /// A plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] crate::plugin::PluginError),
+    /// The client request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl GatewayError {
+    /// Status and body sent to the client (APISIX-style `{"error_msg": ...}`).
+    pub fn rescue(&self) -> (StatusCode, Bytes) {
+        let status = match self {
+            GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
+            GatewayError::NoUpstream(_) | GatewayError::UnsupportedScheme(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Plugin(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        };
+        let msg = match self {
+            GatewayError::RouteNotFound => "404 Route Not Found".to_owned(),
+            GatewayError::Plugin(_) => "500 Internal Server Error".to_owned(),
+            _ => format!(
+                "{} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("Error")
+            ),
+        };
+        let body = serde_json::json!({ "error_msg": msg }).to_string() + "\n";
+        (status, Bytes::from(body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_not_found_body() {
+        let (s, b) = GatewayError::RouteNotFound.rescue();
+        assert_eq!(s, 404);
+        assert_eq!(&b[..], b"{\"error_msg\":\"404 Route Not Found\"}\n");
+    }
+}

@@ -1,0 +1,21 @@
+//! polygate's plugin framework.
+//!
+//! - [`plugin`]: the [`Plugin`] trait with APISIX's phases, [`Flow`] (sync or async outcome),
+//!   [`PluginFactory`] and the [`PluginRegistry`].
+//! - [`chain`]: instances with `_meta`, merge precedence, the phase runner.
+//! - [`ctx`]: the per-request [`RequestCtx`] (also the `vars` source).
+//! - [`consumer`]: consumers indexed by credential.
+//! - [`error`]: gateway errors and their mapping to responses.
+#![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod consumer;
+pub mod ctx;
+pub mod error;
+pub mod plugin;
+
+pub use chain::{InstanceMap, PluginChain, PluginInstance};
+pub use consumer::{ConsumerIndex, ConsumerInfo};
+pub use ctx::{RequestCtx, ResponseHead};
+pub use error::GatewayError;
+pub use plugin::{ConfError, Flow, Phase, Plugin, PluginError, PluginFactory, PluginKind, PluginRegistry, PluginResponse};

@@ -1,0 +1,723 @@
+//! Serde types of the configuration file: the `gateway:` section and the APISIX resources.
+//!
+//! Field names are APISIX's, exactly as published. Every struct denies unknown fields so that a
+//! typo is an error naming its key path instead of a silently ignored setting. Plugin
+//! configurations stay opaque (`serde_json::Value`) here; each plugin validates its own.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// A JSON object as used for plugin configurations (`plugins: {name: conf}`).
+pub type PluginMap = BTreeMap<String, serde_json::Value>;
+
+/// A resource id: APISIX accepts a string (`^[a-zA-Z0-9-_.]+$`, 1–64 chars) or an integer ≥ 1.
+/// Both forms are normalised to a string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Id(pub String);
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl Visitor<'_> for IdVisitor {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string id or an integer id >= 1")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Id, E> {
+                Ok(Id(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Id, E> {
+                if v == 0 {
+                    return Err(E::custom("integer id must be >= 1"));
+                }
+                Ok(Id(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Id, E> {
+                if v < 1 {
+                    return Err(E::custom("integer id must be >= 1"));
+                }
+                Ok(Id(v.to_string()))
+            }
+        }
+        d.deserialize_any(IdVisitor)
+    }
+}
+
+/// The whole configuration file: the optional polygate `gateway:` section plus APISIX resources.
+///
+/// An APISIX standalone `apisix.yaml` holding only resources is a valid file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// polygate's own settings (listeners, threads, timeouts, logs). Optional.
+    #[serde(default)]
+    pub gateway: Option<GatewaySection>,
+    /// Routes.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Services.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Upstreams.
+    #[serde(default)]
+    pub upstreams: Vec<Upstream>,
+    /// Plugin configs (reusable plugin bundles referenced by `plugin_config_id`).
+    #[serde(default)]
+    pub plugin_configs: Vec<PluginConfig>,
+    /// Global rules: plugins that run for every request.
+    #[serde(default)]
+    pub global_rules: Vec<GlobalRule>,
+    /// Consumers.
+    #[serde(default)]
+    pub consumers: Vec<Consumer>,
+    /// Consumer groups.
+    #[serde(default)]
+    pub consumer_groups: Vec<ConsumerGroup>,
+    /// SSL certificates (validated; served by the TLS listener of a later release).
+    #[serde(default)]
+    pub ssls: Vec<Ssl>,
+    /// Per-plugin global configuration, each entry with `id` = plugin name.
+    #[serde(default)]
+    pub plugin_metadata: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// polygate's process settings. Every field has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Where to accept client connections. Default: one plain HTTP listener on `0.0.0.0:9080`.
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Number of worker threads, each with its own event loop and `SO_REUSEPORT` listener.
+    /// Default (or 0): the number of CPUs.
+    #[serde(default)]
+    pub worker_threads: usize,
+    /// Timeouts in seconds.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Log level: `error`, `warn`, `info` (default), `debug`, `trace`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+    /// Access log settings.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+    /// Prometheus metrics listener (`/metrics`). Off when absent.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+    /// Address of the built-in demo upstream (answers with a JSON echo of the request).
+    /// Off when absent.
+    #[serde(default)]
+    pub demo_upstream: Option<String>,
+    /// How often the config file is checked for changes, in seconds. Default 1.
+    #[serde(default = "default_watch_interval")]
+    pub watch_interval: f64,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            listeners: default_listeners(),
+            worker_threads: 0,
+            timeouts: TimeoutsConfig::default(),
+            log_level: default_log_level(),
+            access_log: AccessLogConfig::default(),
+            metrics: None,
+            demo_upstream: None,
+            watch_interval: default_watch_interval(),
+        }
+    }
+}
+
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![ListenerConfig {
+        addr: "0.0.0.0:9080".into(),
+        tls: false,
+        http2: false,
+    }]
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+fn default_watch_interval() -> f64 {
+    1.0
+}
+
+/// One client-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `ip:port` to bind.
+    pub addr: String,
+    /// Terminate TLS on this listener (certificates from `ssls`). Not served yet: rejected.
+    #[serde(default)]
+    pub tls: bool,
+    /// Accept HTTP/2 (cleartext prior knowledge, h2c) besides HTTP/1.1.
+    #[serde(default)]
+    pub http2: bool,
+}
+
+/// Process-wide timeouts, in seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Time allowed to receive a request's headers. Default 60.
+    #[serde(default = "d60")]
+    pub client_header: f64,
+    /// Idle keep-alive time of a client connection. Default 60.
+    #[serde(default = "d60")]
+    pub keepalive: f64,
+    /// Upstream timeouts used when neither route nor upstream set `timeout`. Default 60 each.
+    #[serde(default = "default_upstream_timeout")]
+    pub upstream: Timeout,
+    /// How long in-flight requests may run after SIGTERM/SIGQUIT before the process exits. Default 30.
+    #[serde(default = "d30")]
+    pub graceful_shutdown: f64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            client_header: 60.0,
+            keepalive: 60.0,
+            upstream: default_upstream_timeout(),
+            graceful_shutdown: 30.0,
+        }
+    }
+}
+
+fn d60() -> f64 {
+    60.0
+}
+fn d30() -> f64 {
+    30.0
+}
+fn default_upstream_timeout() -> Timeout {
+    Timeout {
+        connect: 60.0,
+        send: 60.0,
+        read: 60.0,
+    }
+}
+
+/// Access log settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Write one line per request. Default true.
+    #[serde(default = "dtrue")]
+    pub enabled: bool,
+    /// File to append to; standard output when absent.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: true,
+            path: None,
+        }
+    }
+}
+
+fn dtrue() -> bool {
+    true
+}
+
+/// Prometheus metrics listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port` serving `GET /metrics`.
+    pub addr: String,
+}
+
+/// `timeout {connect, send, read}` in seconds; all three required, each > 0.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeout {
+    /// Connect timeout.
+    pub connect: f64,
+    /// Send timeout.
+    pub send: f64,
+    /// Read timeout.
+    pub read: f64,
+}
+
+/// An APISIX route.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Route id.
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Description.
+    #[serde(default)]
+    pub desc: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// One URI pattern (exact, `/prefix*`, `/user/:id`).
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// Several URI patterns.
+    #[serde(default)]
+    pub uris: Option<Vec<String>>,
+    /// One host pattern (`*.example.com` allowed).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Several host patterns.
+    #[serde(default)]
+    pub hosts: Option<Vec<String>>,
+    /// One client address or CIDR.
+    #[serde(default)]
+    pub remote_addr: Option<String>,
+    /// Several client addresses or CIDRs.
+    #[serde(default)]
+    pub remote_addrs: Option<Vec<String>>,
+    /// Allowed methods; all when absent.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// Higher first among routes with the same URI. Default 0.
+    #[serde(default)]
+    pub priority: i64,
+    /// lua-resty-expr expression list.
+    #[serde(default)]
+    pub vars: Option<serde_json::Value>,
+    /// Lua filter function (needs the Lua layer).
+    #[serde(default)]
+    pub filter_func: Option<String>,
+    /// Plugins keyed by name.
+    #[serde(default)]
+    pub plugins: Option<PluginMap>,
+    /// Lua script (needs the Lua layer).
+    #[serde(default)]
+    pub script: Option<String>,
+    /// Script id (needs the Lua layer).
+    #[serde(default)]
+    pub script_id: Option<Id>,
+    /// Inline upstream.
+    #[serde(default)]
+    pub upstream: Option<Upstream>,
+    /// Referenced upstream.
+    #[serde(default)]
+    pub upstream_id: Option<Id>,
+    /// Referenced service.
+    #[serde(default)]
+    pub service_id: Option<Id>,
+    /// Referenced plugin config.
+    #[serde(default)]
+    pub plugin_config_id: Option<Id>,
+    /// Overrides the upstream's timeout.
+    #[serde(default)]
+    pub timeout: Option<Timeout>,
+    /// WebSocket proxying (served by a later release).
+    #[serde(default)]
+    pub enable_websocket: Option<bool>,
+    /// 1 enabled (default), 0 disabled.
+    #[serde(default)]
+    pub status: Option<i64>,
+    /// Server-managed timestamp (accepted in files).
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp (accepted in files).
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}
+
+/// An APISIX service: plugins, upstream and hosts shared by routes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Service id.
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Description.
+    #[serde(default)]
+    pub desc: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Plugins keyed by name.
+    #[serde(default)]
+    pub plugins: Option<PluginMap>,
+    /// Inline upstream.
+    #[serde(default)]
+    pub upstream: Option<Upstream>,
+    /// Referenced upstream.
+    #[serde(default)]
+    pub upstream_id: Option<Id>,
+    /// Host patterns applied to routes that set none.
+    #[serde(default)]
+    pub hosts: Option<Vec<String>>,
+    /// WebSocket proxying (served by a later release).
+    #[serde(default)]
+    pub enable_websocket: Option<bool>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}
+
+/// An APISIX upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Upstream id (absent for inline upstreams).
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Description.
+    #[serde(default)]
+    pub desc: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// `roundrobin` (default), `chash`, `least_conn`, `ewma`.
+    #[serde(default, rename = "type")]
+    pub lb_type: Option<String>,
+    /// For `chash`: `vars` (default), `header`, `cookie`, `consumer`, `vars_combinations`.
+    #[serde(default)]
+    pub hash_on: Option<String>,
+    /// For `chash`: the variable, header or cookie name.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Target nodes.
+    #[serde(default)]
+    pub nodes: Option<Nodes>,
+    /// Service discovery name (discovery is served by a later release).
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Service discovery type.
+    #[serde(default)]
+    pub discovery_type: Option<String>,
+    /// Service discovery arguments.
+    #[serde(default)]
+    pub discovery_args: Option<serde_json::Value>,
+    /// Number of retries; the node count when absent.
+    #[serde(default)]
+    pub retries: Option<i64>,
+    /// Total time budget for retries in seconds (0 = unlimited).
+    #[serde(default)]
+    pub retry_timeout: Option<f64>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeout: Option<Timeout>,
+    /// Health checks (active checks are served by a later release).
+    #[serde(default)]
+    pub checks: Option<serde_json::Value>,
+    /// `pass` (default), `node`, `rewrite`.
+    #[serde(default)]
+    pub pass_host: Option<String>,
+    /// Host sent upstream when `pass_host` is `rewrite`.
+    #[serde(default)]
+    pub upstream_host: Option<String>,
+    /// `http` (default), `https`, `grpc`, `grpcs`, `tcp`, `tls`, `udp`, `kafka`.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// Client certificate settings for TLS upstreams.
+    #[serde(default)]
+    pub tls: Option<serde_json::Value>,
+    /// Keep-alive connection pool per upstream.
+    #[serde(default)]
+    pub keepalive_pool: Option<KeepalivePool>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}
+
+/// `keepalive_pool {size, idle_timeout, requests}`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepalivePool {
+    /// Idle connections kept per node. Default 320.
+    #[serde(default = "d320")]
+    pub size: i64,
+    /// Seconds an idle connection is kept. Default 60.
+    #[serde(default = "d60")]
+    pub idle_timeout: f64,
+    /// Requests served by one connection before it is closed. Default 1000.
+    #[serde(default = "d1000")]
+    pub requests: i64,
+}
+
+impl Default for KeepalivePool {
+    fn default() -> Self {
+        KeepalivePool {
+            size: 320,
+            idle_timeout: 60.0,
+            requests: 1000,
+        }
+    }
+}
+
+fn d320() -> i64 {
+    320
+}
+fn d1000() -> i64 {
+    1000
+}
+
+/// Upstream nodes: APISIX accepts a map `"host:port": weight` or an array of node objects.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Nodes(pub Vec<NodeSpec>);
+
+/// One upstream node.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Host name or IP.
+    pub host: String,
+    /// Port; 80 (or 443 for https) when absent.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Weight (≥ 0; 0 takes no traffic).
+    #[serde(default = "d1")]
+    pub weight: i64,
+    /// Tier: lower values are backups used only when higher tiers are down. Default 0.
+    #[serde(default)]
+    pub priority: i64,
+    /// Free-form metadata.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+fn d1() -> i64 {
+    1
+}
+
+impl<'de> Deserialize<'de> for Nodes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct NodesVisitor;
+        impl<'de> Visitor<'de> for NodesVisitor {
+            type Value = Nodes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a map of "host:port": weight or an array of {host, port, weight, priority}"#)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Nodes, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, w)) = map.next_entry::<String, i64>()? {
+                    let (host, port) = split_host_port(&k).map_err(de::Error::custom)?;
+                    out.push(NodeSpec {
+                        host,
+                        port,
+                        weight: w,
+                        priority: 0,
+                        metadata: None,
+                    });
+                }
+                Ok(Nodes(out))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Nodes, A::Error> {
+                let mut out = Vec::new();
+                while let Some(n) = seq.next_element::<NodeSpec>()? {
+                    out.push(n);
+                }
+                Ok(Nodes(out))
+            }
+        }
+        d.deserialize_any(NodesVisitor)
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`, `host` into host and optional port.
+pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let Some(end) = rest.find(']') else {
+            return Err(format!("invalid node address {s:?}"));
+        };
+        let host = rest[..end].to_owned();
+        let after = &rest[end + 1..];
+        if after.is_empty() {
+            return Ok((host, None));
+        }
+        let Some(p) = after.strip_prefix(':') else {
+            return Err(format!("invalid node address {s:?}"));
+        };
+        let port = p
+            .parse::<u16>()
+            .map_err(|_| format!("invalid port in node address {s:?}"))?;
+        return Ok((host, Some(port)));
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => {
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port in node address {s:?}"))?;
+            Ok((h.to_owned(), Some(port)))
+        }
+        _ => Ok((s.to_owned(), None)),
+    }
+}
+
+/// A reusable bundle of plugins referenced by `plugin_config_id`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Id.
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Description.
+    #[serde(default)]
+    pub desc: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Plugins keyed by name.
+    #[serde(default)]
+    pub plugins: PluginMap,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}
+
+/// Plugins run for every request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalRule {
+    /// Id.
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// Plugins keyed by name.
+    #[serde(default)]
+    pub plugins: PluginMap,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}
+
+/// An API consumer. Auth plugins in `plugins` carry its credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consumer {
+    /// Unique name (`^[a-zA-Z0-9_\-]+$`).
+    #[serde(default)]
+    pub username: String,
+    /// Description.
+    #[serde(default)]
+    pub desc: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Plugins keyed by name.
+    #[serde(default)]
+    pub plugins: PluginMap,
+    /// Consumer group.
+    #[serde(default)]
+    pub group_id: Option<Id>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}
+
+/// Plugins shared by the consumers of a group.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerGroup {
+    /// Id.
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Description.
+    #[serde(default)]
+    pub desc: Option<String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Plugins keyed by name.
+    #[serde(default)]
+    pub plugins: PluginMap,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}
+
+/// An SSL certificate object.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ssl {
+    /// Id.
+    #[serde(default)]
+    pub id: Option<Id>,
+    /// PEM certificate.
+    #[serde(default)]
+    pub cert: Option<String>,
+    /// PEM private key.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Extra certificates (e.g. ECC besides RSA).
+    #[serde(default)]
+    pub certs: Option<Vec<String>>,
+    /// Keys of `certs`.
+    #[serde(default)]
+    pub keys: Option<Vec<String>>,
+    /// Server names.
+    #[serde(default)]
+    pub snis: Option<Vec<String>>,
+    /// One server name.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// mTLS client settings.
+    #[serde(default)]
+    pub client: Option<serde_json::Value>,
+    /// `server` (default) or `client`.
+    #[serde(default, rename = "type")]
+    pub ssl_type: Option<String>,
+    /// Allowed protocols.
+    #[serde(default)]
+    pub ssl_protocols: Option<Vec<String>>,
+    /// 1 enabled, 0 disabled.
+    #[serde(default)]
+    pub status: Option<i64>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub create_time: Option<i64>,
+    /// Server-managed timestamp.
+    #[serde(default)]
+    pub update_time: Option<i64>,
+}

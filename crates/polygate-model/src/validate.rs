@@ -1,0 +1,529 @@
+//! Schema and reference validation of a parsed [`ConfigFile`], following APISIX's
+//! `schema_def.lua` rules. Every problem is collected with its key path.
+//!
+//! Checks that need other crates (the `vars` expressions, plugin schemas) run where those
+//! crates build their structures, with the same key-path convention.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::OnceLock;
+
+use regex::Regex;
+
+use crate::error::ConfigErrors;
+use crate::types::{ConfigFile, Id, Route, Timeout, Upstream};
+
+/// Methods APISIX accepts in `methods`.
+pub const METHODS: &[&str] = &[
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE",
+];
+
+/// Balancer types.
+pub const LB_TYPES: &[&str] = &["roundrobin", "chash", "least_conn", "ewma"];
+
+/// `hash_on` values.
+pub const HASH_ON: &[&str] = &["vars", "header", "cookie", "consumer", "vars_combinations"];
+
+/// `scheme` values of APISIX (only `http` is proxied by this release).
+pub const SCHEMES: &[&str] = &[
+    "http", "https", "grpc", "grpcs", "tcp", "tls", "udp", "kafka",
+];
+
+fn id_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    #[allow(clippy::unwrap_used, reason = "constant pattern")]
+    RE.get_or_init(|| Regex::new(r"^[a-zA-Z0-9\-_.]+$").unwrap())
+}
+
+fn host_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    #[allow(clippy::unwrap_used, reason = "constant pattern")]
+    RE.get_or_init(|| Regex::new(r"^\*$|^\*?[0-9a-zA-Z\-._\[\]:]+$").unwrap())
+}
+
+fn username_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    #[allow(clippy::unwrap_used, reason = "constant pattern")]
+    RE.get_or_init(|| Regex::new(r"^[a-zA-Z0-9_\-]+$").unwrap())
+}
+
+/// Validates everything that does not need plugin or router knowledge.
+pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
+    let mut errs = ConfigErrors::default();
+    if let Some(gw) = &cfg.gateway {
+        validate_gateway(gw, &mut errs);
+    }
+
+    let upstream_ids = collect_ids(
+        cfg.upstreams.iter().map(|u| u.id.as_ref()),
+        "upstreams",
+        &mut errs,
+    );
+    let service_ids = collect_ids(
+        cfg.services.iter().map(|s| s.id.as_ref()),
+        "services",
+        &mut errs,
+    );
+    let pc_ids = collect_ids(
+        cfg.plugin_configs.iter().map(|p| p.id.as_ref()),
+        "plugin_configs",
+        &mut errs,
+    );
+    let group_ids = collect_ids(
+        cfg.consumer_groups.iter().map(|g| g.id.as_ref()),
+        "consumer_groups",
+        &mut errs,
+    );
+    collect_ids(cfg.routes.iter().map(|r| r.id.as_ref()), "routes", &mut errs);
+    collect_ids(
+        cfg.global_rules.iter().map(|g| g.id.as_ref()),
+        "global_rules",
+        &mut errs,
+    );
+    collect_ids(cfg.ssls.iter().map(|s| s.id.as_ref()), "ssls", &mut errs);
+
+    for (i, u) in cfg.upstreams.iter().enumerate() {
+        validate_upstream(u, &format!("upstreams[{i}]"), &mut errs);
+    }
+    for (i, s) in cfg.services.iter().enumerate() {
+        let p = format!("services[{i}]");
+        if let Some(u) = &s.upstream {
+            validate_upstream(u, &format!("{p}.upstream"), &mut errs);
+        }
+        check_ref(&s.upstream_id, &upstream_ids, &format!("{p}.upstream_id"), "upstream", &mut errs);
+        if let Some(hosts) = &s.hosts {
+            check_hosts(hosts, &format!("{p}.hosts"), &mut errs);
+        }
+        if let Some(n) = &s.name {
+            check_len(n, 1, 256, &format!("{p}.name"), &mut errs);
+        }
+    }
+    for (i, r) in cfg.routes.iter().enumerate() {
+        validate_route(
+            r,
+            &format!("routes[{i}]"),
+            &upstream_ids,
+            &service_ids,
+            &pc_ids,
+            &mut errs,
+        );
+    }
+    let mut usernames = HashSet::new();
+    for (i, c) in cfg.consumers.iter().enumerate() {
+        let p = format!("consumers[{i}]");
+        if c.username.is_empty() {
+            errs.push(format!("{p}.username"), "property \"username\" is required");
+        } else if !username_re().is_match(&c.username) || c.username.len() > 100 {
+            errs.push(
+                format!("{p}.username"),
+                format!("{:?} must match ^[a-zA-Z0-9_\\-]+$ (1-100 chars)", c.username),
+            );
+        } else if !usernames.insert(c.username.clone()) {
+            errs.push(format!("{p}.username"), format!("duplicate consumer {:?}", c.username));
+        }
+        check_ref(&c.group_id, &group_ids, &format!("{p}.group_id"), "consumer group", &mut errs);
+    }
+    for (i, m) in cfg.plugin_metadata.iter().enumerate() {
+        if !matches!(m.get("id"), Some(serde_json::Value::String(_))) {
+            errs.push(
+                format!("plugin_metadata[{i}].id"),
+                "property \"id\" (the plugin name) is required",
+            );
+        }
+    }
+    for (i, s) in cfg.ssls.iter().enumerate() {
+        let p = format!("ssls[{i}]");
+        let is_client = s.ssl_type.as_deref() == Some("client");
+        if let Some(t) = &s.ssl_type
+            && t != "server"
+            && t != "client"
+        {
+            errs.push(format!("{p}.type"), format!("{t:?} must be \"server\" or \"client\""));
+        }
+        if s.cert.is_none() {
+            errs.push(format!("{p}.cert"), "property \"cert\" is required");
+        }
+        if s.key.is_none() {
+            errs.push(format!("{p}.key"), "property \"key\" is required");
+        }
+        if !is_client && s.snis.is_none() && s.sni.is_none() {
+            errs.push(p.clone(), "one of \"sni\" or \"snis\" is required");
+        }
+        if s.certs.as_ref().map(Vec::len) != s.keys.as_ref().map(Vec::len) {
+            errs.push(format!("{p}.keys"), "\"certs\" and \"keys\" must have the same length");
+        }
+    }
+    errs.into_result()
+}
+
+fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) {
+    if gw.listeners.is_empty() {
+        errs.push("gateway.listeners", "at least one listener is required");
+    }
+    for (i, l) in gw.listeners.iter().enumerate() {
+        let p = format!("gateway.listeners[{i}]");
+        if l.addr.parse::<std::net::SocketAddr>().is_err() {
+            errs.push(format!("{p}.addr"), format!("{:?} is not an ip:port address", l.addr));
+        }
+        if l.tls {
+            errs.push(
+                format!("{p}.tls"),
+                "TLS listeners are not available in this release (planned with SNI certificates from `ssls`)",
+            );
+        }
+    }
+    if let Some(m) = &gw.metrics
+        && m.addr.parse::<std::net::SocketAddr>().is_err()
+    {
+        errs.push("gateway.metrics.addr", format!("{:?} is not an ip:port address", m.addr));
+    }
+    if let Some(d) = &gw.demo_upstream
+        && d.parse::<std::net::SocketAddr>().is_err()
+    {
+        errs.push("gateway.demo_upstream", format!("{d:?} is not an ip:port address"));
+    }
+    if !["error", "warn", "info", "debug", "trace"].contains(&gw.log_level.as_str()) {
+        errs.push(
+            "gateway.log_level",
+            format!("{:?} must be one of error, warn, info, debug, trace", gw.log_level),
+        );
+    }
+    let t = &gw.timeouts;
+    for (name, v) in [
+        ("client_header", t.client_header),
+        ("keepalive", t.keepalive),
+        ("graceful_shutdown", t.graceful_shutdown),
+    ] {
+        if !(v > 0.0) {
+            errs.push(format!("gateway.timeouts.{name}"), "must be a number > 0");
+        }
+    }
+    check_timeout(&t.upstream, "gateway.timeouts.upstream", errs);
+    if !(gw.watch_interval > 0.0) {
+        errs.push("gateway.watch_interval", "must be a number > 0");
+    }
+}
+
+fn collect_ids<'a>(
+    ids: impl Iterator<Item = Option<&'a Id>>,
+    kind: &str,
+    errs: &mut ConfigErrors,
+) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    for (i, id) in ids.enumerate() {
+        let p = format!("{kind}[{i}].id");
+        match id {
+            None => errs.push(p, "property \"id\" is required"),
+            Some(id) => {
+                if id.0.is_empty() || id.0.len() > 64 || !id_re().is_match(&id.0) {
+                    errs.push(p, format!("{:?} must match ^[a-zA-Z0-9-_.]+$ (1-64 chars)", id.0));
+                } else if !seen.insert(id.0.clone()) {
+                    errs.push(p, format!("duplicate id {:?}", id.0));
+                }
+            }
+        }
+    }
+    seen
+}
+
+fn check_ref(
+    r: &Option<Id>,
+    ids: &HashSet<String>,
+    path: &str,
+    what: &str,
+    errs: &mut ConfigErrors,
+) {
+    if let Some(id) = r
+        && !ids.contains(&id.0)
+    {
+        errs.push(path, format!("{what} {:?} not found", id.0));
+    }
+}
+
+fn check_len(s: &str, min: usize, max: usize, path: &str, errs: &mut ConfigErrors) {
+    let n = s.chars().count();
+    if n < min || n > max {
+        errs.push(path, format!("length must be between {min} and {max}"));
+    }
+}
+
+fn check_timeout(t: &Timeout, path: &str, errs: &mut ConfigErrors) {
+    for (name, v) in [("connect", t.connect), ("send", t.send), ("read", t.read)] {
+        if !(v > 0.0) {
+            errs.push(format!("{path}.{name}"), "must be a number > 0");
+        }
+    }
+}
+
+fn check_hosts(hosts: &[String], path: &str, errs: &mut ConfigErrors) {
+    if hosts.is_empty() {
+        errs.push(path, "expect array to have at least 1 items");
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        if !host_re().is_match(h) {
+            errs.push(format!("{path}[{i}]"), format!("{h:?} is not a valid host pattern"));
+        }
+    }
+}
+
+/// Parses `ip` or `ip/prefix` (IPv4 or IPv6).
+pub fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Some(net);
+    }
+    s.parse::<IpAddr>().ok().map(ipnet::IpNet::from)
+}
+
+fn check_unique(v: &[String], path: &str, errs: &mut ConfigErrors) {
+    let mut seen = HashSet::new();
+    for s in v {
+        if !seen.insert(s) {
+            errs.push(path, format!("expected unique items but {s:?} is duplicated"));
+        }
+    }
+}
+
+fn validate_route(
+    r: &Route,
+    p: &str,
+    upstream_ids: &HashSet<String>,
+    service_ids: &HashSet<String>,
+    pc_ids: &HashSet<String>,
+    errs: &mut ConfigErrors,
+) {
+    match (&r.uri, &r.uris) {
+        (Some(_), Some(_)) => errs.push(p, "\"uri\" and \"uris\" are mutually exclusive"),
+        (None, None) => errs.push(p, "one of \"uri\" or \"uris\" is required"),
+        (Some(u), None) => check_uri(u, &format!("{p}.uri"), errs),
+        (None, Some(us)) => {
+            if us.is_empty() {
+                errs.push(format!("{p}.uris"), "expect array to have at least 1 items");
+            }
+            check_unique(us, &format!("{p}.uris"), errs);
+            for (i, u) in us.iter().enumerate() {
+                check_uri(u, &format!("{p}.uris[{i}]"), errs);
+            }
+        }
+    }
+    match (&r.host, &r.hosts) {
+        (Some(_), Some(_)) => errs.push(p, "\"host\" and \"hosts\" are mutually exclusive"),
+        (Some(h), None) => check_hosts(std::slice::from_ref(h), &format!("{p}.host"), errs),
+        (None, Some(hs)) => check_hosts(hs, &format!("{p}.hosts"), errs),
+        _ => {}
+    }
+    match (&r.remote_addr, &r.remote_addrs) {
+        (Some(_), Some(_)) => {
+            errs.push(p, "\"remote_addr\" and \"remote_addrs\" are mutually exclusive")
+        }
+        (Some(a), None) => {
+            if parse_cidr(a).is_none() {
+                errs.push(format!("{p}.remote_addr"), format!("{a:?} is not an IP or CIDR"));
+            }
+        }
+        (None, Some(addrs)) => {
+            for (i, a) in addrs.iter().enumerate() {
+                if parse_cidr(a).is_none() {
+                    errs.push(format!("{p}.remote_addrs[{i}]"), format!("{a:?} is not an IP or CIDR"));
+                }
+            }
+        }
+        _ => {}
+    }
+    if let Some(ms) = &r.methods {
+        check_unique(ms, &format!("{p}.methods"), errs);
+        for (i, m) in ms.iter().enumerate() {
+            if !METHODS.contains(&m.as_str()) {
+                errs.push(
+                    format!("{p}.methods[{i}]"),
+                    format!("{m:?} must be one of {}", METHODS.join(", ")),
+                );
+            }
+        }
+    }
+    if let Some(n) = &r.name {
+        check_len(n, 1, 256, &format!("{p}.name"), errs);
+    }
+    if let Some(d) = &r.desc {
+        check_len(d, 0, 256, &format!("{p}.desc"), errs);
+    }
+    if let Some(s) = r.status
+        && s != 0
+        && s != 1
+    {
+        errs.push(format!("{p}.status"), "must be 0 or 1");
+    }
+    if let Some(t) = &r.timeout {
+        check_timeout(t, &format!("{p}.timeout"), errs);
+    }
+    if r.filter_func.is_some() {
+        errs.push(
+            format!("{p}.filter_func"),
+            "filter_func needs the Lua layer, which this release does not include yet",
+        );
+    }
+    if r.script.is_some() || r.script_id.is_some() {
+        errs.push(
+            format!("{p}.script"),
+            "script needs the Lua layer, which this release does not include yet",
+        );
+    }
+    if r.plugins.is_none()
+        && r.upstream.is_none()
+        && r.upstream_id.is_none()
+        && r.service_id.is_none()
+        && r.script.is_none()
+    {
+        errs.push(
+            p,
+            "one of \"plugins\", \"upstream\", \"upstream_id\", \"service_id\" or \"script\" is required",
+        );
+    }
+    if let Some(u) = &r.upstream {
+        validate_upstream(u, &format!("{p}.upstream"), errs);
+    }
+    check_ref(&r.upstream_id, upstream_ids, &format!("{p}.upstream_id"), "upstream", errs);
+    check_ref(&r.service_id, service_ids, &format!("{p}.service_id"), "service", errs);
+    check_ref(
+        &r.plugin_config_id,
+        pc_ids,
+        &format!("{p}.plugin_config_id"),
+        "plugin config",
+        errs,
+    );
+}
+
+fn check_uri(u: &str, path: &str, errs: &mut ConfigErrors) {
+    if u.is_empty() || u.len() > 4096 {
+        errs.push(path, "length must be between 1 and 4096");
+    } else if !u.starts_with('/') && u != "*" {
+        errs.push(path, format!("{u:?} must start with '/'"));
+    }
+}
+
+/// Validates one upstream (standalone or inline) at `p`.
+pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
+    let lb = u.lb_type.as_deref().unwrap_or("roundrobin");
+    if !LB_TYPES.contains(&lb) {
+        errs.push(format!("{p}.type"), format!("{lb:?} must be one of {}", LB_TYPES.join(", ")));
+    }
+    if lb == "chash" {
+        let hash_on = u.hash_on.as_deref().unwrap_or("vars");
+        if !HASH_ON.contains(&hash_on) {
+            errs.push(
+                format!("{p}.hash_on"),
+                format!("{hash_on:?} must be one of {}", HASH_ON.join(", ")),
+            );
+        }
+        if hash_on != "consumer" && u.key.as_deref().unwrap_or("").is_empty() {
+            errs.push(format!("{p}.key"), "property \"key\" is required when type is chash");
+        }
+    }
+    match (&u.nodes, &u.service_name) {
+        (None, None) => errs.push(p, "one of \"nodes\" or \"service_name\" is required"),
+        (Some(_), Some(_)) => errs.push(p, "\"nodes\" and \"service_name\" are mutually exclusive"),
+        (None, Some(_)) => {
+            if u.discovery_type.is_none() {
+                errs.push(format!("{p}.discovery_type"), "required with \"service_name\"");
+            } else {
+                errs.push(
+                    format!("{p}.discovery_type"),
+                    "service discovery is not available in this release",
+                );
+            }
+        }
+        (Some(nodes), None) => {
+            let mut seen = HashMap::new();
+            for (i, n) in nodes.0.iter().enumerate() {
+                let np = format!("{p}.nodes[{i}]");
+                if n.host.is_empty() {
+                    errs.push(format!("{np}.host"), "must not be empty");
+                }
+                if n.weight < 0 {
+                    errs.push(format!("{np}.weight"), "must be >= 0");
+                }
+                if n.port == Some(0) {
+                    errs.push(format!("{np}.port"), "must be between 1 and 65535");
+                }
+                if let Some(prev) = seen.insert((n.host.clone(), n.port), i) {
+                    errs.push(np, format!("duplicate of nodes[{prev}]"));
+                }
+            }
+        }
+    }
+    if let Some(r) = u.retries
+        && r < 0
+    {
+        errs.push(format!("{p}.retries"), "must be >= 0");
+    }
+    if let Some(r) = u.retry_timeout
+        && r < 0.0
+    {
+        errs.push(format!("{p}.retry_timeout"), "must be >= 0");
+    }
+    if let Some(t) = &u.timeout {
+        check_timeout(t, &format!("{p}.timeout"), errs);
+    }
+    let pass_host = u.pass_host.as_deref().unwrap_or("pass");
+    if !["pass", "node", "rewrite"].contains(&pass_host) {
+        errs.push(format!("{p}.pass_host"), format!("{pass_host:?} must be one of pass, node, rewrite"));
+    }
+    if pass_host == "rewrite" && u.upstream_host.as_deref().unwrap_or("").is_empty() {
+        errs.push(format!("{p}.upstream_host"), "required when pass_host is rewrite");
+    }
+    if let Some(s) = &u.scheme
+        && !SCHEMES.contains(&s.as_str())
+    {
+        errs.push(format!("{p}.scheme"), format!("{s:?} must be one of {}", SCHEMES.join(", ")));
+    }
+    if let Some(k) = &u.keepalive_pool {
+        if k.size < 1 {
+            errs.push(format!("{p}.keepalive_pool.size"), "must be >= 1");
+        }
+        if k.idle_timeout < 0.0 {
+            errs.push(format!("{p}.keepalive_pool.idle_timeout"), "must be >= 0");
+        }
+        if k.requests < 1 {
+            errs.push(format!("{p}.keepalive_pool.requests"), "must be >= 1");
+        }
+    }
+    if let Some(n) = &u.name {
+        check_len(n, 1, 256, &format!("{p}.name"), errs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::MapEnv;
+    use crate::load::{Format, parse_str};
+
+    fn errs(yaml: &str) -> String {
+        let cfg = parse_str(yaml, Format::Yaml, &MapEnv::default()).unwrap();
+        validate(&cfg).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn dangling_upstream_reference() {
+        let e = errs("routes:\n  - id: 1\n    uri: /a\n    upstream_id: nope\n");
+        assert!(e.contains("routes[0].upstream_id: upstream \"nope\" not found"), "{e}");
+    }
+
+    #[test]
+    fn uri_required_and_exclusive() {
+        let e = errs("routes:\n  - id: 1\n    upstream_id: 1\nupstreams:\n  - id: 1\n    nodes: {\"127.0.0.1:1\": 1}\n");
+        assert!(e.contains("routes[0]: one of \"uri\" or \"uris\" is required"), "{e}");
+    }
+
+    #[test]
+    fn bad_method_and_cidr() {
+        let e = errs("routes:\n  - id: 1\n    uri: /a\n    methods: [GETT]\n    remote_addrs: [\"10.0.0.0/33\"]\n    upstream:\n      nodes: {\"127.0.0.1:1\": 1}\n");
+        assert!(e.contains("routes[0].methods[0]"), "{e}");
+        assert!(e.contains("routes[0].remote_addrs[0]"), "{e}");
+    }
+
+    #[test]
+    fn chash_needs_key() {
+        let e = errs("upstreams:\n  - id: 1\n    type: chash\n    nodes: {\"127.0.0.1:1\": 1}\n");
+        assert!(e.contains("upstreams[0].key"), "{e}");
+    }
+}
