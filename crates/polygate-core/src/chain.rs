@@ -86,8 +86,12 @@ pub fn build_instances(
                         Err(e) => errs.push(format!("{kp}{}", e.path), e.message),
                     },
                     "error_response" => match v {
-                        serde_json::Value::String(s) => error_response = Some(Bytes::from(s.clone())),
-                        serde_json::Value::Object(_) => error_response = Some(Bytes::from(v.to_string())),
+                        serde_json::Value::String(s) => {
+                            error_response = Some(Bytes::from(s.clone()))
+                        }
+                        serde_json::Value::Object(_) => {
+                            error_response = Some(Bytes::from(v.to_string()))
+                        }
                         _ => errs.push(kp, "must be a string or an object"),
                     },
                     _ => errs.push(kp, format!("unknown field {k:?}")),
@@ -104,7 +108,11 @@ pub fn build_instances(
             Some(c) => match factory.build(&c) {
                 Ok(p) => p,
                 Err(e) => {
-                    let p = if e.path.is_empty() { ppath.clone() } else { format!("{ppath}.{}", e.path) };
+                    let p = if e.path.is_empty() {
+                        ppath.clone()
+                    } else {
+                        format!("{ppath}.{}", e.path)
+                    };
                     errs.push(p, e.message);
                     continue;
                 }
@@ -155,9 +163,16 @@ impl PluginChain {
             }
         }
         let names = merged.values().map(|i| i.name.clone()).collect();
-        let mut instances: Vec<Arc<PluginInstance>> =
-            merged.into_values().filter(|i| !i.disabled).cloned().collect();
-        instances.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+        let mut instances: Vec<Arc<PluginInstance>> = merged
+            .into_values()
+            .filter(|i| !i.disabled)
+            .cloned()
+            .collect();
+        instances.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
         PluginChain {
             instances,
@@ -169,7 +184,11 @@ impl PluginChain {
     /// A chain from instances (e.g. all global rules' plugins, where duplicates all run).
     pub fn from_instances(mut instances: Vec<Arc<PluginInstance>>) -> PluginChain {
         instances.retain(|i| !i.disabled);
-        instances.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+        instances.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         let names = instances.iter().map(|i| i.name.clone()).collect();
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
         PluginChain {
@@ -188,7 +207,10 @@ impl PluginChain {
     /// consumer are credentials, not instances to run). Returns the merged chain and the
     /// instances the consumer added or replaced (they get a `rewrite` of their own, as
     /// APISIX's `rewrite_in_consumer`).
-    pub fn merge_consumer(&self, consumer: &InstanceMap) -> (PluginChain, Vec<Arc<PluginInstance>>) {
+    pub fn merge_consumer(
+        &self,
+        consumer: &InstanceMap,
+    ) -> (PluginChain, Vec<Arc<PluginInstance>>) {
         let mut added = Vec::new();
         let mut instances: Vec<Arc<PluginInstance>> = self
             .instances
@@ -203,8 +225,16 @@ impl PluginChain {
             instances.push(inst.clone());
             added.push(inst.clone());
         }
-        instances.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
-        added.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+        instances.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        added.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
         let names = instances.iter().map(|i| i.name.clone()).collect();
         (
@@ -261,7 +291,11 @@ pub async fn run_phase(
 }
 
 /// Runs `header_filter` over `instances`.
-pub fn run_header_filter(instances: &[Arc<PluginInstance>], ctx: &mut RequestCtx, resp: &mut ResponseHead) {
+pub fn run_header_filter(
+    instances: &[Arc<PluginInstance>],
+    ctx: &mut RequestCtx,
+    resp: &mut ResponseHead,
+) {
     for inst in instances {
         if let Some(f) = &inst.filter
             && !f.eval(ctx)
@@ -273,7 +307,12 @@ pub fn run_header_filter(instances: &[Arc<PluginInstance>], ctx: &mut RequestCtx
 }
 
 /// Runs `body_filter` over `instances` for one chunk.
-pub fn run_body_filter(instances: &[Arc<PluginInstance>], ctx: &mut RequestCtx, chunk: &mut Bytes, eof: bool) {
+pub fn run_body_filter(
+    instances: &[Arc<PluginInstance>],
+    ctx: &mut RequestCtx,
+    chunk: &mut Bytes,
+    eof: bool,
+) {
     for inst in instances {
         if inst.plugin.has_body_filter() {
             inst.plugin.body_filter(ctx, chunk, eof);

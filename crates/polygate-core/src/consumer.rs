@@ -38,7 +38,12 @@ impl ConsumerIndex {
         let mut group_plugins: HashMap<String, InstanceMap> = HashMap::new();
         for (i, g) in groups.iter().enumerate() {
             let Some(id) = &g.id else { continue };
-            let map = build_instances(registry, &g.plugins, &format!("consumer_groups[{i}].plugins"), errs);
+            let map = build_instances(
+                registry,
+                &g.plugins,
+                &format!("consumer_groups[{i}].plugins"),
+                errs,
+            );
             group_plugins.insert(id.0.clone(), map);
         }
         let mut idx = ConsumerIndex::default();
@@ -89,7 +94,10 @@ impl ConsumerIndex {
                 if let Some(other) = m.get(&cred) {
                     errs.push(
                         format!("{path}.{plugin}"),
-                        format!("duplicate credential: already used by consumer {:?}", other.username),
+                        format!(
+                            "duplicate credential: already used by consumer {:?}",
+                            other.username
+                        ),
                     );
                     continue;
                 }

@@ -152,7 +152,8 @@ impl RequestCtx {
 
     /// Sets (replaces) a request header; invalid names/values are ignored and reported.
     pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), InvalidHeader> {
-        let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| InvalidHeader(name.to_owned()))?;
+        let n =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| InvalidHeader(name.to_owned()))?;
         let v = HeaderValue::from_str(value).map_err(|_| InvalidHeader(name.to_owned()))?;
         self.headers.insert(n, v);
         Ok(())
@@ -227,7 +228,11 @@ impl VarSource for RequestCtx {
     fn var(&self, name: &str) -> Option<Cow<'_, str>> {
         if let Some(h) = name.strip_prefix("http_") {
             let h = h.replace('_', "-");
-            let mut it = self.headers.get_all(h.as_str()).iter().filter_map(|v| v.to_str().ok());
+            let mut it = self
+                .headers
+                .get_all(h.as_str())
+                .iter()
+                .filter_map(|v| v.to_str().ok());
             let first = it.next()?;
             return match it.next() {
                 None => Some(Cow::Borrowed(first)),

@@ -53,7 +53,9 @@ impl GatewayError {
     pub fn rescue(&self) -> (StatusCode, Bytes) {
         let status = match self {
             GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
-            GatewayError::NoUpstream(_) | GatewayError::UnsupportedScheme(_) => StatusCode::BAD_GATEWAY,
+            GatewayError::NoUpstream(_) | GatewayError::UnsupportedScheme(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Plugin(_) => StatusCode::INTERNAL_SERVER_ERROR,

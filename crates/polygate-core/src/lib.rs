@@ -18,4 +18,7 @@ pub use chain::{InstanceMap, PluginChain, PluginInstance};
 pub use consumer::{ConsumerIndex, ConsumerInfo};
 pub use ctx::{RequestCtx, ResponseHead};
 pub use error::GatewayError;
-pub use plugin::{ConfError, Flow, Phase, Plugin, PluginError, PluginFactory, PluginKind, PluginRegistry, PluginResponse};
+pub use plugin::{
+    ConfError, Flow, Phase, Plugin, PluginError, PluginFactory, PluginKind, PluginRegistry,
+    PluginResponse,
+};

@@ -170,7 +170,10 @@ mod tests {
         let text = r#"{"upstreams":[{"id":1,"nodes":{"127.0.0.1:80":2}},{"id":"u2","nodes":[{"host":"a","port":81,"weight":3,"priority":-1}]}]}"#;
         let cfg = parse_str(text, Format::Json, &MapEnv::default()).unwrap();
         let n0 = &cfg.upstreams[0].nodes.as_ref().unwrap().0[0];
-        assert_eq!((n0.host.as_str(), n0.port, n0.weight), ("127.0.0.1", Some(80), 2));
+        assert_eq!(
+            (n0.host.as_str(), n0.port, n0.weight),
+            ("127.0.0.1", Some(80), 2)
+        );
         let n1 = &cfg.upstreams[1].nodes.as_ref().unwrap().0[0];
         assert_eq!(n1.priority, -1);
         assert_eq!(cfg.upstreams[0].id.as_ref().unwrap().0, "1");

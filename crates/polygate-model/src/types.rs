@@ -56,7 +56,7 @@ impl<'de> Deserialize<'de> for Id {
 /// The whole configuration file: the optional polygate `gateway:` section plus APISIX resources.
 ///
 /// An APISIX standalone `apisix.yaml` holding only resources is a valid file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// polygate's own settings (listeners, threads, timeouts, logs). Optional.
@@ -92,7 +92,7 @@ pub struct ConfigFile {
 }
 
 /// polygate's process settings. Every field has a default.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySection {
     /// Where to accept client connections. Default: one plain HTTP listener on `0.0.0.0:9080`.
@@ -155,7 +155,7 @@ fn default_watch_interval() -> f64 {
 }
 
 /// One client-facing listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// `ip:port` to bind.
@@ -169,15 +169,13 @@ pub struct ListenerConfig {
 }
 
 /// Process-wide timeouts, in seconds.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsConfig {
-    /// Time allowed to receive a request's headers. Default 60.
+    /// Time allowed to receive a request's headers (also bounds how long an idle keep-alive
+    /// connection waits for its next request). Default 60.
     #[serde(default = "d60")]
     pub client_header: f64,
-    /// Idle keep-alive time of a client connection. Default 60.
-    #[serde(default = "d60")]
-    pub keepalive: f64,
     /// Upstream timeouts used when neither route nor upstream set `timeout`. Default 60 each.
     #[serde(default = "default_upstream_timeout")]
     pub upstream: Timeout,
@@ -190,7 +188,6 @@ impl Default for TimeoutsConfig {
     fn default() -> Self {
         TimeoutsConfig {
             client_header: 60.0,
-            keepalive: 60.0,
             upstream: default_upstream_timeout(),
             graceful_shutdown: 30.0,
         }
@@ -212,7 +209,7 @@ fn default_upstream_timeout() -> Timeout {
 }
 
 /// Access log settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLogConfig {
     /// Write one line per request. Default true.
@@ -237,7 +234,7 @@ fn dtrue() -> bool {
 }
 
 /// Prometheus metrics listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// `ip:port` serving `GET /metrics`.
@@ -257,7 +254,7 @@ pub struct Timeout {
 }
 
 /// An APISIX route.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Route id.
@@ -341,7 +338,7 @@ pub struct Route {
 }
 
 /// An APISIX service: plugins, upstream and hosts shared by routes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     /// Service id.
@@ -380,7 +377,7 @@ pub struct Service {
 }
 
 /// An APISIX upstream.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// Upstream id (absent for inline upstreams).
@@ -517,7 +514,9 @@ impl<'de> Deserialize<'de> for Nodes {
         impl<'de> Visitor<'de> for NodesVisitor {
             type Value = Nodes;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"a map of "host:port": weight or an array of {host, port, weight, priority}"#)
+                f.write_str(
+                    r#"a map of "host:port": weight or an array of {host, port, weight, priority}"#,
+                )
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Nodes, A::Error> {
                 let mut out = Vec::new();
@@ -576,7 +575,7 @@ pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), String> {
 }
 
 /// A reusable bundle of plugins referenced by `plugin_config_id`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Id.
@@ -603,7 +602,7 @@ pub struct PluginConfig {
 }
 
 /// Plugins run for every request.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GlobalRule {
     /// Id.
@@ -621,7 +620,7 @@ pub struct GlobalRule {
 }
 
 /// An API consumer. Auth plugins in `plugins` carry its credentials.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Consumer {
     /// Unique name (`^[a-zA-Z0-9_\-]+$`).
@@ -648,7 +647,7 @@ pub struct Consumer {
 }
 
 /// Plugins shared by the consumers of a group.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerGroup {
     /// Id.
@@ -675,7 +674,7 @@ pub struct ConsumerGroup {
 }
 
 /// An SSL certificate object.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ssl {
     /// Id.

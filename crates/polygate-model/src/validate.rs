@@ -74,7 +74,11 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
         "consumer_groups",
         &mut errs,
     );
-    collect_ids(cfg.routes.iter().map(|r| r.id.as_ref()), "routes", &mut errs);
+    collect_ids(
+        cfg.routes.iter().map(|r| r.id.as_ref()),
+        "routes",
+        &mut errs,
+    );
     collect_ids(
         cfg.global_rules.iter().map(|g| g.id.as_ref()),
         "global_rules",
@@ -90,7 +94,13 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
         if let Some(u) = &s.upstream {
             validate_upstream(u, &format!("{p}.upstream"), &mut errs);
         }
-        check_ref(&s.upstream_id, &upstream_ids, &format!("{p}.upstream_id"), "upstream", &mut errs);
+        check_ref(
+            &s.upstream_id,
+            &upstream_ids,
+            &format!("{p}.upstream_id"),
+            "upstream",
+            &mut errs,
+        );
         if let Some(hosts) = &s.hosts {
             check_hosts(hosts, &format!("{p}.hosts"), &mut errs);
         }
@@ -116,12 +126,24 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
         } else if !username_re().is_match(&c.username) || c.username.len() > 100 {
             errs.push(
                 format!("{p}.username"),
-                format!("{:?} must match ^[a-zA-Z0-9_\\-]+$ (1-100 chars)", c.username),
+                format!(
+                    "{:?} must match ^[a-zA-Z0-9_\\-]+$ (1-100 chars)",
+                    c.username
+                ),
             );
         } else if !usernames.insert(c.username.clone()) {
-            errs.push(format!("{p}.username"), format!("duplicate consumer {:?}", c.username));
+            errs.push(
+                format!("{p}.username"),
+                format!("duplicate consumer {:?}", c.username),
+            );
         }
-        check_ref(&c.group_id, &group_ids, &format!("{p}.group_id"), "consumer group", &mut errs);
+        check_ref(
+            &c.group_id,
+            &group_ids,
+            &format!("{p}.group_id"),
+            "consumer group",
+            &mut errs,
+        );
     }
     for (i, m) in cfg.plugin_metadata.iter().enumerate() {
         if !matches!(m.get("id"), Some(serde_json::Value::String(_))) {
@@ -138,7 +160,10 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
             && t != "server"
             && t != "client"
         {
-            errs.push(format!("{p}.type"), format!("{t:?} must be \"server\" or \"client\""));
+            errs.push(
+                format!("{p}.type"),
+                format!("{t:?} must be \"server\" or \"client\""),
+            );
         }
         if s.cert.is_none() {
             errs.push(format!("{p}.cert"), "property \"cert\" is required");
@@ -150,7 +175,10 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
             errs.push(p.clone(), "one of \"sni\" or \"snis\" is required");
         }
         if s.certs.as_ref().map(Vec::len) != s.keys.as_ref().map(Vec::len) {
-            errs.push(format!("{p}.keys"), "\"certs\" and \"keys\" must have the same length");
+            errs.push(
+                format!("{p}.keys"),
+                "\"certs\" and \"keys\" must have the same length",
+            );
         }
     }
     errs.into_result()
@@ -163,7 +191,10 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
     for (i, l) in gw.listeners.iter().enumerate() {
         let p = format!("gateway.listeners[{i}]");
         if l.addr.parse::<std::net::SocketAddr>().is_err() {
-            errs.push(format!("{p}.addr"), format!("{:?} is not an ip:port address", l.addr));
+            errs.push(
+                format!("{p}.addr"),
+                format!("{:?} is not an ip:port address", l.addr),
+            );
         }
         if l.tls {
             errs.push(
@@ -175,23 +206,31 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
     if let Some(m) = &gw.metrics
         && m.addr.parse::<std::net::SocketAddr>().is_err()
     {
-        errs.push("gateway.metrics.addr", format!("{:?} is not an ip:port address", m.addr));
+        errs.push(
+            "gateway.metrics.addr",
+            format!("{:?} is not an ip:port address", m.addr),
+        );
     }
     if let Some(d) = &gw.demo_upstream
         && d.parse::<std::net::SocketAddr>().is_err()
     {
-        errs.push("gateway.demo_upstream", format!("{d:?} is not an ip:port address"));
+        errs.push(
+            "gateway.demo_upstream",
+            format!("{d:?} is not an ip:port address"),
+        );
     }
     if !["error", "warn", "info", "debug", "trace"].contains(&gw.log_level.as_str()) {
         errs.push(
             "gateway.log_level",
-            format!("{:?} must be one of error, warn, info, debug, trace", gw.log_level),
+            format!(
+                "{:?} must be one of error, warn, info, debug, trace",
+                gw.log_level
+            ),
         );
     }
     let t = &gw.timeouts;
     for (name, v) in [
         ("client_header", t.client_header),
-        ("keepalive", t.keepalive),
         ("graceful_shutdown", t.graceful_shutdown),
     ] {
         if !(v > 0.0) {
@@ -216,7 +255,10 @@ fn collect_ids<'a>(
             None => errs.push(p, "property \"id\" is required"),
             Some(id) => {
                 if id.0.is_empty() || id.0.len() > 64 || !id_re().is_match(&id.0) {
-                    errs.push(p, format!("{:?} must match ^[a-zA-Z0-9-_.]+$ (1-64 chars)", id.0));
+                    errs.push(
+                        p,
+                        format!("{:?} must match ^[a-zA-Z0-9-_.]+$ (1-64 chars)", id.0),
+                    );
                 } else if !seen.insert(id.0.clone()) {
                     errs.push(p, format!("duplicate id {:?}", id.0));
                 }
@@ -261,7 +303,10 @@ fn check_hosts(hosts: &[String], path: &str, errs: &mut ConfigErrors) {
     }
     for (i, h) in hosts.iter().enumerate() {
         if !host_re().is_match(h) {
-            errs.push(format!("{path}[{i}]"), format!("{h:?} is not a valid host pattern"));
+            errs.push(
+                format!("{path}[{i}]"),
+                format!("{h:?} is not a valid host pattern"),
+            );
         }
     }
 }
@@ -278,7 +323,10 @@ fn check_unique(v: &[String], path: &str, errs: &mut ConfigErrors) {
     let mut seen = HashSet::new();
     for s in v {
         if !seen.insert(s) {
-            errs.push(path, format!("expected unique items but {s:?} is duplicated"));
+            errs.push(
+                path,
+                format!("expected unique items but {s:?} is duplicated"),
+            );
         }
     }
 }
@@ -312,18 +360,25 @@ fn validate_route(
         _ => {}
     }
     match (&r.remote_addr, &r.remote_addrs) {
-        (Some(_), Some(_)) => {
-            errs.push(p, "\"remote_addr\" and \"remote_addrs\" are mutually exclusive")
-        }
+        (Some(_), Some(_)) => errs.push(
+            p,
+            "\"remote_addr\" and \"remote_addrs\" are mutually exclusive",
+        ),
         (Some(a), None) => {
             if parse_cidr(a).is_none() {
-                errs.push(format!("{p}.remote_addr"), format!("{a:?} is not an IP or CIDR"));
+                errs.push(
+                    format!("{p}.remote_addr"),
+                    format!("{a:?} is not an IP or CIDR"),
+                );
             }
         }
         (None, Some(addrs)) => {
             for (i, a) in addrs.iter().enumerate() {
                 if parse_cidr(a).is_none() {
-                    errs.push(format!("{p}.remote_addrs[{i}]"), format!("{a:?} is not an IP or CIDR"));
+                    errs.push(
+                        format!("{p}.remote_addrs[{i}]"),
+                        format!("{a:?} is not an IP or CIDR"),
+                    );
                 }
             }
         }
@@ -381,8 +436,20 @@ fn validate_route(
     if let Some(u) = &r.upstream {
         validate_upstream(u, &format!("{p}.upstream"), errs);
     }
-    check_ref(&r.upstream_id, upstream_ids, &format!("{p}.upstream_id"), "upstream", errs);
-    check_ref(&r.service_id, service_ids, &format!("{p}.service_id"), "service", errs);
+    check_ref(
+        &r.upstream_id,
+        upstream_ids,
+        &format!("{p}.upstream_id"),
+        "upstream",
+        errs,
+    );
+    check_ref(
+        &r.service_id,
+        service_ids,
+        &format!("{p}.service_id"),
+        "service",
+        errs,
+    );
     check_ref(
         &r.plugin_config_id,
         pc_ids,
@@ -404,7 +471,10 @@ fn check_uri(u: &str, path: &str, errs: &mut ConfigErrors) {
 pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
     let lb = u.lb_type.as_deref().unwrap_or("roundrobin");
     if !LB_TYPES.contains(&lb) {
-        errs.push(format!("{p}.type"), format!("{lb:?} must be one of {}", LB_TYPES.join(", ")));
+        errs.push(
+            format!("{p}.type"),
+            format!("{lb:?} must be one of {}", LB_TYPES.join(", ")),
+        );
     }
     if lb == "chash" {
         let hash_on = u.hash_on.as_deref().unwrap_or("vars");
@@ -415,7 +485,10 @@ pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
             );
         }
         if hash_on != "consumer" && u.key.as_deref().unwrap_or("").is_empty() {
-            errs.push(format!("{p}.key"), "property \"key\" is required when type is chash");
+            errs.push(
+                format!("{p}.key"),
+                "property \"key\" is required when type is chash",
+            );
         }
     }
     match (&u.nodes, &u.service_name) {
@@ -423,7 +496,10 @@ pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
         (Some(_), Some(_)) => errs.push(p, "\"nodes\" and \"service_name\" are mutually exclusive"),
         (None, Some(_)) => {
             if u.discovery_type.is_none() {
-                errs.push(format!("{p}.discovery_type"), "required with \"service_name\"");
+                errs.push(
+                    format!("{p}.discovery_type"),
+                    "required with \"service_name\"",
+                );
             } else {
                 errs.push(
                     format!("{p}.discovery_type"),
@@ -465,15 +541,24 @@ pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
     }
     let pass_host = u.pass_host.as_deref().unwrap_or("pass");
     if !["pass", "node", "rewrite"].contains(&pass_host) {
-        errs.push(format!("{p}.pass_host"), format!("{pass_host:?} must be one of pass, node, rewrite"));
+        errs.push(
+            format!("{p}.pass_host"),
+            format!("{pass_host:?} must be one of pass, node, rewrite"),
+        );
     }
     if pass_host == "rewrite" && u.upstream_host.as_deref().unwrap_or("").is_empty() {
-        errs.push(format!("{p}.upstream_host"), "required when pass_host is rewrite");
+        errs.push(
+            format!("{p}.upstream_host"),
+            "required when pass_host is rewrite",
+        );
     }
     if let Some(s) = &u.scheme
         && !SCHEMES.contains(&s.as_str())
     {
-        errs.push(format!("{p}.scheme"), format!("{s:?} must be one of {}", SCHEMES.join(", ")));
+        errs.push(
+            format!("{p}.scheme"),
+            format!("{s:?} must be one of {}", SCHEMES.join(", ")),
+        );
     }
     if let Some(k) = &u.keepalive_pool {
         if k.size < 1 {
@@ -505,18 +590,28 @@ mod tests {
     #[test]
     fn dangling_upstream_reference() {
         let e = errs("routes:\n  - id: 1\n    uri: /a\n    upstream_id: nope\n");
-        assert!(e.contains("routes[0].upstream_id: upstream \"nope\" not found"), "{e}");
+        assert!(
+            e.contains("routes[0].upstream_id: upstream \"nope\" not found"),
+            "{e}"
+        );
     }
 
     #[test]
     fn uri_required_and_exclusive() {
-        let e = errs("routes:\n  - id: 1\n    upstream_id: 1\nupstreams:\n  - id: 1\n    nodes: {\"127.0.0.1:1\": 1}\n");
-        assert!(e.contains("routes[0]: one of \"uri\" or \"uris\" is required"), "{e}");
+        let e = errs(
+            "routes:\n  - id: 1\n    upstream_id: 1\nupstreams:\n  - id: 1\n    nodes: {\"127.0.0.1:1\": 1}\n",
+        );
+        assert!(
+            e.contains("routes[0]: one of \"uri\" or \"uris\" is required"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_method_and_cidr() {
-        let e = errs("routes:\n  - id: 1\n    uri: /a\n    methods: [GETT]\n    remote_addrs: [\"10.0.0.0/33\"]\n    upstream:\n      nodes: {\"127.0.0.1:1\": 1}\n");
+        let e = errs(
+            "routes:\n  - id: 1\n    uri: /a\n    methods: [GETT]\n    remote_addrs: [\"10.0.0.0/33\"]\n    upstream:\n      nodes: {\"127.0.0.1:1\": 1}\n",
+        );
         assert!(e.contains("routes[0].methods[0]"), "{e}");
         assert!(e.contains("routes[0].remote_addrs[0]"), "{e}");
     }

@@ -1,1 +1,26 @@
-//! placeholder
+//! Built-in Rust plugins of polygate, with Apache APISIX's names, priorities and fields.
+//!
+//! | plugin | priority | phases |
+//! |---|---|---|
+//! | `key-auth` | 2500 | rewrite (auth) |
+//! | `proxy-rewrite` | 1008 | rewrite |
+//! | `response-rewrite` | 899 | header_filter, body_filter |
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+
+use polygate_core::PluginRegistry;
+
+pub mod key_auth;
+pub mod proxy_rewrite;
+pub mod response_rewrite;
+pub mod util;
+
+/// A registry holding every built-in plugin.
+pub fn registry() -> PluginRegistry {
+    let mut r = PluginRegistry::new();
+    r.register(Arc::new(key_auth::KeyAuthFactory));
+    r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
+    r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
+    r
+}

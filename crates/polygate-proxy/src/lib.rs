@@ -1,1 +1,22 @@
-//! placeholder
+//! polygate's data plane.
+//!
+//! - [`server`]: worker threads with `SO_REUSEPORT` listeners, signals, graceful shutdown,
+//!   the config file watcher, the metrics listener and the demo upstream.
+//! - [`handler`]: one request through route match, plugin phases and the upstream.
+//! - [`snapshot`]: validated, incrementally rebuilt configuration snapshots.
+//! - [`upstream`]: nodes, priority tiers and balancers.
+//! - [`pool`]: upstream connections and per-thread keep-alive pools.
+//! - [`body`]: request/response bodies with timeouts, body filters and the log hook.
+#![forbid(unsafe_code)]
+
+pub mod accesslog;
+pub mod body;
+pub mod handler;
+pub mod metrics;
+pub mod pool;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;
+
+pub use server::{ConfigSource, StartError, load, serve};
+pub use snapshot::Snapshot;

@@ -28,7 +28,11 @@ fn specs(n: usize) -> Vec<RouteSpec> {
             RouteSpec {
                 id: i.to_string(),
                 uris: vec![uri],
-                methods: if i % 3 == 0 { vec!["GET".into(), "POST".into()] } else { vec![] },
+                methods: if i % 3 == 0 {
+                    vec!["GET".into(), "POST".into()]
+                } else {
+                    vec![]
+                },
                 priority: (i % 5) as i64,
                 ..Default::default()
             }
@@ -37,7 +41,10 @@ fn specs(n: usize) -> Vec<RouteSpec> {
 }
 
 fn compile(specs: &[RouteSpec]) -> Vec<Entry<()>> {
-    specs.iter().map(|s| Entry::compile(s, ()).expect("valid")).collect()
+    specs
+        .iter()
+        .map(|s| Entry::compile(s, ()).expect("valid"))
+        .collect()
 }
 
 fn bench(c: &mut Criterion) {
@@ -67,7 +74,10 @@ fn bench(c: &mut Criterion) {
             format!("/users{}/42/profile", (n / 4) * 4 + 2),
             "/not/found".to_string(),
         ];
-        for (name, p) in ["exact", "prefix", "param", "miss"].iter().zip(paths.iter()) {
+        for (name, p) in ["exact", "prefix", "param", "miss"]
+            .iter()
+            .zip(paths.iter())
+        {
             g.bench_with_input(BenchmarkId::new(format!("match_{name}"), n), p, |b, p| {
                 b.iter(|| {
                     let input = MatchInput {

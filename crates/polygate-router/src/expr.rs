@@ -194,7 +194,10 @@ fn compile_at(v: &Value, path: &str) -> Result<Expr, ExprError> {
                 negate,
             })
         }
-        _ => Err(err(&format!("{path}[0]"), "expected a variable name or AND/OR")),
+        _ => Err(err(
+            &format!("{path}[0]"),
+            "expected a variable name or AND/OR",
+        )),
     }
 }
 
@@ -221,9 +224,18 @@ fn compile_op(op: &str, val: &Value, vpath: &str, oppath: &str) -> Result<Op, Ex
             let Value::String(p) = val else {
                 return Err(err(vpath, "regex must be a string"));
             };
-            let src = if op == "~*" { format!("(?i){p}") } else { p.clone() };
-            let re = Regex::new(&src).map_err(|e| err(vpath, format!("invalid regex {p:?}: {e}")))?;
-            if op == "~*" { Op::IRegex(re) } else { Op::Regex(re) }
+            let src = if op == "~*" {
+                format!("(?i){p}")
+            } else {
+                p.clone()
+            };
+            let re =
+                Regex::new(&src).map_err(|e| err(vpath, format!("invalid regex {p:?}: {e}")))?;
+            if op == "~*" {
+                Op::IRegex(re)
+            } else {
+                Op::Regex(re)
+            }
         }
         "in" => {
             let Value::Array(items) = val else {
@@ -248,10 +260,17 @@ fn compile_op(op: &str, val: &Value, vpath: &str, oppath: &str) -> Result<Op, Ex
             let mut nets = Vec::with_capacity(items.len());
             for (i, it) in items.iter().enumerate() {
                 let Value::String(s) = it else {
-                    return Err(err(&format!("{vpath}[{i}]"), "expected an IP or CIDR string"));
+                    return Err(err(
+                        &format!("{vpath}[{i}]"),
+                        "expected an IP or CIDR string",
+                    ));
                 };
-                let net = polygate_model::validate::parse_cidr(s)
-                    .ok_or_else(|| err(&format!("{vpath}[{i}]"), format!("{s:?} is not an IP or CIDR")))?;
+                let net = polygate_model::validate::parse_cidr(s).ok_or_else(|| {
+                    err(
+                        &format!("{vpath}[{i}]"),
+                        format!("{s:?} is not an IP or CIDR"),
+                    )
+                })?;
                 nets.push(net);
             }
             Op::IpMatch(nets)
@@ -296,12 +315,19 @@ mod tests {
     }
 
     fn ev(e: Value, vars: &[(&'static str, &'static str)]) -> bool {
-        Expr::compile_vars(&e).unwrap().eval(&M(vars.iter().copied().collect()))
+        Expr::compile_vars(&e)
+            .unwrap()
+            .eval(&M(vars.iter().copied().collect()))
     }
 
     #[test]
     fn operators() {
-        let v = [("arg_a", "10"), ("http_x", "Hello"), ("remote_addr", "10.1.2.3"), ("arg_l", "a, b")];
+        let v = [
+            ("arg_a", "10"),
+            ("http_x", "Hello"),
+            ("remote_addr", "10.1.2.3"),
+            ("arg_l", "a, b"),
+        ];
         assert!(ev(json!([["arg_a", "==", 10]]), &v));
         assert!(ev(json!([["arg_a", "==", "10"]]), &v));
         assert!(ev(json!([["arg_a", "~=", "11"]]), &v));
@@ -313,7 +339,10 @@ mod tests {
         assert!(ev(json!([["http_x", "in", ["a", "Hello"]]]), &v));
         assert!(ev(json!([["arg_l", "has", "b"]]), &v));
         assert!(ev(json!([["remote_addr", "ipmatch", ["10.0.0.0/8"]]]), &v));
-        assert!(!ev(json!([["remote_addr", "ipmatch", "192.168.0.0/16"]]), &v));
+        assert!(!ev(
+            json!([["remote_addr", "ipmatch", "192.168.0.0/16"]]),
+            &v
+        ));
         assert!(ev(json!([["arg_a", "!", "==", 11]]), &v));
         assert!(ev(json!([["missing", "~=", "x"]]), &v));
         assert!(!ev(json!([["missing", "==", "x"]]), &v));
@@ -322,15 +351,32 @@ mod tests {
     #[test]
     fn logic() {
         let v = [("arg_a", "1")];
-        assert!(ev(json!(["OR", ["arg_a", "==", "2"], ["arg_a", "==", "1"]]), &v));
-        assert!(!ev(json!(["AND", ["arg_a", "==", "2"], ["arg_a", "==", "1"]]), &v));
-        assert!(ev(json!(["!AND", ["arg_a", "==", "2"], ["arg_a", "==", "1"]]), &v));
-        assert!(ev(json!([["OR", ["arg_a", "==", "3"], ["AND", ["arg_a", ">", 0], ["arg_a", "<", 2]]]]), &v));
+        assert!(ev(
+            json!(["OR", ["arg_a", "==", "2"], ["arg_a", "==", "1"]]),
+            &v
+        ));
+        assert!(!ev(
+            json!(["AND", ["arg_a", "==", "2"], ["arg_a", "==", "1"]]),
+            &v
+        ));
+        assert!(ev(
+            json!(["!AND", ["arg_a", "==", "2"], ["arg_a", "==", "1"]]),
+            &v
+        ));
+        assert!(ev(
+            json!([[
+                "OR",
+                ["arg_a", "==", "3"],
+                ["AND", ["arg_a", ">", 0], ["arg_a", "<", 2]]
+            ]]),
+            &v
+        ));
     }
 
     #[test]
     fn errors_have_paths() {
-        let e = Expr::compile_vars(&json!([["a", "==", "b"], ["x", "~~", "(unclosed"]])).unwrap_err();
+        let e =
+            Expr::compile_vars(&json!([["a", "==", "b"], ["x", "~~", "(unclosed"]])).unwrap_err();
         assert_eq!(e.path, "[1][2]");
         assert!(e.message.contains("invalid regex"));
         let e = Expr::compile_vars(&json!([["a", "=~", "b"]])).unwrap_err();

@@ -135,7 +135,9 @@ fn compile_uri(u: &str) -> Result<UriPat, RouteError> {
             kind: UriKind::Prefix,
         });
     }
-    let has_param = u.split('/').any(|s| s.starts_with(':') || (s.starts_with('*') && s.len() > 1));
+    let has_param = u
+        .split('/')
+        .any(|s| s.starts_with(':') || (s.starts_with('*') && s.len() > 1));
     if has_param {
         let mut segs = Vec::new();
         let parts: Vec<&str> = u.split('/').collect();
@@ -151,9 +153,15 @@ fn compile_uri(u: &str) -> Result<UriPat, RouteError> {
                 segs.push(Seg::Param(Arc::from(name)));
             } else if let Some(name) = s.strip_prefix('*') {
                 if i + 1 != n {
-                    return Err(RouteError::Uri(format!("{u:?}: '*{name}' must be the last segment")));
+                    return Err(RouteError::Uri(format!(
+                        "{u:?}: '*{name}' must be the last segment"
+                    )));
                 }
-                segs.push(Seg::CatchAll(Arc::from(if name.is_empty() { ":ext" } else { name })));
+                segs.push(Seg::CatchAll(Arc::from(if name.is_empty() {
+                    ":ext"
+                } else {
+                    name
+                })));
             } else if !s.is_empty() {
                 segs.push(Seg::Static((*s).to_owned()));
             }
@@ -246,7 +254,8 @@ impl<T> Entry<T> {
         let mut remote_addrs = Vec::with_capacity(spec.remote_addrs.len());
         for a in &spec.remote_addrs {
             remote_addrs.push(
-                polygate_model::validate::parse_cidr(a).ok_or_else(|| RouteError::RemoteAddr(a.clone()))?,
+                polygate_model::validate::parse_cidr(a)
+                    .ok_or_else(|| RouteError::RemoteAddr(a.clone()))?,
             );
         }
         let vars = match &spec.vars {
@@ -370,7 +379,11 @@ impl<T> Router<T> {
             }
             let e = Arc::new(e);
             for u in &e.uris {
-                let map = if matches!(u.kind, UriKind::Exact) { &mut exact } else { &mut prefix };
+                let map = if matches!(u.kind, UriKind::Exact) {
+                    &mut exact
+                } else {
+                    &mut prefix
+                };
                 map.entry(u.key.clone()).or_default().push(e.clone());
             }
             if let Some(old) = routes.insert(e.id.clone(), e) {
@@ -438,8 +451,15 @@ impl<T> Router<T> {
         let e = Arc::new(entry);
         for u in &e.uris {
             let is_exact = matches!(u.kind, UriKind::Exact);
-            let map = if is_exact { &mut self.exact } else { &mut self.prefix };
-            let mut v: Vec<Arc<Entry<T>>> = map.get(&u.key).map(|b| b.as_ref().clone()).unwrap_or_default();
+            let map = if is_exact {
+                &mut self.exact
+            } else {
+                &mut self.prefix
+            };
+            let mut v: Vec<Arc<Entry<T>>> = map
+                .get(&u.key)
+                .map(|b| b.as_ref().clone())
+                .unwrap_or_default();
             if v.is_empty() && !is_exact {
                 *self.prefix_lens.entry(u.key.len()).or_insert(0) += 1;
             }
@@ -460,9 +480,17 @@ impl<T> Router<T> {
         }
         for u in &old.uris {
             let is_exact = matches!(u.kind, UriKind::Exact);
-            let map = if is_exact { &mut self.exact } else { &mut self.prefix };
+            let map = if is_exact {
+                &mut self.exact
+            } else {
+                &mut self.prefix
+            };
             let Some(b) = map.get(&u.key) else { continue };
-            let v: Vec<Arc<Entry<T>>> = b.iter().filter(|x| !Arc::ptr_eq(x, &old)).cloned().collect();
+            let v: Vec<Arc<Entry<T>>> = b
+                .iter()
+                .filter(|x| !Arc::ptr_eq(x, &old))
+                .cloned()
+                .collect();
             if v.is_empty() {
                 map.remove(&u.key);
                 if !is_exact {
@@ -492,48 +520,51 @@ impl<T> Router<T> {
         let path = input.path;
         let mut uri_rank = 0usize;
 
-        let mut consider = |bucket: &'t Bucket<T>,
-                            uri_rank: usize,
-                            prefix_key: Option<&str>,
-                            best: &mut Option<(u8, usize, &'t Arc<Entry<T>>, Vec<(Arc<str>, String)>)>|
-         -> bool {
-            for e in bucket.iter() {
-                let Some(hr) = e.host_rank(input.host) else { continue };
-                if let Some((bh, bu, be, _)) = best.as_ref()
-                    && (hr, uri_rank, std::cmp::Reverse(e.priority), e.seq)
-                        >= (*bh, *bu, std::cmp::Reverse(be.priority), be.seq)
-                {
-                    continue;
-                }
-                let mut params = Vec::new();
-                if let Some(key) = prefix_key {
-                    // bucket of a prefix key: verify the kind of each pattern with this key
-                    let rest = &path[key.len()..];
-                    let ok = e.uris.iter().any(|u| {
-                        &*u.key == key
-                            && match &u.kind {
-                                UriKind::Exact => false,
-                                UriKind::Prefix => true,
-                                UriKind::Params(segs) => {
-                                    params.clear();
-                                    match_params(segs, rest, &mut params)
-                                }
-                            }
-                    });
-                    if !ok {
+        let consider =
+            |bucket: &'t Bucket<T>,
+             uri_rank: usize,
+             prefix_key: Option<&str>,
+             best: &mut Option<(u8, usize, &'t Arc<Entry<T>>, Vec<(Arc<str>, String)>)>|
+             -> bool {
+                for e in bucket.iter() {
+                    let Some(hr) = e.host_rank(input.host) else {
+                        continue;
+                    };
+                    if let Some((bh, bu, be, _)) = best.as_ref()
+                        && (hr, uri_rank, std::cmp::Reverse(e.priority), e.seq)
+                            >= (*bh, *bu, std::cmp::Reverse(be.priority), be.seq)
+                    {
                         continue;
                     }
+                    let mut params = Vec::new();
+                    if let Some(key) = prefix_key {
+                        // bucket of a prefix key: verify the kind of each pattern with this key
+                        let rest = &path[key.len()..];
+                        let ok = e.uris.iter().any(|u| {
+                            &*u.key == key
+                                && match &u.kind {
+                                    UriKind::Exact => false,
+                                    UriKind::Prefix => true,
+                                    UriKind::Params(segs) => {
+                                        params.clear();
+                                        match_params(segs, rest, &mut params)
+                                    }
+                                }
+                        });
+                        if !ok {
+                            continue;
+                        }
+                    }
+                    if !e.filters_hold(input) {
+                        continue;
+                    }
+                    *best = Some((hr, uri_rank, e, params));
+                    if early_exit || hr == 0 {
+                        return true;
+                    }
                 }
-                if !e.filters_hold(input) {
-                    continue;
-                }
-                *best = Some((hr, uri_rank, e, params));
-                if early_exit || hr == 0 {
-                    return true;
-                }
-            }
-            false
-        };
+                false
+            };
 
         if let Some(b) = self.exact.get(path)
             && consider(b, uri_rank, None, &mut best)
@@ -588,7 +619,12 @@ mod tests {
     }
 
     fn build(specs: Vec<RouteSpec>) -> Router<()> {
-        Router::build(specs.iter().map(|s| Entry::compile(s, ()).unwrap()).collect())
+        Router::build(
+            specs
+                .iter()
+                .map(|s| Entry::compile(s, ()).unwrap())
+                .collect(),
+        )
     }
 
     #[test]
@@ -600,12 +636,18 @@ mod tests {
             spec("user", "/user/:id"),
             spec("files", "/files/*path"),
         ]);
-        assert_eq!(find(&r, "/foo/bar", None, "GET").as_deref(), Some("fooexact"));
+        assert_eq!(
+            find(&r, "/foo/bar", None, "GET").as_deref(),
+            Some("fooexact")
+        );
         assert_eq!(find(&r, "/foo/baz", None, "GET").as_deref(), Some("foo"));
         assert_eq!(find(&r, "/x", None, "GET").as_deref(), Some("root"));
         assert_eq!(find(&r, "/user/42", None, "GET").as_deref(), Some("user"));
         assert_eq!(find(&r, "/user/42/x", None, "GET").as_deref(), Some("root"));
-        assert_eq!(find(&r, "/files/a/b", None, "GET").as_deref(), Some("files"));
+        assert_eq!(
+            find(&r, "/files/a/b", None, "GET").as_deref(),
+            Some("files")
+        );
     }
 
     #[test]
@@ -623,8 +665,14 @@ mod tests {
         let r = build(vec![spec("lo", "/p"), hi, meth, host, vars]);
         assert_eq!(find(&r, "/p", None, "GET").as_deref(), Some("hi"));
         assert_eq!(find(&r, "/p", None, "POST").as_deref(), Some("post"));
-        assert_eq!(find(&r, "/p", Some("a.example.com"), "GET").as_deref(), Some("host"));
-        assert_eq!(find(&r, "/p", Some("example.com"), "GET").as_deref(), Some("hi"));
+        assert_eq!(
+            find(&r, "/p", Some("a.example.com"), "GET").as_deref(),
+            Some("host")
+        );
+        assert_eq!(
+            find(&r, "/p", Some("example.com"), "GET").as_deref(),
+            Some("hi")
+        );
     }
 
     #[test]

@@ -1,0 +1,147 @@
+//! `key-auth` (priority 2500, auth, rewrite phase): identifies the consumer by an API key.
+//!
+//! Route fields as in APISIX: `header` (default `apikey`), `query` (default `apikey`),
+//! `hide_credentials` (default false), `anonymous_consumer`. Consumer field: `key`.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use polygate_core::{
+    ConfError, Flow, Plugin, PluginFactory, PluginKind, PluginResponse, RequestCtx,
+};
+use serde::Deserialize;
+
+use crate::util::parse_conf;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Conf {
+    #[serde(default = "apikey")]
+    header: String,
+    #[serde(default = "apikey")]
+    query: String,
+    #[serde(default)]
+    hide_credentials: bool,
+    #[serde(default)]
+    anonymous_consumer: Option<String>,
+}
+
+fn apikey() -> String {
+    "apikey".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsumerConf {
+    key: String,
+}
+
+struct KeyAuth {
+    header: String,
+    query: String,
+    hide: bool,
+    anonymous: Option<String>,
+}
+
+/// Factory of `key-auth`.
+pub struct KeyAuthFactory;
+
+impl PluginFactory for KeyAuthFactory {
+    fn name(&self) -> &str {
+        "key-auth"
+    }
+
+    fn priority(&self) -> i32 {
+        2500
+    }
+
+    fn kind(&self) -> PluginKind {
+        PluginKind::Auth
+    }
+
+    fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
+        let c: Conf = parse_conf(conf)?;
+        if c.header.is_empty() || http::HeaderName::from_bytes(c.header.as_bytes()).is_err() {
+            return Err(ConfError::at(
+                "header",
+                format!("invalid header name {:?}", c.header),
+            ));
+        }
+        Ok(Arc::new(KeyAuth {
+            header: c.header.to_ascii_lowercase(),
+            query: c.query,
+            hide: c.hide_credentials,
+            anonymous: c.anonymous_consumer,
+        }))
+    }
+
+    fn consumer_credential(&self, conf: &serde_json::Value) -> Result<Option<String>, ConfError> {
+        let c: ConsumerConf = parse_conf(conf)?;
+        if c.key.is_empty() {
+            return Err(ConfError::at("key", "must not be empty"));
+        }
+        Ok(Some(c.key))
+    }
+}
+
+impl KeyAuth {
+    fn anonymous_or(&self, ctx: &mut RequestCtx, msg: &str) -> Flow<'static> {
+        if let Some(name) = &self.anonymous {
+            match ctx.consumers.by_name(name).cloned() {
+                Some(c) => {
+                    ctx.consumer = Some(c);
+                    return Flow::Continue;
+                }
+                None => {
+                    return Flow::Respond(PluginResponse::message(
+                        StatusCode::UNAUTHORIZED,
+                        "Invalid user authorization",
+                    ));
+                }
+            }
+        }
+        Flow::Respond(PluginResponse::message(StatusCode::UNAUTHORIZED, msg))
+    }
+
+    fn remove_query_arg(ctx: &mut RequestCtx, name: &str) {
+        if let Some(q) = &ctx.query {
+            let kept: Vec<&str> = q
+                .split('&')
+                .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) != name)
+                .collect();
+            ctx.query = if kept.is_empty() {
+                None
+            } else {
+                Some(kept.join("&"))
+            };
+        }
+    }
+}
+
+impl Plugin for KeyAuth {
+    fn name(&self) -> &str {
+        "key-auth"
+    }
+
+    fn rewrite<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
+        let (key, from_header) = match ctx.header(&self.header) {
+            Some(k) => (Some(k.to_owned()), true),
+            None => (ctx.arg(&self.query).map(|c| c.into_owned()), false),
+        };
+        let Some(key) = key else {
+            return self.anonymous_or(ctx, "Missing API key in request");
+        };
+        let Some(consumer) = ctx.consumers.find("key-auth", &key).cloned() else {
+            return self.anonymous_or(ctx, "Invalid API key in request");
+        };
+        ctx.consumer = Some(consumer);
+        if self.hide {
+            if from_header {
+                ctx.headers.remove(self.header.as_str());
+            } else {
+                Self::remove_query_arg(ctx, &self.query);
+            }
+        }
+        Flow::Continue
+    }
+}

@@ -1,0 +1,248 @@
+//! Helpers shared by the built-in plugins: typed configuration parsing with key paths,
+//! `$var` templates, header operations.
+
+use std::collections::BTreeMap;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use polygate_core::ConfError;
+use polygate_router::VarSource;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// Deserialises a plugin configuration, reporting the failing key path.
+pub fn parse_conf<T: DeserializeOwned>(conf: &serde_json::Value) -> Result<T, ConfError> {
+    serde_path_to_error::deserialize(conf).map_err(|e| {
+        let p = e.path().to_string();
+        ConfError::at(
+            if p == "." { String::new() } else { p },
+            e.inner().to_string(),
+        )
+    })
+}
+
+/// A string with `$name` / `${name}` variable references.
+#[derive(Debug, Clone)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Lit(String),
+    Var(String),
+}
+
+impl Template {
+    /// Parses a template.
+    pub fn parse(s: &str) -> Template {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut rest = s;
+        while let Some(pos) = rest.find('$') {
+            lit.push_str(&rest[..pos]);
+            let after = &rest[pos + 1..];
+            let (name, consumed) = if let Some(inner) = after.strip_prefix('{') {
+                match inner.find('}') {
+                    Some(end) => (&inner[..end], end + 2),
+                    None => ("", 0),
+                }
+            } else {
+                let end = after
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(after.len());
+                (&after[..end], end)
+            };
+            if name.is_empty() {
+                lit.push('$');
+                rest = after;
+                continue;
+            }
+            if !lit.is_empty() {
+                parts.push(Part::Lit(std::mem::take(&mut lit)));
+            }
+            parts.push(Part::Var(name.to_owned()));
+            rest = &after[consumed..];
+        }
+        lit.push_str(rest);
+        if !lit.is_empty() {
+            parts.push(Part::Lit(lit));
+        }
+        Template { parts }
+    }
+
+    /// True when the template has no variables.
+    pub fn is_static(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Lit(_)))
+    }
+
+    /// Renders with the request's variables (unset variables render as empty).
+    pub fn render(&self, vars: &dyn VarSource) -> String {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Var(v) => {
+                    if let Some(val) = vars.var(v) {
+                        out.push_str(&val);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// APISIX's header operations: `{add: {}, set: {}, remove: []}`, or the older flat map
+/// `{name: value}` meaning set (an empty value removes).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderOpsConf {
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+/// Compiled header operations.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    add: Vec<(HeaderName, Template)>,
+    set: Vec<(HeaderName, Template)>,
+    remove: Vec<HeaderName>,
+}
+
+fn header_name(n: &str, path: &str) -> Result<HeaderName, ConfError> {
+    HeaderName::from_bytes(n.as_bytes())
+        .map_err(|_| ConfError::at(path, format!("invalid header name {n:?}")))
+}
+
+impl HeaderOps {
+    /// Parses the configuration at key `key` (for error paths).
+    pub fn parse(v: &serde_json::Value, key: &str) -> Result<HeaderOps, ConfError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ConfError::at(key, "must be an object"))?;
+        let structured = obj
+            .keys()
+            .any(|k| k == "add" || k == "set" || k == "remove");
+        let conf: HeaderOpsConf = if structured {
+            parse_conf(v).map_err(|e| {
+                ConfError::at(
+                    format!("{key}.{}", e.path).trim_end_matches('.').to_owned(),
+                    e.message,
+                )
+            })?
+        } else {
+            let mut set = BTreeMap::new();
+            let mut remove = Vec::new();
+            for (k, val) in obj {
+                let s = match val {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    _ => return Err(ConfError::at(format!("{key}.{k}"), "must be a string")),
+                };
+                if s.is_empty() {
+                    remove.push(k.clone());
+                } else {
+                    set.insert(k.clone(), s);
+                }
+            }
+            HeaderOpsConf {
+                add: BTreeMap::new(),
+                set,
+                remove,
+            }
+        };
+        let mut ops = HeaderOps::default();
+        for (k, v) in conf.add {
+            ops.add.push((
+                header_name(&k, &format!("{key}.add.{k}"))?,
+                Template::parse(&v),
+            ));
+        }
+        for (k, v) in conf.set {
+            ops.set.push((
+                header_name(&k, &format!("{key}.set.{k}"))?,
+                Template::parse(&v),
+            ));
+        }
+        for k in conf.remove {
+            ops.remove.push(header_name(&k, &format!("{key}.remove"))?);
+        }
+        Ok(ops)
+    }
+
+    /// Applies add, then set, then remove.
+    pub fn apply(&self, headers: &mut HeaderMap, vars: &dyn VarSource) {
+        for (n, t) in &self.add {
+            if let Ok(v) = HeaderValue::from_str(&t.render(vars)) {
+                headers.append(n.clone(), v);
+            }
+        }
+        for (n, t) in &self.set {
+            if let Ok(v) = HeaderValue::from_str(&t.render(vars)) {
+                headers.insert(n.clone(), v);
+            }
+        }
+        for n in &self.remove {
+            headers.remove(n);
+        }
+    }
+
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Converts nginx-style `$1` group references to the `${1}` form of the regex crate.
+pub fn nginx_replacement(r: &str) -> String {
+    let mut out = String::with_capacity(r.len() + 4);
+    let b = r.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'$' && i + 1 < b.len() && b[i + 1].is_ascii_digit() {
+            let mut j = i + 1;
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+            out.push_str("${");
+            out.push_str(&r[i + 1..j]);
+            out.push('}');
+            i = j;
+        } else {
+            let next = r[i + 1..].find('$').map_or(b.len(), |k| i + 1 + k);
+            out.push_str(&r[i..next]);
+            i = next;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    struct V;
+    impl VarSource for V {
+        fn var(&self, n: &str) -> Option<Cow<'_, str>> {
+            (n == "remote_addr").then_some(Cow::Borrowed("1.2.3.4"))
+        }
+    }
+
+    #[test]
+    fn template() {
+        assert_eq!(
+            Template::parse("ip=$remote_addr;x=${remote_addr}!$ $nope.").render(&V),
+            "ip=1.2.3.4;x=1.2.3.4!$ ."
+        );
+    }
+
+    #[test]
+    fn replacement() {
+        assert_eq!(nginx_replacement("/v2/$1a/$12"), "/v2/${1}a/${12}");
+    }
+}

@@ -1,0 +1,86 @@
+//! Process-wide counters, exposed in the Prometheus text format.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::StatusCode;
+
+/// Counters updated on the request path (relaxed atomics, no locks).
+#[derive(Default)]
+pub struct Metrics {
+    by_class: [AtomicU64; 6],
+    /// Client connections currently open.
+    pub connections_active: AtomicU64,
+    /// Client connections accepted.
+    pub connections_total: AtomicU64,
+    /// Successful configuration reloads.
+    pub reloads: AtomicU64,
+    /// Rejected configuration reloads.
+    pub reload_errors: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts one response.
+    pub fn record(&self, status: StatusCode) {
+        let class = (status.as_u16() / 100).min(5) as usize;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Total responses with this status class (1..=5).
+    pub fn responses(&self, class: usize) -> u64 {
+        self.by_class[class.min(5)].load(Ordering::Relaxed)
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn render(&self, config_version: u64) -> String {
+        let mut s = String::new();
+        s.push_str("# HELP polygate_http_requests_total Responses sent, by status class.\n");
+        s.push_str("# TYPE polygate_http_requests_total counter\n");
+        for c in 1..=5 {
+            let _ = writeln!(
+                s,
+                "polygate_http_requests_total{{code=\"{c}xx\"}} {}",
+                self.responses(c)
+            );
+        }
+        let g = |s: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        g(
+            &mut s,
+            "polygate_connections_active",
+            "Client connections open.",
+            "gauge",
+            self.connections_active.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "polygate_connections_total",
+            "Client connections accepted.",
+            "counter",
+            self.connections_total.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "polygate_config_reloads_total",
+            "Configuration reloads applied.",
+            "counter",
+            self.reloads.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "polygate_config_reload_errors_total",
+            "Configuration reloads rejected.",
+            "counter",
+            self.reload_errors.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "polygate_config_version",
+            "Version of the served configuration.",
+            "gauge",
+            config_version,
+        );
+        s
+    }
+}

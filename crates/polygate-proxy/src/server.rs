@@ -1,0 +1,538 @@
+//! Process layout: N worker threads, each with a current-thread tokio runtime and its own
+//! `SO_REUSEPORT` listener per configured address (nginx's worker model: no cross-core wake-ups
+//! on the request path); a main thread for signals, the config watcher, the metrics listener
+//! and the demo upstream. Shared state (snapshot, balancer state, counters) is process-wide.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use polygate_core::PluginRegistry;
+use polygate_model::env::SystemEnv;
+use polygate_model::load::{Format, load_file, parse_str};
+use polygate_model::{ConfigErrors, ConfigFile, GatewaySection};
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::accesslog::AccessLog;
+use crate::handler::{Shared, handle};
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A file, watched for changes.
+    File(PathBuf),
+    /// Built-in YAML text (the default configuration).
+    Embedded(&'static str),
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid configuration:\n{0}")]
+    Config(ConfigErrors),
+    /// A listener could not be bound.
+    #[error("failed to bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Another start-up failure.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Loads and validates the configuration into a first snapshot.
+pub fn load(
+    source: &ConfigSource,
+    registry: &PluginRegistry,
+) -> Result<(ConfigFile, Snapshot), ConfigErrors> {
+    let cfg = match source {
+        ConfigSource::File(p) => load_file(p, &SystemEnv)?,
+        ConfigSource::Embedded(text) => parse_str(text, Format::Yaml, &SystemEnv)?,
+    };
+    let snap = Snapshot::build(&cfg, registry, None)?;
+    Ok((cfg, snap))
+}
+
+fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if reuseport {
+        s.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+/// Binds `workers` sockets for each listener. A plain bind is tried first so that a port held
+/// by any other socket is reported instead of silently shared through `SO_REUSEPORT`.
+fn bind_all(
+    gw: &GatewaySection,
+    workers: usize,
+) -> Result<Vec<Vec<(std::net::TcpListener, bool)>>, StartError> {
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> =
+        (0..workers).map(|_| Vec::new()).collect();
+    for l in &gw.listeners {
+        let addr: SocketAddr = l
+            .addr
+            .parse()
+            .map_err(|_| StartError::Other(format!("invalid listener address {:?}", l.addr)))?;
+        let err = |source| StartError::Bind {
+            addr: l.addr.clone(),
+            source,
+        };
+        let probe = bind(addr, false).map_err(err)?;
+        let addr = probe.local_addr().map_err(err)?;
+        if workers == 1 {
+            per_worker[0].push((probe, l.http2));
+            continue;
+        }
+        drop(probe);
+        for w in per_worker.iter_mut() {
+            w.push((bind(addr, true).map_err(err)?, l.http2));
+        }
+    }
+    Ok(per_worker)
+}
+
+/// Settings the workers need.
+#[derive(Clone, Copy)]
+struct WorkerOpts {
+    header_timeout: Duration,
+    graceful: Duration,
+}
+
+/// Runs the gateway until SIGTERM, SIGQUIT or SIGINT; in-flight requests then get up to
+/// `gateway.timeouts.graceful_shutdown` to finish.
+pub fn serve(
+    source: ConfigSource,
+    registry: PluginRegistry,
+    snapshot: Snapshot,
+) -> Result<(), StartError> {
+    let gw = snapshot.gateway.clone();
+    let workers = if gw.worker_threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        gw.worker_threads
+    };
+    let listeners = bind_all(&gw, workers)?;
+    let access_log = if gw.access_log.enabled {
+        Some(
+            AccessLog::start(gw.access_log.path.as_deref()).map_err(|e| {
+                StartError::Other(format!(
+                    "cannot open access log {}: {e}",
+                    gw.access_log.path.as_deref().unwrap_or("stdout")
+                ))
+            })?,
+        )
+    } else {
+        None
+    };
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        access_log,
+        metrics: Metrics::default(),
+    });
+    let main_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Other(format!("runtime: {e}")))?;
+
+    // side listeners bind before workers start, so their errors stop the start-up too
+    let side =
+        main_rt.block_on(async {
+            let demo = match &gw.demo_upstream {
+                Some(a) => Some(
+                    TcpListener::bind(a)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            addr: a.clone(),
+                            source,
+                        })?,
+                ),
+                None => None,
+            };
+            let metrics =
+                match &gw.metrics {
+                    Some(m) => Some(TcpListener::bind(&m.addr).await.map_err(|source| {
+                        StartError::Bind {
+                            addr: m.addr.clone(),
+                            source,
+                        }
+                    })?),
+                    None => None,
+                };
+            Ok::<_, StartError>((demo, metrics))
+        })?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let opts = WorkerOpts {
+        header_timeout: Duration::from_secs_f64(gw.timeouts.client_header),
+        graceful: Duration::from_secs_f64(gw.timeouts.graceful_shutdown),
+    };
+    let mut handles = Vec::new();
+    for (w, ls) in listeners.into_iter().enumerate() {
+        let shared = shared.clone();
+        let stop = stop_rx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("polygate-worker-{w}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!("worker {w}: runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(worker(w, ls, shared, stop, opts));
+            })
+            .map_err(|e| StartError::Other(format!("spawn worker: {e}")))?;
+        handles.push(h);
+    }
+    for l in &gw.listeners {
+        tracing::info!(
+            "listening on {} (http2: {}), {workers} worker threads",
+            l.addr,
+            l.http2
+        );
+    }
+
+    main_rt.block_on(async {
+        let (demo, metrics) = side;
+        if let Some(l) = demo {
+            tracing::info!(
+                "demo upstream on {}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+            tokio::spawn(demo_upstream(l));
+        }
+        if let Some(l) = metrics {
+            tracing::info!(
+                "metrics on http://{}/metrics",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+            tokio::spawn(metrics_server(l, shared.clone()));
+        }
+        if let ConfigSource::File(path) = &source {
+            tokio::spawn(watch_config(path.clone(), registry.clone(), shared.clone()));
+        }
+        wait_for_signal().await;
+    });
+    tracing::info!(
+        "shutting down: no new connections; waiting up to {:?} for in-flight requests",
+        opts.graceful
+    );
+    let _ = stop_tx.send(true);
+    for h in handles {
+        let _ = h.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut quit), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::quit()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = quit.recv() => tracing::info!("SIGQUIT received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn worker(
+    id: usize,
+    listeners: Vec<(std::net::TcpListener, bool)>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    opts: WorkerOpts,
+) {
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut loops = Vec::new();
+    for (l, http2) in listeners {
+        let l = match TcpListener::from_std(l) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("worker {id}: listener: {e}");
+                continue;
+            }
+        };
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            http2,
+            shared.clone(),
+            stop.clone(),
+            graceful.clone(),
+            opts,
+        )));
+    }
+    // close idle upstream connections of this thread's pool
+    let sweeper = tokio::spawn(async {
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            t.tick().await;
+            crate::pool::sweep(Duration::from_secs(60));
+        }
+    });
+    for l in loops {
+        let _ = l.await;
+    }
+    sweeper.abort();
+    if let Ok(g) = Arc::try_unwrap(graceful)
+        && tokio::time::timeout(opts.graceful, g.shutdown())
+            .await
+            .is_err()
+    {
+        tracing::warn!("worker {id}: graceful shutdown timed out; closing remaining connections");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    http2: bool,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+    opts: WorkerOpts,
+) {
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout);
+    let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    auto.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_timeout);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let sh = shared.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let sh = sh.clone();
+            async move { Ok::<_, Infallible>(handle(req, &sh, peer, local).await) }
+        });
+        shared
+            .metrics
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        shared
+            .metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        let sh = shared.clone();
+        let io = TokioIo::new(stream);
+        if http2 {
+            let conn = auto.serve_connection(io, svc).into_owned();
+            let fut = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::debug!("client connection: {e}");
+                }
+                sh.metrics
+                    .connections_active
+                    .fetch_sub(1, Ordering::Relaxed);
+            });
+        } else {
+            let conn = h1.serve_connection(io, svc);
+            let fut = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::debug!("client connection: {e}");
+                }
+                sh.metrics
+                    .connections_active
+                    .fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+}
+
+/// Polls the config file; a valid new version is swapped in atomically, an invalid one is
+/// logged and the served configuration stays as it was.
+async fn watch_config(path: PathBuf, registry: PluginRegistry, shared: Arc<Shared>) {
+    let interval = Duration::from_secs_f64(shared.snapshot.load().gateway.watch_interval);
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let read = |p: &PathBuf| std::fs::read(p).ok();
+    let mut last_stamp = stamp(&path);
+    let mut last_content = read(&path);
+    let mut t = tokio::time::interval(interval);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        t.tick().await;
+        let s = stamp(&path);
+        if s == last_stamp {
+            continue;
+        }
+        last_stamp = s;
+        let content = read(&path);
+        if content == last_content {
+            continue;
+        }
+        last_content = content;
+        let started = std::time::Instant::now();
+        let prev = shared.snapshot.load_full();
+        let result = load_file(&path, &SystemEnv)
+            .and_then(|cfg| Snapshot::build(&cfg, &registry, Some(&prev)));
+        match result {
+            Ok(next) => {
+                if !same_process_settings(&prev.gateway, &next.gateway) {
+                    tracing::warn!(
+                        "gateway: listener/worker/log settings changed; they apply after a restart"
+                    );
+                }
+                let v = next.version;
+                shared.snapshot.store(Arc::new(next));
+                shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "configuration reloaded from {} (version {v}, {} routes, {:?})",
+                    path.display(),
+                    shared.snapshot.load().router.len(),
+                    started.elapsed()
+                );
+            }
+            Err(errs) => {
+                shared.metrics.reload_errors.fetch_add(1, Ordering::Relaxed);
+                for e in &errs.0 {
+                    tracing::error!("configuration {} rejected: {e}", path.display());
+                }
+                tracing::error!(
+                    "keeping the previous configuration (version {})",
+                    prev.version
+                );
+            }
+        }
+    }
+}
+
+fn same_process_settings(a: &GatewaySection, b: &GatewaySection) -> bool {
+    a.listeners == b.listeners
+        && a.worker_threads == b.worker_threads
+        && a.metrics == b.metrics
+        && a.access_log == b.access_log
+        && a.log_level == b.log_level
+}
+
+async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = l.accept().await else {
+            continue;
+        };
+        let sh = shared.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let sh = sh.clone();
+            async move {
+                let resp = if req.uri().path() == "/metrics" {
+                    let body = sh.metrics.render(sh.snapshot.load().version);
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(body)))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from_static(b"not found\n")))
+                };
+                Ok::<_, http::Error>(resp?)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// The built-in demo upstream: answers every request with a JSON description of what it
+/// received (method, path, headers), so a proxied request shows what the gateway forwarded.
+async fn demo_upstream(l: TcpListener) {
+    loop {
+        let Ok((stream, _)) = l.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = service_fn(|req: Request<Incoming>| async move {
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let headers: serde_json::Map<String, serde_json::Value> = parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        serde_json::Value::String(
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        ),
+                    )
+                })
+                .collect();
+            let out = serde_json::json!({
+                "message": "hello from the polygate demo upstream",
+                "method": parts.method.as_str(),
+                "uri": parts.uri.to_string(),
+                "headers": headers,
+                "body": String::from_utf8_lossy(&body),
+            });
+            let text = serde_json::to_string_pretty(&out).unwrap_or_default() + "\n";
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(text)))
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,290 @@
+//! An immutable, validated view of the configuration that the data plane serves from.
+//!
+//! Building a snapshot from a new file reuses everything of the previous snapshot that did not
+//! change: a route whose definition and dependencies (service, upstream, plugin config) are
+//! unchanged keeps its compiled entry, and unchanged upstreams keep their balancer state. The
+//! route table itself is updated in place (persistent maps), so one changed route costs
+//! O(log n), not a rebuild.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use polygate_core::chain::build_instances;
+use polygate_core::{ConsumerIndex, InstanceMap, PluginChain, PluginRegistry};
+use polygate_model::validate::validate;
+use polygate_model::{
+    ConfigErrors, ConfigFile, GatewaySection, PluginConfig, Route, Service, Timeout, Upstream,
+};
+use polygate_router::{Entry, RouteSpec, Router};
+
+use crate::upstream::UpstreamRt;
+
+/// What a matched route carries.
+pub struct RouteData {
+    /// Route id.
+    pub id: Arc<str>,
+    /// Service id, if any.
+    pub service_id: Option<Arc<str>>,
+    /// Merged plugin chain (service < plugin config < route).
+    pub chain: PluginChain,
+    /// Upstream (route's, or its service's).
+    pub upstream: Option<Arc<UpstreamRt>>,
+    /// Route-level timeout (overrides the upstream's).
+    pub timeout: Option<Timeout>,
+}
+
+#[derive(PartialEq)]
+struct Fingerprint {
+    route: Route,
+    service: Option<Service>,
+    upstream: Option<Upstream>,
+    service_upstream: Option<Upstream>,
+    plugin_config: Option<PluginConfig>,
+}
+
+/// The served configuration.
+pub struct Snapshot {
+    /// Route table.
+    pub router: Router<RouteData>,
+    /// All global rules' plugins.
+    pub global: PluginChain,
+    /// Consumers.
+    pub consumers: Arc<ConsumerIndex>,
+    /// Process settings of the file this snapshot came from.
+    pub gateway: GatewaySection,
+    /// Plugin metadata by plugin name.
+    pub plugin_metadata: HashMap<String, serde_json::Map<String, serde_json::Value>>,
+    upstreams: HashMap<String, (Upstream, Arc<UpstreamRt>)>,
+    fingerprints: HashMap<String, Arc<Fingerprint>>,
+    /// Counts reloads (1 = first load).
+    pub version: u64,
+}
+
+impl Snapshot {
+    /// Validates `cfg` and builds a snapshot, reusing what `prev` already compiled.
+    pub fn build(
+        cfg: &ConfigFile,
+        registry: &PluginRegistry,
+        prev: Option<&Snapshot>,
+    ) -> Result<Snapshot, ConfigErrors> {
+        validate(cfg)?;
+        let mut errs = ConfigErrors::default();
+
+        // upstreams: keep the runtime (and its balancer state) when the definition is unchanged
+        let mut upstreams = HashMap::new();
+        for u in &cfg.upstreams {
+            let Some(id) = &u.id else { continue };
+            let rt = match prev.and_then(|p| p.upstreams.get(&id.0)) {
+                Some((old, rt)) if old == u => rt.clone(),
+                _ => Arc::new(UpstreamRt::build(&id.0, u)),
+            };
+            upstreams.insert(id.0.clone(), (u.clone(), rt));
+        }
+
+        let services: HashMap<&str, (usize, &Service)> = cfg
+            .services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.id.as_ref().map(|id| (id.0.as_str(), (i, s))))
+            .collect();
+        let pcs: HashMap<&str, (usize, &PluginConfig)> = cfg
+            .plugin_configs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.id.as_ref().map(|id| (id.0.as_str(), (i, p))))
+            .collect();
+
+        // plugin instances of shared objects, validated once at their own key paths
+        let mut service_plugins: HashMap<&str, InstanceMap> = HashMap::new();
+        let mut service_upstreams: HashMap<&str, Arc<UpstreamRt>> = HashMap::new();
+        for (id, (i, s)) in &services {
+            if let Some(p) = &s.plugins {
+                service_plugins.insert(
+                    id,
+                    build_instances(registry, p, &format!("services[{i}].plugins"), &mut errs),
+                );
+            }
+            if let Some(u) = &s.upstream {
+                service_upstreams
+                    .insert(id, Arc::new(UpstreamRt::build(&format!("service:{id}"), u)));
+            } else if let Some(uid) = &s.upstream_id
+                && let Some((_, rt)) = upstreams.get(&uid.0)
+            {
+                service_upstreams.insert(id, rt.clone());
+            }
+        }
+        let mut pc_plugins: HashMap<&str, InstanceMap> = HashMap::new();
+        for (id, (i, p)) in &pcs {
+            pc_plugins.insert(
+                id,
+                build_instances(
+                    registry,
+                    &p.plugins,
+                    &format!("plugin_configs[{i}].plugins"),
+                    &mut errs,
+                ),
+            );
+        }
+        let mut global_instances = Vec::new();
+        for (i, g) in cfg.global_rules.iter().enumerate() {
+            let m = build_instances(
+                registry,
+                &g.plugins,
+                &format!("global_rules[{i}].plugins"),
+                &mut errs,
+            );
+            global_instances.extend(m.into_values());
+        }
+        let global = PluginChain::from_instances(global_instances);
+        let consumers = Arc::new(ConsumerIndex::build(
+            registry,
+            &cfg.consumers,
+            &cfg.consumer_groups,
+            &mut errs,
+        ));
+
+        // routes
+        let mut fingerprints = HashMap::new();
+        let mut changed: Vec<Entry<RouteData>> = Vec::new();
+        let mut kept = 0usize;
+        let empty = InstanceMap::new();
+        for (i, r) in cfg.routes.iter().enumerate() {
+            let Some(id) = &r.id else { continue };
+            if r.status == Some(0) {
+                continue;
+            }
+            let svc = r
+                .service_id
+                .as_ref()
+                .and_then(|s| services.get(s.0.as_str()))
+                .map(|(_, s)| *s);
+            let fp = Arc::new(Fingerprint {
+                route: r.clone(),
+                service: svc.cloned(),
+                upstream: r
+                    .upstream_id
+                    .as_ref()
+                    .and_then(|u| upstreams.get(&u.0))
+                    .map(|(u, _)| u.clone()),
+                service_upstream: svc
+                    .and_then(|s| s.upstream_id.as_ref())
+                    .and_then(|u| upstreams.get(&u.0))
+                    .map(|(u, _)| u.clone()),
+                plugin_config: r
+                    .plugin_config_id
+                    .as_ref()
+                    .and_then(|p| pcs.get(p.0.as_str()))
+                    .map(|(_, p)| (*p).clone()),
+            });
+            let unchanged = prev
+                .and_then(|p| p.fingerprints.get(&id.0).map(|old| (p, old)))
+                .is_some_and(|(p, old)| **old == *fp && p.router.get(&id.0).is_some());
+            fingerprints.insert(id.0.clone(), fp);
+            if unchanged {
+                kept += 1;
+                continue;
+            }
+            let path = format!("routes[{i}]");
+            let route_plugins = match &r.plugins {
+                Some(p) => build_instances(registry, p, &format!("{path}.plugins"), &mut errs),
+                None => InstanceMap::new(),
+            };
+            let sid = r.service_id.as_ref().map(|s| s.0.as_str());
+            let chain = PluginChain::merge(&[
+                sid.and_then(|s| service_plugins.get(s)).unwrap_or(&empty),
+                r.plugin_config_id
+                    .as_ref()
+                    .and_then(|p| pc_plugins.get(p.0.as_str()))
+                    .unwrap_or(&empty),
+                &route_plugins,
+            ]);
+            let upstream = if let Some(u) = &r.upstream {
+                Some(Arc::new(UpstreamRt::build(&format!("route:{}", id.0), u)))
+            } else if let Some(uid) = &r.upstream_id {
+                upstreams.get(&uid.0).map(|(_, rt)| rt.clone())
+            } else {
+                sid.and_then(|s| service_upstreams.get(s)).cloned()
+            };
+            let hosts = match (&r.host, &r.hosts) {
+                (Some(h), _) => vec![h.clone()],
+                (None, Some(hs)) => hs.clone(),
+                (None, None) => svc.and_then(|s| s.hosts.clone()).unwrap_or_default(),
+            };
+            let spec = RouteSpec {
+                id: id.0.clone(),
+                uris: match (&r.uri, &r.uris) {
+                    (Some(u), _) => vec![u.clone()],
+                    (None, Some(us)) => us.clone(),
+                    _ => Vec::new(),
+                },
+                hosts,
+                methods: r.methods.clone().unwrap_or_default(),
+                remote_addrs: match (&r.remote_addr, &r.remote_addrs) {
+                    (Some(a), _) => vec![a.clone()],
+                    (None, Some(a)) => a.clone(),
+                    _ => Vec::new(),
+                },
+                vars: r.vars.clone(),
+                priority: r.priority,
+            };
+            let data = RouteData {
+                id: Arc::from(id.0.as_str()),
+                service_id: sid.map(Arc::from),
+                chain,
+                upstream,
+                timeout: r.timeout,
+            };
+            match Entry::compile(&spec, data) {
+                Ok(e) => changed.push(e),
+                Err(e) => {
+                    let msg = e.to_string();
+                    match msg.split_once(": ") {
+                        Some((sub, m)) => errs.push(format!("{path}.{sub}"), m),
+                        None => errs.push(path, msg),
+                    }
+                }
+            }
+        }
+        errs.into_result()?;
+
+        let router = match prev {
+            Some(p) if kept > 0 => {
+                let mut r = p.router.clone();
+                let gone: Vec<String> = r
+                    .iter()
+                    .map(|e| e.id.to_string())
+                    .filter(|id| {
+                        !fingerprints.contains_key(id)
+                            || cfg.routes.iter().any(|x| {
+                                x.id.as_ref().is_some_and(|i| &i.0 == id) && x.status == Some(0)
+                            })
+                    })
+                    .collect();
+                for id in gone {
+                    r.remove(&id);
+                }
+                for e in changed {
+                    r.upsert(e);
+                }
+                r
+            }
+            _ => Router::build(changed),
+        };
+
+        let plugin_metadata = cfg
+            .plugin_metadata
+            .iter()
+            .filter_map(|m| Some((m.get("id")?.as_str()?.to_owned(), m.clone())))
+            .collect();
+        Ok(Snapshot {
+            router,
+            global,
+            consumers,
+            gateway: cfg.gateway.clone().unwrap_or_default(),
+            plugin_metadata,
+            upstreams,
+            fingerprints,
+            version: prev.map_or(1, |p| p.version + 1),
+        })
+    }
+}
