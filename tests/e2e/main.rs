@@ -1,1 +1,9 @@
-//! e2e
+//! End-to-end tests: the real `polygate` binary against real upstream servers on loopback.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+mod support;
+
+mod balance;
+mod ops;
+mod plugins;
+mod routing;

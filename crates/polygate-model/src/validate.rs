@@ -233,14 +233,19 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
         ("client_header", t.client_header),
         ("graceful_shutdown", t.graceful_shutdown),
     ] {
-        if !(v > 0.0) {
+        if !positive(v) {
             errs.push(format!("gateway.timeouts.{name}"), "must be a number > 0");
         }
     }
     check_timeout(&t.upstream, "gateway.timeouts.upstream", errs);
-    if !(gw.watch_interval > 0.0) {
+    if !positive(gw.watch_interval) {
         errs.push("gateway.watch_interval", "must be a number > 0");
     }
+}
+
+/// True for a finite number > 0 (NaN is not).
+fn positive(v: f64) -> bool {
+    v.is_finite() && v > 0.0
 }
 
 fn collect_ids<'a>(
@@ -291,7 +296,7 @@ fn check_len(s: &str, min: usize, max: usize, path: &str, errs: &mut ConfigError
 
 fn check_timeout(t: &Timeout, path: &str, errs: &mut ConfigErrors) {
     for (name, v) in [("connect", t.connect), ("send", t.send), ("read", t.read)] {
-        if !(v > 0.0) {
+        if !positive(v) {
             errs.push(format!("{path}.{name}"), "must be a number > 0");
         }
     }
@@ -364,13 +369,11 @@ fn validate_route(
             p,
             "\"remote_addr\" and \"remote_addrs\" are mutually exclusive",
         ),
-        (Some(a), None) => {
-            if parse_cidr(a).is_none() {
-                errs.push(
-                    format!("{p}.remote_addr"),
-                    format!("{a:?} is not an IP or CIDR"),
-                );
-            }
+        (Some(a), None) if parse_cidr(a).is_none() => {
+            errs.push(
+                format!("{p}.remote_addr"),
+                format!("{a:?} is not an IP or CIDR"),
+            );
         }
         (None, Some(addrs)) => {
             for (i, a) in addrs.iter().enumerate() {

@@ -469,7 +469,7 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
         let svc = service_fn(move |req: Request<Incoming>| {
             let sh = sh.clone();
             async move {
-                let resp = if req.uri().path() == "/metrics" {
+                if req.uri().path() == "/metrics" {
                     let body = sh.metrics.render(sh.snapshot.load().version);
                     Response::builder()
                         .header("content-type", "text/plain; version=0.0.4")
@@ -478,8 +478,7 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
                     Response::builder()
                         .status(StatusCode::NOT_FOUND)
                         .body(Full::new(Bytes::from_static(b"not found\n")))
-                };
-                Ok::<_, http::Error>(resp?)
+                }
             }
         });
         tokio::spawn(async move {

@@ -99,8 +99,20 @@ pub struct UpstreamRt {
     pub keepalive: KeepalivePool,
 }
 
+/// FNV-1a with a murmur3 finaliser: stable across processes and versions (so every gateway
+/// instance of a cluster maps a key to the same node) and well spread for similar inputs.
 fn ring_hash(s: &[u8]) -> u32 {
-    crc32fast::hash(s)
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h >> 32) as u32
 }
 
 impl UpstreamRt {
@@ -177,7 +189,7 @@ impl UpstreamRt {
                         let mut ring = Vec::new();
                         for &i in tier {
                             let n = &nodes[i];
-                            let points = (n.weight as usize).min(1000) * 40;
+                            let points = (n.weight as usize).min(100) * 160;
                             for p in 0..points {
                                 ring.push((ring_hash(format!("{}#{p}", n.key).as_bytes()), i));
                             }

@@ -322,6 +322,9 @@ impl<T> Entry<T> {
 
 type Bucket<T> = Arc<Vec<Arc<Entry<T>>>>;
 
+/// The best candidate so far: (host rank, uri rank, entry, params).
+type Best<'t, T> = (u8, usize, &'t Arc<Entry<T>>, Vec<(Arc<str>, String)>);
+
 /// An immutable route table. Cloning is O(1); updates produce a new table sharing structure.
 pub struct Router<T> {
     exact: imbl::HashMap<Arc<str>, Bucket<T>>,
@@ -386,10 +389,10 @@ impl<T> Router<T> {
                 };
                 map.entry(u.key.clone()).or_default().push(e.clone());
             }
-            if let Some(old) = routes.insert(e.id.clone(), e) {
-                if !old.hosts.is_empty() {
-                    host_routes -= 1;
-                }
+            if let Some(old) = routes.insert(e.id.clone(), e)
+                && !old.hosts.is_empty()
+            {
+                host_routes -= 1;
             }
         }
         let mut prefix_lens = imbl::OrdMap::new();
@@ -516,55 +519,54 @@ impl<T> Router<T> {
     pub fn find<'t>(&'t self, input: &MatchInput<'_>) -> Option<Matched<'t, T>> {
         let early_exit = self.host_routes == 0;
         // (host rank, uri rank, entry, params)
-        let mut best: Option<(u8, usize, &'t Arc<Entry<T>>, Vec<(Arc<str>, String)>)> = None;
+        let mut best: Option<Best<'t, T>> = None;
         let path = input.path;
         let mut uri_rank = 0usize;
 
-        let consider =
-            |bucket: &'t Bucket<T>,
-             uri_rank: usize,
-             prefix_key: Option<&str>,
-             best: &mut Option<(u8, usize, &'t Arc<Entry<T>>, Vec<(Arc<str>, String)>)>|
-             -> bool {
-                for e in bucket.iter() {
-                    let Some(hr) = e.host_rank(input.host) else {
-                        continue;
-                    };
-                    if let Some((bh, bu, be, _)) = best.as_ref()
-                        && (hr, uri_rank, std::cmp::Reverse(e.priority), e.seq)
-                            >= (*bh, *bu, std::cmp::Reverse(be.priority), be.seq)
-                    {
-                        continue;
-                    }
-                    let mut params = Vec::new();
-                    if let Some(key) = prefix_key {
-                        // bucket of a prefix key: verify the kind of each pattern with this key
-                        let rest = &path[key.len()..];
-                        let ok = e.uris.iter().any(|u| {
-                            &*u.key == key
-                                && match &u.kind {
-                                    UriKind::Exact => false,
-                                    UriKind::Prefix => true,
-                                    UriKind::Params(segs) => {
-                                        params.clear();
-                                        match_params(segs, rest, &mut params)
-                                    }
+        let consider = |bucket: &'t Bucket<T>,
+                        uri_rank: usize,
+                        prefix_key: Option<&str>,
+                        best: &mut Option<Best<'t, T>>|
+         -> bool {
+            for e in bucket.iter() {
+                let Some(hr) = e.host_rank(input.host) else {
+                    continue;
+                };
+                if let Some((bh, bu, be, _)) = best.as_ref()
+                    && (hr, uri_rank, std::cmp::Reverse(e.priority), e.seq)
+                        >= (*bh, *bu, std::cmp::Reverse(be.priority), be.seq)
+                {
+                    continue;
+                }
+                let mut params = Vec::new();
+                if let Some(key) = prefix_key {
+                    // bucket of a prefix key: verify the kind of each pattern with this key
+                    let rest = &path[key.len()..];
+                    let ok = e.uris.iter().any(|u| {
+                        &*u.key == key
+                            && match &u.kind {
+                                UriKind::Exact => false,
+                                UriKind::Prefix => true,
+                                UriKind::Params(segs) => {
+                                    params.clear();
+                                    match_params(segs, rest, &mut params)
                                 }
-                        });
-                        if !ok {
-                            continue;
-                        }
-                    }
-                    if !e.filters_hold(input) {
+                            }
+                    });
+                    if !ok {
                         continue;
-                    }
-                    *best = Some((hr, uri_rank, e, params));
-                    if early_exit || hr == 0 {
-                        return true;
                     }
                 }
-                false
-            };
+                if !e.filters_hold(input) {
+                    continue;
+                }
+                *best = Some((hr, uri_rank, e, params));
+                if early_exit || hr == 0 {
+                    return true;
+                }
+            }
+            false
+        };
 
         if let Some(b) = self.exact.get(path)
             && consider(b, uri_rank, None, &mut best)
@@ -595,7 +597,7 @@ mod tests {
     struct NoVars;
     impl VarSource for NoVars {
         fn var(&self, name: &str) -> Option<Cow<'_, str>> {
-            (name == "arg_v").then(|| Cow::Borrowed("2"))
+            (name == "arg_v").then_some(Cow::Borrowed("2"))
         }
     }
 
@@ -607,7 +609,7 @@ mod tests {
         }
     }
 
-    fn find<'a>(r: &'a Router<()>, path: &str, host: Option<&str>, method: &str) -> Option<String> {
+    fn find(r: &Router<()>, path: &str, host: Option<&str>, method: &str) -> Option<String> {
         let input = MatchInput {
             path,
             host,

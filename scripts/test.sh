@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what the tests need, then format check,
+# clippy (warnings are errors), unit + end-to-end tests, docs, and `polygate validate` over
+# the shipped example configurations.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
+export CARGO_TERM_COLOR=never
+
+# System packages the suite needs (tests send signals with kill(1) from procps).
+need_pkgs=()
+command -v kill >/dev/null || need_pkgs+=(procps)
+if ((${#need_pkgs[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}"
+  else
+    echo "missing packages: ${need_pkgs[*]} (run as root or install them)" >&2; exit 1
+  fi
+fi
+
+step() { echo; echo "==> $*"; }
+step "cargo fmt --check";   cargo fmt --all --check
+step "cargo clippy";        cargo clippy --workspace --all-targets -q -- -D warnings
+step "cargo test"
+log="$(mktemp)"; trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
+failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
+step "cargo doc";           RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
+step "validate examples"
+cargo build -q -p polygate
+for f in examples/*.yaml examples/*.json; do
+  [ -e "$f" ] || continue
+  "$CARGO_TARGET_DIR/debug/polygate" validate -c "$f"
+done
+echo; echo "all checks passed"
+echo "tests: $passed passed, $failed failed"

@@ -1,0 +1,423 @@
+//! Test harness: the real `polygate` binary, real upstream HTTP servers and a small client.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real upstream HTTP/1.1 server answering JSON `{"name", "method", "uri", "headers", "body"}`.
+/// `/delay/<ms>/...` waits first; `/status/<code>` answers with that status.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (n, h) = (name.to_owned(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (n, h) = (n.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (n, h) = (n.clone(), h.clone());
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, hyper::Error>(upstream_reply(&n, req).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, hits, task }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn node(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+async fn upstream_reply(name: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    if let Some(rest) = path.strip_prefix("/delay/") {
+        let ms: u64 = rest
+            .split('/')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let status = path
+        .strip_prefix("/status/")
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(200);
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::Value::String(v.to_str().unwrap_or("").to_owned()),
+            )
+        })
+        .collect();
+    let out = serde_json::json!({
+        "name": name,
+        "method": parts.method.as_str(),
+        "uri": parts.uri.to_string(),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-upstream", name)
+        .body(Full::new(Bytes::from(out.to_string())))
+        .unwrap()
+}
+
+/// A response as the tests see it.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    /// Name of the upstream that answered.
+    pub fn upstream(&self) -> String {
+        self.headers.get("x-upstream").cloned().unwrap_or_default()
+    }
+    /// A request header as the upstream received it.
+    pub fn seen_header(&self, name: &str) -> Option<String> {
+        self.json()["headers"][name].as_str().map(str::to_owned)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+pub struct Conn {
+    tx: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    pub async fn open(port: u16) -> Conn {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Conn { tx }
+    }
+
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Resp, hyper::Error> {
+        let mut b = Request::builder().method(method).uri(path);
+        let mut has_host = false;
+        for (k, v) in headers {
+            has_host |= k.eq_ignore_ascii_case("host");
+            b = b.header(*k, *v);
+        }
+        if !has_host {
+            b = b.header("host", "localhost");
+        }
+        let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+        self.tx.ready().await?;
+        let resp = self.tx.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(Resp {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    pub async fn get(&mut self, path: &str) -> Resp {
+        self.send("GET", path, &[], "").await.unwrap()
+    }
+}
+
+/// One request on a new connection.
+pub async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Resp {
+    Conn::open(port)
+        .await
+        .send(method, path, headers, body)
+        .await
+        .unwrap()
+}
+
+/// GET on a new connection.
+pub async fn get(port: u16, path: &str) -> Resp {
+    request(port, "GET", path, &[], "").await
+}
+
+/// GET with headers on a new connection.
+pub async fn get_h(port: u16, path: &str, headers: &[(&str, &str)]) -> Resp {
+    request(port, "GET", path, headers, "").await
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_polygate"))
+}
+
+/// A running `polygate run -c <file>`.
+pub struct Gateway {
+    pub port: u16,
+    pub dir: tempdir::Dir,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static N: AtomicUsize = AtomicUsize::new(0);
+
+    /// A temporary directory removed on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new() -> Dir {
+            let p = std::env::temp_dir().join(format!(
+                "polygate-e2e-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Adds a `gateway:` section listening on `port` (unless the text has one) and the `#END` marker.
+pub fn with_gateway(port: u16, resources: &str) -> String {
+    let gw = if resources.contains("gateway:") {
+        String::new()
+    } else {
+        format!(
+            "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\n  worker_threads: 2\n  log_level: info\n  watch_interval: 0.2\n"
+        )
+    };
+    format!("{gw}{resources}\n#END\n")
+}
+
+impl Gateway {
+    /// Starts the gateway with these resources (YAML) and waits until it accepts connections.
+    pub fn start(resources: &str) -> Gateway {
+        let port = free_port();
+        Self::start_raw(port, &with_gateway(port, resources))
+    }
+
+    /// Starts with an exact file text.
+    pub fn start_raw(port: u16, text: &str) -> Gateway {
+        let dir = tempdir::Dir::new();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, text).unwrap();
+        let child = Command::new(binary())
+            .args(["run", "-c"])
+            .arg(&config)
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut gw = Gateway {
+            port,
+            dir,
+            config,
+            child: Some(child),
+        };
+        gw.wait_ready();
+        gw
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "gateway exited ({status}) during start-up:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("gateway did not start:\n{}", self.stderr());
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+
+    /// Rewrites the config file (atomically, via rename) with these resources.
+    pub fn reload(&self, resources: &str) {
+        self.write_config(&with_gateway(self.port, resources));
+    }
+
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.dir.path().join("config.yaml.tmp");
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal (by name, e.g. "TERM") to the gateway.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, returning its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        while Instant::now() < deadline {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Polls `f` until it returns true or `timeout` passes.
+    pub async fn eventually<F, Fut>(&self, timeout: Duration, mut f: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if f().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `polygate validate -c <file>` on this exact text; returns (exit code, stdout+stderr).
+pub fn validate(text: &str, ext: &str) -> (i32, String) {
+    let dir = tempdir::Dir::new();
+    let path = dir.path().join(format!("config.{ext}"));
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(binary())
+        .args(["validate", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
