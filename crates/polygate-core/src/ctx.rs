@@ -169,10 +169,10 @@ impl RequestCtx {
     }
 
     /// Path and query as sent upstream.
-    pub fn upstream_uri(&self) -> String {
+    pub fn upstream_uri(&self) -> Cow<'_, str> {
         match &self.query {
-            Some(q) => format!("{}?{}", self.path, q),
-            None => self.path.clone(),
+            Some(q) => Cow::Owned(format!("{}?{}", self.path, q)),
+            None => Cow::Borrowed(&self.path),
         }
     }
 }

@@ -4,14 +4,12 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::time::Sleep;
 
-use crate::pool::PooledConn;
+use crate::h1::H1Body;
 
 /// Boxed error of proxied bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,47 +67,9 @@ pub trait Finish: Send {
     fn finish(self: Box<Self>, body_bytes: u64, complete: bool);
 }
 
-/// A streamed upstream response body with an idle read timeout.
-pub struct UpstreamBody {
-    inner: Incoming,
-    conn: Option<PooledConn>,
-    read_timeout: Duration,
-    sleep: Option<Pin<Box<Sleep>>>,
-}
-
-impl UpstreamBody {
-    /// Wraps an upstream body; `conn` returns to the pool when the body ends cleanly.
-    pub fn new(inner: Incoming, conn: Option<PooledConn>, read_timeout: Duration) -> Self {
-        let mut b = UpstreamBody {
-            inner,
-            conn,
-            read_timeout,
-            sleep: None,
-        };
-        if b.inner.is_end_stream() {
-            b.release();
-        }
-        b
-    }
-
-    fn release(&mut self) {
-        if let Some(c) = self.conn.take() {
-            c.checkin();
-        }
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.release();
-        }
-    }
-}
-
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(UpstreamBody),
+    Upstream(H1Body),
 }
 
 /// The body of a response to the client.
@@ -137,7 +97,7 @@ impl RespBody {
     }
 
     /// A streamed upstream body.
-    pub fn upstream(b: UpstreamBody, fin: Option<Box<dyn Finish>>) -> Self {
+    pub fn upstream(b: H1Body, fin: Option<Box<dyn Finish>>) -> Self {
         let filtering = fin.as_ref().is_some_and(|f| f.filters_body());
         RespBody {
             kind: Kind::Upstream(b),
@@ -158,7 +118,7 @@ impl Drop for RespBody {
     fn drop(&mut self) {
         let complete = match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Upstream(u) => u.inner.is_end_stream(),
+            Kind::Upstream(u) => u.is_end_stream(),
         };
         self.done(complete);
     }
@@ -189,65 +149,50 @@ impl Body for RespBody {
                     Poll::Ready(None)
                 }
             },
-            Kind::Upstream(u) => {
-                let polled = Pin::new(&mut u.inner).poll_frame(cx);
-                match polled {
-                    Poll::Pending => {
-                        let t = u.read_timeout;
-                        let sleep = u
-                            .sleep
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
-                        ready!(sleep.as_mut().poll(cx));
-                        this.done(false);
-                        Poll::Ready(Some(Err("upstream read timed out".into())))
+            Kind::Upstream(u) => match ready!(Pin::new(&mut *u).poll_frame(cx)) {
+                None => {
+                    if this.filtering
+                        && let Some(f) = this.fin.as_mut()
+                    {
+                        let mut last = Bytes::new();
+                        f.on_chunk(&mut last, true);
+                        this.filtering = false;
+                        if !last.is_empty() {
+                            this.sent += last.len() as u64;
+                            return Poll::Ready(Some(Ok(Frame::data(last))));
+                        }
                     }
-                    Poll::Ready(None) => {
-                        u.release();
+                    this.done(true);
+                    Poll::Ready(None)
+                }
+                Some(Err(e)) => {
+                    this.done(false);
+                    Poll::Ready(Some(Err(e)))
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let eof = u.is_end_stream();
                         if this.filtering
                             && let Some(f) = this.fin.as_mut()
                         {
-                            let mut last = Bytes::new();
-                            f.on_chunk(&mut last, true);
-                            if !last.is_empty() {
-                                this.sent += last.len() as u64;
-                                return Poll::Ready(Some(Ok(Frame::data(last))));
+                            f.on_chunk(&mut data, eof);
+                            if eof {
+                                this.filtering = false;
                             }
                         }
-                        this.done(true);
-                        Poll::Ready(None)
+                        this.sent += data.len() as u64;
+                        Poll::Ready(Some(Ok(Frame::data(data))))
                     }
-                    Poll::Ready(Some(Err(e))) => {
-                        this.done(false);
-                        Poll::Ready(Some(Err(e.into())))
-                    }
-                    Poll::Ready(Some(Ok(frame))) => {
-                        u.sleep = None;
-                        match frame.into_data() {
-                            Ok(mut data) => {
-                                let eof = u.inner.is_end_stream();
-                                if eof {
-                                    u.release();
-                                }
-                                if this.filtering
-                                    && let Some(f) = this.fin.as_mut()
-                                {
-                                    f.on_chunk(&mut data, eof);
-                                }
-                                this.sent += data.len() as u64;
-                                Poll::Ready(Some(Ok(Frame::data(data))))
-                            }
-                            Err(frame) => Poll::Ready(Some(Ok(frame))),
-                        }
-                    }
-                }
-            }
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+            },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Upstream(u) => !self.filtering && u.inner.is_end_stream(),
+            Kind::Upstream(u) => !self.filtering && u.is_end_stream(),
         }
     }
 
@@ -258,9 +203,7 @@ impl Body for RespBody {
         match &self.kind {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(u) => u.inner.size_hint(),
+            Kind::Upstream(u) => u.size_hint(),
         }
     }
 }
-
-use std::future::Future;

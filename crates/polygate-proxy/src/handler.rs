@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -16,9 +16,10 @@ use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx
 use polygate_router::{Entry, MatchInput};
 
 use crate::accesslog::{AccessLog, AccessRecord};
-use crate::body::{Finish, ReqBody, RespBody, UpstreamBody};
+use crate::body::{Finish, ReqBody, RespBody};
+use crate::h1::{self, H1Body, H1Conn, H1Error};
 use crate::metrics::Metrics;
-use crate::pool::{self, PoolLimits, PooledConn};
+use crate::pool::{self, PoolLimits, PoolReturn};
 use crate::snapshot::{RouteData, Snapshot};
 use crate::upstream::{ActiveGuard, PassHost, UpstreamRt};
 
@@ -34,45 +35,12 @@ pub struct Shared {
 
 static SERVER: HeaderValue =
     HeaderValue::from_static(concat!("polygate/", env!("CARGO_PKG_VERSION")));
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(c) = h
-        .get(header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    {
-        for name in c.split(',') {
-            let name = name.trim();
-            if !name.is_empty() {
-                h.remove(name);
-            }
-        }
-    }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
-}
-
 /// What the request ended with before the response body.
 enum Outcome {
     Upstream {
-        resp: Response<Incoming>,
-        conn: PooledConn,
+        head: h1::Head,
+        conn: H1Conn,
+        ret: PoolReturn,
         guard: ActiveGuard,
         read_timeout: Duration,
     },
@@ -215,17 +183,17 @@ pub async fn handle(
             )
         }
         Ok(Outcome::Upstream {
-            resp,
+            head: h1head,
             conn,
+            ret,
             guard,
             read_timeout,
         }) => {
-            let (parts, body) = resp.into_parts();
+            let body = H1Body::new(conn, &h1head, Box::new(ret), read_timeout);
             let mut head = ResponseHead {
-                status: parts.status,
-                headers: parts.headers,
+                status: h1head.status,
+                headers: h1head.headers,
             };
-            strip_hop_by_hop(&mut head.headers);
             head.headers.insert(header::SERVER, SERVER.clone());
             let chain = merged.as_ref().unwrap_or(&entry.data.chain);
             let filters = !snap.global.is_empty() || !chain.is_empty();
@@ -258,9 +226,7 @@ pub async fn handle(
                     drop(body);
                     RespBody::full(b, Some(fin))
                 }
-                None => {
-                    RespBody::upstream(UpstreamBody::new(body, Some(conn), read_timeout), Some(fin))
-                }
+                None => RespBody::upstream(body, Some(fin)),
             };
             builder
                 .body(body)
@@ -389,6 +355,7 @@ async fn proxy(
         .or(up.timeout)
         .unwrap_or(snap.gateway.timeouts.upstream);
     let connect_to = Duration::from_secs_f64(t.connect);
+    let send_to = Duration::from_secs_f64(t.send);
     let read_to = Duration::from_secs_f64(t.read);
     let limits = PoolLimits {
         size: up.keepalive.size.max(0) as usize,
@@ -402,44 +369,19 @@ async fn proxy(
         ReqBody::Stream(body)
     });
 
-    // forwarding headers, as APISIX sets them
-    let client_ip = ctx.client_addr.ip().to_string();
-    let xff = match ctx
-        .headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {client_ip}"),
-        None => client_ip.clone(),
+    let client_host = ctx.headers.get(header::HOST).cloned();
+    let fwd = h1::Forward {
+        client_ip: ctx.client_addr.ip(),
+        scheme: ctx.scheme,
+        port: ctx.server_addr.port(),
+        host: client_host.as_ref(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        ctx.headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&client_ip) {
-        ctx.headers.insert(X_REAL_IP.clone(), v);
-    }
-    if !ctx.headers.contains_key(&X_FORWARDED_PROTO) {
-        ctx.headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(ctx.scheme),
-        );
-    }
-    if !ctx.headers.contains_key(&X_FORWARDED_HOST)
-        && let Some(h) = ctx.headers.get(header::HOST).cloned()
-    {
-        ctx.headers.insert(X_FORWARDED_HOST.clone(), h);
-    }
-    if !ctx.headers.contains_key(&X_FORWARDED_PORT)
-        && let Ok(v) = HeaderValue::from_str(&ctx.server_addr.port().to_string())
-    {
-        ctx.headers.insert(X_FORWARDED_PORT.clone(), v);
-    }
-    strip_hop_by_hop(&mut ctx.headers);
 
     let started = Instant::now();
     let mut tried: Vec<usize> = Vec::new();
     let mut last_err: Option<GatewayError> = None;
     let global = &snap.global;
+    let method = ctx.method.clone();
     loop {
         let attempt = tried.len();
         let budget_left = up.retry_timeout.is_none_or(|rt| started.elapsed() < rt);
@@ -462,7 +404,7 @@ async fn proxy(
         {
             return Ok(Outcome::Local(r));
         }
-        let mut conn = match pool::checkout(node, limits, connect_to).await {
+        let mut co = match pool::checkout(node, limits, connect_to, !replayable).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(upstream = %up.id, node = %node.key, "{e}");
@@ -470,77 +412,141 @@ async fn proxy(
                 continue;
             }
         };
-        let may_retry_after = replayable && attempt < up.retries && is_idempotent(&ctx.method);
-        // later phases (header_filter conditions, log) may read request headers: move them
-        // into the upstream request only when nothing can look at them again
-        let keep = may_retry_after || !chain.is_empty() || !global.is_empty();
-        let mut headers = if keep {
-            ctx.headers.clone()
-        } else {
-            std::mem::take(&mut ctx.headers)
-        };
         let host = match (&ctx.upstream_host, up.pass_host) {
-            (Some(h), _) => Some(h.clone()),
-            (None, PassHost::Node) => Some(node.host_header.clone()),
-            (None, PassHost::Rewrite) => up.upstream_host.clone(),
+            (Some(h), _) => Some(h),
+            (None, PassHost::Node) => Some(&node.host_header),
+            (None, PassHost::Rewrite) => up.upstream_host.as_ref(),
             (None, PassHost::Pass) => None,
         };
-        if let Some(h) = host {
-            headers.insert(header::HOST, h);
-        }
-        let req_body = if replayable {
+        let uri = ctx.upstream_uri();
+        let probe_body = if replayable {
             ReqBody::Empty
         } else {
             body.take().unwrap_or(ReqBody::Empty)
         };
-        let mut req = Request::new(req_body);
-        *req.method_mut() = ctx.method.clone();
-        *req.uri_mut() = match ctx.upstream_uri().parse() {
-            Ok(u) => u,
-            Err(_) => {
-                return Err(GatewayError::BadRequest(format!(
-                    "invalid upstream uri {:?}",
-                    ctx.upstream_uri()
-                )));
-            }
-        };
-        *req.headers_mut() = headers;
+        let (head_bytes, chunked) =
+            h1::encode_head(&method, &uri, &ctx.headers, host, &fwd, &probe_body);
+        let mut req_body = Some(probe_body);
         let guard = ActiveGuard::new(up.clone(), idx);
         let t0 = Instant::now();
-        match tokio::time::timeout(read_to, conn.tx.send_request(req)).await {
-            Ok(Ok(resp)) => {
+        let may_retry_after = replayable && attempt < up.retries && is_idempotent(&method);
+        let mut fresh_retry = false;
+        let result = loop {
+            let b = if replayable {
+                ReqBody::Empty
+            } else {
+                req_body.take().unwrap_or(ReqBody::Empty)
+            };
+            let r = exchange(
+                &mut co.conn,
+                &head_bytes,
+                b,
+                chunked,
+                &method,
+                send_to,
+                read_to,
+                &node.key,
+            )
+            .await;
+            match r {
+                // a pooled connection the upstream had closed: once more on a new connection
+                Err(Exchange::Stale) if co.reused && replayable && !fresh_retry => {
+                    fresh_retry = true;
+                    match pool::connect_new(node, connect_to).await {
+                        Ok(c) => {
+                            co.conn = c;
+                            co.reused = false;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                }
+                Err(Exchange::Stale) => {
+                    break Err(GatewayError::Upstream {
+                        addr: node.key.to_string(),
+                        reason: "connection closed before the response".into(),
+                    });
+                }
+                Err(Exchange::Failed(e)) => break Err(e),
+                Ok(head) => break Ok(head),
+            }
+        };
+        match result {
+            Ok(head) => {
                 up.observe(idx, t0.elapsed());
                 ctx.upstream_latency = Some(t0.elapsed());
                 return Ok(Outcome::Upstream {
-                    resp,
-                    conn,
+                    head,
+                    conn: co.conn,
+                    ret: co.ret,
                     guard,
                     read_timeout: read_to,
                 });
             }
-            Ok(Err(e)) => {
-                let err = GatewayError::Upstream {
-                    addr: node.key.to_string(),
-                    reason: e.to_string(),
-                };
+            Err(err) => {
                 tracing::warn!(upstream = %up.id, node = %node.key, "{err}");
+                let connect_failed = matches!(err, GatewayError::Connect { .. });
                 last_err = Some(err);
-                if !may_retry_after {
-                    break;
-                }
-            }
-            Err(_) => {
-                let err = GatewayError::Timeout {
-                    addr: node.key.to_string(),
-                    what: "read",
-                };
-                tracing::warn!(upstream = %up.id, node = %node.key, "{err}");
-                last_err = Some(err);
-                if !may_retry_after {
+                if !(may_retry_after || connect_failed && replayable) {
                     break;
                 }
             }
         }
     }
     Err(last_err.unwrap_or_else(|| GatewayError::NoUpstream("no valid upstream node".into())))
+}
+
+enum Exchange {
+    /// Nothing came back on a reused connection: the upstream closed it while idle.
+    Stale,
+    Failed(GatewayError),
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces of one exchange"
+)]
+async fn exchange(
+    conn: &mut H1Conn,
+    head: &[u8],
+    body: ReqBody,
+    chunked: bool,
+    method: &Method,
+    send_to: Duration,
+    read_to: Duration,
+    key: &str,
+) -> Result<h1::Head, Exchange> {
+    let timeout = |what| {
+        Exchange::Failed(GatewayError::Timeout {
+            addr: key.to_owned(),
+            what,
+        })
+    };
+    let failed = |e: H1Error| match e {
+        H1Error::ClosedEarly => Exchange::Stale,
+        H1Error::Io(ref io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Exchange::Stale
+        }
+        other => Exchange::Failed(GatewayError::Upstream {
+            addr: key.to_owned(),
+            reason: other.to_string(),
+        }),
+    };
+    let sent = matches!(body, ReqBody::Empty) && conn.try_send_head(head);
+    if !sent {
+        match tokio::time::timeout(send_to, conn.send(head, body, chunked)).await {
+            Err(_) => return Err(timeout("send")),
+            Ok(Err(e)) => return Err(failed(e)),
+            Ok(Ok(())) => {}
+        }
+    }
+    match tokio::time::timeout(read_to, conn.read_head(method)).await {
+        Err(_) => Err(timeout("read")),
+        Ok(Err(e)) => Err(failed(e)),
+        Ok(Ok(h)) => Ok(h),
+    }
 }

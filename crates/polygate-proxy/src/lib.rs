@@ -5,12 +5,14 @@
 //! - [`handler`]: one request through route match, plugin phases and the upstream.
 //! - [`snapshot`]: validated, incrementally rebuilt configuration snapshots.
 //! - [`upstream`]: nodes, priority tiers and balancers.
+//! - [`h1`]: the upstream HTTP/1.1 client.
 //! - [`pool`]: upstream connections and per-thread keep-alive pools.
 //! - [`body`]: request/response bodies with timeouts, body filters and the log hook.
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
 pub mod body;
+pub mod h1;
 pub mod handler;
 pub mod metrics;
 pub mod pool;

@@ -1,6 +1,6 @@
-//! Upstream HTTP/1.1 connections: connecting with a timeout, and a keep-alive pool per worker
-//! thread keyed by `host:port` (like nginx's per-worker `keepalive` pools: no locks, no
-//! cross-thread traffic).
+//! Upstream connections: connecting with a timeout, and a keep-alive pool per worker thread
+//! keyed by `host:port` (like nginx's per-worker `keepalive` pools: no locks, and a pooled
+//! connection always belongs to the thread whose event loop drives it).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -8,25 +8,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use polygate_core::GatewayError;
 use tokio::net::TcpStream;
 
-use crate::body::ReqBody;
+use crate::h1::{H1Conn, Release};
 use crate::upstream::Node;
 
 struct Idle {
-    tx: SendRequest<ReqBody>,
+    conn: H1Conn,
     since: Instant,
     uses: u32,
+    idle_timeout: Duration,
 }
 
 thread_local! {
     static POOL: RefCell<HashMap<Arc<str>, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
-/// Pool limits for one checkout (from the upstream's `keepalive_pool`).
+/// Pool limits (from the upstream's `keepalive_pool`).
 #[derive(Debug, Clone, Copy)]
 pub struct PoolLimits {
     /// Idle connections kept per node.
@@ -37,44 +36,57 @@ pub struct PoolLimits {
     pub max_uses: u32,
 }
 
-/// A connection checked out for one request.
-pub struct PooledConn {
-    key: Arc<str>,
-    /// The sender half.
-    pub tx: SendRequest<ReqBody>,
-    uses: u32,
-    limits: PoolLimits,
-    /// Whether the connection came from the pool (a failure on it may be retried).
+/// A checked-out connection.
+pub struct Checkout {
+    /// The connection.
+    pub conn: H1Conn,
+    /// Whether it came from the pool (a failure before the response may then be retried on a
+    /// new connection).
     pub reused: bool,
+    /// Where it goes back.
+    pub ret: PoolReturn,
 }
 
-impl PooledConn {
-    /// Returns the connection to this thread's pool when it may serve more requests.
-    pub fn checkin(self) {
-        if self.tx.is_closed() || self.uses >= self.limits.max_uses || self.limits.size == 0 {
+/// Returns a connection to this thread's pool when its response ended cleanly.
+pub struct PoolReturn {
+    key: Arc<str>,
+    uses: u32,
+    limits: PoolLimits,
+}
+
+impl Release for PoolReturn {
+    fn release(self: Box<Self>, conn: H1Conn) {
+        self.checkin(conn);
+    }
+}
+
+impl PoolReturn {
+    /// Puts `conn` back unless the pool is full or the connection served its quota.
+    pub fn checkin(&self, conn: H1Conn) {
+        if self.uses >= self.limits.max_uses || self.limits.size == 0 {
             return;
         }
-        let limits = self.limits;
         POOL.with(|p| {
             let mut p = p.borrow_mut();
-            let list = p.entry(self.key).or_default();
-            if list.len() < limits.size {
+            let list = p.entry(self.key.clone()).or_default();
+            if list.len() < self.limits.size {
                 list.push(Idle {
-                    tx: self.tx,
+                    conn,
                     since: Instant::now(),
                     uses: self.uses,
+                    idle_timeout: self.limits.idle_timeout,
                 });
             }
         });
     }
 }
 
-fn take_idle(key: &str, idle_timeout: Duration) -> Option<Idle> {
+fn take_idle(key: &str) -> Option<Idle> {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         let list = p.get_mut(key)?;
         while let Some(idle) = list.pop() {
-            if idle.tx.is_closed() || idle.since.elapsed() > idle_timeout {
+            if idle.since.elapsed() > idle.idle_timeout {
                 continue;
             }
             return Some(idle);
@@ -83,50 +95,63 @@ fn take_idle(key: &str, idle_timeout: Duration) -> Option<Idle> {
     })
 }
 
-/// Closes idle connections older than their timeout (run periodically on each worker).
-pub fn sweep(max_idle: Duration) {
+/// Closes idle connections past their idle timeout (run periodically on each worker).
+pub fn sweep() {
     POOL.with(|p| {
         let mut p = p.borrow_mut();
         p.retain(|_, list| {
-            list.retain(|i| !i.tx.is_closed() && i.since.elapsed() <= max_idle);
+            list.retain(|i| i.since.elapsed() <= i.idle_timeout);
             !list.is_empty()
         });
     });
 }
 
-/// Gets a ready connection to `node`: an idle pooled one, or a new one within `connect_timeout`.
+/// Gets a connection to `node`: the most recently used idle one, or a new one within
+/// `connect_timeout`. With `probe`, a pooled connection is checked for a close by the peer
+/// first (one non-blocking read), for requests whose body cannot be replayed.
 pub async fn checkout(
     node: &Node,
     limits: PoolLimits,
     connect_timeout: Duration,
-) -> Result<PooledConn, GatewayError> {
-    while let Some(mut idle) = take_idle(&node.key, limits.idle_timeout) {
-        if idle.tx.ready().await.is_ok() {
-            return Ok(PooledConn {
+    probe: bool,
+) -> Result<Checkout, GatewayError> {
+    while let Some(idle) = take_idle(&node.key) {
+        if probe && !idle.conn.looks_alive() {
+            continue;
+        }
+        return Ok(Checkout {
+            conn: idle.conn,
+            reused: true,
+            ret: PoolReturn {
                 key: node.key.clone(),
-                tx: idle.tx,
                 uses: idle.uses + 1,
                 limits,
-                reused: true,
-            });
-        }
+            },
+        });
     }
-    let tx = tokio::time::timeout(connect_timeout, connect(node))
+    let conn = connect_new(node, connect_timeout).await?;
+    Ok(Checkout {
+        conn,
+        reused: false,
+        ret: PoolReturn {
+            key: node.key.clone(),
+            uses: 1,
+            limits,
+        },
+    })
+}
+
+/// Opens a new connection to `node` within `connect_timeout`.
+pub async fn connect_new(node: &Node, connect_timeout: Duration) -> Result<H1Conn, GatewayError> {
+    tokio::time::timeout(connect_timeout, connect(node))
         .await
         .map_err(|_| GatewayError::Timeout {
             addr: node.key.to_string(),
             what: "connect",
-        })??;
-    Ok(PooledConn {
-        key: node.key.clone(),
-        tx,
-        uses: 1,
-        limits,
-        reused: false,
-    })
+        })?
 }
 
-async fn connect(node: &Node) -> Result<SendRequest<ReqBody>, GatewayError> {
+async fn connect(node: &Node) -> Result<H1Conn, GatewayError> {
     let err = |reason: String| GatewayError::Connect {
         addr: node.key.to_string(),
         reason,
@@ -143,14 +168,5 @@ async fn connect(node: &Node) -> Result<SendRequest<ReqBody>, GatewayError> {
         .await
         .map_err(|e| err(e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    let (tx, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("upstream connection closed: {e}");
-        }
-    });
-    Ok(tx)
+    Ok(H1Conn::new(stream))
 }

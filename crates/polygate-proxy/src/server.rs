@@ -305,7 +305,7 @@ async fn worker(
         let mut t = tokio::time::interval(Duration::from_secs(5));
         loop {
             t.tick().await;
-            crate::pool::sweep(Duration::from_secs(60));
+            crate::pool::sweep();
         }
     });
     for l in loops {

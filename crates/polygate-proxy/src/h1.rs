@@ -1,0 +1,697 @@
+//! A lean HTTP/1.1 client for upstream connections.
+//!
+//! The request task writes the request and reads the response head on the socket itself; the
+//! response body is read by [`H1Body`] as the client consumes it. There is no connection task
+//! and no channel between the request and its connection (hyper's client has both), which is
+//! most of the per-request cost a proxy adds on top of the kernel's.
+//!
+//! Framing follows RFC 9112: `Content-Length`, `chunked`, or read-until-close; responses to
+//! `HEAD` and 1xx/204/304 responses have no body; interim 1xx responses are skipped.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::body::ReqBody;
+
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers accepted.
+const MAX_HEADERS: usize = 128;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What the forwarding headers say about the client (APISIX sets `X-Forwarded-For` with the
+/// client address appended, `X-Real-IP`, and keeps the client's `X-Forwarded-Proto/-Host/-Port`
+/// when present, filling them in otherwise).
+pub struct Forward<'a> {
+    /// Client address.
+    pub client_ip: std::net::IpAddr,
+    /// `http` or `https`.
+    pub scheme: &'a str,
+    /// Port the request arrived on.
+    pub port: u16,
+    /// Host the client asked for.
+    pub host: Option<&'a HeaderValue>,
+}
+
+/// Whether a header is hop-by-hop (never forwarded).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Serialises a request head in one pass over the headers. `host` replaces the `Host` header
+/// when given; hop-by-hop headers (and those the client's `Connection` header names) are
+/// dropped; forwarding headers are written from `fwd`. Framing headers of the client request
+/// are replaced by the body's own: `Content-Length` when its size is known, `Transfer-Encoding:
+/// chunked` otherwise. Returns the head and whether the body is chunked.
+pub fn encode_head(
+    method: &Method,
+    uri: &str,
+    headers: &HeaderMap,
+    host: Option<&HeaderValue>,
+    fwd: &Forward<'_>,
+    body: &ReqBody,
+) -> (BytesMut, bool) {
+    use std::fmt::Write as _;
+    let mut out = BytesMut::with_capacity(320 + headers.len() * 40);
+    out.put_slice(method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(uri.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    if let Some(h) = host {
+        out.put_slice(b"host: ");
+        out.put_slice(h.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    // tokens of the client's Connection header name more hop-by-hop headers
+    let conn_tokens: Option<&str> = headers
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            v.split(',').any(|t| {
+                let t = t.trim();
+                !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("close")
+                    && !t.is_empty()
+            })
+        });
+    let mut xff_prev: Option<&HeaderValue> = None;
+    let mut xff_extra = false;
+    let (mut seen_proto, mut seen_fhost, mut seen_port) = (false, false, false);
+    for (k, v) in headers {
+        if *k == header::CONTENT_LENGTH
+            || is_hop_by_hop(k)
+            || (host.is_some() && *k == header::HOST)
+        {
+            continue;
+        }
+        match k.as_str() {
+            "x-forwarded-for" => {
+                if xff_prev.is_some() {
+                    xff_extra = true;
+                } else {
+                    xff_prev = Some(v);
+                }
+                continue;
+            }
+            "x-real-ip" => continue,
+            "x-forwarded-proto" => seen_proto = true,
+            "x-forwarded-host" => seen_fhost = true,
+            "x-forwarded-port" => seen_port = true,
+            _ => {}
+        }
+        if let Some(tokens) = conn_tokens
+            && tokens
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case(k.as_str()))
+        {
+            continue;
+        }
+        out.put_slice(k.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(v.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"x-forwarded-for: ");
+    if xff_extra {
+        for v in headers.get_all("x-forwarded-for") {
+            out.put_slice(v.as_bytes());
+            out.put_slice(b", ");
+        }
+    } else if let Some(prev) = xff_prev {
+        out.put_slice(prev.as_bytes());
+        out.put_slice(b", ");
+    }
+    let _ = write!(out, "{}\r\nx-real-ip: {}\r\n", fwd.client_ip, fwd.client_ip);
+    if !seen_proto {
+        out.put_slice(b"x-forwarded-proto: ");
+        out.put_slice(fwd.scheme.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if !seen_fhost && let Some(h) = fwd.host {
+        out.put_slice(b"x-forwarded-host: ");
+        out.put_slice(h.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    if !seen_port {
+        let _ = write!(out, "x-forwarded-port: {}\r\n", fwd.port);
+    }
+    let mut chunked = false;
+    match body {
+        ReqBody::Empty | ReqBody::Full(None) => {
+            if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+                out.put_slice(b"content-length: 0\r\n");
+            }
+        }
+        ReqBody::Full(Some(b)) => {
+            let _ = write!(out, "content-length: {}\r\n", b.len());
+        }
+        ReqBody::Stream(s) => match s.size_hint().exact() {
+            Some(n) => {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+            None => {
+                out.put_slice(b"transfer-encoding: chunked\r\n");
+                chunked = true;
+            }
+        },
+    }
+    out.put_slice(b"\r\n");
+    (out, chunked)
+}
+
+/// An upstream HTTP/1.1 connection.
+pub struct H1Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// The connection closed before any byte of the response arrived (a reused connection
+    /// that the upstream had closed: safe to retry when the request can be replayed).
+    #[error("connection closed before the response")]
+    ClosedEarly,
+    /// An I/O error.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The response is not valid HTTP/1.x.
+    #[error("invalid response: {0}")]
+    Parse(String),
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    Length(u64),
+    Chunked(ChunkState),
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ChunkState {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// A parsed response head.
+pub struct Head {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers (framing headers included).
+    pub headers: HeaderMap,
+    framing: Framing,
+    /// Whether the connection may serve another request after this response.
+    keep_alive: bool,
+}
+
+impl H1Conn {
+    /// Wraps a connected stream.
+    pub fn new(io: TcpStream) -> H1Conn {
+        H1Conn {
+            io,
+            buf: BytesMut::with_capacity(8 * 1024),
+        }
+    }
+
+    /// False when the peer has closed the connection (or sent unsolicited data) while it sat
+    /// idle. Costs a syscall only when the event loop saw the socket become readable.
+    pub fn looks_alive(&self) -> bool {
+        let mut b = [0u8; 1];
+        match self.io.try_read(&mut b) {
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+            Ok(_) => false,
+        }
+    }
+
+    /// Writes `head` without waiting if the socket takes it all at once (the common case for a
+    /// request without a body); returns false when the caller must use [`H1Conn::send`].
+    pub fn try_send_head(&mut self, head: &[u8]) -> bool {
+        matches!(self.io.try_write(head), Ok(n) if n == head.len())
+    }
+
+    /// Writes a request whose head was made by [`encode_head`]; a streamed body follows in
+    /// chunked encoding when `chunked`.
+    pub async fn send(&mut self, head: &[u8], body: ReqBody, chunked: bool) -> Result<(), H1Error> {
+        match body {
+            ReqBody::Empty | ReqBody::Full(None) => {
+                self.io.write_all(head).await?;
+            }
+            ReqBody::Full(Some(b)) => {
+                let mut out = BytesMut::with_capacity(head.len() + b.len());
+                out.put_slice(head);
+                out.put_slice(&b);
+                self.io.write_all(&out).await?;
+            }
+            ReqBody::Stream(incoming) => {
+                self.io.write_all(head).await?;
+                let mut body = incoming;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame
+                        .map_err(|e| H1Error::Io(io::Error::other(format!("client body: {e}"))))?;
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if chunked {
+                        self.io
+                            .write_all(format!("{:x}\r\n", data.len()).as_bytes())
+                            .await?;
+                        self.io.write_all(&data).await?;
+                        self.io.write_all(b"\r\n").await?;
+                    } else {
+                        self.io.write_all(&data).await?;
+                    }
+                }
+                if chunked {
+                    self.io.write_all(b"0\r\n\r\n").await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the response head, skipping interim 1xx responses.
+    pub async fn read_head(&mut self, method: &Method) -> Result<Head, H1Error> {
+        let mut got_any = false;
+        loop {
+            if let Some(head) = self.parse_head(method)? {
+                if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    continue;
+                }
+                return Ok(head);
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(H1Error::Parse("response head too large".into()));
+            }
+            self.buf.reserve(READ_CHUNK);
+            let n = tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.buf).await?;
+            if n == 0 {
+                return Err(if got_any {
+                    H1Error::Parse("connection closed inside the response head".into())
+                } else {
+                    H1Error::ClosedEarly
+                });
+            }
+            got_any = true;
+        }
+    }
+
+    fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, H1Error> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut raw);
+        let len = match resp.parse(&self.buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(H1Error::Parse(e.to_string())),
+        };
+        let code = resp.code.unwrap_or(0);
+        let status =
+            StatusCode::from_u16(code).map_err(|_| H1Error::Parse(format!("status {code}")))?;
+        let http10 = resp.version == Some(0);
+        // remember where names and values sit, then slice them out of the frozen head
+        // without copying the values
+        let base = self.buf.as_ptr() as usize;
+        let count = resp.headers.len();
+        let mut offs = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        for (o, h) in offs.iter_mut().zip(resp.headers.iter()) {
+            *o = (
+                h.name.as_ptr() as usize - base,
+                h.name.len(),
+                h.value.as_ptr() as usize - base,
+                h.value.len(),
+            );
+        }
+        let head_bytes = self.buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        let mut content_length: Option<u64> = None;
+        let mut chunked = false;
+        let mut conn_close = http10;
+        for &(ns, nl, vs, vl) in &offs[..count] {
+            let raw_name = &head_bytes[ns..ns + nl];
+            let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+                H1Error::Parse(format!(
+                    "header name {:?}",
+                    String::from_utf8_lossy(raw_name)
+                ))
+            })?;
+            let value = HeaderValue::from_maybe_shared(head_bytes.slice(vs..vs + vl))
+                .map_err(|_| H1Error::Parse(format!("header value of {name}")))?;
+            if name == header::CONTENT_LENGTH {
+                let n = value
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| H1Error::Parse("invalid content-length".into()))?;
+                if content_length.is_some_and(|c| c != n) {
+                    return Err(H1Error::Parse("conflicting content-length".into()));
+                }
+                content_length = Some(n);
+            } else if name == header::TRANSFER_ENCODING {
+                chunked = value
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.rsplit(',').next())
+                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            } else if name == header::CONNECTION {
+                let v = value.to_str().unwrap_or("");
+                if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                    conn_close = true;
+                } else if http10
+                    && v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
+                {
+                    conn_close = false;
+                }
+            }
+            if !is_hop_by_hop(&name) {
+                headers.append(name, value);
+            }
+        }
+        let no_body = *method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framing = if no_body {
+            Framing::Done
+        } else if chunked {
+            headers.remove(header::CONTENT_LENGTH);
+            Framing::Chunked(ChunkState::Size)
+        } else if let Some(n) = content_length {
+            if n == 0 {
+                Framing::Done
+            } else {
+                Framing::Length(n)
+            }
+        } else {
+            Framing::Close
+        };
+        let keep_alive = !conn_close && !matches!(framing, Framing::Close);
+        Ok(Some(Head {
+            status,
+            headers,
+            framing,
+            keep_alive,
+        }))
+    }
+}
+
+/// What the body does with the connection when it ends.
+pub trait Release: Send {
+    /// The body ended cleanly on a reusable connection.
+    fn release(self: Box<Self>, conn: H1Conn);
+}
+
+/// A response body read straight from the upstream socket.
+pub struct H1Body {
+    conn: Option<H1Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    release: Option<Box<dyn Release>>,
+    read_timeout: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl H1Body {
+    /// The body of `head`, read from `conn`; `release` gets the connection back when the body
+    /// ended and the connection can be reused.
+    pub fn new(
+        conn: H1Conn,
+        head: &Head,
+        release: Box<dyn Release>,
+        read_timeout: Duration,
+    ) -> H1Body {
+        let mut b = H1Body {
+            conn: Some(conn),
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            release: Some(release),
+            read_timeout,
+            sleep: None,
+        };
+        if matches!(b.framing, Framing::Done) {
+            b.finish();
+        }
+        b
+    }
+
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let (Some(conn), Some(rel)) = (self.conn.take(), self.release.take())
+            && self.keep_alive
+            && conn.buf.is_empty()
+        {
+            rel.release(conn);
+        }
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Ok(0));
+        };
+        conn.buf.reserve(READ_CHUNK);
+        // `read_buf` is cancellation safe: polling a fresh future once per call loses nothing
+        let fut = tokio::io::AsyncReadExt::read_buf(&mut conn.io, &mut conn.buf);
+        let mut fut = std::pin::pin!(fut);
+        match fut.as_mut().poll(cx) {
+            Poll::Ready(Ok(n)) => {
+                self.sleep = None;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                let t = self.read_timeout;
+                let sleep = self
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                ready!(sleep.as_mut().poll(cx));
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "upstream read timed out",
+                )))
+            }
+        }
+    }
+}
+
+use std::future::Future;
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        loop {
+            match this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(rem) => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    if !conn.buf.is_empty() {
+                        let take = (conn.buf.len() as u64).min(rem) as usize;
+                        let data = conn.buf.split_to(take).freeze();
+                        let left = rem - take as u64;
+                        if left == 0 {
+                            this.finish();
+                        } else {
+                            this.framing = Framing::Length(left);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let n = ready!(this.poll_fill(cx))?;
+                    if n == 0 {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(Some(Err(
+                            "upstream closed the connection mid-body".into()
+                        )));
+                    }
+                }
+                Framing::Close => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let n = ready!(this.poll_fill(cx))?;
+                    if n == 0 {
+                        this.conn = None;
+                        this.framing = Framing::Done;
+                        return Poll::Ready(None);
+                    }
+                }
+                Framing::Chunked(state) => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    match step_chunked(&mut conn.buf, state)? {
+                        Step::Data(data, next) => {
+                            this.framing = Framing::Chunked(next);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Step::Next(next) => this.framing = Framing::Chunked(next),
+                        Step::End => {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        Step::NeedMore => {
+                            let n = ready!(this.poll_fill(cx))?;
+                            if n == 0 {
+                                this.conn = None;
+                                this.framing = Framing::Done;
+                                return Poll::Ready(Some(Err(
+                                    "upstream closed the connection mid-chunk".into(),
+                                )));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Step {
+    Data(Bytes, ChunkState),
+    Next(ChunkState),
+    End,
+    NeedMore,
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+fn step_chunked(
+    buf: &mut BytesMut,
+    state: ChunkState,
+) -> Result<Step, Box<dyn std::error::Error + Send + Sync>> {
+    match state {
+        ChunkState::Size => {
+            let Some(end) = find_crlf(buf) else {
+                if buf.len() > 1024 {
+                    return Err("chunk size line too long".into());
+                }
+                return Ok(Step::NeedMore);
+            };
+            let line = buf.split_to(end + 2);
+            let text = std::str::from_utf8(&line[..end]).map_err(|_| "invalid chunk size")?;
+            let hex = text.split(';').next().unwrap_or("").trim();
+            let size =
+                u64::from_str_radix(hex, 16).map_err(|_| format!("invalid chunk size {hex:?}"))?;
+            Ok(Step::Next(if size == 0 {
+                ChunkState::Trailers
+            } else {
+                ChunkState::Data(size)
+            }))
+        }
+        ChunkState::Data(rem) => {
+            if buf.is_empty() {
+                return Ok(Step::NeedMore);
+            }
+            let take = (buf.len() as u64).min(rem) as usize;
+            let data = buf.split_to(take).freeze();
+            let left = rem - take as u64;
+            Ok(Step::Data(
+                data,
+                if left == 0 {
+                    ChunkState::DataEnd
+                } else {
+                    ChunkState::Data(left)
+                },
+            ))
+        }
+        ChunkState::DataEnd => {
+            if buf.len() < 2 {
+                return Ok(Step::NeedMore);
+            }
+            if &buf[..2] != b"\r\n" {
+                return Err("missing CRLF after chunk".into());
+            }
+            buf.advance(2);
+            Ok(Step::Next(ChunkState::Size))
+        }
+        ChunkState::Trailers => {
+            let Some(end) = find_crlf(buf) else {
+                return Ok(Step::NeedMore);
+            };
+            buf.advance(end + 2);
+            if end == 0 {
+                Ok(Step::End)
+            } else {
+                Ok(Step::Next(ChunkState::Trailers))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_decoding() {
+        let mut buf =
+            BytesMut::from(&b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n"[..]);
+        let mut state = ChunkState::Size;
+        let mut out = Vec::new();
+        loop {
+            match step_chunked(&mut buf, state).unwrap() {
+                Step::Data(d, n) => {
+                    out.extend_from_slice(&d);
+                    state = n;
+                }
+                Step::Next(n) => state = n,
+                Step::End => break,
+                Step::NeedMore => panic!("complete input"),
+            }
+        }
+        assert_eq!(out, b"hello world");
+        assert!(buf.is_empty());
+    }
+}
