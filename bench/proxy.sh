@@ -3,6 +3,7 @@
 #
 #   bench/proxy.sh                 # 1 worker each, 50 connections, 10 s per run, 2 rounds
 #   WORKERS=2 CONNS=100 DURATION=15 ROUNDS=3 bench/proxy.sh
+#   PIN=1 bench/proxy.sh           # proxies on CPU 1, wrk and the upstream on CPU 0
 #
 # The upstream is an nginx returning a 1 KiB body (1 worker, access log off). The proxying
 # nginx uses `proxy_pass` to a keepalive upstream block; polygate proxies a `/*` route with no
@@ -12,7 +13,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-2}"
-THREADS="${THREADS:-1}"
+THREADS="${THREADS:-1}"; PIN="${PIN:-0}"
 UP_PORT="${UP_PORT:-18080}"; NGX_PORT="${NGX_PORT:-18081}"; PG_PORT="${PG_PORT:-18082}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
 
@@ -54,16 +55,21 @@ routes:
     upstream: {nodes: {"127.0.0.1:$UP_PORT": 1}, keepalive_pool: {size: 256}}
 #END
 YAML
-nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
-nginx -p "$work" -c "$work/proxy.conf" & pids+=($!)
-"$PG" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!)
+LOAD=(); PROXY=()
+if [ "$PIN" = 1 ]; then
+  command -v taskset >/dev/null || { echo "PIN=1 needs taskset (util-linux)" >&2; exit 1; }
+  LOAD=(taskset -c 0); PROXY=(taskset -c 1)
+fi
+"${LOAD[@]}" nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
+"${PROXY[@]}" nginx -p "$work" -c "$work/proxy.conf" & pids+=($!)
+"${PROXY[@]}" "$PG" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!)
 for port in $UP_PORT $NGX_PORT $PG_PORT; do
   for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 done
 curl -s -o /dev/null "http://127.0.0.1:$PG_PORT/" || { echo "polygate did not start:"; cat "$work/pg.err"; exit 1; }
 
 run() { # url -> "rps p99_ms"
-  wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$1" > "$work/wrk.out" 2>&1
+  "${LOAD[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$1" > "$work/wrk.out" 2>&1
   local rps p99
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$work/wrk.out")
@@ -81,12 +87,12 @@ for r in $(seq "$ROUNDS"); do
   printf "%-6s %-10s %12s %10s\n" "$r" nginx "$nr" "$np" "$r" polygate "$pr" "$pp"
   echo "$nr $np $pr $pp" >> "$work/results"
 done
-python3 - "$work/results" "$WORKERS" "$CONNS" <<'PY'
+python3 - "$work/results" "$WORKERS" "$CONNS" "$PIN" <<'PY'
 import sys, statistics
 rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]
 med=lambda i: statistics.median(r[i] for r in rows)
 nr,np_,pr,pp=med(0),med(1),med(2),med(3)
-print(f"\nworkers={sys.argv[2]} connections={sys.argv[3]} (median of {len(rows)} rounds)")
+print(f"\nworkers={sys.argv[2]} connections={sys.argv[3]} pinned={sys.argv[4]} (median of {len(rows)} rounds)")
 print(f"nginx    {nr:12.0f} req/s  p99 {np_:.2f} ms")
 print(f"polygate {pr:12.0f} req/s  p99 {pp:.2f} ms")
 print(f"ratio polygate/nginx: throughput {pr/nr:.2f}x, p99 {pp/np_:.2f}x (lower is better)")

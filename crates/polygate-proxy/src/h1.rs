@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::body::ReqBody;
+use crate::pool::PoolReturn;
 
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -33,12 +34,12 @@ const READ_CHUNK: usize = 16 * 1024;
 /// client address appended, `X-Real-IP`, and keeps the client's `X-Forwarded-Proto/-Host/-Port`
 /// when present, filling them in otherwise).
 pub struct Forward<'a> {
-    /// Client address.
-    pub client_ip: std::net::IpAddr,
+    /// Client address, formatted once per connection.
+    pub client_ip: &'a str,
     /// `http` or `https`.
     pub scheme: &'a str,
-    /// Port the request arrived on.
-    pub port: u16,
+    /// Port the request arrived on, formatted once per listener.
+    pub port: &'a str,
     /// Host the client asked for.
     pub host: Option<&'a HeaderValue>,
 }
@@ -137,7 +138,10 @@ pub fn encode_head(
         out.put_slice(prev.as_bytes());
         out.put_slice(b", ");
     }
-    let _ = write!(out, "{}\r\nx-real-ip: {}\r\n", fwd.client_ip, fwd.client_ip);
+    out.put_slice(fwd.client_ip.as_bytes());
+    out.put_slice(b"\r\nx-real-ip: ");
+    out.put_slice(fwd.client_ip.as_bytes());
+    out.put_slice(b"\r\n");
     if !seen_proto {
         out.put_slice(b"x-forwarded-proto: ");
         out.put_slice(fwd.scheme.as_bytes());
@@ -149,7 +153,9 @@ pub fn encode_head(
         out.put_slice(b"\r\n");
     }
     if !seen_port {
-        let _ = write!(out, "x-forwarded-port: {}\r\n", fwd.port);
+        out.put_slice(b"x-forwarded-port: ");
+        out.put_slice(fwd.port.as_bytes());
+        out.put_slice(b"\r\n");
     }
     let mut chunked = false;
     match body {
@@ -421,18 +427,12 @@ impl H1Conn {
     }
 }
 
-/// What the body does with the connection when it ends.
-pub trait Release: Send {
-    /// The body ended cleanly on a reusable connection.
-    fn release(self: Box<Self>, conn: H1Conn);
-}
-
 /// A response body read straight from the upstream socket.
 pub struct H1Body {
     conn: Option<H1Conn>,
     framing: Framing,
     keep_alive: bool,
-    release: Option<Box<dyn Release>>,
+    release: Option<PoolReturn>,
     read_timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
 }
@@ -440,12 +440,7 @@ pub struct H1Body {
 impl H1Body {
     /// The body of `head`, read from `conn`; `release` gets the connection back when the body
     /// ended and the connection can be reused.
-    pub fn new(
-        conn: H1Conn,
-        head: &Head,
-        release: Box<dyn Release>,
-        read_timeout: Duration,
-    ) -> H1Body {
+    pub fn new(conn: H1Conn, head: &Head, release: PoolReturn, read_timeout: Duration) -> H1Body {
         let mut b = H1Body {
             conn: Some(conn),
             framing: head.framing,
@@ -466,7 +461,7 @@ impl H1Body {
             && self.keep_alive
             && conn.buf.is_empty()
         {
-            rel.release(conn);
+            rel.checkin(conn);
         }
     }
 

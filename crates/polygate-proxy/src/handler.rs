@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use polygate_core::chain::{run_body_filter, run_header_filter, run_log, run_phase};
 use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx, ResponseHead};
 use polygate_router::{Entry, MatchInput};
+use smallvec::SmallVec;
 
 use crate::accesslog::{AccessLog, AccessRecord};
 use crate::body::{Finish, ReqBody, RespBody};
@@ -100,13 +101,37 @@ impl Finish for Fin {
     }
 }
 
+/// Facts about a client connection, computed once per connection.
+pub struct ConnInfo {
+    /// Client address.
+    pub client: SocketAddr,
+    /// Local address.
+    pub local: SocketAddr,
+    /// Client IP as text (forwarding headers).
+    pub client_ip: Box<str>,
+    /// Local port as text (`X-Forwarded-Port`).
+    pub local_port: Box<str>,
+}
+
+impl ConnInfo {
+    /// Describes a connection.
+    pub fn new(client: SocketAddr, local: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            client,
+            local,
+            client_ip: client.ip().to_string().into_boxed_str(),
+            local_port: local.port().to_string().into_boxed_str(),
+        }
+    }
+}
+
 /// Handles one request.
 pub async fn handle(
     req: Request<Incoming>,
     shared: &Arc<Shared>,
-    client: SocketAddr,
-    local: SocketAddr,
+    conn: &ConnInfo,
 ) -> Response<RespBody> {
+    let (client, local) = (conn.client, conn.local);
     let snap = shared.snapshot.load_full();
     let (parts, body) = req.into_parts();
     let mut headers = parts.headers;
@@ -160,7 +185,7 @@ pub async fn handle(
     ctx.uri_params = params;
 
     let mut merged: Option<PluginChain> = None;
-    let outcome = run_request(&snap, &entry, &mut ctx, &mut merged, body).await;
+    let outcome = run_request(&snap, &entry, &mut ctx, &mut merged, body, conn).await;
     let upstream_id = entry.data.upstream.as_ref().map(|u| u.id.clone());
     match outcome {
         Ok(Outcome::Local(r)) => {
@@ -189,7 +214,7 @@ pub async fn handle(
             guard,
             read_timeout,
         }) => {
-            let body = H1Body::new(conn, &h1head, Box::new(ret), read_timeout);
+            let body = H1Body::new(conn, &h1head, ret, read_timeout);
             let mut head = ResponseHead {
                 status: h1head.status,
                 headers: h1head.headers,
@@ -292,6 +317,7 @@ async fn run_request(
     ctx: &mut RequestCtx,
     merged: &mut Option<PluginChain>,
     body: Incoming,
+    conn: &ConnInfo,
 ) -> Result<Outcome, GatewayError> {
     let route = &entry.data;
     let global = &snap.global;
@@ -330,7 +356,7 @@ async fn run_request(
             "missing upstream configuration in Route or Service".into(),
         ));
     };
-    proxy(snap, &up, route.timeout, chain, ctx, body).await
+    proxy(snap, &up, route.timeout, chain, ctx, body, conn).await
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -347,6 +373,7 @@ async fn proxy(
     chain: &PluginChain,
     ctx: &mut RequestCtx,
     body: Incoming,
+    conn: &ConnInfo,
 ) -> Result<Outcome, GatewayError> {
     if up.scheme != "http" {
         return Err(GatewayError::UnsupportedScheme(up.scheme.clone()));
@@ -371,14 +398,14 @@ async fn proxy(
 
     let client_host = ctx.headers.get(header::HOST).cloned();
     let fwd = h1::Forward {
-        client_ip: ctx.client_addr.ip(),
+        client_ip: &conn.client_ip,
         scheme: ctx.scheme,
-        port: ctx.server_addr.port(),
+        port: &conn.local_port,
         host: client_host.as_ref(),
     };
 
     let started = Instant::now();
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut last_err: Option<GatewayError> = None;
     let global = &snap.global;
     let method = ctx.method.clone();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use polygate_core::GatewayError;
 use tokio::net::TcpStream;
 
-use crate::h1::{H1Conn, Release};
+use crate::h1::H1Conn;
 use crate::upstream::Node;
 
 struct Idle {
@@ -52,12 +52,6 @@ pub struct PoolReturn {
     key: Arc<str>,
     uses: u32,
     limits: PoolLimits,
-}
-
-impl Release for PoolReturn {
-    fn release(self: Box<Self>, conn: H1Conn) {
-        self.checkin(conn);
-    }
 }
 
 impl PoolReturn {

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::accesslog::AccessLog;
-use crate::handler::{Shared, handle};
+use crate::handler::{ConnInfo, Shared, handle};
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
@@ -331,6 +331,7 @@ async fn accept_loop(
 ) {
     let mut h1 = hyper::server::conn::http1::Builder::new();
     h1.timer(TokioTimer::new())
+        .writev(false)
         .header_read_timeout(opts.header_timeout);
     let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     auto.http1()
@@ -351,9 +352,11 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
         let sh = shared.clone();
+        let info = Arc::new(ConnInfo::new(peer, local));
         let svc = service_fn(move |req: Request<Incoming>| {
             let sh = sh.clone();
-            async move { Ok::<_, Infallible>(handle(req, &sh, peer, local).await) }
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) }
         });
         shared
             .metrics

@@ -33,13 +33,15 @@ pub struct RouteData {
     pub timeout: Option<Timeout>,
 }
 
+/// What a compiled route depends on; equal fingerprints mean the compiled entry can be reused.
+/// Shared objects are held once per build (`Arc`), not cloned per route.
 #[derive(PartialEq)]
 struct Fingerprint {
     route: Route,
-    service: Option<Service>,
-    upstream: Option<Upstream>,
-    service_upstream: Option<Upstream>,
-    plugin_config: Option<PluginConfig>,
+    service: Option<Arc<Service>>,
+    upstream: Option<Arc<Upstream>>,
+    service_upstream: Option<Arc<Upstream>>,
+    plugin_config: Option<Arc<PluginConfig>>,
 }
 
 /// The served configuration.
@@ -54,7 +56,7 @@ pub struct Snapshot {
     pub gateway: GatewaySection,
     /// Plugin metadata by plugin name.
     pub plugin_metadata: HashMap<String, serde_json::Map<String, serde_json::Value>>,
-    upstreams: HashMap<String, (Upstream, Arc<UpstreamRt>)>,
+    upstreams: HashMap<String, (Arc<Upstream>, Arc<UpstreamRt>)>,
     fingerprints: HashMap<String, Arc<Fingerprint>>,
     /// Counts reloads (1 = first load).
     pub version: u64,
@@ -74,13 +76,23 @@ impl Snapshot {
         let mut upstreams = HashMap::new();
         for u in &cfg.upstreams {
             let Some(id) = &u.id else { continue };
-            let rt = match prev.and_then(|p| p.upstreams.get(&id.0)) {
-                Some((old, rt)) if old == u => rt.clone(),
-                _ => Arc::new(UpstreamRt::build(&id.0, u)),
+            let (def, rt) = match prev.and_then(|p| p.upstreams.get(&id.0)) {
+                Some((old, rt)) if **old == *u => (old.clone(), rt.clone()),
+                _ => (Arc::new(u.clone()), Arc::new(UpstreamRt::build(&id.0, u))),
             };
-            upstreams.insert(id.0.clone(), (u.clone(), rt));
+            upstreams.insert(id.0.clone(), (def, rt));
         }
 
+        let service_arcs: HashMap<&str, Arc<Service>> = cfg
+            .services
+            .iter()
+            .filter_map(|s| s.id.as_ref().map(|id| (id.0.as_str(), Arc::new(s.clone()))))
+            .collect();
+        let pc_arcs: HashMap<&str, Arc<PluginConfig>> = cfg
+            .plugin_configs
+            .iter()
+            .filter_map(|p| p.id.as_ref().map(|id| (id.0.as_str(), Arc::new(p.clone()))))
+            .collect();
         let services: HashMap<&str, (usize, &Service)> = cfg
             .services
             .iter()
@@ -160,7 +172,11 @@ impl Snapshot {
                 .map(|(_, s)| *s);
             let fp = Arc::new(Fingerprint {
                 route: r.clone(),
-                service: svc.cloned(),
+                service: r
+                    .service_id
+                    .as_ref()
+                    .and_then(|s| service_arcs.get(s.0.as_str()))
+                    .cloned(),
                 upstream: r
                     .upstream_id
                     .as_ref()
@@ -173,8 +189,8 @@ impl Snapshot {
                 plugin_config: r
                     .plugin_config_id
                     .as_ref()
-                    .and_then(|p| pcs.get(p.0.as_str()))
-                    .map(|(_, p)| (*p).clone()),
+                    .and_then(|p| pc_arcs.get(p.0.as_str()))
+                    .cloned(),
             });
             let unchanged = prev
                 .and_then(|p| p.fingerprints.get(&id.0).map(|old| (p, old)))
@@ -250,15 +266,11 @@ impl Snapshot {
         let router = match prev {
             Some(p) if kept > 0 => {
                 let mut r = p.router.clone();
+                // routes no longer present (or now disabled: those get no fingerprint)
                 let gone: Vec<String> = r
                     .iter()
                     .map(|e| e.id.to_string())
-                    .filter(|id| {
-                        !fingerprints.contains_key(id)
-                            || cfg.routes.iter().any(|x| {
-                                x.id.as_ref().is_some_and(|i| &i.0 == id) && x.status == Some(0)
-                            })
-                    })
+                    .filter(|id| !fingerprints.contains_key(id))
                     .collect();
                 for id in gone {
                     r.remove(&id);
