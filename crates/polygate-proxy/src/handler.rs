@@ -233,10 +233,6 @@ pub async fn handle(
             if body_filters || override_body.is_some() {
                 head.headers.remove(header::CONTENT_LENGTH);
             }
-            let mut builder = Response::builder().status(head.status);
-            if let Some(h) = builder.headers_mut() {
-                *h = head.headers;
-            }
             let fin = Box::new(Fin {
                 ctx,
                 shared: shared.clone(),
@@ -253,11 +249,16 @@ pub async fn handle(
                 }
                 None => RespBody::upstream(body, Some(fin)),
             };
-            builder
-                .body(body)
-                .unwrap_or_else(|_| Response::new(RespBody::full(Bytes::new(), None)))
+            into_response(head, body)
         }
     }
+}
+
+fn into_response(head: ResponseHead, body: RespBody) -> Response<RespBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = head.headers;
+    resp
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> PluginResponse {
@@ -293,10 +294,6 @@ fn finish_local(
     shared.metrics.record(head.status);
     let body = ctx.body_override.take().unwrap_or(r.body);
     head.headers.remove(header::CONTENT_LENGTH);
-    let mut builder = Response::builder().status(head.status);
-    if let Some(h) = builder.headers_mut() {
-        *h = head.headers;
-    }
     let fin = Box::new(Fin {
         ctx,
         shared: shared.clone(),
@@ -306,9 +303,7 @@ fn finish_local(
         _guard: None,
         upstream_id,
     });
-    builder
-        .body(RespBody::full(body, Some(fin)))
-        .unwrap_or_else(|_| Response::new(RespBody::full(Bytes::new(), None)))
+    into_response(head, RespBody::full(body, Some(fin)))
 }
 
 async fn run_request(

@@ -366,32 +366,32 @@ async fn accept_loop(
             .metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        let sh = shared.clone();
         let io = TokioIo::new(stream);
         if http2 {
             let conn = auto.serve_connection(io, svc).into_owned();
-            let fut = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::debug!("client connection: {e}");
-                }
-                sh.metrics
-                    .connections_active
-                    .fetch_sub(1, Ordering::Relaxed);
-            });
+            spawn_connection(graceful.watch(conn), shared.clone());
         } else {
             let conn = h1.serve_connection(io, svc);
-            let fut = graceful.watch(conn);
-            tokio::spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::debug!("client connection: {e}");
-                }
-                sh.metrics
-                    .connections_active
-                    .fetch_sub(1, Ordering::Relaxed);
-            });
+            spawn_connection(graceful.watch(conn), shared.clone());
         }
     }
+}
+
+/// Drives one client connection to its end on this worker, keeping the connection gauge.
+fn spawn_connection<F, E>(conn: F, shared: Arc<Shared>)
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("client connection: {e}");
+        }
+        shared
+            .metrics
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    });
 }
 
 /// Polls the config file; a valid new version is swapped in atomically, an invalid one is
