@@ -1,0 +1,339 @@
+//! The exported C functions: lua-resty-ffi's three runtime-facing symbols, bit for bit, and
+//! polygate's versioned extensions. This is the only module with `unsafe` besides the loader.
+//!
+//! Every export runs inside [`boundary`], which catches panics (an unwinding panic out of an
+//! `extern "C"` function would abort the gateway) and returns the export's neutral value.
+//!
+//! Threads: every function here may be called from any runtime thread (Go goroutines, JVM
+//! threads, Python threads); the types behind the handles are `Send + Sync`.
+#![allow(unsafe_code, reason = "the C ABI boundary")]
+
+use std::ffi::{c_char, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::queue::{Task, TaskQueue};
+
+/// Major and minor version of the polygate extensions (`major << 16 | minor`).
+pub const ABI_VERSION: u32 = 1 << 16;
+
+/// Runs `f`, turning a panic into `default` (and a log line).
+fn boundary<T>(name: &str, default: T, f: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(v) => v,
+        Err(_) => {
+            tracing::error!("ffi: panic in {name}; returning a neutral value");
+            default
+        }
+    }
+}
+
+/// A response buffer allocated by the runtime, freed with its deallocator when the last
+/// `Bytes` referring to it is dropped.
+struct ForeignBuf {
+    ptr: *mut u8,
+    len: usize,
+    free: unsafe extern "C" fn(*mut c_void),
+}
+
+// SAFETY: the buffer is owned exclusively by this value from `respond` on (the runtime handed
+// it over and must not touch it again); it is only read, and freed once, in `drop`.
+unsafe impl Send for ForeignBuf {}
+// SAFETY: shared access is read-only.
+unsafe impl Sync for ForeignBuf {}
+
+impl AsRef<[u8]> for ForeignBuf {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` points to at least `len` readable bytes owned by this value
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for ForeignBuf {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from the allocator `free` belongs to and is freed exactly once
+        unsafe { (self.free)(self.ptr.cast()) }
+    }
+}
+
+unsafe extern "C" fn libc_free(p: *mut c_void) {
+    // SAFETY: forwarded from ForeignBuf::drop with a pointer from libc malloc
+    unsafe { libc::free(p) }
+}
+
+/// Takes back the runtime's reference to a task.
+///
+/// # Safety
+/// `tsk` must be a pointer handed out by a poll and not answered yet.
+unsafe fn take_task(tsk: *mut c_void) -> Arc<Task> {
+    // SAFETY: per the contract, `tsk` is an `Arc::into_raw` of a polled task whose reference
+    // the runtime still owns; this consumes that reference exactly once
+    unsafe { Arc::from_raw(tsk as *const Task) }
+}
+
+fn answer(task: Arc<Task>, rc: c_int, body: Option<Bytes>) {
+    if !task.complete((rc, body)) {
+        tracing::error!("ffi: a task was answered twice; the second answer is dropped");
+    }
+}
+
+/// `void *ngx_http_lua_ffi_task_poll(void *tq)`: blocks until a task is queued; NULL once the
+/// runtime was unloaded and every earlier task was handed out.
+///
+/// # Safety
+/// `tq` must be the queue handle given to `libffi_init`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ngx_http_lua_ffi_task_poll(tq: *mut c_void) -> *mut c_void {
+    boundary("ngx_http_lua_ffi_task_poll", std::ptr::null_mut(), || {
+        if tq.is_null() {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: `tq` is a strong reference kept alive until the library is closed
+        let q = unsafe { &*(tq as *const TaskQueue) };
+        match q.poll() {
+            Some(t) => Arc::into_raw(t) as *mut c_void,
+            None => std::ptr::null_mut(),
+        }
+    })
+}
+
+/// `char *ngx_http_lua_ffi_get_req(void *tsk, int *len)`: the request bytes (NUL-terminated,
+/// NULL for a nil request), valid until the task is answered. `len` may be NULL.
+///
+/// # Safety
+/// `tsk` must be a polled, unanswered task; `len` NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ngx_http_lua_ffi_get_req(
+    tsk: *mut c_void,
+    len: *mut c_int,
+) -> *mut c_char {
+    boundary("ngx_http_lua_ffi_get_req", std::ptr::null_mut(), || {
+        if tsk.is_null() {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: the runtime holds a reference to the task until it answers
+        let t = unsafe { &*(tsk as *const Task) };
+        let (p, n) = t.request_raw();
+        if !len.is_null() {
+            // SAFETY: checked non-null; the caller provides an int
+            unsafe { *len = n.min(c_int::MAX as usize) as c_int };
+        }
+        p as *mut c_char
+    })
+}
+
+/// `void ngx_http_lua_ffi_respond(void *tsk, int rc, char *rsp, int rsp_len)`: answers a task,
+/// exactly once, from any thread. `rsp` is NULL or from libc `malloc` (the host frees it);
+/// `rsp_len == 0` with a non-NULL `rsp` means NUL-terminated (the legacy strlen rule).
+///
+/// # Safety
+/// `tsk` must be a polled, unanswered task; `rsp` NULL or a malloc'd buffer of `rsp_len` bytes
+/// (or NUL-terminated when `rsp_len` is 0).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ngx_http_lua_ffi_respond(
+    tsk: *mut c_void,
+    rc: c_int,
+    rsp: *mut c_char,
+    rsp_len: c_int,
+) {
+    boundary("ngx_http_lua_ffi_respond", (), || {
+        if tsk.is_null() {
+            return;
+        }
+        let body = if rsp.is_null() {
+            None
+        } else {
+            let len = if rsp_len > 0 {
+                rsp_len as usize
+            } else {
+                // SAFETY: legacy rule: a non-NULL response with length 0 is NUL-terminated
+                unsafe { libc::strlen(rsp) }
+            };
+            Some(Bytes::from_owner(ForeignBuf {
+                ptr: rsp.cast(),
+                len,
+                free: libc_free,
+            }))
+        };
+        // SAFETY: per this function's contract
+        let task = unsafe { take_task(tsk) };
+        answer(task, rc, body);
+    })
+}
+
+/// `uint32_t polygate_ffi_abi_version(void)`: `major << 16 | minor` of the extensions below.
+#[unsafe(no_mangle)]
+pub extern "C" fn polygate_ffi_abi_version() -> u32 {
+    ABI_VERSION
+}
+
+/// `int polygate_ffi_task_poll_n(void *tq, void **out, int max)`: blocks until at least one task
+/// is queued and stores up to `max` tasks in `out`; returns how many, 0 once unloaded. Several
+/// threads may poll one queue.
+///
+/// # Safety
+/// `tq` must be a queue handle; `out` must have room for `max` pointers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_task_poll_n(
+    tq: *mut c_void,
+    out: *mut *mut c_void,
+    max: c_int,
+) -> c_int {
+    boundary("polygate_ffi_task_poll_n", 0, || {
+        if tq.is_null() || out.is_null() || max <= 0 {
+            return 0;
+        }
+        // SAFETY: see ngx_http_lua_ffi_task_poll
+        let q = unsafe { &*(tq as *const TaskQueue) };
+        let tasks = q.poll_many(max as usize);
+        let n = tasks.len();
+        for (i, t) in tasks.into_iter().enumerate() {
+            // SAFETY: i < n <= max, and the caller provided room for max pointers
+            unsafe { *out.add(i) = Arc::into_raw(t) as *mut c_void };
+        }
+        n as c_int
+    })
+}
+
+/// `void polygate_ffi_respond2(void *tsk, int rc, char *rsp, size_t len, void (*free_fn)(void *))`:
+/// answers with an exact length (0 = empty, no strlen). `free_fn` releases `rsp` (NULL = libc
+/// `free`), so runtimes with their own allocator need not use malloc.
+///
+/// # Safety
+/// `tsk` must be a polled, unanswered task; `rsp` NULL or `len` readable bytes owned by
+/// `free_fn`'s allocator.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_respond2(
+    tsk: *mut c_void,
+    rc: c_int,
+    rsp: *mut c_char,
+    len: usize,
+    free_fn: Option<unsafe extern "C" fn(*mut c_void)>,
+) {
+    boundary("polygate_ffi_respond2", (), || {
+        if tsk.is_null() {
+            return;
+        }
+        let body = if rsp.is_null() {
+            None
+        } else {
+            Some(Bytes::from_owner(ForeignBuf {
+                ptr: rsp.cast(),
+                len,
+                free: free_fn.unwrap_or(libc_free),
+            }))
+        };
+        // SAFETY: per this function's contract
+        let task = unsafe { take_task(tsk) };
+        answer(task, rc, body);
+    })
+}
+
+/// `int polygate_ffi_task_is_cancelled(void *tsk)`: 1 when the caller is gone (timeout,
+/// client disconnect): the answer will be discarded, so the work can be skipped (the task must
+/// still be answered).
+///
+/// # Safety
+/// `tsk` must be a polled, unanswered task.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_task_is_cancelled(tsk: *mut c_void) -> c_int {
+    boundary("polygate_ffi_task_is_cancelled", 0, || {
+        if tsk.is_null() {
+            return 0;
+        }
+        // SAFETY: the runtime holds a reference to the task until it answers
+        let t = unsafe { &*(tsk as *const Task) };
+        c_int::from(t.is_cancelled())
+    })
+}
+
+/// `int64_t polygate_ffi_task_remaining_ms(void *tsk)`: milliseconds before the caller gives
+/// up, or -1 without a deadline.
+///
+/// # Safety
+/// `tsk` must be a polled, unanswered task.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_task_remaining_ms(tsk: *mut c_void) -> i64 {
+    boundary("polygate_ffi_task_remaining_ms", -1, || {
+        if tsk.is_null() {
+            return -1;
+        }
+        // SAFETY: the runtime holds a reference to the task until it answers
+        let t = unsafe { &*(tsk as *const Task) };
+        t.remaining_ms()
+            .map_or(-1, |ms| ms.min(i64::MAX as u64) as i64)
+    })
+}
+
+/// `void polygate_ffi_log(int level, const char *msg, int len)`: writes into polygate's log.
+/// Levels: 0 error, 1 warn, 2 info, 3 debug. `len < 0` means NUL-terminated.
+///
+/// # Safety
+/// `msg` must be NULL or point to `len` readable bytes (NUL-terminated when `len < 0`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_log(level: c_int, msg: *const c_char, len: c_int) {
+    boundary("polygate_ffi_log", (), || {
+        if msg.is_null() {
+            return;
+        }
+        let bytes = if len < 0 {
+            // SAFETY: NUL-terminated per the contract
+            unsafe { std::ffi::CStr::from_ptr(msg) }.to_bytes()
+        } else {
+            // SAFETY: `len` readable bytes per the contract
+            unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len as usize) }
+        };
+        let text = String::from_utf8_lossy(bytes);
+        match level {
+            0 => tracing::error!(target: "ffi_runtime", "{text}"),
+            1 => tracing::warn!(target: "ffi_runtime", "{text}"),
+            2 => tracing::info!(target: "ffi_runtime", "{text}"),
+            _ => tracing::debug!(target: "ffi_runtime", "{text}"),
+        }
+    })
+}
+
+/// Addresses of every export. The binary calls this so the linker keeps the functions, and
+/// exports them with `--export-dynamic-symbol` so `dlopen`ed runtimes resolve them.
+pub fn exported_symbols() -> [(&'static str, usize); 9] {
+    [
+        (
+            "ngx_http_lua_ffi_task_poll",
+            ngx_http_lua_ffi_task_poll as *const () as usize,
+        ),
+        (
+            "ngx_http_lua_ffi_get_req",
+            ngx_http_lua_ffi_get_req as *const () as usize,
+        ),
+        (
+            "ngx_http_lua_ffi_respond",
+            ngx_http_lua_ffi_respond as *const () as usize,
+        ),
+        (
+            "polygate_ffi_abi_version",
+            polygate_ffi_abi_version as *const () as usize,
+        ),
+        (
+            "polygate_ffi_task_poll_n",
+            polygate_ffi_task_poll_n as *const () as usize,
+        ),
+        (
+            "polygate_ffi_respond2",
+            polygate_ffi_respond2 as *const () as usize,
+        ),
+        (
+            "polygate_ffi_task_is_cancelled",
+            polygate_ffi_task_is_cancelled as *const () as usize,
+        ),
+        (
+            "polygate_ffi_task_remaining_ms",
+            polygate_ffi_task_remaining_ms as *const () as usize,
+        ),
+        ("polygate_ffi_log", polygate_ffi_log as *const () as usize),
+    ]
+}

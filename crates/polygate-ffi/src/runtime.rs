@@ -1,0 +1,397 @@
+//! Loading runtime libraries and calling them.
+//!
+//! Runtimes are **process-wide**: one registry for the whole process, keyed like lua-resty-ffi
+//! (`lib&cfg`, or `lib` for a nil cfg), so `libffi_init` runs once per key however many worker
+//! threads, routes or Lua states use it.
+#![allow(unsafe_code, reason = "dlopen and the libffi_init call")]
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_char, c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::queue::{Answer, CancelOnDrop, PostError, TaskQueue};
+
+/// Default `max_queue`, as in lua-resty-ffi.
+pub const DEFAULT_MAX_QUEUE: usize = 65536;
+
+/// How to load a runtime.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Tasks that may wait in the queue (not yet polled). Default 65536.
+    pub max_queue: usize,
+    /// Calls that may be in flight (posted and not answered, timed out or cancelled). Default
+    /// unlimited (`usize::MAX`).
+    pub max_inflight: usize,
+    /// `dlopen` with `RTLD_GLOBAL` (Python and Node loaders need it).
+    pub is_global: bool,
+    /// Allow `dlclose` when the runtime is unloaded (never for Go libraries).
+    pub unpin: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            max_queue: DEFAULT_MAX_QUEUE,
+            max_inflight: usize::MAX,
+            is_global: false,
+            unpin: false,
+        }
+    }
+}
+
+/// Why loading failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// The library was not found or `dlopen` failed.
+    #[error("cannot load {lib}: {reason}")]
+    Open {
+        /// Library as given.
+        lib: String,
+        /// dlopen's message.
+        reason: String,
+    },
+    /// The library has no `libffi_init`.
+    #[error("{lib} does not export libffi_init")]
+    NoInit {
+        /// Library path.
+        lib: String,
+    },
+    /// `libffi_init` returned non-zero.
+    #[error("libffi_init of {lib} failed with rc {rc}")]
+    Init {
+        /// Library path.
+        lib: String,
+        /// Return code.
+        rc: i32,
+    },
+    /// The cfg contains a NUL byte.
+    #[error("cfg for {lib} contains a NUL byte")]
+    BadCfg {
+        /// Library as given.
+        lib: String,
+    },
+}
+
+impl LoadError {
+    /// The rc of a failed `libffi_init`, if that is what failed.
+    pub fn rc(&self) -> Option<i32> {
+        match self {
+            LoadError::Init { rc, .. } => Some(*rc),
+            _ => None,
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The queue holds `max_queue` unpolled tasks.
+    #[error("post failed, queue full")]
+    QueueFull,
+    /// `max_inflight` calls are in flight.
+    #[error("too many calls in flight")]
+    Busy,
+    /// The runtime was unloaded.
+    #[error("task queue is finished")]
+    Finished,
+    /// No answer within the timeout.
+    #[error("runtime call timed out after {0:?}")]
+    Timeout(Duration),
+    /// The task was dropped without an answer.
+    #[error("runtime dropped the task without answering")]
+    Dropped,
+}
+
+/// A loaded runtime.
+pub struct Runtime {
+    /// Cache key (`lib&cfg`).
+    pub key: String,
+    /// Resolved library path.
+    pub path: PathBuf,
+    queue: Arc<TaskQueue>,
+    /// The strong queue reference handed to `libffi_init`, as an address (reclaimed only when
+    /// the library is closed).
+    handle: usize,
+    lib: Mutex<Option<libloading::Library>>,
+    unpin: bool,
+    max_inflight: usize,
+    inflight: Arc<AtomicUsize>,
+    unloaded: AtomicBool,
+}
+
+struct InflightGuard(Arc<AtomicUsize>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Runtime {
+    /// Calls the runtime with `req` (`None` = nil request). Never blocks the thread: a full
+    /// queue or too many calls in flight fail at once; `timeout` bounds the wait (the late
+    /// answer is then discarded and its buffer freed). Dropping the future cancels the call.
+    pub async fn call(
+        &self,
+        req: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<Answer, CallError> {
+        if self.unloaded.load(Ordering::Acquire) {
+            return Err(CallError::Finished);
+        }
+        if self.inflight.fetch_add(1, Ordering::AcqRel) >= self.max_inflight {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(CallError::Busy);
+        }
+        let _inflight = InflightGuard(self.inflight.clone());
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let (task, rx) = self.queue.post(req, deadline).map_err(|e| match e {
+            PostError::QueueFull => {
+                tracing::error!(
+                    "ffi: queue of {} overflow: {} tasks waiting",
+                    self.key,
+                    self.queue.max_queue
+                );
+                CallError::QueueFull
+            }
+            PostError::Finished => CallError::Finished,
+        })?;
+        let mut guard = CancelOnDrop::new(task);
+        let res = match timeout {
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(r) => r,
+                Err(_) => return Err(CallError::Timeout(t)),
+            },
+            None => rx.await,
+        };
+        match res {
+            Ok(answer) => {
+                guard.disarm();
+                Ok(answer)
+            }
+            Err(_) => Err(CallError::Dropped),
+        }
+    }
+
+    /// Unloads: later calls fail with [`CallError::Finished`]; tasks already queued are still
+    /// handed out, then every poller gets NULL. Removes the runtime from the registry, so a
+    /// later load runs `libffi_init` again.
+    pub fn unload(&self) {
+        if self.unloaded.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.queue.finish();
+        host().forget(&self.key);
+    }
+
+    /// Whether [`Runtime::unload`] was called.
+    pub fn is_unloaded(&self) -> bool {
+        self.unloaded.load(Ordering::Acquire)
+    }
+
+    /// Tasks queued and not polled yet.
+    pub fn queued(&self) -> usize {
+        self.queue.queued()
+    }
+
+    /// Tasks polled and not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.queue.outstanding()
+    }
+
+    /// Calls in flight from the host's point of view.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if !self.unpin {
+            // pinned: the library (and the queue handle it may still use) stay for the process
+            if let Some(lib) = self.lib.lock().take() {
+                std::mem::forget(lib);
+            }
+            return;
+        }
+        if !self.queue.is_finished() {
+            self.queue.finish();
+        }
+        if let Some(lib) = self.lib.lock().take() {
+            drop(lib);
+            // SAFETY: the library is closed, so nothing can use the handle any more; this
+            // releases the strong reference created for libffi_init
+            unsafe { drop(Arc::from_raw(self.handle as *const TaskQueue)) };
+        }
+    }
+}
+
+/// The process-wide runtime registry.
+pub struct FfiHost {
+    runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
+    lib_path: Mutex<Vec<PathBuf>>,
+}
+
+/// The process-wide host.
+pub fn host() -> &'static FfiHost {
+    static HOST: OnceLock<FfiHost> = OnceLock::new();
+    HOST.get_or_init(|| FfiHost {
+        runtimes: Mutex::new(HashMap::new()),
+        lib_path: Mutex::new(Vec::new()),
+    })
+}
+
+/// The cache key lua-resty-ffi uses: `lib&cfg`, or `lib` for a nil cfg.
+pub fn cache_key(lib: &str, cfg: Option<&str>) -> String {
+    match cfg {
+        Some(c) => format!("{lib}&{c}"),
+        None => lib.to_owned(),
+    }
+}
+
+impl FfiHost {
+    /// Directories searched for libraries before `LD_LIBRARY_PATH`.
+    pub fn set_lib_path(&self, dirs: Vec<PathBuf>) {
+        *self.lib_path.lock() = dirs;
+    }
+
+    fn forget(&self, key: &str) {
+        self.runtimes.lock().remove(key);
+    }
+
+    /// The loaded runtime for this key, if any.
+    pub fn get(&self, lib: &str, cfg: Option<&str>) -> Option<Arc<Runtime>> {
+        self.runtimes.lock().get(&cache_key(lib, cfg)).cloned()
+    }
+
+    /// Resolves `lib`: an absolute path as is; a name with a `/` relative to the working
+    /// directory; a file name (`libx.so`) or a short name (`x` → `libx.so`) searched in the
+    /// configured library path, then `LD_LIBRARY_PATH`, then left to `dlopen`'s own search.
+    pub fn resolve(&self, lib: &str) -> PathBuf {
+        let p = Path::new(lib);
+        if p.is_absolute() || lib.contains('/') {
+            return p.to_path_buf();
+        }
+        let file = if lib.ends_with(".so") || lib.contains(".so.") {
+            lib.to_owned()
+        } else {
+            format!("lib{lib}.so")
+        };
+        let mut dirs = self.lib_path.lock().clone();
+        if let Ok(ld) = std::env::var("LD_LIBRARY_PATH") {
+            dirs.extend(ld.split(':').filter(|d| !d.is_empty()).map(PathBuf::from));
+        }
+        for d in dirs {
+            let cand = d.join(&file);
+            if cand.exists() {
+                return cand;
+            }
+        }
+        PathBuf::from(file)
+    }
+
+    /// Loads a runtime (or returns the one already loaded for `lib&cfg`), calling
+    /// `libffi_init(cfg, tq)` once per key for the whole process.
+    pub fn load(
+        &self,
+        lib: &str,
+        cfg: Option<&str>,
+        opts: &LoadOptions,
+    ) -> Result<Arc<Runtime>, LoadError> {
+        let key = cache_key(lib, cfg);
+        let mut map = self.runtimes.lock();
+        if let Some(rt) = map.get(&key) {
+            return Ok(rt.clone());
+        }
+        let path = self.resolve(lib);
+        let c_cfg = match cfg {
+            Some(c) => Some(CString::new(c).map_err(|_| LoadError::BadCfg {
+                lib: lib.to_owned(),
+            })?),
+            None => None,
+        };
+        let flags = libc::RTLD_NOW
+            | if opts.is_global {
+                libc::RTLD_GLOBAL
+            } else {
+                libc::RTLD_LOCAL
+            };
+        // SAFETY: loading a runtime library runs its initialisers; that is the point of this
+        // function and the operator chose the library
+        let library =
+            unsafe { libloading::os::unix::Library::open(Some(&path), flags) }.map_err(|e| {
+                LoadError::Open {
+                    lib: lib.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
+        let library: libloading::Library = library.into();
+        type InitFn = unsafe extern "C" fn(*mut c_char, *mut c_void) -> c_int;
+        // SAFETY: the symbol's type is the published libffi_init signature
+        let init: InitFn = match unsafe { library.get::<InitFn>(b"libffi_init\0") } {
+            Ok(s) => *s,
+            Err(_) => {
+                let err = LoadError::NoInit {
+                    lib: path.display().to_string(),
+                };
+                keep_or_close(library, opts.unpin);
+                return Err(err);
+            }
+        };
+        let queue = TaskQueue::new(opts.max_queue);
+        let handle = Arc::into_raw(queue.clone()) as usize;
+        // the runtime may modify cfg in place (strsep) and must copy what it keeps: hand it a
+        // fresh NUL-terminated buffer and free it after the call
+        let cfg_ptr = c_cfg.map_or(std::ptr::null_mut(), CString::into_raw);
+        // SAFETY: libffi_init's contract: cfg is NULL or a NUL-terminated buffer valid for the
+        // call, tq an opaque handle valid until poll returns NULL
+        let rc = unsafe { init(cfg_ptr, handle as *mut c_void) };
+        if !cfg_ptr.is_null() {
+            // SAFETY: created by CString::into_raw above; the runtime no longer uses it
+            drop(unsafe { CString::from_raw(cfg_ptr) });
+        }
+        if rc != 0 {
+            queue.finish();
+            if opts.unpin {
+                drop(library);
+                // SAFETY: the library is closed; nothing can use the handle any more
+                unsafe { drop(Arc::from_raw(handle as *const TaskQueue)) };
+            } else {
+                // the runtime may have started threads before failing: keep the library and
+                // the (finished) queue handle rather than pull code from under them
+                std::mem::forget(library);
+            }
+            return Err(LoadError::Init {
+                lib: path.display().to_string(),
+                rc,
+            });
+        }
+        tracing::info!("ffi: loaded {} (key {key:?})", path.display());
+        let rt = Arc::new(Runtime {
+            key: key.clone(),
+            path,
+            queue,
+            handle,
+            lib: Mutex::new(Some(library)),
+            unpin: opts.unpin,
+            max_inflight: opts.max_inflight.max(1),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            unloaded: AtomicBool::new(false),
+        });
+        map.insert(key, rt.clone());
+        Ok(rt)
+    }
+}
+
+fn keep_or_close(lib: libloading::Library, unpin: bool) {
+    if unpin {
+        drop(lib);
+    } else {
+        std::mem::forget(lib);
+    }
+}
