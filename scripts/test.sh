@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
 export CARGO_TERM_COLOR=never
 
-# System packages the suite needs (tests send signals with kill(1) from procps).
+# System packages the suite needs: kill(1) for signal tests, a C compiler for the C runtimes
+# of the FFI tests. Go (for the Go runtimes) comes with the machine image.
 need_pkgs=()
 command -v kill >/dev/null || need_pkgs+=(procps)
+command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
+command -v go >/dev/null || { echo "the FFI tests build Go runtimes: install Go (go1.22+)" >&2; exit 1; }
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}"
@@ -21,6 +24,8 @@ fi
 step() { echo; echo "==> $*"; }
 step "cargo fmt --check";   cargo fmt --all --check
 step "cargo clippy";        cargo clippy --workspace --all-targets -q -- -D warnings
+step "build the Rust example runtime (loaded by the end-to-end tests)"
+cargo build -q -p ffi-rust-echo
 step "cargo test"
 log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
@@ -33,5 +38,8 @@ for f in examples/*.yaml examples/*.json; do
   [ -e "$f" ] || continue
   "$CARGO_TARGET_DIR/debug/polygate" validate -c "$f"
 done
+step "go vet (Go SDK and examples)"
+(cd runtimes/go && go vet ./...)
+(cd examples/go && go vet ./...)
 echo; echo "all checks passed"
 echo "tests: $passed passed, $failed failed"

@@ -4,6 +4,7 @@
 mod support;
 
 mod balance;
+mod ffi;
 mod ops;
 mod plugins;
 mod routing;

@@ -421,3 +421,89 @@ pub fn validate(text: &str, ext: &str) -> (i32, String) {
         ),
     )
 }
+
+/// Runtime libraries built from source for the tests, once per test process.
+pub mod libs {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::sync::Mutex;
+
+    static BUILT: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+
+    fn repo() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    fn out_dir() -> PathBuf {
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("runtimes");
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn once(key: &str, build: impl FnOnce() -> PathBuf) -> PathBuf {
+        let mut built = BUILT.lock().unwrap();
+        if let Some((_, p)) = built.iter().find(|(k, _)| k == key) {
+            return p.clone();
+        }
+        let p = build();
+        built.push((key.to_owned(), p.clone()));
+        p
+    }
+
+    fn run(cmd: &mut Command, what: &str) {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `examples/go/<pkg>` built with `go build -buildmode=c-shared` as `libffi_go_<pkg>.so`.
+    pub fn go(pkg: &str) -> PathBuf {
+        once(&format!("go:{pkg}"), || {
+            let out = out_dir().join(format!("libffi_go_{pkg}.so"));
+            run(
+                Command::new("go")
+                    .args(["build", "-buildmode=c-shared", "-o"])
+                    .arg(&out)
+                    .arg(format!("./{pkg}"))
+                    .current_dir(repo().join("examples/go")),
+                &format!("go build {pkg}"),
+            );
+            out
+        })
+    }
+
+    /// A C runtime from `crates/polygate-ffi/tests/c`.
+    pub fn c(name: &str) -> PathBuf {
+        once(&format!("c:{name}"), || {
+            let src = repo().join(format!("crates/polygate-ffi/tests/c/{name}.c"));
+            let out = out_dir().join(format!("lib{name}.so"));
+            run(
+                Command::new("cc")
+                    .args(["-shared", "-fPIC", "-O1", "-pthread", "-o"])
+                    .arg(&out)
+                    .arg(&src)
+                    .arg("-I")
+                    .arg(repo().join("include")),
+                &format!("cc {name}"),
+            );
+            out
+        })
+    }
+
+    /// The Rust example runtime (`cargo build -p ffi-rust-echo`, done by scripts/test.sh).
+    pub fn rust_echo() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe.parent().and_then(Path::parent).unwrap();
+        let p = dir.join("libffi_rust_echo.so");
+        assert!(
+            p.exists(),
+            "{} is missing: run `cargo build -p ffi-rust-echo` first (scripts/test.sh does)",
+            p.display()
+        );
+        p
+    }
+}

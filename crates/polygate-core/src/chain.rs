@@ -151,6 +151,8 @@ pub struct PluginChain {
     pub names: Vec<Arc<str>>,
     /// Whether any instance has a body filter.
     pub has_body_filter: bool,
+    /// Largest request body any instance wants buffered ([`Plugin::wants_body`]).
+    pub wants_body: Option<usize>,
 }
 
 impl PluginChain {
@@ -174,10 +176,12 @@ impl PluginChain {
                 .then_with(|| a.name.cmp(&b.name))
         });
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
+        let wants_body = wants_body(&instances);
         PluginChain {
             instances,
             names,
             has_body_filter,
+            wants_body,
         }
     }
 
@@ -191,10 +195,12 @@ impl PluginChain {
         });
         let names = instances.iter().map(|i| i.name.clone()).collect();
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
+        let wants_body = wants_body(&instances);
         PluginChain {
             instances,
             names,
             has_body_filter,
+            wants_body,
         }
     }
 
@@ -237,15 +243,21 @@ impl PluginChain {
         });
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
         let names = instances.iter().map(|i| i.name.clone()).collect();
+        let wants_body = wants_body(&instances);
         (
             PluginChain {
                 instances,
                 names,
                 has_body_filter,
+                wants_body,
             },
             added,
         )
     }
+}
+
+fn wants_body(instances: &[Arc<PluginInstance>]) -> Option<usize> {
+    instances.iter().filter_map(|i| i.plugin.wants_body()).max()
 }
 
 /// Runs one request phase (`rewrite`, `access` or `before_proxy`) over `instances`.

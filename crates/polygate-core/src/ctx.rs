@@ -61,6 +61,9 @@ pub struct RequestCtx {
     pub plugin_vars: Vec<(String, String)>,
     /// Per-request state private to plugins (like `ngx.ctx`).
     pub extensions: http::Extensions,
+    /// The request body, when a plugin asked for it ([`crate::Plugin::wants_body`]); plugins may
+    /// replace it before the request is proxied.
+    pub body: Option<Bytes>,
     /// Replacement response body chosen by a plugin in `header_filter`.
     pub body_override: Option<Bytes>,
     /// The upstream node that served the request (`ip:port`), once known.
@@ -111,6 +114,7 @@ impl RequestCtx {
             upstream_host: None,
             plugin_vars: Vec::new(),
             extensions: http::Extensions::new(),
+            body: None,
             body_override: None,
             upstream_addr: None,
             status: None,

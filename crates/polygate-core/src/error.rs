@@ -46,6 +46,9 @@ pub enum GatewayError {
     /// The client request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request body is larger than a plugin accepts.
+    #[error("request body larger than {0} bytes")]
+    PayloadTooLarge(usize),
 }
 
 impl GatewayError {
@@ -60,6 +63,7 @@ impl GatewayError {
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Plugin(_) => StatusCode::INTERNAL_SERVER_ERROR,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         let msg = match self {
             GatewayError::RouteNotFound => "404 Route Not Found".to_owned(),

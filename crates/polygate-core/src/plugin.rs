@@ -117,6 +117,13 @@ pub trait Plugin: Send + Sync + 'static {
     /// [`RequestCtx::body_override`]. Also runs for responses made by plugins and errors.
     fn header_filter(&self, _ctx: &mut RequestCtx, _resp: &mut ResponseHead) {}
 
+    /// The request body this plugin needs to see, at most this many bytes. When any plugin of a
+    /// chain asks, the gateway reads the body before `rewrite` into [`RequestCtx::body`]
+    /// (a longer body is refused with 413) and forwards the buffered copy.
+    fn wants_body(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether [`Plugin::body_filter`] does anything (the proxy skips the body hook otherwise).
     fn has_body_filter(&self) -> bool {
         false

@@ -1,7 +1,7 @@
 //! The exported C functions: lua-resty-ffi's three runtime-facing symbols, bit for bit, and
 //! polygate's versioned extensions. This is the only module with `unsafe` besides the loader.
 //!
-//! Every export runs inside [`boundary`], which catches panics (an unwinding panic out of an
+//! Every export runs inside a panic boundary (`boundary`), which catches panics (an unwinding panic out of an
 //! `extern "C"` function would abort the gateway) and returns the export's neutral value.
 //!
 //! Threads: every function here may be called from any runtime thread (Go goroutines, JVM

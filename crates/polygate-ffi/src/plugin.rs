@@ -1,1 +1,425 @@
-//! placeholder
+//! The `ffi` plugin: calls a runtime library on the request path (APISIX's ext-plugin idea,
+//! without the socket).
+//!
+//! ```yaml
+//! plugins:
+//!   ffi:
+//!     lib: ffi_go_auth          # path, file name, or short name (libffi_go_auth.so)
+//!     cfg: '{"secret": "..."}'  # passed to libffi_init (optional)
+//!     phase: access             # rewrite | access (default) | log
+//!     timeout: 3                # seconds per call
+//!     on_error: fail_closed     # or fail_open: continue when the runtime fails
+//!     error_status: 503         # status for fail_closed
+//!     include_body: false       # send the request body (up to max_body bytes)
+//! ```
+//!
+//! The runtime receives one JSON document per request (see [`RequestDoc`]) and answers with a
+//! JSON action (see [`Action`]); rc ≠ 0 is an error. In the `log` phase the call is made after
+//! the response, and its answer is ignored.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use polygate_core::{
+    ConfError, Flow, Plugin, PluginError, PluginFactory, PluginResponse, RequestCtx, ResponseHead,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{LoadOptions, Runtime, host};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Conf {
+    lib: String,
+    #[serde(default)]
+    cfg: Option<String>,
+    #[serde(default = "access")]
+    phase: String,
+    #[serde(default = "three")]
+    timeout: f64,
+    #[serde(default)]
+    max_queue: Option<usize>,
+    #[serde(default)]
+    max_inflight: Option<usize>,
+    #[serde(default)]
+    is_global: bool,
+    #[serde(default)]
+    unpin: bool,
+    #[serde(default = "fail_closed")]
+    on_error: String,
+    #[serde(default = "s503")]
+    error_status: u16,
+    #[serde(default)]
+    include_body: bool,
+    #[serde(default = "mib")]
+    max_body: usize,
+}
+
+fn access() -> String {
+    "access".into()
+}
+fn three() -> f64 {
+    3.0
+}
+fn fail_closed() -> String {
+    "fail_closed".into()
+}
+fn s503() -> u16 {
+    503
+}
+fn mib() -> usize {
+    1 << 20
+}
+
+/// What the runtime receives: one JSON object per call.
+#[derive(Serialize)]
+pub struct RequestDoc<'a> {
+    /// Request method.
+    pub method: &'a str,
+    /// The request target as received (`$request_uri`).
+    pub uri: &'a str,
+    /// Current path (after rewrites).
+    pub path: &'a str,
+    /// Current query string (without `?`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<&'a str>,
+    /// Headers (lower-case names; a list when a header repeats).
+    pub headers: BTreeMap<&'a str, serde_json::Value>,
+    /// Client address.
+    pub client_ip: String,
+    /// Client port.
+    pub client_port: u16,
+    /// Matched route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_id: Option<&'a str>,
+    /// Matched route's service.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_id: Option<&'a str>,
+    /// Identified consumer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<&'a str>,
+    /// Response status (log phase).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The body as text (with `include_body`, when it is UTF-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body: Option<&'a str>,
+    /// The body in base64 (with `include_body`, when it is not UTF-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+/// What the runtime answers.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// `continue` (default) or `respond`.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// `respond`: status (default 200).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// `respond`: response headers.
+    #[serde(default)]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// `respond`: response body.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// `continue`: request headers to set before proxying.
+    #[serde(default)]
+    pub set_headers: Option<BTreeMap<String, String>>,
+    /// `continue`: request headers to remove.
+    #[serde(default)]
+    pub remove_headers: Option<Vec<String>>,
+    /// `continue`: new path (and query, after `?`) sent upstream.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// `continue`: headers to set on the response to the client.
+    #[serde(default)]
+    pub response_headers: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PhaseKind {
+    Rewrite,
+    Access,
+    Log,
+}
+
+struct Ffi {
+    rt: Arc<Runtime>,
+    phase: PhaseKind,
+    timeout: Duration,
+    fail_open: bool,
+    error_status: StatusCode,
+    include_body: Option<usize>,
+}
+
+/// Response headers chosen by the runtime, applied in `header_filter`.
+#[derive(Clone, Default)]
+struct RespHeaders(Vec<(HeaderName, HeaderValue)>);
+
+/// Factory of the `ffi` plugin.
+pub struct FfiFactory;
+
+impl PluginFactory for FfiFactory {
+    fn name(&self) -> &str {
+        "ffi"
+    }
+
+    fn priority(&self) -> i32 {
+        1500
+    }
+
+    fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
+        let c: Conf = serde_path_to_error_free(conf)?;
+        let phase = match c.phase.as_str() {
+            "rewrite" => PhaseKind::Rewrite,
+            "access" => PhaseKind::Access,
+            "log" => PhaseKind::Log,
+            other => {
+                return Err(ConfError::at(
+                    "phase",
+                    format!("{other:?} must be rewrite, access or log"),
+                ));
+            }
+        };
+        if !(c.timeout.is_finite() && c.timeout > 0.0) {
+            return Err(ConfError::at("timeout", "must be a number > 0"));
+        }
+        let fail_open = match c.on_error.as_str() {
+            "fail_open" => true,
+            "fail_closed" => false,
+            other => {
+                return Err(ConfError::at(
+                    "on_error",
+                    format!("{other:?} must be fail_open or fail_closed"),
+                ));
+            }
+        };
+        let error_status = StatusCode::from_u16(c.error_status)
+            .ok()
+            .filter(|s| s.as_u16() >= 400)
+            .ok_or_else(|| ConfError::at("error_status", "must be an HTTP status >= 400"))?;
+        let opts = LoadOptions {
+            max_queue: c.max_queue.unwrap_or(crate::runtime::DEFAULT_MAX_QUEUE),
+            max_inflight: c.max_inflight.unwrap_or(usize::MAX),
+            is_global: c.is_global,
+            unpin: c.unpin,
+        };
+        let rt = host()
+            .load(&c.lib, c.cfg.as_deref(), &opts)
+            .map_err(|e| ConfError::at("lib", e.to_string()))?;
+        Ok(Arc::new(Ffi {
+            rt,
+            phase,
+            timeout: Duration::from_secs_f64(c.timeout),
+            fail_open,
+            error_status,
+            include_body: c.include_body.then_some(c.max_body),
+        }))
+    }
+}
+
+fn serde_path_to_error_free<T: serde::de::DeserializeOwned>(
+    v: &serde_json::Value,
+) -> Result<T, ConfError> {
+    T::deserialize(v).map_err(|e| ConfError::whole(e.to_string()))
+}
+
+/// Serialises the request description.
+pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
+    let mut headers: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+    for (k, v) in &ctx.headers {
+        let v = serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        match headers.get_mut(k.as_str()) {
+            None => {
+                headers.insert(k.as_str(), v);
+            }
+            Some(serde_json::Value::Array(a)) => a.push(v),
+            Some(prev) => {
+                let first = prev.take();
+                *prev = serde_json::Value::Array(vec![first, v]);
+            }
+        }
+    }
+    let (body, body_base64) = match &ctx.body {
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(s) => (Some(s), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(b)),
+            ),
+        },
+        None => (None, None),
+    };
+    let doc = RequestDoc {
+        method: ctx.method.as_str(),
+        uri: &ctx.request_uri,
+        path: &ctx.path,
+        query: ctx.query.as_deref(),
+        headers,
+        client_ip: ctx.client_addr.ip().to_string(),
+        client_port: ctx.client_addr.port(),
+        route_id: ctx.route_id.as_deref(),
+        service_id: ctx.service_id.as_deref(),
+        consumer: ctx.consumer.as_ref().map(|c| c.username.as_str()),
+        status: ctx.status.map(|s| s.as_u16()),
+        body,
+        body_base64,
+    };
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+impl Ffi {
+    fn fail(&self, why: String) -> Result<Option<PluginResponse>, PluginError> {
+        if self.fail_open {
+            tracing::warn!("ffi {}: {why}; continuing (fail_open)", self.rt.key);
+            return Ok(None);
+        }
+        tracing::error!("ffi {}: {why}", self.rt.key);
+        let mut r = PluginResponse::new(
+            self.error_status,
+            serde_json::json!({ "error_msg": format!("{} {}", self.error_status.as_u16(), self.error_status.canonical_reason().unwrap_or("Error")) }).to_string() + "\n",
+        );
+        r.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(Some(r))
+    }
+
+    async fn run(&self, ctx: &mut RequestCtx) -> Result<Option<PluginResponse>, PluginError> {
+        let req = describe(ctx);
+        let (rc, body) = match self.rt.call(Some(&req), Some(self.timeout)).await {
+            Ok(a) => a,
+            Err(e) => return self.fail(e.to_string()),
+        };
+        if rc != 0 {
+            let detail = body
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            return self.fail(format!("runtime answered rc {rc}: {detail}"));
+        }
+        let action: Action = match body.as_deref() {
+            None | Some(b"") => Action::default(),
+            Some(b) => match serde_json::from_slice(b) {
+                Ok(a) => a,
+                Err(e) => return self.fail(format!("invalid action from the runtime: {e}")),
+            },
+        };
+        self.apply(ctx, action)
+    }
+
+    fn apply(
+        &self,
+        ctx: &mut RequestCtx,
+        a: Action,
+    ) -> Result<Option<PluginResponse>, PluginError> {
+        match a.action.as_deref().unwrap_or("continue") {
+            "respond" => {
+                let status =
+                    StatusCode::from_u16(a.status.unwrap_or(200)).unwrap_or(StatusCode::OK);
+                let mut r = PluginResponse::new(status, Bytes::from(a.body.unwrap_or_default()));
+                for (k, v) in a.headers.unwrap_or_default() {
+                    if let (Ok(n), Ok(v)) = (
+                        HeaderName::from_bytes(k.as_bytes()),
+                        HeaderValue::from_str(&v),
+                    ) {
+                        r.headers.insert(n, v);
+                    }
+                }
+                Ok(Some(r))
+            }
+            "continue" => {
+                for (k, v) in a.set_headers.unwrap_or_default() {
+                    if ctx.set_header(&k, &v).is_err() {
+                        return self.fail(format!("invalid header {k:?} from the runtime"));
+                    }
+                }
+                for k in a.remove_headers.unwrap_or_default() {
+                    ctx.headers.remove(k.as_str());
+                }
+                if let Some(u) = a.uri {
+                    match u.split_once('?') {
+                        Some((p, q)) => {
+                            ctx.path = p.to_owned();
+                            ctx.query = Some(q.to_owned());
+                        }
+                        None => ctx.path = u,
+                    }
+                }
+                if let Some(h) = a.response_headers {
+                    let list = h
+                        .into_iter()
+                        .filter_map(|(k, v)| {
+                            Some((
+                                HeaderName::from_bytes(k.as_bytes()).ok()?,
+                                HeaderValue::from_str(&v).ok()?,
+                            ))
+                        })
+                        .collect();
+                    ctx.extensions.insert(RespHeaders(list));
+                }
+                Ok(None)
+            }
+            other => self.fail(format!("unknown action {other:?} from the runtime")),
+        }
+    }
+}
+
+impl Plugin for Ffi {
+    fn name(&self) -> &str {
+        "ffi"
+    }
+
+    fn wants_body(&self) -> Option<usize> {
+        self.include_body
+    }
+
+    fn rewrite<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
+        if self.phase != PhaseKind::Rewrite {
+            return Flow::Continue;
+        }
+        Flow::Pending(Box::pin(self.run(ctx)))
+    }
+
+    fn access<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
+        if self.phase != PhaseKind::Access {
+            return Flow::Continue;
+        }
+        Flow::Pending(Box::pin(self.run(ctx)))
+    }
+
+    fn header_filter(&self, ctx: &mut RequestCtx, resp: &mut ResponseHead) {
+        if let Some(h) = ctx.extensions.get::<RespHeaders>() {
+            for (k, v) in &h.0 {
+                resp.headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    fn log(&self, ctx: &RequestCtx) {
+        if self.phase != PhaseKind::Log {
+            return;
+        }
+        let req = describe(ctx);
+        let rt = self.rt.clone();
+        let timeout = self.timeout;
+        // the response is already sent: call in the background and only log failures
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                match rt.call(Some(&req), Some(timeout)).await {
+                    Ok((0, _)) => {}
+                    Ok((rc, _)) => tracing::warn!("ffi {} (log phase): rc {rc}", rt.key),
+                    Err(e) => tracing::warn!("ffi {} (log phase): {e}", rt.key),
+                }
+            });
+        }
+    }
+}

@@ -306,6 +306,24 @@ fn finish_local(
     into_response(head, RespBody::full(body, Some(fin)))
 }
 
+/// Buffers a request body of at most `limit` bytes.
+async fn read_body(body: Incoming, limit: usize, timeout_s: f64) -> Result<Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(Duration::from_secs_f64(timeout_s), limited.collect()).await {
+        Err(_) => Err(GatewayError::BadRequest(
+            "timed out reading the request body".into(),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::PayloadTooLarge(limit))
+        }
+        Ok(Err(e)) => Err(GatewayError::BadRequest(format!(
+            "reading the request body: {e}"
+        ))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
 async fn run_request(
     snap: &Arc<Snapshot>,
     entry: &Arc<Entry<RouteData>>,
@@ -316,6 +334,12 @@ async fn run_request(
 ) -> Result<Outcome, GatewayError> {
     let route = &entry.data;
     let global = &snap.global;
+    let mut body = Some(body);
+    if let Some(limit) = global.wants_body.max(route.chain.wants_body)
+        && let Some(b) = body.take()
+    {
+        ctx.body = Some(read_body(b, limit, snap.gateway.timeouts.client_header).await?);
+    }
     if !global.is_empty()
         && let Some(r) = run_phase(&global.instances, Phase::Rewrite, ctx).await?
     {
@@ -367,7 +391,7 @@ async fn proxy(
     route_timeout: Option<polygate_model::Timeout>,
     chain: &PluginChain,
     ctx: &mut RequestCtx,
-    body: Incoming,
+    body: Option<Incoming>,
     conn: &ConnInfo,
 ) -> Result<Outcome, GatewayError> {
     if up.scheme != "http" {
@@ -384,12 +408,17 @@ async fn proxy(
         idle_timeout: Duration::from_secs_f64(up.keepalive.idle_timeout.max(0.0)),
         max_uses: up.keepalive.requests.clamp(1, u32::MAX as i64) as u32,
     };
-    let replayable = body.is_end_stream();
-    let mut body = Some(if replayable {
-        ReqBody::Empty
-    } else {
-        ReqBody::Stream(body)
-    });
+    // a body buffered for plugins (possibly changed by them) is sent as is and can be replayed
+    let buffered = ctx.body.clone();
+    let (replayable, mut body) = match (&buffered, body) {
+        (Some(_), _) | (None, None) => (true, None),
+        (None, Some(b)) if b.is_end_stream() => (true, None),
+        (None, Some(b)) => (false, Some(ReqBody::Stream(b))),
+    };
+    let replay = || match &buffered {
+        Some(b) => ReqBody::Full(Some(b.clone())),
+        None => ReqBody::Empty,
+    };
 
     let client_host = ctx.headers.get(header::HOST).cloned();
     let fwd = h1::Forward {
@@ -442,7 +471,7 @@ async fn proxy(
         };
         let uri = ctx.upstream_uri();
         let probe_body = if replayable {
-            ReqBody::Empty
+            replay()
         } else {
             body.take().unwrap_or(ReqBody::Empty)
         };
@@ -455,7 +484,7 @@ async fn proxy(
         let mut fresh_retry = false;
         let result = loop {
             let b = if replayable {
-                ReqBody::Empty
+                replay()
             } else {
                 req_body.take().unwrap_or(ReqBody::Empty)
             };

@@ -55,7 +55,10 @@ fn init_logs(level: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let registry = polygate_plugins::registry();
+    // keep the FFI host's C functions in the executable (the build script exports them)
+    std::hint::black_box(polygate_ffi::abi::exported_symbols());
+    let mut registry = polygate_plugins::registry();
+    registry.register(std::sync::Arc::new(polygate_ffi::plugin::FfiFactory));
     match cli.cmd {
         Cmd::Version => {
             println!("polygate {}", env!("CARGO_PKG_VERSION"));

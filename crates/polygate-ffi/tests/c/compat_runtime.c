@@ -8,6 +8,7 @@
  *   "stuck"          the poll thread blocks for 1 s on each task before answering it (so
  *                    the queue behind it fills up)
  *   "slow:<ms>"      answer each request from its own thread after <ms> milliseconds
+ *   "plugin"         answer the ffi plugin with a continue action adding x-c-runtime: 1
  *   "fail:<rc>"      make libffi_init return <rc>
  */
 #include <pthread.h>
@@ -55,6 +56,10 @@ static void *poll_loop(void *arg) {
         if (strcmp(r->mode, "strlen") == 0) { ngx_http_lua_ffi_respond(tsk, 0, strdup(req ? req : ""), 0); continue; }
         if (strcmp(r->mode, "rc") == 0) { ngx_http_lua_ffi_respond(tsk, 7, strdup("bad input"), 0); continue; }
         if (strcmp(r->mode, "null") == 0) { ngx_http_lua_ffi_respond(tsk, 0, NULL, 0); continue; }
+        if (strcmp(r->mode, "plugin") == 0) {
+            ngx_http_lua_ffi_respond(tsk, 0, strdup("{\"action\":\"continue\",\"set_headers\":{\"x-c-runtime\":\"1\"}}"), 0);
+            continue;
+        }
         char *out = malloc(len > 0 ? len : 1);
         if (len > 0) memcpy(out, req, len); else out[0] = 0;
         ngx_http_lua_ffi_respond(tsk, 0, out, len);

@@ -1,0 +1,44 @@
+//! An echo runtime: `ngx.load_ffi("ffi_rust_echo")` or the `ffi` plugin with
+//! `lib: ffi_rust_echo`. Answers each request with its own bytes. With the cfg `"json"` it
+//! answers the `ffi` plugin's request description with a `continue` action that adds an
+//! `x-rust-echo` header carrying the request path.
+#![allow(unsafe_code, reason = "the runtime! macro exports libffi_init")]
+
+use polygate_ffi_sdk::{Error, Handler, Options, runtime};
+
+struct Echo {
+    json: bool,
+}
+
+impl Handler for Echo {
+    fn call(&self, req: &[u8]) -> Result<Vec<u8>, Error> {
+        if !self.json {
+            return Ok(req.to_vec());
+        }
+        let text = std::str::from_utf8(req).map_err(|_| Error::new("request is not UTF-8"))?;
+        // tiny extraction of "path" without a JSON dependency
+        let path = text
+            .split("\"path\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .ok_or_else(|| Error::with_rc(2, "no path in request"))?;
+        Ok(
+            format!("{{\"action\":\"continue\",\"set_headers\":{{\"x-rust-echo\":\"{path}\"}}}}")
+                .into_bytes(),
+        )
+    }
+}
+
+fn init(cfg: Option<&str>) -> Result<(Echo, Options), Error> {
+    Ok((
+        Echo {
+            json: cfg == Some("json"),
+        },
+        Options {
+            pollers: 2,
+            ..Options::default()
+        },
+    ))
+}
+
+runtime!(init);

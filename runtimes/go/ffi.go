@@ -1,0 +1,247 @@
+// Package ffi writes polygate runtimes in Go (also loadable by OpenResty's lua-resty-ffi).
+//
+// A runtime is a c-shared library:
+//
+//	package main
+//
+//	import "polygate.dev/ffi"
+//
+//	func init() {
+//		ffi.Handle("", func(cfg string) (ffi.Handler, ffi.Options, error) {
+//			return func(req []byte) (int, []byte) { return 0, req }, ffi.Options{}, nil
+//		})
+//	}
+//
+//	func main() {}
+//
+// built with `go build -buildmode=c-shared -o libmy_runtime.so .`.
+//
+// One process should load one Go library: Go does not support several Go runtimes in one
+// process, and a Go library can never be unloaded. To serve several handlers from one library,
+// register each under a name and select it with the cfg: "name" or "name:rest" (rest is passed
+// to the factory); a handler registered under "" receives any other cfg whole.
+package ffi
+
+/*
+#cgo LDFLAGS: -shared -ldl
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern void *ngx_http_lua_ffi_task_poll(void *tq);
+extern char *ngx_http_lua_ffi_get_req(void *tsk, int *len);
+extern void ngx_http_lua_ffi_respond(void *tsk, int rc, char *rsp, int rsp_len);
+
+typedef uint32_t (*pg_version_fn)(void);
+typedef int (*pg_poll_n_fn)(void *, void **, int);
+typedef void (*pg_respond2_fn)(void *, int, char *, size_t, void (*)(void *));
+typedef int (*pg_cancelled_fn)(void *);
+
+static pg_poll_n_fn pg_poll_n_p;
+static pg_respond2_fn pg_respond2_p;
+static pg_cancelled_fn pg_cancelled_p;
+
+// Looks up polygate's extensions; 0 when the host does not have them (e.g. OpenResty).
+static int pg_detect(void) {
+	pg_version_fn v = (pg_version_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_abi_version");
+	pg_poll_n_p = (pg_poll_n_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_poll_n");
+	pg_respond2_p = (pg_respond2_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_respond2");
+	pg_cancelled_p = (pg_cancelled_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_is_cancelled");
+	if (!v || !pg_poll_n_p || !pg_respond2_p || !pg_cancelled_p) return 0;
+	return (v() >> 16) == 1;
+}
+static int pg_poll_n(void *tq, void **out, int max) { return pg_poll_n_p(tq, out, max); }
+static int pg_cancelled(void *t) { return pg_cancelled_p(t); }
+
+// Answers with a malloc'd copy of buf (the host frees it).
+static void pg_respond(int ext, void *t, int rc, const void *buf, size_t len) {
+	char *out = malloc(len > 0 ? len : 1);
+	if (out == NULL) { ngx_http_lua_ffi_respond(t, rc, NULL, 0); return; }
+	if (len > 0) memcpy(out, buf, len); else out[0] = 0;
+	if (ext) pg_respond2_p(t, rc, out, len, NULL);
+	else ngx_http_lua_ffi_respond(t, rc, out, (int)len); // len 0: "\0", the strlen rule
+}
+*/
+import "C"
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"unsafe"
+)
+
+// Handler answers one request: rc 0 means success.
+type Handler func(req []byte) (rc int, rsp []byte)
+
+// AsyncHandler answers one request by calling respond exactly once, from any goroutine.
+type AsyncHandler func(req []byte, respond func(rc int, rsp []byte))
+
+// Options tune the poll loop.
+type Options struct {
+	// Pollers is the number of goroutines polling the queue (several only under polygate;
+	// lua-resty-ffi allows one). Default 1.
+	Pollers int
+	// Batch is the number of tasks taken per poll under polygate. Default 32.
+	Batch int
+}
+
+// Factory builds a handler from the cfg given to libffi_init.
+type Factory func(cfg string) (Handler, Options, error)
+
+// AsyncFactory builds an asynchronous handler.
+type AsyncFactory func(cfg string) (AsyncHandler, Options, error)
+
+var (
+	mu        sync.Mutex
+	factories = map[string]AsyncFactory{}
+	ext       = C.pg_detect() == 1
+)
+
+// Handle registers a synchronous handler factory under name ("" = default).
+func Handle(name string, f Factory) {
+	HandleAsync(name, func(cfg string) (AsyncHandler, Options, error) {
+		h, o, err := f(cfg)
+		if err != nil {
+			return nil, o, err
+		}
+		return func(req []byte, respond func(int, []byte)) { respond(h(req)) }, o, nil
+	})
+}
+
+// HandleAsync registers an asynchronous handler factory under name ("" = default): each
+// request runs on its own goroutine.
+func HandleAsync(name string, f AsyncFactory) {
+	mu.Lock()
+	defer mu.Unlock()
+	factories[name] = f
+}
+
+// HasExtensions reports whether the host offers polygate's extensions.
+func HasExtensions() bool { return ext }
+
+func pick(cfg string) (AsyncFactory, string, error) {
+	mu.Lock()
+	defer mu.Unlock()
+	name, rest := cfg, ""
+	if i := strings.IndexByte(cfg, ':'); i >= 0 {
+		name, rest = cfg[:i], cfg[i+1:]
+	}
+	if f, ok := factories[name]; ok && name != "" {
+		return f, rest, nil
+	}
+	if f, ok := factories[""]; ok {
+		return f, cfg, nil
+	}
+	return nil, "", fmt.Errorf("no handler registered for cfg %q", cfg)
+}
+
+//export libffi_init
+func libffi_init(cfg *C.char, tq unsafe.Pointer) C.int {
+	s := ""
+	if cfg != nil {
+		s = C.GoString(cfg) // copied: the host frees cfg when we return
+	}
+	f, rest, err := pick(s)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "polygate ffi:", err)
+		return 1
+	}
+	h, opts, err := f(rest)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "polygate ffi: init:", err)
+		return 2
+	}
+	if opts.Pollers < 1 || !ext {
+		opts.Pollers = 1
+	}
+	if opts.Batch < 1 {
+		opts.Batch = 32
+	}
+	for i := 0; i < opts.Pollers; i++ {
+		go pollLoop(tq, h, opts)
+	}
+	return 0
+}
+
+type task struct{ p unsafe.Pointer }
+
+func (t task) request() []byte {
+	var n C.int
+	p := C.ngx_http_lua_ffi_get_req(t.p, &n)
+	if p == nil || n <= 0 {
+		return nil
+	}
+	return C.GoBytes(unsafe.Pointer(p), n)
+}
+
+func (t task) respond(rc int, rsp []byte) {
+	e := C.int(0)
+	if ext {
+		e = 1
+	}
+	var p unsafe.Pointer
+	if len(rsp) > 0 {
+		p = unsafe.Pointer(&rsp[0])
+	}
+	// the C side copies rsp into malloc'd memory before returning
+	C.pg_respond(e, t.p, C.int(rc), p, C.size_t(len(rsp)))
+}
+
+func (t task) cancelled() bool {
+	return ext && C.pg_cancelled(t.p) != 0
+}
+
+func poll(tq unsafe.Pointer, batch int) []task {
+	if ext {
+		out := (*C.void)(C.malloc(C.size_t(batch) * C.size_t(unsafe.Sizeof(uintptr(0)))))
+		defer C.free(unsafe.Pointer(out))
+		n := int(C.pg_poll_n(tq, (*unsafe.Pointer)(unsafe.Pointer(out)), C.int(batch)))
+		ptrs := unsafe.Slice((*unsafe.Pointer)(unsafe.Pointer(out)), batch)
+		tasks := make([]task, n)
+		for i := 0; i < n; i++ {
+			tasks[i] = task{ptrs[i]}
+		}
+		return tasks
+	}
+	p := C.ngx_http_lua_ffi_task_poll(tq)
+	if p == nil {
+		return nil
+	}
+	return []task{{p}}
+}
+
+func pollLoop(tq unsafe.Pointer, h AsyncHandler, opts Options) {
+	for {
+		tasks := poll(tq, opts.Batch)
+		if len(tasks) == 0 {
+			return // unloaded: never touch tq again
+		}
+		for _, t := range tasks {
+			if t.cancelled() {
+				t.respond(1, []byte("cancelled"))
+				continue
+			}
+			req := t.request()
+			run(t, h, req)
+		}
+	}
+}
+
+func run(t task, h AsyncHandler, req []byte) {
+	var once sync.Once
+	respond := func(rc int, rsp []byte) {
+		once.Do(func() { t.respond(rc, rsp) })
+	}
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				respond(1, []byte(fmt.Sprint("handler panicked: ", r)))
+			}
+		}()
+		h(req, respond)
+	}()
+}

@@ -1,0 +1,3 @@
+module polygate.dev/ffi
+
+go 1.22

@@ -1,0 +1,362 @@
+//! Write polygate runtimes in Rust.
+//!
+//! A runtime is a `cdylib` exporting `libffi_init`. This crate generates it and the poll loop;
+//! you write a handler:
+//!
+//! ```ignore
+//! use polygate_ffi_sdk::{Error, Options, runtime};
+//!
+//! struct Echo;
+//! impl polygate_ffi_sdk::Handler for Echo {
+//!     fn call(&self, req: &[u8]) -> Result<Vec<u8>, Error> {
+//!         Ok(req.to_vec())
+//!     }
+//! }
+//!
+//! fn init(_cfg: Option<&str>) -> Result<(Echo, Options), Error> {
+//!     Ok((Echo, Options::default()))
+//! }
+//!
+//! runtime!(init);
+//! ```
+//!
+//! The same library loads in polygate and in OpenResty with lua-resty-ffi: polygate's
+//! extensions (batch polling, several pollers, cancellation checks, exact-length answers) are
+//! looked up at run time with `dlsym` and used only when the host has them.
+//!
+//! With the `tokio` feature, [`AsyncHandler`] runs each call as a task on a multi-thread tokio
+//! runtime owned by the library ([`runtime_async!`]).
+#![allow(
+    unsafe_code,
+    reason = "this crate is the binding to the host's C functions"
+)]
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::Arc;
+
+/// A handler error: `rc` goes back to the caller (must not be 0) with `message` as the body.
+#[derive(Debug, Clone)]
+pub struct Error {
+    /// Return code (non-zero).
+    pub rc: i32,
+    /// Body sent with the error.
+    pub message: String,
+}
+
+impl Error {
+    /// An error with rc 1.
+    pub fn new(message: impl Into<String>) -> Error {
+        Error {
+            rc: 1,
+            message: message.into(),
+        }
+    }
+
+    /// An error with a chosen rc (0 is turned into 1).
+    pub fn with_rc(rc: i32, message: impl Into<String>) -> Error {
+        Error {
+            rc: if rc == 0 { 1 } else { rc },
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rc {}: {}", self.rc, self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// How the poll loop runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Polling threads. More than one only under polygate (lua-resty-ffi allows one); default 1.
+    pub pollers: usize,
+    /// Tasks taken per poll under polygate (batch polling); default 32.
+    pub batch: usize,
+    /// Skip tasks whose caller already gave up (polygate only); default true.
+    pub skip_cancelled: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pollers: 1,
+            batch: 32,
+            skip_cancelled: true,
+        }
+    }
+}
+
+/// A synchronous handler: called on a polling thread for each request.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one request (`req` is empty for a nil request).
+    fn call(&self, req: &[u8]) -> Result<Vec<u8>, Error>;
+}
+
+unsafe extern "C" {
+    fn ngx_http_lua_ffi_task_poll(tq: *mut c_void) -> *mut c_void;
+    fn ngx_http_lua_ffi_get_req(tsk: *mut c_void, len: *mut c_int) -> *mut c_char;
+    fn ngx_http_lua_ffi_respond(tsk: *mut c_void, rc: c_int, rsp: *mut c_char, rsp_len: c_int);
+}
+
+type PollN = unsafe extern "C" fn(*mut c_void, *mut *mut c_void, c_int) -> c_int;
+type Respond2 = unsafe extern "C" fn(
+    *mut c_void,
+    c_int,
+    *mut c_char,
+    usize,
+    Option<unsafe extern "C" fn(*mut c_void)>,
+);
+type IsCancelled = unsafe extern "C" fn(*mut c_void) -> c_int;
+
+/// polygate's extensions, when the host has them.
+#[derive(Clone, Copy)]
+struct Ext {
+    poll_n: PollN,
+    respond2: Respond2,
+    is_cancelled: IsCancelled,
+}
+
+fn lookup(name: &CStr) -> *mut c_void {
+    // SAFETY: dlsym with a valid NUL-terminated name; RTLD_DEFAULT searches the global scope
+    unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
+}
+
+fn extensions() -> Option<Ext> {
+    let v = lookup(c"polygate_ffi_abi_version");
+    let p = lookup(c"polygate_ffi_task_poll_n");
+    let r = lookup(c"polygate_ffi_respond2");
+    let c = lookup(c"polygate_ffi_task_is_cancelled");
+    if v.is_null() || p.is_null() || r.is_null() || c.is_null() {
+        return None;
+    }
+    // SAFETY: the symbol is the host's `uint32_t polygate_ffi_abi_version(void)`
+    let version: unsafe extern "C" fn() -> u32 = unsafe { std::mem::transmute(v) };
+    // SAFETY: calling a host function without arguments
+    if unsafe { version() } >> 16 != 1 {
+        return None;
+    }
+    // SAFETY: the symbols are the host's functions with these published signatures
+    unsafe {
+        Some(Ext {
+            poll_n: std::mem::transmute::<*mut c_void, PollN>(p),
+            respond2: std::mem::transmute::<*mut c_void, Respond2>(r),
+            is_cancelled: std::mem::transmute::<*mut c_void, IsCancelled>(c),
+        })
+    }
+}
+
+/// A task handed out by the host, answered exactly once (by [`Task::respond`] or on drop with
+/// rc 1).
+pub struct Task {
+    ptr: *mut c_void,
+    ext: Option<Ext>,
+}
+
+// SAFETY: the host allows answering a task from any thread; the pointer is only used through
+// the host's thread-safe functions
+unsafe impl Send for Task {}
+
+impl Task {
+    /// The request bytes (empty for a nil request). Valid until the task is answered.
+    pub fn request(&self) -> &[u8] {
+        let mut len: c_int = 0;
+        // SAFETY: `ptr` is a polled, unanswered task
+        let p = unsafe { ngx_http_lua_ffi_get_req(self.ptr, &mut len) };
+        if p.is_null() || len <= 0 {
+            return &[];
+        }
+        // SAFETY: the host guarantees `len` bytes at `p` until the task is answered, which
+        // cannot happen while `self` is borrowed
+        unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }
+    }
+
+    /// Whether the caller gave up (always false under hosts without the extension).
+    pub fn is_cancelled(&self) -> bool {
+        match self.ext {
+            // SAFETY: `ptr` is a polled, unanswered task
+            Some(e) => unsafe { (e.is_cancelled)(self.ptr) != 0 },
+            None => false,
+        }
+    }
+
+    /// Answers the task.
+    pub fn respond(mut self, rc: i32, body: &[u8]) {
+        self.answer(rc, body);
+    }
+
+    fn answer(&mut self, rc: i32, body: &[u8]) {
+        if self.ptr.is_null() {
+            return;
+        }
+        let ptr = std::mem::replace(&mut self.ptr, std::ptr::null_mut());
+        // the host frees the buffer with libc free(): allocate it with libc malloc
+        // SAFETY: malloc of at least one byte
+        let buf = unsafe { libc::malloc(body.len().max(1)) }.cast::<u8>();
+        if buf.is_null() {
+            // SAFETY: answering with no body needs no allocation
+            unsafe { ngx_http_lua_ffi_respond(ptr, rc, std::ptr::null_mut(), 0) };
+            return;
+        }
+        // SAFETY: `buf` has room for body.len() (or 1) bytes
+        unsafe {
+            std::ptr::copy_nonoverlapping(body.as_ptr(), buf, body.len());
+            if body.is_empty() {
+                *buf = 0;
+            }
+        }
+        match self.ext {
+            // SAFETY: `ptr` is unanswered; `buf` holds body.len() bytes from malloc
+            Some(e) => unsafe { (e.respond2)(ptr, rc, buf.cast(), body.len(), None) },
+            None => {
+                // legacy: length 0 means NUL-terminated, which the 1-byte "\0" buffer is
+                let len = c_int::try_from(body.len()).unwrap_or(c_int::MAX);
+                // SAFETY: `ptr` is unanswered; `buf` is malloc'd
+                unsafe { ngx_http_lua_ffi_respond(ptr, rc, buf.cast(), len) }
+            }
+        }
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        // a task must be answered exactly once: a dropped task is answered with an error
+        self.answer(1, b"task dropped without an answer");
+    }
+}
+
+/// The queue handle given to `libffi_init`.
+#[derive(Clone, Copy)]
+pub struct Queue {
+    tq: *mut c_void,
+    ext: Option<Ext>,
+}
+
+// SAFETY: the host's poll functions are thread-safe and the handle stays valid until polling
+// returns the end
+unsafe impl Send for Queue {}
+// SAFETY: as above
+unsafe impl Sync for Queue {}
+
+impl Queue {
+    /// Blocks for the next tasks; empty at the end (the runtime was unloaded).
+    pub fn poll(&self, max: usize) -> Vec<Task> {
+        match self.ext {
+            Some(e) => {
+                let mut out = vec![std::ptr::null_mut(); max.max(1)];
+                // SAFETY: `out` has room for `max` pointers; `tq` is the host's handle
+                let n = unsafe { (e.poll_n)(self.tq, out.as_mut_ptr(), out.len() as c_int) };
+                out.truncate(n.max(0) as usize);
+                out.into_iter()
+                    .map(|ptr| Task { ptr, ext: self.ext })
+                    .collect()
+            }
+            None => {
+                // SAFETY: `tq` is the host's handle, not used after it returned NULL
+                let ptr = unsafe { ngx_http_lua_ffi_task_poll(self.tq) };
+                if ptr.is_null() {
+                    Vec::new()
+                } else {
+                    vec![Task { ptr, ext: None }]
+                }
+            }
+        }
+    }
+}
+
+fn cfg_str<'a>(cfg: *mut c_char) -> Result<Option<&'a str>, Error> {
+    if cfg.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: the host passes a NUL-terminated buffer valid during libffi_init
+    let s = unsafe { CStr::from_ptr(cfg) };
+    s.to_str()
+        .map(Some)
+        .map_err(|_| Error::new("cfg is not UTF-8"))
+}
+
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| ())
+}
+
+/// Implementation of the `libffi_init` generated by [`runtime!`].
+#[doc(hidden)]
+pub fn __start<H, F>(cfg: *mut c_char, tq: *mut c_void, init: F) -> c_int
+where
+    H: Handler,
+    F: FnOnce(Option<&str>) -> Result<(H, Options), Error>,
+{
+    let started = catch(|| {
+        let cfg = cfg_str(cfg)?;
+        let (handler, opts) = init(cfg)?;
+        let ext = extensions();
+        let queue = Queue { tq, ext };
+        let handler = Arc::new(handler);
+        let pollers = if ext.is_some() {
+            opts.pollers.max(1)
+        } else {
+            1
+        };
+        for i in 0..pollers {
+            let handler = handler.clone();
+            std::thread::Builder::new()
+                .name(format!("ffi-poll-{i}"))
+                .spawn(move || poll_loop(queue, handler, opts))
+                .map_err(|e| Error::new(format!("spawn: {e}")))?;
+        }
+        Ok::<(), Error>(())
+    });
+    match started {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => e.rc,
+        Err(()) => 1,
+    }
+}
+
+fn poll_loop<H: Handler>(queue: Queue, handler: Arc<H>, opts: Options) {
+    loop {
+        let tasks = queue.poll(opts.batch);
+        if tasks.is_empty() {
+            return;
+        }
+        for task in tasks {
+            if opts.skip_cancelled && task.is_cancelled() {
+                task.respond(1, b"cancelled");
+                continue;
+            }
+            let result = catch(|| handler.call(task.request()));
+            match result {
+                Ok(Ok(body)) => task.respond(0, &body),
+                Ok(Err(e)) => task.respond(e.rc, e.message.as_bytes()),
+                Err(()) => task.respond(1, b"handler panicked"),
+            }
+        }
+    }
+}
+
+/// Generates `libffi_init` for a synchronous [`Handler`] built by `$init`
+/// (`fn(Option<&str>) -> Result<(H, Options), Error>`).
+#[macro_export]
+macro_rules! runtime {
+    ($init:path) => {
+        /// The runtime's entry point, called by the host once per (library, cfg).
+        ///
+        /// # Safety
+        /// Called by the host with a NUL-terminated `cfg` (or NULL) and its queue handle.
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn libffi_init(
+            cfg: *mut ::std::ffi::c_char,
+            tq: *mut ::std::ffi::c_void,
+        ) -> ::std::ffi::c_int {
+            $crate::__start(cfg, tq, $init)
+        }
+    };
+}
+
+#[cfg(feature = "tokio")]
+mod async_rt;
+#[cfg(feature = "tokio")]
+pub use async_rt::{__start_async, AsyncHandler};

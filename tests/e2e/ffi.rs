@@ -1,0 +1,232 @@
+//! The ffi plugin with real runtimes built from source: Go (c-shared), Rust (cdylib) and C.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const VALID: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsInJvbGUiOiJhZG1pbiIsImlzcyI6InBvbHlnYXRlLWUyZSIsImV4cCI6NDEwMjQ0NDgwMH0.yh_3N0XMNH45AYW0Jv68wRPGgDW3hd-5FcptxOFfUO8";
+const EXPIRED: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImlzcyI6InBvbHlnYXRlLWUyZSIsImV4cCI6MTAwMDAwMDAwMH0.78_nrptqKYuhDsxfdqx4w0Tmobmb9Zb3A997RaC5arA";
+const WRONG_KEY: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJhbGljZSIsImlzcyI6InBvbHlnYXRlLWUyZSIsImV4cCI6NDEwMjQ0NDgwMH0.RNiV2jasLYUcIKrXQ0_a8aDRI6bGcRGV3N98RT4c-3k";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn go_runtime_actions_errors_timeouts_and_log_phase() {
+    let lib = libs::go("echo");
+    let lib = lib.display();
+    let u = Upstream::start("u").await;
+    let dir = tempdir::Dir::new();
+    let logfile = dir.path().join("ffi-log.txt");
+    let gw = Gateway::start(&format!(
+        r#"
+upstreams: [{{id: u, nodes: {{"{n}": 1}}}}]
+routes:
+  - {{id: action, uri: /action/*, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: action}}}}}}
+  - {{id: rewrite, uri: /rw/*, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: "rewrite:/rewritten?by=go", phase: rewrite}}}}}}
+  - {{id: deny, uri: /deny, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: deny}}}}}}
+  - {{id: fail, uri: /fail, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: fail}}}}}}
+  - {{id: failopen, uri: /failopen, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: fail, on_error: fail_open}}}}}}
+  - {{id: hang, uri: /hang, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: hang, timeout: 0.3, error_status: 504}}}}}}
+  - {{id: log, uri: /logged/*, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: "logto:{log}", phase: log}}}}}}
+"#,
+        n = u.node(),
+        log = logfile.display()
+    ));
+    let p = gw.port;
+    let r = get(p, "/action/x").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen_header("x-go-echo").as_deref(), Some("/action/x"));
+
+    let r = get(p, "/rw/abc").await;
+    assert_eq!(r.json()["uri"], "/rewritten?by=go");
+    assert_eq!(r.header("x-rewritten"), Some("1"));
+
+    let r = get(p, "/deny").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (403, "denied by a Go runtime\n")
+    );
+    assert_eq!(r.header("x-denied-by"), Some("go"));
+    assert_eq!(u.hits(), 2, "denied requests never reach the upstream");
+
+    let r = get(p, "/fail").await;
+    assert_eq!(r.status, 503, "rc != 0 fails closed");
+    assert!(
+        gw.stderr()
+            .contains("runtime answered rc 3: something broke"),
+        "{}",
+        gw.stderr()
+    );
+    assert_eq!(get(p, "/failopen").await.status, 200, "fail_open continues");
+
+    let t = Instant::now();
+    let r = get(p, "/hang").await;
+    assert_eq!(r.status, 504);
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(gw.stderr().contains("timed out"), "{}", gw.stderr());
+
+    assert_eq!(get(p, "/logged/one").await.status, 200);
+    let ok = gw
+        .eventually(Duration::from_secs(3), || async {
+            std::fs::read_to_string(&logfile)
+                .unwrap_or_default()
+                .contains("200 /logged/one")
+        })
+        .await;
+    assert!(ok, "log phase call did not arrive");
+
+    // many concurrent requests, each must get its own answer
+    let tasks: Vec<_> = (0..300)
+        .map(|i| tokio::spawn(async move { (i, get(p, &format!("/action/req-{i}")).await) }))
+        .collect();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        assert_eq!(r.seen_header("x-go-echo"), Some(format!("/action/req-{i}")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn go_jwt_auth_runtime_with_a_real_go_library() {
+    let lib = libs::go("jwtauth");
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        r#"
+routes:
+  - id: api
+    uri: /api/*
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      ffi:
+        lib: "{lib}"
+        cfg: '{{"secret": "e2e-secret", "issuer": "polygate-e2e"}}'
+"#,
+        n = u.node(),
+        lib = lib.display()
+    ));
+    let p = gw.port;
+    let r = get(p, "/api/me").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["message"], "missing bearer token");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    for bad in [EXPIRED, WRONG_KEY, "not.a.token"] {
+        let auth = format!("Bearer {bad}");
+        let r = get_h(p, "/api/me", &[("authorization", &auth)]).await;
+        assert_eq!(r.status, 401, "{bad}");
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid token"),
+            "{}",
+            r.body
+        );
+    }
+    let auth = format!("Bearer {VALID}");
+    let r = get_h(p, "/api/me", &[("authorization", &auth)]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.seen_header("x-user").as_deref(), Some("alice"));
+    assert_eq!(r.seen_header("x-user-role").as_deref(), Some("admin"));
+    assert_eq!(
+        r.seen_header("authorization"),
+        None,
+        "the token is not forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rust_runtime_and_request_body() {
+    let lib = libs::rust_echo();
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        r#"
+routes:
+  - id: r
+    uri: /rust/*
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      ffi: {{lib: "{lib}", cfg: json, include_body: true, max_body: 64}}
+"#,
+        n = u.node(),
+        lib = lib.display()
+    ));
+    let p = gw.port;
+    let r = request(p, "POST", "/rust/path", &[], "the body").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen_header("x-rust-echo").as_deref(), Some("/rust/path"));
+    assert_eq!(
+        r.json()["body"],
+        "the body",
+        "a buffered body is still proxied"
+    );
+    let big = "x".repeat(100);
+    assert_eq!(request(p, "POST", "/rust/big", &[], &big).await.status, 413);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn c_runtime_without_polygate_headers_and_cancellation_on_disconnect() {
+    let compat = libs::c("compat_runtime");
+    let ext = libs::c("ext_runtime");
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        r#"
+routes:
+  - {{id: compat, uri: /compat, upstream: {{nodes: {{"{n}": 1}}}}, plugins: {{ffi: {{lib: "{compat}", cfg: plugin}}}}}}
+  - {{id: cancel, uri: /cancel, upstream: {{nodes: {{"{n}": 1}}}}, plugins: {{ffi: {{lib: "{ext}", cfg: cancel, timeout: 30}}}}}}
+"#,
+        n = u.node(),
+        compat = compat.display(),
+        ext = ext.display()
+    ));
+    let p = gw.port;
+    let r = get(p, "/compat").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.seen_header("x-c-runtime").as_deref(), Some("1"));
+
+    // the client goes away while the runtime works: the runtime sees the cancellation
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+    s.write_all(b"GET /cancel HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let seen = gw
+        .eventually(Duration::from_secs(5), || async {
+            gw.stderr().contains("task cancelled by the host")
+        })
+        .await;
+    assert!(
+        seen,
+        "runtime did not observe the cancellation:\n{}",
+        gw.stderr()
+    );
+    assert_eq!(u.hits(), 1);
+}
+
+#[test]
+fn init_failure_is_a_configuration_error() {
+    let lib = libs::go("jwtauth");
+    let (code, out) = validate(
+        &format!(
+            "routes:\n  - {{id: 1, uri: /a, plugins: {{ffi: {{lib: \"{}\", cfg: 'not json'}}}}}}\n#END\n",
+            lib.display()
+        ),
+        "yaml",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("routes[0].plugins.ffi.lib: libffi_init of"),
+        "{out}"
+    );
+    assert!(out.contains("failed with rc 2"), "{out}");
+    let (code, out) = validate(
+        "routes:\n  - {id: 1, uri: /a, plugins: {ffi: {lib: no_such_lib}}}\n#END\n",
+        "yaml",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("routes[0].plugins.ffi.lib: cannot load no_such_lib"),
+        "{out}"
+    );
+}
