@@ -95,35 +95,41 @@ type Factory func(cfg string) (Handler, Options, error)
 // AsyncFactory builds an asynchronous handler.
 type AsyncFactory func(cfg string) (AsyncHandler, Options, error)
 
+// entry is a registered factory: synchronous handlers run inline on the polling goroutine
+// (the fast path: no goroutine hand-off between poll and respond); asynchronous ones get a
+// goroutine per request.
+type entry struct {
+	sync  Factory
+	async AsyncFactory
+}
+
 var (
 	mu        sync.Mutex
-	factories = map[string]AsyncFactory{}
+	factories = map[string]entry{}
 	ext       = C.pg_detect() == 1
 )
 
-// Handle registers a synchronous handler factory under name ("" = default).
+// Handle registers a synchronous handler factory under name ("" = default). The handler runs
+// on a polling goroutine; use Options.Pollers for concurrency, or HandleAsync for handlers
+// that wait on I/O.
 func Handle(name string, f Factory) {
-	HandleAsync(name, func(cfg string) (AsyncHandler, Options, error) {
-		h, o, err := f(cfg)
-		if err != nil {
-			return nil, o, err
-		}
-		return func(req []byte, respond func(int, []byte)) { respond(h(req)) }, o, nil
-	})
+	mu.Lock()
+	defer mu.Unlock()
+	factories[name] = entry{sync: f}
 }
 
 // HandleAsync registers an asynchronous handler factory under name ("" = default): each
-// request runs on its own goroutine.
+// request runs on its own goroutine and may be answered from any goroutine.
 func HandleAsync(name string, f AsyncFactory) {
 	mu.Lock()
 	defer mu.Unlock()
-	factories[name] = f
+	factories[name] = entry{async: f}
 }
 
 // HasExtensions reports whether the host offers polygate's extensions.
 func HasExtensions() bool { return ext }
 
-func pick(cfg string) (AsyncFactory, string, error) {
+func pick(cfg string) (entry, string, error) {
 	mu.Lock()
 	defer mu.Unlock()
 	name, rest := cfg, ""
@@ -136,7 +142,7 @@ func pick(cfg string) (AsyncFactory, string, error) {
 	if f, ok := factories[""]; ok {
 		return f, cfg, nil
 	}
-	return nil, "", fmt.Errorf("no handler registered for cfg %q", cfg)
+	return entry{}, "", fmt.Errorf("no handler registered for cfg %q", cfg)
 }
 
 //export libffi_init
@@ -150,7 +156,14 @@ func libffi_init(cfg *C.char, tq unsafe.Pointer) C.int {
 		fmt.Fprintln(os.Stderr, "polygate ffi:", err)
 		return 1
 	}
-	h, opts, err := f(rest)
+	var sh Handler
+	var ah AsyncHandler
+	var opts Options
+	if f.sync != nil {
+		sh, opts, err = f.sync(rest)
+	} else {
+		ah, opts, err = f.async(rest)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "polygate ffi: init:", err)
 		return 2
@@ -162,7 +175,7 @@ func libffi_init(cfg *C.char, tq unsafe.Pointer) C.int {
 		opts.Batch = 32
 	}
 	for i := 0; i < opts.Pollers; i++ {
-		go pollLoop(tq, h, opts)
+		go pollLoop(tq, sh, ah, opts)
 	}
 	return 0
 }
@@ -214,7 +227,7 @@ func poll(tq unsafe.Pointer, batch int) []task {
 	return []task{{p}}
 }
 
-func pollLoop(tq unsafe.Pointer, h AsyncHandler, opts Options) {
+func pollLoop(tq unsafe.Pointer, sh Handler, ah AsyncHandler, opts Options) {
 	for {
 		tasks := poll(tq, opts.Batch)
 		if len(tasks) == 0 {
@@ -226,12 +239,28 @@ func pollLoop(tq unsafe.Pointer, h AsyncHandler, opts Options) {
 				continue
 			}
 			req := t.request()
-			run(t, h, req)
+			if sh != nil {
+				runInline(t, sh, req)
+			} else {
+				runAsync(t, ah, req)
+			}
 		}
 	}
 }
 
-func run(t task, h AsyncHandler, req []byte) {
+func runInline(t task, h Handler, req []byte) {
+	answered := false
+	defer func() {
+		if r := recover(); r != nil && !answered {
+			t.respond(1, []byte(fmt.Sprint("handler panicked: ", r)))
+		}
+	}()
+	rc, rsp := h(req)
+	answered = true
+	t.respond(rc, rsp)
+}
+
+func runAsync(t task, h AsyncHandler, req []byte) {
 	var once sync.Once
 	respond := func(rc int, rsp []byte) {
 		once.Do(func() { t.respond(rc, rsp) })

@@ -11,12 +11,14 @@
 //! version, and process-wide runtimes.
 //!
 //! - [`queue`]: tasks and queues (safe code).
+//! - [`done`]: per-worker done queues that fold many answers into one wake-up.
 //! - [`abi`]: the exported C functions (unsafe, every entry point guarded against panics).
 //! - [`runtime`]: loading libraries, the process-wide registry, [`runtime::Runtime::call`].
 //! - [`plugin`]: the `ffi` gateway plugin.
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod done;
 pub mod plugin;
 pub mod queue;
 pub mod runtime;

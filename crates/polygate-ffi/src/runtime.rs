@@ -150,32 +150,36 @@ impl Runtime {
         }
         let _inflight = InflightGuard(self.inflight.clone());
         let deadline = timeout.map(|t| Instant::now() + t);
-        let (task, rx) = self.queue.post(req, deadline).map_err(|e| match e {
-            PostError::QueueFull => {
-                tracing::error!(
-                    "ffi: queue of {} overflow: {} tasks waiting",
-                    self.key,
-                    self.queue.max_queue
-                );
-                CallError::QueueFull
-            }
-            PostError::Finished => CallError::Finished,
-        })?;
-        let mut guard = CancelOnDrop::new(task);
-        let res = match timeout {
-            Some(t) => match tokio::time::timeout(t, rx).await {
-                Ok(r) => r,
+        let done = crate::done::current();
+        let task = self
+            .queue
+            .post_quiet(req, deadline, done.clone())
+            .map_err(|e| match e {
+                PostError::QueueFull => {
+                    tracing::error!(
+                        "ffi: queue of {} overflow: {} tasks waiting",
+                        self.key,
+                        self.queue.max_queue
+                    );
+                    CallError::QueueFull
+                }
+                PostError::Finished => CallError::Finished,
+            })?;
+        match &done {
+            Some(dq) if dq.defer_wake(&self.queue) => {}
+            _ => self.queue.wake_poller(),
+        }
+        let mut guard = CancelOnDrop::new(task.clone());
+        let wait = std::future::poll_fn(|cx| task.poll_answer(cx));
+        let answer = match timeout {
+            Some(t) => match tokio::time::timeout(t, wait).await {
+                Ok(a) => a,
                 Err(_) => return Err(CallError::Timeout(t)),
             },
-            None => rx.await,
+            None => wait.await,
         };
-        match res {
-            Ok(answer) => {
-                guard.disarm();
-                Ok(answer)
-            }
-            Err(_) => Err(CallError::Dropped),
-        }
+        guard.disarm();
+        Ok(answer)
     }
 
     /// Unloads: later calls fail with [`CallError::Finished`]; tasks already queued are still

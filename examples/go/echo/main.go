@@ -4,6 +4,7 @@
 //
 // Other behaviours, chosen by cfg, answer the ffi plugin's request description:
 //
+//	continue        continue unchanged (an empty answer): the cheapest plugin round trip
 //	action          continue, adding an x-go-echo header with the request path
 //	rewrite:<uri>   continue with the upstream URI replaced
 //	deny            respond 403
@@ -36,6 +37,8 @@ func init() {
 	ffi.Handle("", func(cfg string) (ffi.Handler, ffi.Options, error) {
 		opts := ffi.Options{Pollers: 2}
 		switch {
+		case cfg == "continue":
+			return func(req []byte) (int, []byte) { return 0, nil }, opts, nil
 		case cfg == "action":
 			return func(req []byte) (int, []byte) {
 				var d doc
