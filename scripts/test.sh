@@ -31,6 +31,11 @@ log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
 passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
 failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
+step "FFI host tests under valgrind (memory errors, leaks)"
+if command -v valgrind >/dev/null || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq valgrind; }; then
+  bash scripts/valgrind-ffi.sh 2>&1 | tee -a "$log" | grep -E "test result|ERROR|lost" || true
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "valgrind found problems" >&2; exit 1; }
+fi
 step "cargo doc";           RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 step "validate examples"
 cargo build -q -p polygate

@@ -214,12 +214,24 @@ impl Runtime {
     }
 }
 
+/// Queue handles of libraries that stay loaded (pinned, or failed during init): their threads
+/// may still poll, so the queues live for the rest of the process, held here on purpose.
+static KEPT_QUEUES: Mutex<Vec<Arc<TaskQueue>>> = Mutex::new(Vec::new());
+
+/// Keeps the strong reference behind a queue handle for the rest of the process.
+fn keep_handle(handle: usize) {
+    // SAFETY: `handle` came from `Arc::into_raw` and this takes over that reference once
+    let q = unsafe { Arc::from_raw(handle as *const TaskQueue) };
+    KEPT_QUEUES.lock().push(q);
+}
+
 impl Drop for Runtime {
     fn drop(&mut self) {
         if !self.unpin {
             // pinned: the library (and the queue handle it may still use) stay for the process
             if let Some(lib) = self.lib.lock().take() {
                 std::mem::forget(lib);
+                keep_handle(self.handle);
             }
             return;
         }
@@ -369,6 +381,7 @@ impl FfiHost {
                 // the runtime may have started threads before failing: keep the library and
                 // the (finished) queue handle rather than pull code from under them
                 std::mem::forget(library);
+                keep_handle(handle);
             }
             return Err(LoadError::Init {
                 lib: path.display().to_string(),

@@ -22,12 +22,15 @@ void ngx_http_lua_ffi_respond(void *tsk, int rc, char *rsp, int rsp_len);
 
 struct rt { void *tq; char mode[32]; int ms; };
 
+struct later { void *tsk; int ms; };
+
 static void *answer_later(void *arg) {
-    void **a = arg;
-    struct rt *r = a[0];
-    void *tsk = a[1];
+    /* owns its own copy of what it needs: the runtime state may be freed on unload */
+    struct later *a = arg;
+    void *tsk = a->tsk;
+    int ms = a->ms;
     free(a);
-    usleep(r->ms * 1000);
+    usleep(ms * 1000);
     int len = 0;
     char *req = ngx_http_lua_ffi_get_req(tsk, &len);
     char *out = malloc(len > 0 ? len : 1);
@@ -46,8 +49,8 @@ static void *poll_loop(void *arg) {
         if (strcmp(r->mode, "hang") == 0) continue;
         if (strcmp(r->mode, "stuck") == 0) usleep(1000 * 1000);
         if (strcmp(r->mode, "slow") == 0) {
-            void **a = malloc(2 * sizeof(void *));
-            a[0] = r; a[1] = tsk;
+            struct later *a = malloc(sizeof *a);
+            a->tsk = tsk; a->ms = r->ms;
             pthread_t t;
             pthread_create(&t, NULL, answer_later, a);
             pthread_detach(t);
