@@ -17,13 +17,8 @@ trap cleanup EXIT
 
 (cd "$root" && cargo build --release -q -p polygate)
 (cd "$root/examples/go" && go build -buildmode=c-shared -o "$work/libffi_go_echo.so" ./echo)
-body1k="$(head -c 1024 /dev/zero | tr '\0' 'x')"
-cat > "$work/upstream.conf" <<NGX
-worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP_PORT reuseport; location / { default_type text/plain; return 200 "$body1k"; } } }
-NGX
+source "$root/bench/common.sh"
+upstream_conf "$work" "$UP_PORT"
 cat > "$work/polygate.yaml" <<YAML
 gateway:
   listeners: [{addr: "127.0.0.1:$PG_PORT"}]

@@ -28,13 +28,8 @@ work="$(mktemp -d)"; pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-body1k="$(head -c 1024 /dev/zero | tr '\0' 'x')"
-cat > "$work/upstream.conf" <<NGX
-worker_processes 1; daemon off; pid $work/up.pid; error_log $work/up.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP_PORT reuseport; location / { default_type text/plain; return 200 "$body1k"; } } }
-NGX
+source "$here/common.sh"
+upstream_conf "$work" "$UP_PORT"
 cat > "$work/proxy.conf" <<NGX
 worker_processes $WORKERS; daemon off; pid $work/px.pid; error_log $work/px.err;
 events { worker_connections 4096; }

@@ -24,8 +24,8 @@
 //! extensions (batch polling, several pollers, cancellation checks, exact-length answers) are
 //! looked up at run time with `dlsym` and used only when the host has them.
 //!
-//! With the `tokio` feature, [`AsyncHandler`] runs each call as a task on a multi-thread tokio
-//! runtime owned by the library ([`runtime_async!`]).
+//! With the `tokio` feature, `AsyncHandler` runs each call as a task on a multi-thread tokio
+//! runtime owned by the library (`runtime!(async init)`).
 #![allow(
     unsafe_code,
     reason = "this crate is the binding to the host's C functions"
@@ -309,11 +309,7 @@ where
         }
         Ok::<(), Error>(())
     });
-    match started {
-        Ok(Ok(())) => 0,
-        Ok(Err(e)) => e.rc,
-        Err(()) => 1,
-    }
+    exit_code(started)
 }
 
 fn poll_loop<H: Handler>(queue: Queue, handler: Arc<H>, opts: Options) {
@@ -337,11 +333,23 @@ fn poll_loop<H: Handler>(queue: Queue, handler: Arc<H>, opts: Options) {
     }
 }
 
-/// Generates `libffi_init` for a synchronous [`Handler`] built by `$init`
-/// (`fn(Option<&str>) -> Result<(H, Options), Error>`).
+/// Generates `libffi_init`: `runtime!(init)` for a synchronous [`Handler`], or
+/// `runtime!(async init)` for an `AsyncHandler` (feature `tokio`). `init` is
+/// `fn(Option<&str>) -> Result<(H, Options), Error>`.
 #[macro_export]
 macro_rules! runtime {
+    (async $init:path) => {
+        $crate::__libffi_init!($crate::__start_async, $init);
+    };
     ($init:path) => {
+        $crate::__libffi_init!($crate::__start, $init);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __libffi_init {
+    ($start:path, $init:path) => {
         /// The runtime's entry point, called by the host once per (library, cfg).
         ///
         /// # Safety
@@ -351,9 +359,18 @@ macro_rules! runtime {
             cfg: *mut ::std::ffi::c_char,
             tq: *mut ::std::ffi::c_void,
         ) -> ::std::ffi::c_int {
-            $crate::__start(cfg, tq, $init)
+            $start(cfg, tq, $init)
         }
     };
+}
+
+/// `libffi_init`'s return code for a start-up result (a panic counts as rc 1).
+fn exit_code(started: Result<Result<(), Error>, ()>) -> c_int {
+    match started {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => e.rc,
+        Err(()) => 1,
+    }
 }
 
 #[cfg(feature = "tokio")]
