@@ -230,3 +230,20 @@ fn init_failure_is_a_configuration_error() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_library_names_resolve_through_the_configured_path() {
+    let lib = libs::c("compat_runtime");
+    let dir = lib.parent().unwrap().display().to_string();
+    let u = Upstream::start("u").await;
+    let port = free_port();
+    let _gw = Gateway::start_raw(
+        port,
+        &format!(
+            "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\n  ffi_lib_path: [\"{dir}\"]\nroutes:\n  - {{id: r, uri: /c, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{ffi: {{lib: compat_runtime, cfg: plugin}}}}}}\n#END\n",
+            u.node()
+        ),
+    );
+    let r = get(port, "/c").await;
+    assert_eq!(r.seen_header("x-c-runtime").as_deref(), Some("1"));
+}

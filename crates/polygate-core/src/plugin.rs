@@ -189,10 +189,15 @@ pub trait PluginFactory: Send + Sync + 'static {
     }
 }
 
+/// A hook run with each configuration before its plugins are built (e.g. to set the FFI
+/// library path from the `gateway:` section).
+pub type ConfigHook = Arc<dyn Fn(&polygate_model::ConfigFile) + Send + Sync>;
+
 /// The plugins this process knows, by name.
 #[derive(Default, Clone)]
 pub struct PluginRegistry {
     factories: std::collections::HashMap<String, Arc<dyn PluginFactory>>,
+    hooks: Vec<ConfigHook>,
 }
 
 impl PluginRegistry {
@@ -204,6 +209,19 @@ impl PluginRegistry {
     /// Registers a factory (replacing one of the same name).
     pub fn register(&mut self, f: Arc<dyn PluginFactory>) {
         self.factories.insert(f.name().to_owned(), f);
+    }
+
+    /// Adds a hook run with every configuration (first load and reloads) before plugins are
+    /// built from it.
+    pub fn add_config_hook(&mut self, hook: ConfigHook) {
+        self.hooks.push(hook);
+    }
+
+    /// Runs the configuration hooks.
+    pub fn apply_config_hooks(&self, cfg: &polygate_model::ConfigFile) {
+        for h in &self.hooks {
+            h(cfg);
+        }
     }
 
     /// The factory for `name`.

@@ -121,6 +121,9 @@ pub struct GatewaySection {
     /// How often the config file is checked for changes, in seconds. Default 1.
     #[serde(default = "default_watch_interval")]
     pub watch_interval: f64,
+    /// Directories searched for FFI runtime libraries given by name, before `LD_LIBRARY_PATH`.
+    #[serde(default)]
+    pub ffi_lib_path: Vec<String>,
 }
 
 impl Default for GatewaySection {
@@ -134,6 +137,7 @@ impl Default for GatewaySection {
             metrics: None,
             demo_upstream: None,
             watch_interval: default_watch_interval(),
+            ffi_lib_path: Vec::new(),
         }
     }
 }

@@ -70,6 +70,7 @@ impl Snapshot {
         prev: Option<&Snapshot>,
     ) -> Result<Snapshot, ConfigErrors> {
         validate(cfg)?;
+        registry.apply_config_hooks(cfg);
         let mut errs = ConfigErrors::default();
 
         // upstreams: keep the runtime (and its balancer state) when the definition is unchanged

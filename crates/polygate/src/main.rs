@@ -59,6 +59,14 @@ fn main() -> ExitCode {
     std::hint::black_box(polygate_ffi::abi::exported_symbols());
     let mut registry = polygate_plugins::registry();
     registry.register(std::sync::Arc::new(polygate_ffi::plugin::FfiFactory));
+    registry.add_config_hook(std::sync::Arc::new(|cfg| {
+        let dirs = cfg
+            .gateway
+            .as_ref()
+            .map(|g| g.ffi_lib_path.clone())
+            .unwrap_or_default();
+        polygate_ffi::host().set_lib_path(dirs.into_iter().map(Into::into).collect());
+    }));
     match cli.cmd {
         Cmd::Version => {
             println!("polygate {}", env!("CARGO_PKG_VERSION"));
