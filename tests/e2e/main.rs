@@ -8,3 +8,4 @@ mod ffi;
 mod ops;
 mod plugins;
 mod routing;
+mod upstream_http;
