@@ -312,9 +312,9 @@ pub struct Route {
     /// Script id (needs the Lua layer).
     #[serde(default)]
     pub script_id: Option<Id>,
-    /// Inline upstream.
+    /// Inline upstream (boxed: most routes reference an upstream, and an inline one is large).
     #[serde(default)]
-    pub upstream: Option<Upstream>,
+    pub upstream: Option<Box<Upstream>>,
     /// Referenced upstream.
     #[serde(default)]
     pub upstream_id: Option<Id>,
@@ -360,9 +360,9 @@ pub struct Service {
     /// Plugins keyed by name.
     #[serde(default)]
     pub plugins: Option<PluginMap>,
-    /// Inline upstream.
+    /// Inline upstream (boxed: most routes reference an upstream, and an inline one is large).
     #[serde(default)]
-    pub upstream: Option<Upstream>,
+    pub upstream: Option<Box<Upstream>>,
     /// Referenced upstream.
     #[serde(default)]
     pub upstream_id: Option<Id>,
