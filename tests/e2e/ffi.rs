@@ -247,3 +247,52 @@ async fn short_library_names_resolve_through_the_configured_path() {
     let r = get(port, "/c").await;
     assert_eq!(r.seen_header("x-c-runtime").as_deref(), Some("1"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runtimes_dropped_from_the_configuration_are_unloaded() {
+    let lib = libs::c("compat_runtime");
+    let u = Upstream::start("u").await;
+    let conf = |cfg: &str| {
+        format!(
+            "routes:\n  - {{id: r, uri: /c, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{ffi: {{lib: \"{}\", cfg: \"{cfg}\"}}}}}}\n",
+            u.node(),
+            lib.display()
+        )
+    };
+    // "plugin" then "null" (an empty answer: continue): two runtimes of the same library
+    let gw = Gateway::start(&conf("plugin"));
+    assert_eq!(
+        get(gw.port, "/c")
+            .await
+            .seen_header("x-c-runtime")
+            .as_deref(),
+        Some("1")
+    );
+    gw.reload(&conf("null"));
+    let p = gw.port;
+    assert!(
+        gw.eventually(Duration::from_secs(3), || async {
+            gw.stderr().contains("version 2")
+        })
+        .await
+    );
+    let r = get(p, "/c").await;
+    assert_eq!((r.status, r.seen_header("x-c-runtime")), (200, None));
+    // the next reload finds the first runtime unused and unloads it
+    gw.reload(&format!(
+        "{}  - {{id: other, uri: /o, upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        conf("null"),
+        u.node()
+    ));
+    let unloaded = gw
+        .eventually(Duration::from_secs(3), || async {
+            gw.stderr().contains("unloading") && gw.stderr().contains("&plugin (no longer used")
+        })
+        .await;
+    assert!(unloaded, "{}", gw.stderr());
+    assert!(
+        !gw.stderr().contains("&null (no longer used"),
+        "the runtime in use stays"
+    );
+    assert_eq!(get(p, "/c").await.status, 200);
+}

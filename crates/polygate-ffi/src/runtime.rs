@@ -280,6 +280,37 @@ impl FfiHost {
         self.runtimes.lock().remove(key);
     }
 
+    /// Unloads runtimes nothing uses any more (only this registry holds them): no plugin
+    /// instance of a served configuration and no request in flight. Called before each
+    /// configuration build, so a runtime dropped from the configuration is unloaded at the
+    /// following reload. Returns the keys unloaded.
+    pub fn unload_unused(&self) -> Vec<String> {
+        let unused: Vec<Arc<Runtime>> = {
+            let map = self.runtimes.lock();
+            map.values()
+                .filter(|rt| Arc::strong_count(rt) == 1)
+                .cloned()
+                .collect()
+        };
+        let mut keys = Vec::new();
+        for rt in unused {
+            tracing::info!(
+                "ffi: unloading {} (no longer used by the configuration)",
+                rt.key
+            );
+            rt.unload();
+            keys.push(rt.key.clone());
+        }
+        keys
+    }
+
+    /// Keys of the loaded runtimes.
+    pub fn loaded(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.runtimes.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// The loaded runtime for this key, if any.
     pub fn get(&self, lib: &str, cfg: Option<&str>) -> Option<Arc<Runtime>> {
         self.runtimes.lock().get(&cache_key(lib, cfg)).cloned()

@@ -65,7 +65,10 @@ fn main() -> ExitCode {
             .as_ref()
             .map(|g| g.ffi_lib_path.clone())
             .unwrap_or_default();
-        polygate_ffi::host().set_lib_path(dirs.into_iter().map(Into::into).collect());
+        let host = polygate_ffi::host();
+        host.set_lib_path(dirs.into_iter().map(Into::into).collect());
+        // runtimes that neither the served configuration nor a request in flight still uses
+        host.unload_unused();
     }));
     match cli.cmd {
         Cmd::Version => {
