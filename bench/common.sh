@@ -10,3 +10,16 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$port reuseport; location / { default_type text/plain; return 200 "$body"; } } }
 NGX
 }
+
+# wrk_run OUT URL [WRAPPER...]: one wrk run of $DURATION seconds with $CONNS connections and
+# ${THREADS:-1} threads (prefixed by WRAPPER, e.g. taskset); prints "req/s p99_ms" and warns
+# about non-2xx responses.
+wrk_run() {
+  local out="$1" url="$2"; shift 2
+  "$@" wrk -t"${THREADS:-1}" -c"$CONNS" -d"${DURATION}s" --latency "$url" > "$out" 2>&1
+  local rps p99
+  rps=$(awk '/Requests\/sec/ {print $2}' "$out")
+  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$out")
+  if grep -q "Non-2xx" "$out"; then echo "warning: non-2xx responses: $(grep Non-2xx "$out")" >&2; fi
+  echo "$rps $p99"
+}

@@ -41,14 +41,11 @@ nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$PG_PORT/plain" && break; sleep 0.1; done
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PG_PORT/ffi")" = 200 ] || { echo "ffi route failed"; cat "$work/pg.err"; exit 1; }
 
-run() {
-  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$1" > "$work/wrk.out"
-  awk '/Requests\/sec/ {r=$2} $1=="99%" {p=$2} END {print r, p}' "$work/wrk.out"
-}
+run() { wrk_run "$work/wrk.out" "$1"; } # url -> "rps p99_ms"
 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PG_PORT/plain" >/dev/null
 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PG_PORT/ffi" >/dev/null
 : > "$work/res"
-printf "%-6s %-8s %12s %10s\n" round route "req/s" "p99"
+printf "%-6s %-8s %12s %10s\n" round route "req/s" "p99(ms)"
 for r in $(seq "$ROUNDS"); do
   read -r pr pp < <(run "http://127.0.0.1:$PG_PORT/plain")
   read -r fr fp < <(run "http://127.0.0.1:$PG_PORT/ffi")

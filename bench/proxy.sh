@@ -63,14 +63,7 @@ for port in $UP_PORT $NGX_PORT $PG_PORT; do
 done
 curl -s -o /dev/null "http://127.0.0.1:$PG_PORT/" || { echo "polygate did not start:"; cat "$work/pg.err"; exit 1; }
 
-run() { # url -> "rps p99_ms"
-  "${LOAD[@]}" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$1" > "$work/wrk.out" 2>&1
-  local rps p99
-  rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.out")
-  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$work/wrk.out")
-  if grep -q "Non-2xx" "$work/wrk.out"; then echo "warning: non-2xx responses: $(grep Non-2xx "$work/wrk.out")" >&2; fi
-  echo "$rps $p99"
-}
+run() { wrk_run "$work/wrk.out" "$1" "${LOAD[@]}"; } # url -> "rps p99_ms"
 # warm up both
 wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$NGX_PORT/" >/dev/null; wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$PG_PORT/" >/dev/null
 

@@ -98,26 +98,14 @@ pub fn build_instances(
                 }
             }
         }
-        let conf_for_build = if disabled && factory.build(&conf).is_err() {
+        let plugin: Arc<dyn Plugin> = match factory.build(&conf) {
+            Ok(p) => p,
             // a disabled entry may be a bare `{"_meta": {"disable": true}}`
-            None
-        } else {
-            Some(conf)
-        };
-        let plugin: Arc<dyn Plugin> = match conf_for_build {
-            Some(c) => match factory.build(&c) {
-                Ok(p) => p,
-                Err(e) => {
-                    let p = if e.path.is_empty() {
-                        ppath.clone()
-                    } else {
-                        format!("{ppath}.{}", e.path)
-                    };
-                    errs.push(p, e.message);
-                    continue;
-                }
-            },
-            None => Arc::new(Disabled(name.clone())),
+            Err(_) if disabled => Arc::new(Disabled(name.clone())),
+            Err(e) => {
+                errs.push(e.path_under(&ppath), e.message);
+                continue;
+            }
         };
         out.insert(
             name.clone(),

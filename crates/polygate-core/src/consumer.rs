@@ -62,12 +62,7 @@ impl ConsumerIndex {
                         Ok(Some(cred)) => creds.push((name.clone(), cred)),
                         Ok(None) => {}
                         Err(e) => {
-                            let p = if e.path.is_empty() {
-                                format!("{path}.{name}")
-                            } else {
-                                format!("{path}.{name}.{}", e.path)
-                            };
-                            errs.push(p, e.message);
+                            errs.push(e.path_under(&format!("{path}.{name}")), e.message);
                         }
                     }
                     auth_confs.insert(name.clone(), conf.clone());

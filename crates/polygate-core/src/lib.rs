@@ -20,5 +20,5 @@ pub use ctx::{RequestCtx, ResponseHead};
 pub use error::GatewayError;
 pub use plugin::{
     ConfError, Flow, Phase, Plugin, PluginError, PluginFactory, PluginKind, PluginRegistry,
-    PluginResponse,
+    PluginResponse, parse_conf,
 };

@@ -168,6 +168,30 @@ impl ConfError {
     pub fn whole(message: impl Into<String>) -> ConfError {
         ConfError::at("", message)
     }
+
+    /// The full key path of this error when the configuration sits at `base`
+    /// (`routes[0].plugins.key-auth` + `header` → `routes[0].plugins.key-auth.header`).
+    pub fn path_under(&self, base: &str) -> String {
+        if self.path.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}.{}", self.path)
+        }
+    }
+}
+
+/// Deserialises a plugin configuration into a serde type (use `deny_unknown_fields`),
+/// reporting the failing key path below the plugin's key.
+pub fn parse_conf<T: serde::de::DeserializeOwned>(
+    conf: &serde_json::Value,
+) -> Result<T, ConfError> {
+    serde_path_to_error::deserialize(conf).map_err(|e| {
+        let p = e.path().to_string();
+        ConfError::at(
+            if p == "." { String::new() } else { p },
+            e.inner().to_string(),
+        )
+    })
 }
 
 /// Builds instances of one plugin from configurations.

@@ -76,7 +76,49 @@ unsafe fn take_task(tsk: *mut c_void) -> Arc<Task> {
     unsafe { Arc::from_raw(tsk as *const Task) }
 }
 
-fn answer(task: Arc<Task>, rc: c_int, body: Option<Bytes>) {
+/// Borrows a polled, unanswered task.
+///
+/// # Safety
+/// `tsk` must be NULL or a task handed out by a poll and not answered yet.
+unsafe fn task_ref<'a>(tsk: *mut c_void) -> Option<&'a Task> {
+    // SAFETY: per the contract, a non-NULL `tsk` points to a task the runtime holds a reference
+    // to until it answers
+    unsafe { (tsk as *const Task).as_ref() }
+}
+
+/// Borrows the queue behind a handle.
+///
+/// # Safety
+/// `tq` must be NULL or the queue handle given to `libffi_init`.
+unsafe fn queue_ref<'a>(tq: *mut c_void) -> Option<&'a TaskQueue> {
+    // SAFETY: a queue handle is a strong reference kept while the library is loaded
+    unsafe { (tq as *const TaskQueue).as_ref() }
+}
+
+/// Answers a task with a response buffer owned by `free` (both respond functions).
+///
+/// # Safety
+/// `tsk` must be NULL or a polled, unanswered task; `rsp` NULL or `len` readable bytes that
+/// `free` releases.
+unsafe fn answer(
+    tsk: *mut c_void,
+    rc: c_int,
+    rsp: *mut c_char,
+    len: usize,
+    free: unsafe extern "C" fn(*mut c_void),
+) {
+    if tsk.is_null() {
+        return;
+    }
+    let body = (!rsp.is_null()).then(|| {
+        Bytes::from_owner(ForeignBuf {
+            ptr: rsp.cast(),
+            len,
+            free,
+        })
+    });
+    // SAFETY: per this function's contract
+    let task = unsafe { take_task(tsk) };
     if !task.complete((rc, body)) {
         tracing::error!("ffi: a task was answered twice; the second answer is dropped");
     }
@@ -90,12 +132,8 @@ fn answer(task: Arc<Task>, rc: c_int, body: Option<Bytes>) {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ngx_http_lua_ffi_task_poll(tq: *mut c_void) -> *mut c_void {
     boundary("ngx_http_lua_ffi_task_poll", std::ptr::null_mut(), || {
-        if tq.is_null() {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: `tq` is a strong reference kept alive until the library is closed
-        let q = unsafe { &*(tq as *const TaskQueue) };
-        match q.poll() {
+        // SAFETY: per this function's contract
+        match unsafe { queue_ref(tq) }.and_then(TaskQueue::poll) {
             Some(t) => Arc::into_raw(t) as *mut c_void,
             None => std::ptr::null_mut(),
         }
@@ -113,11 +151,10 @@ pub unsafe extern "C" fn ngx_http_lua_ffi_get_req(
     len: *mut c_int,
 ) -> *mut c_char {
     boundary("ngx_http_lua_ffi_get_req", std::ptr::null_mut(), || {
-        if tsk.is_null() {
+        // SAFETY: per this function's contract
+        let Some(t) = (unsafe { task_ref(tsk) }) else {
             return std::ptr::null_mut();
-        }
-        // SAFETY: the runtime holds a reference to the task until it answers
-        let t = unsafe { &*(tsk as *const Task) };
+        };
         let (p, n) = t.request_raw();
         if !len.is_null() {
             // SAFETY: checked non-null; the caller provides an int
@@ -142,27 +179,14 @@ pub unsafe extern "C" fn ngx_http_lua_ffi_respond(
     rsp_len: c_int,
 ) {
     boundary("ngx_http_lua_ffi_respond", (), || {
-        if tsk.is_null() {
-            return;
-        }
-        let body = if rsp.is_null() {
-            None
+        let len = if rsp.is_null() || rsp_len > 0 {
+            rsp_len.max(0) as usize
         } else {
-            let len = if rsp_len > 0 {
-                rsp_len as usize
-            } else {
-                // SAFETY: legacy rule: a non-NULL response with length 0 is NUL-terminated
-                unsafe { libc::strlen(rsp) }
-            };
-            Some(Bytes::from_owner(ForeignBuf {
-                ptr: rsp.cast(),
-                len,
-                free: libc_free,
-            }))
+            // SAFETY: legacy rule: a non-NULL response with length 0 is NUL-terminated
+            unsafe { libc::strlen(rsp) }
         };
         // SAFETY: per this function's contract
-        let task = unsafe { take_task(tsk) };
-        answer(task, rc, body);
+        unsafe { answer(tsk, rc, rsp, len, libc_free) };
     })
 }
 
@@ -185,11 +209,13 @@ pub unsafe extern "C" fn polygate_ffi_task_poll_n(
     max: c_int,
 ) -> c_int {
     boundary("polygate_ffi_task_poll_n", 0, || {
-        if tq.is_null() || out.is_null() || max <= 0 {
+        if out.is_null() || max <= 0 {
             return 0;
         }
-        // SAFETY: see ngx_http_lua_ffi_task_poll
-        let q = unsafe { &*(tq as *const TaskQueue) };
+        // SAFETY: per this function's contract
+        let Some(q) = (unsafe { queue_ref(tq) }) else {
+            return 0;
+        };
         let tasks = q.poll_many(max as usize);
         let n = tasks.len();
         for (i, t) in tasks.into_iter().enumerate() {
@@ -216,21 +242,8 @@ pub unsafe extern "C" fn polygate_ffi_respond2(
     free_fn: Option<unsafe extern "C" fn(*mut c_void)>,
 ) {
     boundary("polygate_ffi_respond2", (), || {
-        if tsk.is_null() {
-            return;
-        }
-        let body = if rsp.is_null() {
-            None
-        } else {
-            Some(Bytes::from_owner(ForeignBuf {
-                ptr: rsp.cast(),
-                len,
-                free: free_fn.unwrap_or(libc_free),
-            }))
-        };
         // SAFETY: per this function's contract
-        let task = unsafe { take_task(tsk) };
-        answer(task, rc, body);
+        unsafe { answer(tsk, rc, rsp, len, free_fn.unwrap_or(libc_free)) };
     })
 }
 
@@ -243,12 +256,8 @@ pub unsafe extern "C" fn polygate_ffi_respond2(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn polygate_ffi_task_is_cancelled(tsk: *mut c_void) -> c_int {
     boundary("polygate_ffi_task_is_cancelled", 0, || {
-        if tsk.is_null() {
-            return 0;
-        }
-        // SAFETY: the runtime holds a reference to the task until it answers
-        let t = unsafe { &*(tsk as *const Task) };
-        c_int::from(t.is_cancelled())
+        // SAFETY: per this function's contract
+        unsafe { task_ref(tsk) }.map_or(0, |t| c_int::from(t.is_cancelled()))
     })
 }
 
@@ -260,12 +269,9 @@ pub unsafe extern "C" fn polygate_ffi_task_is_cancelled(tsk: *mut c_void) -> c_i
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn polygate_ffi_task_remaining_ms(tsk: *mut c_void) -> i64 {
     boundary("polygate_ffi_task_remaining_ms", -1, || {
-        if tsk.is_null() {
-            return -1;
-        }
-        // SAFETY: the runtime holds a reference to the task until it answers
-        let t = unsafe { &*(tsk as *const Task) };
-        t.remaining_ms()
+        // SAFETY: per this function's contract
+        unsafe { task_ref(tsk) }
+            .and_then(Task::remaining_ms)
             .map_or(-1, |ms| ms.min(i64::MAX as u64) as i64)
     })
 }

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use polygate_core::{
     ConfError, Flow, Plugin, PluginError, PluginFactory, PluginResponse, RequestCtx, ResponseHead,
+    parse_conf,
 };
 use serde::{Deserialize, Serialize};
 
@@ -176,7 +177,7 @@ impl PluginFactory for FfiFactory {
     }
 
     fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
-        let c: Conf = serde_path_to_error_free(conf)?;
+        let c: Conf = parse_conf(conf)?;
         let phase = match c.phase.as_str() {
             "rewrite" => PhaseKind::Rewrite,
             "access" => PhaseKind::Access,
@@ -223,12 +224,6 @@ impl PluginFactory for FfiFactory {
             include_body: c.include_body.then_some(c.max_body),
         }))
     }
-}
-
-fn serde_path_to_error_free<T: serde::de::DeserializeOwned>(
-    v: &serde_json::Value,
-) -> Result<T, ConfError> {
-    T::deserialize(v).map_err(|e| ConfError::whole(e.to_string()))
 }
 
 /// Serialises the request description.

@@ -264,19 +264,28 @@ impl TaskQueue {
         }
     }
 
+    /// Hands out the next queued task whose caller is still waiting (cancelled ones are dropped
+    /// here: the runtime never sees them).
+    fn next_ready(&self, st: &mut State) -> Option<Arc<Task>> {
+        while let Some(t) = st.tasks.pop_front() {
+            self.queued_hint.store(st.tasks.len(), Ordering::Release);
+            if t.is_cancelled() {
+                continue;
+            }
+            t.state.store(POLLED, Ordering::Release);
+            self.outstanding.fetch_add(1, Ordering::AcqRel);
+            return Some(t);
+        }
+        None
+    }
+
     /// Blocks until a task is available (skipping cancelled ones) or the queue is finished and
     /// drained (`None`).
     pub fn poll(&self) -> Option<Arc<Task>> {
         self.spin_for_work();
         let mut st = self.state.lock();
         loop {
-            while let Some(t) = st.tasks.pop_front() {
-                self.queued_hint.store(st.tasks.len(), Ordering::Release);
-                if t.is_cancelled() {
-                    continue; // the caller is gone and the runtime never saw it
-                }
-                t.state.store(POLLED, Ordering::Release);
-                self.outstanding.fetch_add(1, Ordering::AcqRel);
+            if let Some(t) = self.next_ready(&mut st) {
                 return Some(t);
             }
             if st.finished {
@@ -288,27 +297,24 @@ impl TaskQueue {
         }
     }
 
-    /// Like [`TaskQueue::poll`], taking up to `max` tasks at once (at least one, or none when
-    /// finished).
+    /// Blocks until at least one task is available (skipping cancelled ones) and takes up to
+    /// `max`; empty once the queue is finished and drained.
     pub fn poll_many(&self, max: usize) -> Vec<Arc<Task>> {
         let mut out = Vec::new();
         self.spin_for_work();
         let mut st = self.state.lock();
         loop {
             while out.len() < max.max(1) {
-                let Some(t) = st.tasks.pop_front() else { break };
-                self.queued_hint.store(st.tasks.len(), Ordering::Release);
-                if t.is_cancelled() {
-                    continue;
-                }
-                t.state.store(POLLED, Ordering::Release);
-                self.outstanding.fetch_add(1, Ordering::AcqRel);
+                let Some(t) = self.next_ready(&mut st) else {
+                    break;
+                };
                 out.push(t);
             }
             if !out.is_empty() {
                 return out;
             }
             if st.finished {
+                // wake the other pollers so they see the end too
                 self.cond.notify_all();
                 return out;
             }

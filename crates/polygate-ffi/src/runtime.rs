@@ -102,9 +102,6 @@ pub enum CallError {
     /// No answer within the timeout.
     #[error("runtime call timed out after {0:?}")]
     Timeout(Duration),
-    /// The task was dropped without an answer.
-    #[error("runtime dropped the task without answering")]
-    Dropped,
 }
 
 /// A loaded runtime.
@@ -227,22 +224,11 @@ fn keep_handle(handle: usize) {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        if !self.unpin {
-            // pinned: the library (and the queue handle it may still use) stay for the process
-            if let Some(lib) = self.lib.lock().take() {
-                std::mem::forget(lib);
-                keep_handle(self.handle);
-            }
-            return;
-        }
-        if !self.queue.is_finished() {
+        if self.unpin && !self.queue.is_finished() {
             self.queue.finish();
         }
         if let Some(lib) = self.lib.lock().take() {
-            drop(lib);
-            // SAFETY: the library is closed, so nothing can use the handle any more; this
-            // releases the strong reference created for libffi_init
-            unsafe { drop(Arc::from_raw(self.handle as *const TaskQueue)) };
+            release_library(lib, self.unpin, Some(self.handle));
         }
     }
 }
@@ -386,7 +372,7 @@ impl FfiHost {
                 let err = LoadError::NoInit {
                     lib: path.display().to_string(),
                 };
-                keep_or_close(library, opts.unpin);
+                release_library(library, opts.unpin, None);
                 return Err(err);
             }
         };
@@ -404,16 +390,9 @@ impl FfiHost {
         }
         if rc != 0 {
             queue.finish();
-            if opts.unpin {
-                drop(library);
-                // SAFETY: the library is closed; nothing can use the handle any more
-                unsafe { drop(Arc::from_raw(handle as *const TaskQueue)) };
-            } else {
-                // the runtime may have started threads before failing: keep the library and
-                // the (finished) queue handle rather than pull code from under them
-                std::mem::forget(library);
-                keep_handle(handle);
-            }
+            // a pinned runtime may have started threads before failing: its library and the
+            // (finished) queue handle stay rather than pull code from under them
+            release_library(library, opts.unpin, Some(handle));
             return Err(LoadError::Init {
                 lib: path.display().to_string(),
                 rc,
@@ -436,10 +415,21 @@ impl FfiHost {
     }
 }
 
-fn keep_or_close(lib: libloading::Library, unpin: bool) {
-    if unpin {
-        drop(lib);
-    } else {
+/// Lets go of a library the host is done with. With `unpin` it is closed (`dlclose`) and the
+/// queue handle given to its `libffi_init`, if any, is released. Otherwise both stay for the
+/// rest of the process: the library's threads may still run and poll that queue.
+fn release_library(lib: libloading::Library, unpin: bool, handle: Option<usize>) {
+    if !unpin {
         std::mem::forget(lib);
+        if let Some(h) = handle {
+            keep_handle(h);
+        }
+        return;
+    }
+    drop(lib);
+    if let Some(h) = handle {
+        // SAFETY: the library is closed, so nothing can use the handle any more; this releases
+        // the strong reference created for libffi_init
+        unsafe { drop(Arc::from_raw(h as *const TaskQueue)) };
     }
 }

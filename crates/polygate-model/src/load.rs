@@ -66,7 +66,7 @@ pub fn parse_str(text: &str, format: Format, env: &dyn Env) -> Result<ConfigFile
             serde_path_to_error::deserialize(de).map_err(|e| {
                 ConfigErrors::one(ConfigError::new(
                     display_path(e.path()),
-                    strip_location(&e.inner().to_string()),
+                    e.inner().to_string(),
                 ))
             })
         }
@@ -85,12 +85,6 @@ pub fn parse_str(text: &str, format: Format, env: &dyn Env) -> Result<ConfigFile
 fn display_path(p: &serde_path_to_error::Path) -> String {
     let s = p.to_string();
     if s == "." { String::new() } else { s }
-}
-
-/// serde_yaml appends " at line N column M"; keep it, it helps, but drop the duplicate path
-/// prefix serde_yaml sometimes adds ("routes[0].x: ...").
-fn strip_location(msg: &str) -> String {
-    msg.to_owned()
 }
 
 fn env_regex() -> &'static Regex {

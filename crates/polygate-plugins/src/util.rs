@@ -7,18 +7,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use polygate_core::ConfError;
 use polygate_router::VarSource;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 
-/// Deserialises a plugin configuration, reporting the failing key path.
-pub fn parse_conf<T: DeserializeOwned>(conf: &serde_json::Value) -> Result<T, ConfError> {
-    serde_path_to_error::deserialize(conf).map_err(|e| {
-        let p = e.path().to_string();
-        ConfError::at(
-            if p == "." { String::new() } else { p },
-            e.inner().to_string(),
-        )
-    })
-}
+pub use polygate_core::parse_conf;
 
 /// A string with `$name` / `${name}` variable references.
 #[derive(Debug, Clone)]
@@ -128,12 +118,7 @@ impl HeaderOps {
             .keys()
             .any(|k| k == "add" || k == "set" || k == "remove");
         let conf: HeaderOpsConf = if structured {
-            parse_conf(v).map_err(|e| {
-                ConfError::at(
-                    format!("{key}.{}", e.path).trim_end_matches('.').to_owned(),
-                    e.message,
-                )
-            })?
+            parse_conf(v).map_err(|e| ConfError::at(e.path_under(key), e.message))?
         } else {
             let mut set = BTreeMap::new();
             let mut remove = Vec::new();

@@ -59,11 +59,18 @@ struct Fin {
     upstream_id: Option<Arc<str>>,
 }
 
+/// The chain that serves a request: the consumer-merged one when a consumer brought plugins,
+/// else the matched route's (none when no route matched).
+fn active_chain<'a>(
+    merged: &'a Option<PluginChain>,
+    entry: &'a Option<Arc<Entry<RouteData>>>,
+) -> Option<&'a PluginChain> {
+    merged.as_ref().or(entry.as_ref().map(|e| &e.data.chain))
+}
+
 impl Fin {
     fn chain(&self) -> Option<&PluginChain> {
-        self.merged
-            .as_ref()
-            .or(self.entry.as_ref().map(|e| &e.data.chain))
+        active_chain(&self.merged, &self.entry)
     }
 }
 
@@ -73,15 +80,10 @@ impl Finish for Fin {
     }
 
     fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool) {
-        let global = &self.snap.global.instances;
-        run_body_filter(global, &mut self.ctx, chunk, eof);
-        let chain = self
-            .merged
-            .as_ref()
-            .or(self.entry.as_ref().map(|e| &e.data.chain));
-        if let Some(c) = chain {
-            let instances = c.instances.clone();
-            run_body_filter(&instances, &mut self.ctx, chunk, eof);
+        run_body_filter(&self.snap.global.instances, &mut self.ctx, chunk, eof);
+        // disjoint field borrows: no copy of the chain per chunk
+        if let Some(c) = active_chain(&self.merged, &self.entry) {
+            run_body_filter(&c.instances, &mut self.ctx, chunk, eof);
         }
     }
 
@@ -219,15 +221,8 @@ pub async fn handle(
                 status: h1head.status,
                 headers: h1head.headers,
             };
-            head.headers.insert(header::SERVER, SERVER.clone());
             let chain = merged.as_ref().unwrap_or(&entry.data.chain);
-            let filters = !snap.global.is_empty() || !chain.is_empty();
-            if filters {
-                run_header_filter(&snap.global.instances, &mut ctx, &mut head);
-                run_header_filter(&chain.instances, &mut ctx, &mut head);
-            }
-            ctx.status = Some(head.status);
-            shared.metrics.record(head.status);
+            response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
             let override_body = ctx.body_override.take();
             let body_filters = snap.global.has_body_filter || chain.has_body_filter;
             if body_filters || override_body.is_some() {
@@ -252,6 +247,25 @@ pub async fn handle(
             into_response(head, body)
         }
     }
+}
+
+/// Work every response head gets: the Server header, `header_filter` of the global rules and
+/// the serving chain (only when a route matched: `chain` is `None` otherwise), the status for
+/// the log phase and `vars`, and the counters.
+fn response_head(
+    shared: &Shared,
+    snap: &Snapshot,
+    chain: Option<&PluginChain>,
+    ctx: &mut RequestCtx,
+    head: &mut ResponseHead,
+) {
+    head.headers.insert(header::SERVER, SERVER.clone());
+    if let Some(c) = chain {
+        run_header_filter(&snap.global.instances, ctx, head);
+        run_header_filter(&c.instances, ctx, head);
+    }
+    ctx.status = Some(head.status);
+    shared.metrics.record(head.status);
 }
 
 fn into_response(head: ResponseHead, body: RespBody) -> Response<RespBody> {
@@ -283,15 +297,8 @@ fn finish_local(
         status: r.status,
         headers: r.headers,
     };
-    head.headers.insert(header::SERVER, SERVER.clone());
-    if entry.is_some() {
-        run_header_filter(&snap.global.instances, &mut ctx, &mut head);
-        if let Some(c) = merged.as_ref().or(entry.as_ref().map(|e| &e.data.chain)) {
-            run_header_filter(&c.instances, &mut ctx, &mut head);
-        }
-    }
-    ctx.status = Some(head.status);
-    shared.metrics.record(head.status);
+    let chain = active_chain(&merged, &entry);
+    response_head(shared, &snap, chain, &mut ctx, &mut head);
     let body = ctx.body_override.take().unwrap_or(r.body);
     head.headers.remove(header::CONTENT_LENGTH);
     let fin = Box::new(Fin {
