@@ -5,6 +5,7 @@ mod support;
 
 mod balance;
 mod ffi;
+mod lua;
 mod ops;
 mod plugins;
 mod routing;

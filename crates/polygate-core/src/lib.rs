@@ -6,6 +6,7 @@
 //! - [`ctx`]: the per-request [`RequestCtx`] (also the `vars` source).
 //! - [`consumer`]: consumers indexed by credential.
 //! - [`error`]: gateway errors and their mapping to responses.
+//! - [`worker`]: which worker thread is running.
 #![forbid(unsafe_code)]
 
 pub mod chain;
@@ -13,6 +14,7 @@ pub mod consumer;
 pub mod ctx;
 pub mod error;
 pub mod plugin;
+pub mod worker;
 
 pub use chain::{InstanceMap, PluginChain, PluginInstance};
 pub use consumer::{ConsumerIndex, ConsumerInfo};

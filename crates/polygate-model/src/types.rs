@@ -124,6 +124,108 @@ pub struct GatewaySection {
     /// Directories searched for FFI runtime libraries given by name, before `LD_LIBRARY_PATH`.
     #[serde(default)]
     pub ffi_lib_path: Vec<String>,
+    /// Settings of the embedded LuaJIT (`lua` and `serverless-*` plugins, `ngx.*`).
+    #[serde(default)]
+    pub lua: LuaConfig,
+}
+
+/// `gateway.lua`: the embedded LuaJIT's settings. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LuaConfig {
+    /// Search path for `require` of user modules, like OpenResty's `lua_package_path`
+    /// (`/etc/polygate/lua/?.lua;;`; `;;` stands for the default path).
+    #[serde(default)]
+    pub package_path: Option<String>,
+    /// Search path for Lua C modules (`lua_package_cpath`).
+    #[serde(default)]
+    pub package_cpath: Option<String>,
+    /// Process-wide shared dictionaries for `ngx.shared.NAME`, name → capacity (`10m`, `512k`,
+    /// or bytes), like `lua_shared_dict`.
+    #[serde(default)]
+    pub shared_dict: std::collections::BTreeMap<String, ByteSize>,
+    /// Memory limit of each Lua state (one per worker thread). Default `128m`; 0 = none.
+    #[serde(default = "default_lua_memory")]
+    pub memory_limit: ByteSize,
+    /// Instructions a handler may run before it yields (a runaway loop fails with an error).
+    /// Default 100,000,000 (about 0.1–0.3 s of CPU); 0 = no limit, which also turns LuaJIT's
+    /// JIT compiler on (the limit needs the interpreter: compiled loops skip count hooks).
+    #[serde(default = "default_lua_instructions")]
+    pub instruction_limit: u64,
+    /// Pending `ngx.timer` timers per worker, like `lua_max_pending_timers`. Default 1024.
+    #[serde(default = "default_lua_timers")]
+    pub max_pending_timers: usize,
+    /// Seconds a call through `ngx.load_ffi` waits for its runtime's answer (lua-resty-ffi has
+    /// no limit; polygate fails the call with `false, "timeout"`). Default 60; per runtime with
+    /// the `timeout` load option.
+    #[serde(default = "default_lua_ffi_timeout")]
+    pub ffi_timeout: f64,
+}
+
+impl Default for LuaConfig {
+    fn default() -> Self {
+        LuaConfig {
+            package_path: None,
+            package_cpath: None,
+            shared_dict: Default::default(),
+            memory_limit: default_lua_memory(),
+            instruction_limit: default_lua_instructions(),
+            max_pending_timers: default_lua_timers(),
+            ffi_timeout: default_lua_ffi_timeout(),
+        }
+    }
+}
+
+fn default_lua_memory() -> ByteSize {
+    ByteSize(128 << 20)
+}
+fn default_lua_instructions() -> u64 {
+    100_000_000
+}
+fn default_lua_timers() -> usize {
+    1024
+}
+fn default_lua_ffi_timeout() -> f64 {
+    60.0
+}
+
+/// A size in bytes, written as a number or with a `k`/`m`/`g` suffix (`10m`), as nginx does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses `10m`, `512k`, `1g` or `4096`.
+    pub fn parse(s: &str) -> Option<ByteSize> {
+        let s = s.trim();
+        let (num, mul) = match s.char_indices().last()? {
+            (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+            (i, 'm' | 'M') => (&s[..i], 1 << 20),
+            (i, 'g' | 'G') => (&s[..i], 1 << 30),
+            _ => (s, 1),
+        };
+        num.trim()
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(mul)
+            .map(ByteSize)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!("invalid size {s:?} (use 10m, 512k or bytes)"))
+            }),
+        }
+    }
 }
 
 impl Default for GatewaySection {
@@ -138,6 +240,7 @@ impl Default for GatewaySection {
             demo_upstream: None,
             watch_interval: default_watch_interval(),
             ffi_lib_path: Vec::new(),
+            lua: LuaConfig::default(),
         }
     }
 }

@@ -238,6 +238,29 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
         }
     }
     check_timeout(&t.upstream, "gateway.timeouts.upstream", errs);
+    let lua = &gw.lua;
+    if !positive(lua.ffi_timeout) {
+        errs.push("gateway.lua.ffi_timeout", "must be a number > 0");
+    }
+    for (name, size) in &lua.shared_dict {
+        let p = format!("gateway.lua.shared_dict.{name}");
+        let ok_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok_name {
+            errs.push(p.clone(), "dictionary names use letters, digits, _ and -");
+        }
+        if size.0 < 8 << 10 {
+            errs.push(p, "a shared dictionary needs at least 8k");
+        }
+    }
+    if lua.memory_limit.0 != 0 && lua.memory_limit.0 < 4 << 20 {
+        errs.push(
+            "gateway.lua.memory_limit",
+            "must be at least 4m (or 0 for no limit)",
+        );
+    }
     if !positive(gw.watch_interval) {
         errs.push("gateway.watch_interval", "must be a number > 0");
     }

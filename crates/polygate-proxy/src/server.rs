@@ -200,6 +200,7 @@ pub fn serve(
         let h = std::thread::Builder::new()
             .name(format!("polygate-worker-{w}"))
             .spawn(move || {
+                polygate_core::worker::enter(w, workers);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -59,6 +59,7 @@ fn main() -> ExitCode {
     std::hint::black_box(polygate_ffi::abi::exported_symbols());
     let mut registry = polygate_plugins::registry();
     registry.register(std::sync::Arc::new(polygate_ffi::plugin::FfiFactory));
+    polygate_lua::register(&mut registry);
     registry.add_config_hook(std::sync::Arc::new(|cfg| {
         let dirs = cfg
             .gateway
