@@ -78,11 +78,10 @@ fn after_error(message: &str) {
 fn handler_args(
     vm: &Vm,
     src: &Arc<Source>,
-    func: Function,
     conf: Option<Table>,
     ctx: &mut RequestCtx,
 ) -> LuaResult<MultiValue> {
-    let mut v = vec![Value::Function(func)];
+    let mut v = vec![Value::Integer(src.id as i64)];
     if src.kind == SourceKind::Factory {
         v.push(conf.map_or(Value::Nil, Value::Table));
         v.push(Value::Table(api_ctx(&vm.lua, ctx)?));
@@ -116,11 +115,10 @@ fn prepare(
 ) -> Result<(std::rc::Rc<Vm>, MultiValue), PluginError> {
     touch_time();
     let vm = vm().map_err(|e| plugin_error(plugin, phase, &e))?;
-    let (func, conf) = vm
+    let conf = vm
         .handler(src)
         .map_err(|e| plugin_error(plugin, phase, &e))?;
-    let args =
-        handler_args(&vm, src, func, conf, ctx).map_err(|e| plugin_error(plugin, phase, &e))?;
+    let args = handler_args(&vm, src, conf, ctx).map_err(|e| plugin_error(plugin, phase, &e))?;
     Ok((vm, args))
 }
 
@@ -259,9 +257,10 @@ fn finish(
     r: LuaResult<MultiValue>,
 ) -> Outcome {
     let r = unwrap_run(r);
-    let (exit, out, status) = lua_req(ctx, |s| {
-        (s.exit.take(), std::mem::take(&mut s.out), s.status)
-    });
+    let (exit, out, status) = match ctx.extensions.get_mut::<LuaReq>() {
+        Some(s) => (s.exit.take(), std::mem::take(&mut s.out), s.status),
+        None => (None, Vec::new(), None),
+    };
     let out = (!out.is_empty()).then_some(out);
     let ok_status = |s: Option<u16>| {
         s.and_then(|s| StatusCode::from_u16(s).ok())
@@ -360,7 +359,10 @@ pub(crate) fn run_header_filter(
         reset_budget();
         unwrap_run(vm.runner.call::<MultiValue>(args))
     });
-    let exit = lua_req(ctx, |s| s.exit.take());
+    let exit = ctx
+        .extensions
+        .get_mut::<LuaReq>()
+        .and_then(|s| s.exit.take());
     let failed = match r {
         Err(e) => {
             tracing::error!("{e}");
@@ -448,8 +450,8 @@ pub(crate) fn run_log(plugin: &str, src: &Arc<Source>, ctx: &RequestCtx) {
             return;
         }
     };
-    let r = vm.handler(src).and_then(|(func, conf)| {
-        let mut v = vec![Value::Function(func)];
+    let r = vm.handler(src).and_then(|conf| {
+        let mut v = vec![Value::Integer(src.id as i64)];
         if src.kind == SourceKind::Factory {
             v.push(conf.map_or(Value::Nil, Value::Table));
             let api = ctx

@@ -131,9 +131,13 @@ impl Source {
 pub(crate) struct Vm {
     pub lua: Lua,
     generation: u64,
-    /// `function(f, ...)`: calls `f` under `xpcall`, returning `true, results...` or
-    /// `false, message-with-traceback` (see [`crate::run::unwrap_run`]).
+    /// `function(id, ...)`: calls the compiled handler `id` under `xpcall`, returning
+    /// `true, results...` or `false, message-with-traceback` (see [`crate::run::unwrap_run`]).
     pub runner: Function,
+    /// `function(f, ...)`: the same for a function value.
+    pub run_fn: Function,
+    /// Compiled handlers by source id (a Lua table, so a call passes only the id).
+    handler_table: Table,
     /// Compiled handlers by source id.
     handlers: RefCell<HashMap<u64, Handler>>,
     inserts: Cell<u32>,
@@ -144,7 +148,6 @@ pub(crate) struct Vm {
 /// A compiled handler in one state.
 struct Handler {
     source: Weak<Source>,
-    func: Function,
     conf: Option<Table>,
 }
 
@@ -171,6 +174,9 @@ thread_local! {
     static TICKS_PER_RUN: Cell<u64> = const { Cell::new(u64::MAX) };
     static KILLED: Cell<bool> = const { Cell::new(false) };
 }
+
+/// Coroutines kept for reuse per state.
+const THREAD_POOL: usize = 256;
 
 /// Instructions per count-hook call.
 const HOOK_EVERY: u32 = 1000;
@@ -218,16 +224,24 @@ local function check(ok, ...)
 end
 _G.pcall = function(...) return check(pcall(...)) end
 _G.xpcall = function(...) return check(xpcall(...)) end
--- returns true, results... or false, message with traceback
-return function(f, ...) return xpcall(f, handler, ...) end
+local handlers = {}
+-- both return true, results... or false, message with traceback
+local function run_id(id, ...) return xpcall(handlers[id], handler, ...) end
+local function run_fn(f, ...) return xpcall(f, handler, ...) end
+return run_id, run_fn, handlers
 "#;
 
 impl Vm {
     fn new(generation: u64, settings: Arc<Settings>) -> LuaResult<Vm> {
         // SAFETY: the debug library is what OpenResty scripts expect (debug.traceback); the
         // scripts are the operator's own code, as in OpenResty. FFI stays out.
-        let lua =
-            unsafe { Lua::unsafe_new_with(StdLib::ALL_SAFE | StdLib::DEBUG, LuaOptions::new()) };
+        let lua = unsafe {
+            Lua::unsafe_new_with(
+                StdLib::ALL_SAFE | StdLib::DEBUG,
+                // finished handler coroutines are reused instead of collected
+                LuaOptions::new().thread_pool_size(THREAD_POOL),
+            )
+        };
         if settings.memory_limit > 0 {
             lua.set_memory_limit(settings.memory_limit)?;
         }
@@ -270,16 +284,18 @@ impl Vm {
         }
         crate::api::install(&lua, &settings)?;
         let killed_fn = lua.create_function(|_, ()| Ok(killed()))?;
-        let runner: Function = lua
+        let (runner, run_fn, handler_table): (Function, Function, Table) = lua
             .load(PRELUDE)
             .set_name("=polygate.prelude")
             .call(killed_fn)?;
-        lua.set_named_registry_value(RUNNER_KEY, runner.clone())?;
+        lua.set_named_registry_value(RUNNER_KEY, run_fn.clone())?;
         lua.set_app_data(Generation(generation));
         Ok(Vm {
             lua,
             generation,
             runner,
+            run_fn,
+            handler_table,
             handlers: RefCell::new(HashMap::new()),
             inserts: Cell::new(0),
             settings,
@@ -287,9 +303,9 @@ impl Vm {
     }
 
     /// The handler function of `src` in this state (compiled and, for factories, run once).
-    pub(crate) fn handler(&self, src: &Arc<Source>) -> LuaResult<(Function, Option<Table>)> {
+    pub(crate) fn handler(&self, src: &Arc<Source>) -> LuaResult<Option<Table>> {
         if let Some(h) = self.handlers.borrow().get(&src.id) {
-            return Ok((h.func.clone(), h.conf.clone()));
+            return Ok(h.conf.clone());
         }
         let func = self.compile(src)?;
         let conf = match &src.conf {
@@ -299,20 +315,27 @@ impl Vm {
             },
             None => None,
         };
+        self.handler_table.raw_set(src.id, func)?;
         let mut map = self.handlers.borrow_mut();
         self.inserts.set(self.inserts.get() + 1);
         if self.inserts.get().is_multiple_of(64) {
-            map.retain(|_, h| h.source.strong_count() > 0);
+            let table = &self.handler_table;
+            map.retain(|id, h| {
+                let live = h.source.strong_count() > 0;
+                if !live {
+                    let _ = table.raw_set(*id, Value::Nil);
+                }
+                live
+            });
         }
         map.insert(
             src.id,
             Handler {
                 source: Arc::downgrade(src),
-                func: func.clone(),
                 conf: conf.clone(),
             },
         );
-        Ok((func, conf))
+        Ok(conf)
     }
 
     fn compile(&self, src: &Source) -> LuaResult<Function> {
@@ -326,7 +349,7 @@ impl Vm {
             SourceKind::Factory => {
                 let _e = Enter::detached(LuaPhase::Load);
                 reset_budget();
-                let v = crate::run::unwrap_run(self.runner.call(chunk))?;
+                let v = crate::run::unwrap_run(self.run_fn.call(chunk))?;
                 match v.into_iter().next().unwrap_or(Value::Nil) {
                     Value::Function(f) => Ok(f),
                     other => Err(mlua::Error::runtime(format!(

@@ -24,22 +24,25 @@ thread_local! {
     pub(crate) static TIMER_EXIT: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Refreshes the cached time (`ngx.now`), once per handler step as nginx does per event.
+/// Marks the cached time (`ngx.now`) stale at each handler step, as nginx updates it per
+/// event; it is read from the clock at its first use in the step.
 pub(crate) fn touch_time() {
+    NOW.with(|n| n.set(0.0));
+}
+
+fn refresh_time() -> f64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64();
-    NOW.with(|n| n.set((now * 1000.0).floor() / 1000.0));
+    let now = (now * 1000.0).floor() / 1000.0;
+    NOW.with(|n| n.set(now));
+    now
 }
 
 fn now() -> f64 {
     let n = NOW.with(Cell::get);
-    if n == 0.0 {
-        touch_time();
-        return NOW.with(Cell::get);
-    }
-    n
+    if n == 0.0 { refresh_time() } else { n }
 }
 
 const CONSTANTS: &[(&str, i64)] = &[
@@ -118,16 +121,18 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     // ngx.var
     let var = lua.create_table()?;
     let mt = lua.create_table()?;
-    mt.set(
-        "__index",
-        lua.create_function(|lua, (_, k): (Value, mlua::String)| {
-            let k = k.to_str()?;
-            with_ctx("ngx.var", |ctx| match get_var(ctx, &k) {
-                Some(v) => Ok(Value::String(lua.create_string(v.as_bytes())?)),
-                None => Ok(Value::Nil),
-            })
-        })?,
-    )?;
+    let get = lua.create_function(|lua, k: mlua::String| {
+        let k = k.to_str()?;
+        with_ctx("ngx.var", |ctx| match get_var(ctx, &k) {
+            Some(v) => Ok(Value::String(lua.create_string(v.as_bytes())?)),
+            None => Ok(Value::Nil),
+        })
+    })?;
+    let index: Function = lua
+        .load("local get = ... return function(_, k) return get(k) end")
+        .set_name("=ngx.var")
+        .call(get)?;
+    mt.set("__index", index)?;
     mt.set(
         "__newindex",
         lua.create_function(|_, (_, k, v): (Value, String, Value)| set_var(&k, &v))?,
@@ -246,7 +251,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     ngx.set(
         "update_time",
         lua.create_function(|_, ()| {
-            touch_time();
+            refresh_time();
             Ok(())
         })?,
     )?;

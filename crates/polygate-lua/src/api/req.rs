@@ -71,7 +71,9 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     )?;
     req.set(
         "set_header",
-        lua.create_function(|_, (name, value): (String, Value)| set_header(&name, &value))?,
+        lua.create_function(|_, (name, value): (mlua::String, Value)| {
+            set_header(&name.to_str()?, &value)
+        })?,
     )?;
     req.set(
         "clear_header",
@@ -257,8 +259,12 @@ fn get_headers(lua: &Lua, max: i64, raw: bool) -> LuaResult<Table> {
 fn set_header(name: &str, value: &Value) -> LuaResult<()> {
     let n = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| lua_err(format!("ngx.req.set_header: invalid header name {name:?}")))?;
-    let mut vals = Vec::new();
+    let mut vals: smallvec::SmallVec<[HeaderValue; 1]> = smallvec::SmallVec::new();
     let conv = |v: &Value| -> LuaResult<HeaderValue> {
+        if let Value::String(s) = v {
+            return HeaderValue::from_bytes(&s.as_bytes())
+                .map_err(|_| lua_err(format!("ngx.req.set_header: invalid value for {name:?}")));
+        }
         let t = as_text(v).ok_or_else(|| {
             lua_err(format!(
                 "ngx.req.set_header: invalid value for {name:?}: {}",
@@ -280,10 +286,13 @@ fn set_header(name: &str, value: &Value) -> LuaResult<()> {
     with_ctx_mut("ngx.req.set_header", |c| {
         c.headers.remove(&n);
         let is_host = n == http::header::HOST;
-        let first = vals
-            .first()
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let first = if is_host {
+            vals.first()
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        } else {
+            None
+        };
         for v in vals {
             c.headers.append(n.clone(), v);
         }

@@ -1,0 +1,68 @@
+//! Cost of a Lua access handler per request, without the network: the plugin's `access` on a
+//! request context, as the gateway calls it (`cargo bench -p polygate-lua`).
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method, Version};
+use polygate_core::{ConsumerIndex, Flow, PluginFactory, RequestCtx};
+
+fn ctx() -> RequestCtx {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("example.com"));
+    h.insert("user-agent", HeaderValue::from_static("bench"));
+    RequestCtx::new(
+        Method::GET,
+        "/lua?a=1",
+        h,
+        Version::HTTP_11,
+        "127.0.0.1:5000".parse().unwrap(),
+        "127.0.0.1:9080".parse().unwrap(),
+        Arc::new(ConsumerIndex::default()),
+    )
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    for (name, code) in [
+        ("empty", ""),
+        ("set_header", r#"ngx.req.set_header("X-Lua", ngx.var.uri)"#),
+    ] {
+        let plugin = polygate_lua::plugins::LuaFactory
+            .build(&serde_json::json!({"access": code}))
+            .unwrap();
+        c.bench_function(&format!("lua access {name}"), |b| {
+            b.iter_batched(
+                ctx,
+                |mut cx| {
+                    assert!(matches!(plugin.access(&mut cx), Flow::Continue));
+                    cx
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    let plugin = polygate_plugins::registry()
+        .get("proxy-rewrite")
+        .unwrap()
+        .build(&serde_json::json!({"headers": {"set": {"X-Lua": "$uri"}}}))
+        .unwrap();
+    c.bench_function("proxy-rewrite set header (reference)", |b| {
+        b.iter_batched(
+            ctx,
+            |mut cx| {
+                let _ = plugin.rewrite(&mut cx);
+                cx
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
