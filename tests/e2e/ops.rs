@@ -352,6 +352,7 @@ async fn apisix_standalone_file_and_default_config() {
     }
     let private = get(9080, "/private/x").await;
     let allowed = get_h(9080, "/private/x", &[("apikey", "demo-key")]).await;
+    let lua = get(9080, "/lua?name=e2e").await;
     child.kill().unwrap();
     let _ = child.wait();
     let resp = resp.expect("default config did not start");
@@ -363,4 +364,7 @@ async fn apisix_standalone_file_and_default_config() {
     );
     assert_eq!(private.status, 401);
     assert_eq!(allowed.status, 200);
+    assert_eq!(lua.status, 200);
+    assert_eq!(lua.json()["hello"], "e2e");
+    assert_eq!(lua.header("content-type"), Some("application/json"));
 }

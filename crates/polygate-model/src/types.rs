@@ -403,16 +403,16 @@ pub struct Route {
     /// lua-resty-expr expression list.
     #[serde(default)]
     pub vars: Option<serde_json::Value>,
-    /// Lua filter function (needs the Lua layer).
+    /// Lua filter function (not supported yet: rejected by validation).
     #[serde(default)]
     pub filter_func: Option<String>,
     /// Plugins keyed by name.
     #[serde(default)]
     pub plugins: Option<PluginMap>,
-    /// Lua script (needs the Lua layer).
+    /// Route script, APISIX's plugin orchestration (not supported: rejected by validation).
     #[serde(default)]
     pub script: Option<String>,
-    /// Script id (needs the Lua layer).
+    /// Script id (not supported: rejected by validation).
     #[serde(default)]
     pub script_id: Option<Id>,
     /// Inline upstream (boxed: most routes reference an upstream, and an inline one is large).

@@ -439,13 +439,13 @@ fn validate_route(
     if r.filter_func.is_some() {
         errs.push(
             format!("{p}.filter_func"),
-            "filter_func needs the Lua layer, which this release does not include yet",
+            "filter_func is not supported yet (use `vars` expressions, or a lua plugin that answers 404)",
         );
     }
     if r.script.is_some() || r.script_id.is_some() {
         errs.push(
             format!("{p}.script"),
-            "script needs the Lua layer, which this release does not include yet",
+            "route scripts (plugin orchestration) are not supported; use the lua or serverless-* plugins",
         );
     }
     if r.plugins.is_none()
