@@ -167,6 +167,21 @@ async fn ngx_var_req_and_response_api() {
             )
         },
         case(
+            "badheader",
+            r#"local ok, err = pcall(ngx.req.set_header, "bad name", "v")
+            local ok2, err2 = pcall(ngx.req.set_header, "x-ok", "bad\nvalue")
+            ngx.req.set_header("Host", "other.example")
+            ngx.say(ok, "|", err, "|", ok2, "|", err2 ~= nil, "|", ngx.var.host)"#,
+            "/badheader",
+            |r| {
+                body_is(
+                    r,
+                    200,
+                    "false|ngx.req.set_header: invalid header name \"bad name\"|false|true|other.example\n",
+                )
+            },
+        ),
+        case(
             "uriargs",
             r#"local a = ngx.req.get_uri_args()
             ngx.say(a.a, ",", a.b[1], a.b[2], ",", tostring(a.flag), ",", a.sp)"#,

@@ -1,6 +1,7 @@
 //! The `ngx` API and the modules Lua code can `require` (`cjson`, `cjson.safe`, `resty_ffi`).
 
 pub(crate) mod codec;
+mod fast;
 pub(crate) mod ffi;
 pub(crate) mod json;
 pub(crate) mod ngx;

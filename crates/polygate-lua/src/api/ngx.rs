@@ -121,18 +121,10 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     // ngx.var
     let var = lua.create_table()?;
     let mt = lua.create_table()?;
-    let get = lua.create_function(|lua, k: mlua::String| {
-        let k = k.to_str()?;
-        with_ctx("ngx.var", |ctx| match get_var(ctx, &k) {
-            Some(v) => Ok(Value::String(lua.create_string(v.as_bytes())?)),
-            None => Ok(Value::Nil),
-        })
-    })?;
-    let index: Function = lua
-        .load("local get = ... return function(_, k) return get(k) end")
-        .set_name("=ngx.var")
-        .call(get)?;
-    mt.set("__index", index)?;
+    mt.set(
+        "__index",
+        super::fast::function(lua, super::fast::var_index)?,
+    )?;
     mt.set(
         "__newindex",
         lua.create_function(|_, (_, k, v): (Value, String, Value)| set_var(&k, &v))?,
@@ -334,7 +326,7 @@ pub(crate) fn require_yield(api: &str) -> LuaResult<()> {
 }
 
 /// `ngx.var.NAME`: the gateway's variables plus a few nginx ones.
-fn get_var<'a>(ctx: &'a RequestCtx, name: &str) -> Option<Cow<'a, str>> {
+pub(crate) fn get_var<'a>(ctx: &'a RequestCtx, name: &str) -> Option<Cow<'a, str>> {
     if let Some(v) = ctx.var(name) {
         return Some(v);
     }

@@ -69,11 +69,16 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
             get_headers(lua, max.unwrap_or(100), raw.unwrap_or(false))
         })?,
     )?;
+    let slow = lua.create_function(|_, (name, value): (mlua::String, Value)| {
+        set_header(&name.to_str()?, &value)
+    })?;
+    lua.set_named_registry_value(
+        super::fast::SLOW_SET_HEADER.to_str().unwrap_or_default(),
+        slow,
+    )?;
     req.set(
         "set_header",
-        lua.create_function(|_, (name, value): (mlua::String, Value)| {
-            set_header(&name.to_str()?, &value)
-        })?,
+        super::fast::function(lua, super::fast::set_header)?,
     )?;
     req.set(
         "clear_header",
