@@ -887,3 +887,67 @@ routes:
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lua_settings_change_gives_fresh_states_and_timer_limit() {
+    let u = Upstream::start("u").await;
+    let port = free_port();
+    let text = |limit: &str| {
+        format!(
+            r#"gateway:
+  listeners: [{{addr: "127.0.0.1:{port}"}}]
+  worker_threads: 1
+  watch_interval: 0.2
+  lua: {{max_pending_timers: 2, memory_limit: {limit}}}
+routes:
+  - id: r
+    uri: /count
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      lua: {{access: "_G.n = (_G.n or 0) + 1; ngx.say(_G.n)"}}
+  - id: t
+    uri: /timers
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      lua:
+        access: |
+          local out = {{}}
+          for i = 1, 3 do
+            local ok, err = ngx.timer.at(100, function() end)
+            out[#out + 1] = tostring(ok) .. ":" .. tostring(err)
+          end
+          ngx.say(table.concat(out, ","))
+#END
+"#,
+            n = u.node()
+        )
+    };
+    let gw = Gateway::start_raw(port, &text("64m"));
+    assert_eq!(get(port, "/count").await.body, "1\n");
+    assert_eq!(
+        get(port, "/count").await.body,
+        "2\n",
+        "module state lives in the worker's state"
+    );
+    assert_eq!(
+        get(port, "/timers").await.body,
+        "true:nil,true:nil,nil:too many pending timers\n"
+    );
+    // a settings change builds a fresh state in each worker (like an nginx reload)
+    gw.write_config(&text("32m"));
+    assert!(
+        gw.eventually(Duration::from_secs(5), || async {
+            get(port, "/count").await.body == "1\n"
+        })
+        .await,
+        "{}",
+        gw.stderr()
+    );
+    // the old state's timers ran their premature round and stopped, freeing their slots
+    assert!(
+        gw.eventually(Duration::from_secs(5), || async {
+            get(port, "/timers").await.body == "true:nil,true:nil,nil:too many pending timers\n"
+        })
+        .await
+    );
+}

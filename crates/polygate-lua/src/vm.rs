@@ -76,6 +76,7 @@ pub fn configure(c: &LuaConfig) {
             generation: cur.generation + 1,
             settings: Arc::new(s),
         }));
+        crate::api::timer::STATES_REPLACED.notify_waiters();
     }
 }
 

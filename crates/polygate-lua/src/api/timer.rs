@@ -10,6 +10,10 @@ use mlua::{Function, Lua, MultiValue, Result as LuaResult, Table, Value};
 use super::lua_err;
 use crate::vm::Settings;
 
+/// Signalled when a settings change replaced the Lua states: timers of old states run their
+/// premature round at once instead of at their next expiry.
+pub(crate) static STATES_REPLACED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 thread_local! {
     static PENDING: Cell<usize> = const { Cell::new(0) };
     static RUNNING: Cell<usize> = const { Cell::new(0) };
@@ -75,7 +79,12 @@ fn schedule(
     let delay = Duration::from_secs_f64(delay);
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(delay).await;
+            if crate::vm::current_generation() == generation {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = STATES_REPLACED.notified() => {}
+                }
+            }
             let premature = crate::vm::current_generation() != generation;
             if !every {
                 add(&PENDING, -1);
