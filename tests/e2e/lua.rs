@@ -779,6 +779,17 @@ async fn serverless_functions_and_lua_files() {
             })
         },
         Case {
+            plugins: json!({"lua": {"body_filter": "if ngx.arg[1] ~= '' then ngx.arg[1] = 'short'; ngx.arg[2] = true end"}}),
+            ..case("truncate", "", "/truncate", |r| body_is(r, 200, "short"))
+        },
+        Case {
+            plugins: json!({"lua": {"header_filter": "if ngx.status == 200 then ngx.exit(503) end"}}),
+            ..case("hfexit", "", "/hfexit", |r| {
+                assert_eq!(r.status, 503);
+                assert!(r.body.contains("503 Service Unavailable"), "{}", r.body);
+            })
+        },
+        Case {
             plugins: json!({"lua": {"access_file": access_file.display().to_string()}}),
             ..case("file2", "", "/file2?key=secret", |r| {
                 assert_eq!(r.seen_header("x-authed").as_deref(), Some("yes"))
