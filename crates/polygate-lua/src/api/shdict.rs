@@ -1,5 +1,6 @@
 //! `ngx.shared.DICT`: process-wide dictionaries (shared by every worker thread), declared in
-//! `gateway.lua.shared_dict` with a capacity; the least recently used entries are evicted when
+//! `gateway.lua.shared_dict` with a capacity; the least recently used entries (an ordered index,
+//! O(log n) per operation) are evicted when
 //! a `set` does not fit (`add`/`safe_set` fail with "no memory" instead).
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,7 +50,9 @@ struct DictInner {
     capacity: usize,
     used_bytes: usize,
     clock: u64,
-    map: HashMap<Vec<u8>, Entry>,
+    map: HashMap<Arc<[u8]>, Entry>,
+    /// Keys by last use (`Entry::used`), oldest first.
+    lru: BTreeMap<u64, Arc<[u8]>>,
 }
 
 impl DictInner {
@@ -65,33 +68,50 @@ impl DictInner {
 
     fn remove(&mut self, key: &[u8]) {
         if let Some(e) = self.map.remove(key) {
+            self.lru.remove(&e.used);
             self.used_bytes -= Self::cost(key, &e.value);
         }
     }
 
-    /// Frees room for `need` bytes: expired entries first, then (if `evict`) the least
-    /// recently used. Returns whether it fits and whether live entries were evicted.
+    /// Marks `key` as just used; returns its entry if it is live.
+    fn touch(&mut self, key: &[u8], now: Instant) -> Option<&Entry> {
+        self.clock += 1;
+        let clock = self.clock;
+        let e = self
+            .map
+            .get_mut(key)
+            .filter(|e| e.expires.is_none_or(|t| t > now))?;
+        let old = std::mem::replace(&mut e.used, clock);
+        if let Some(k) = self.lru.remove(&old) {
+            self.lru.insert(clock, k);
+        }
+        self.map.get(key)
+    }
+
+    /// Frees room for `need` bytes: expired entries among the 64 least recently used first,
+    /// then (if `evict`) the least recently used ones. O(log n) per entry freed. Returns
+    /// whether it fits and whether live entries were evicted.
     fn make_room(&mut self, need: usize, now: Instant, evict: bool) -> (bool, bool) {
         if self.used_bytes + need <= self.capacity {
             return (true, false);
         }
-        let expired: Vec<Vec<u8>> = self
-            .map
-            .iter()
-            .filter(|(_, e)| e.expires.is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
+        let expired: Vec<Arc<[u8]>> = self
+            .lru
+            .values()
+            .take(64)
+            .filter(|k| {
+                self.map
+                    .get(&***k)
+                    .is_some_and(|e| e.expires.is_some_and(|t| t <= now))
+            })
+            .cloned()
             .collect();
         for k in expired {
             self.remove(&k);
         }
         let mut forced = false;
-        while evict && self.used_bytes + need > self.capacity && !self.map.is_empty() {
-            let Some(oldest) = self
-                .map
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(k, _)| k.clone())
-            else {
+        while evict && self.used_bytes + need > self.capacity {
+            let Some(oldest) = self.lru.values().next().cloned() else {
                 break;
             };
             self.remove(&oldest);
@@ -111,6 +131,8 @@ impl DictInner {
         self.remove(&key);
         self.clock += 1;
         self.used_bytes += Self::cost(&key, &value);
+        let key: Arc<[u8]> = Arc::from(key);
+        self.lru.insert(self.clock, key.clone());
         self.map.insert(
             key,
             Entry {
@@ -146,6 +168,7 @@ pub(crate) fn declare(dicts: &BTreeMap<String, ByteSize>) {
                             used_bytes: 0,
                             clock: 0,
                             map: HashMap::new(),
+                            lru: BTreeMap::new(),
                         }),
                     }),
                 );
@@ -268,7 +291,7 @@ fn set_impl(
     };
     let old = g
         .map
-        .get(&key)
+        .get(key.as_slice())
         .map(|e| DictInner::cost(&key, &e.value))
         .unwrap_or(0);
     let need = DictInner::cost(&key, &value).saturating_sub(old);
@@ -295,15 +318,8 @@ impl UserData for DictRef {
             let key = key_of(&key)?;
             let now = Instant::now();
             let mut g = this.0.inner.lock();
-            g.clock += 1;
-            let clock = g.clock;
-            match g
-                .map
-                .get_mut(&key)
-                .filter(|e| e.expires.is_none_or(|t| t > now))
-            {
+            match g.touch(&key, now) {
                 Some(e) => {
-                    e.used = clock;
                     let flags = e.flags;
                     let v = to_lua(lua, &e.value)?;
                     Ok(mv(if flags != 0 {
@@ -319,7 +335,7 @@ impl UserData for DictRef {
             let key = key_of(&key)?;
             let now = Instant::now();
             let g = this.0.inner.lock();
-            match g.map.get(&key) {
+            match g.map.get(key.as_slice()) {
                 Some(e) => {
                     let stale = e.expires.is_some_and(|t| t <= now);
                     Ok(mv(vec![
@@ -404,7 +420,7 @@ impl UserData for DictRef {
             if g.live(&key, now).is_none() {
                 return Ok(mv(vec![Value::Nil, s(lua, "not found")?]));
             }
-            if let Some(e) = g.map.get_mut(&key) {
+            if let Some(e) = g.map.get_mut(key.as_slice()) {
                 e.expires = ttl.map(|t| now + t);
             }
             Ok(mv(vec![Value::Boolean(true)]))
@@ -419,7 +435,7 @@ impl UserData for DictRef {
         m.add_method("flush_expired", |_, this, max: Option<usize>| {
             let now = Instant::now();
             let mut g = this.0.inner.lock();
-            let mut keys: Vec<Vec<u8>> = g
+            let mut keys: Vec<Arc<[u8]>> = g
                 .map
                 .iter()
                 .filter(|(_, e)| e.expires.is_some_and(|t| t <= now))
@@ -479,4 +495,49 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     shared.set_metatable(Some(mt))?;
     ngx.set("shared", shared)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inner(capacity: usize) -> DictInner {
+        DictInner {
+            capacity,
+            used_bytes: 0,
+            clock: 0,
+            map: HashMap::new(),
+            lru: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn evicts_least_recently_used_and_expired_first() {
+        let now = Instant::now();
+        let one = DictInner::cost(b"k0", &Stored::Num(0.0));
+        let mut d = inner(one * 3);
+        for k in [b"k0", b"k1", b"k2"] {
+            let (fits, forced) = d.make_room(one, now, true);
+            assert!(fits && !forced);
+            d.store(k.to_vec(), Stored::Num(1.0), None, 0, now);
+        }
+        // k0 used recently: k1 is the least recently used
+        assert!(d.touch(b"k0", now).is_some());
+        let (fits, forced) = d.make_room(one, now, true);
+        assert!(fits && forced);
+        d.store(b"k3".to_vec(), Stored::Num(1.0), None, 0, now);
+        assert!(d.map.contains_key(b"k0".as_slice()));
+        assert!(!d.map.contains_key(b"k1".as_slice()));
+        assert_eq!(d.map.len(), d.lru.len());
+        // an expired entry makes room without forcing anything out
+        d.map.get_mut(b"k2".as_slice()).unwrap().expires = Some(now);
+        let (fits, forced) = d.make_room(one, now, false);
+        assert!(fits && !forced);
+        assert!(!d.map.contains_key(b"k2".as_slice()));
+        // safe mode never evicts live entries
+        d.store(b"k4".to_vec(), Stored::Num(1.0), None, 0, now);
+        let (fits, _) = d.make_room(one, now, false);
+        assert!(!fits);
+        assert_eq!(d.used_bytes, one * 3);
+    }
 }
