@@ -1,7 +1,7 @@
 //! `ngx.shared.DICT`: process-wide dictionaries (shared by every worker thread), declared in
-//! `gateway.lua.shared_dict` with a capacity; the least recently used entries (an ordered index,
-//! O(log n) per operation) are evicted when
-//! a `set` does not fit (`add`/`safe_set` fail with "no memory" instead).
+//! `gateway.lua.shared_dict` with a capacity. When a `set`, `add`, `replace` or `incr` does not
+//! fit, expired entries and then the least recently used ones are evicted (an ordered index,
+//! O(log n) per operation); `safe_set`/`safe_add` fail with "no memory" instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
