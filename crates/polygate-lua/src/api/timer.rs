@@ -64,6 +64,12 @@ fn schedule(
     if !(delay.is_finite() && delay >= 0.0) {
         return Err(lua_err("bad argument #1 to 'at' (delay must be >= 0)"));
     }
+    if crate::current::phase() == Some(crate::current::LuaPhase::Load) {
+        return Ok((
+            None,
+            Some("timers cannot start while a script loads (start them from a handler)".into()),
+        ));
+    }
     if tokio::runtime::Handle::try_current().is_err() {
         return Ok((
             None,
