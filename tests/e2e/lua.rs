@@ -800,70 +800,38 @@ async fn serverless_functions_and_lua_files() {
     run_cases(&gw, &cases).await;
 }
 
+/// `polygate validate` on a one-route file with `plugins` (YAML flow text) and an optional
+/// `gateway` section; the file must be rejected. Returns the output.
+fn rejected(gateway: &str, plugins: &str) -> String {
+    let text = format!(
+        "{gateway}\nroutes:\n  - id: r\n    uri: /x\n    upstream: {{nodes: {{\"127.0.0.1:1\": 1}}}}\n    plugins: {plugins}\n#END\n"
+    );
+    let (code, out) = validate(&text, "yaml");
+    assert_ne!(code, 0, "{text} was accepted");
+    out
+}
+
 #[test]
 fn lua_configuration_errors_name_the_key() {
-    let (code, out) = validate(
-        r#"
-routes:
-  - id: r
-    uri: /x
-    upstream: {nodes: {"127.0.0.1:1": 1}}
-    plugins:
-      serverless-pre-function:
-        functions: ["return function(conf, ctx) if then end"]
-#END
-"#,
-        "yaml",
+    let out = rejected(
+        "",
+        r#"{serverless-pre-function: {functions: ["return function(conf, ctx) if then end"]}}"#,
     );
-    assert_ne!(code, 0);
     assert!(
         out.contains("routes[0].plugins.serverless-pre-function.functions[0]"),
         "{out}"
     );
-    let (code, out) = validate(
-        r#"
-routes:
-  - id: r
-    uri: /x
-    upstream: {nodes: {"127.0.0.1:1": 1}}
-    plugins:
-      serverless-post-function:
-        functions: ["return 42"]
-#END
-"#,
-        "yaml",
+    let out = rejected(
+        "",
+        r#"{serverless-post-function: {functions: ["return 42"]}}"#,
     );
-    assert_ne!(code, 0);
     assert!(out.contains("only accept Lua function"), "{out}");
-    let (code, out) = validate(
-        r#"
-gateway:
-  lua: {shared_dict: {cache: "ten"}}
-routes:
-  - id: r
-    uri: /x
-    upstream: {nodes: {"127.0.0.1:1": 1}}
-    plugins:
-      lua: {access: "ngx.say(", access_file: "/nope.lua"}
-#END
-"#,
-        "yaml",
+    let out = rejected(
+        r#"gateway: {lua: {shared_dict: {cache: "ten"}}}"#,
+        r#"{lua: {access: "ngx.say(", access_file: "/nope.lua"}}"#,
     );
-    assert_ne!(code, 0);
     assert!(out.contains("gateway.lua.shared_dict.cache"), "{out}");
-    let (code, out) = validate(
-        r#"
-routes:
-  - id: r
-    uri: /x
-    upstream: {nodes: {"127.0.0.1:1": 1}}
-    plugins:
-      lua: {access: "ngx.say("}
-#END
-"#,
-        "yaml",
-    );
-    assert_ne!(code, 0);
+    let out = rejected("", r#"{lua: {access: "ngx.say("}}"#);
     assert!(out.contains("routes[0].plugins.lua.access"), "{out}");
 }
 

@@ -205,7 +205,12 @@ pub fn decode_component(v: &str) -> Cow<'_, str> {
     if !v.contains(['%', '+']) {
         return Cow::Borrowed(v);
     }
-    let bytes = v.as_bytes();
+    Cow::Owned(String::from_utf8_lossy(&percent_decode(v.as_bytes())).into_owned())
+}
+
+/// Percent-decodes bytes: `%XX` becomes the byte, `+` a space; malformed escapes stay as they
+/// are.
+pub fn percent_decode(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -225,7 +230,7 @@ pub fn decode_component(v: &str) -> Cow<'_, str> {
         }
         i += 1;
     }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+    out
 }
 
 impl VarSource for RequestCtx {

@@ -251,17 +251,15 @@ pub(crate) fn with_chunk<R>(
     api: &str,
     f: impl FnOnce(&mut Bytes, &mut bool) -> LuaResult<R>,
 ) -> LuaResult<R> {
-    let (mut cur, restore) = take(api)?;
+    // the eof flag written through `restore.0` is what gets put back
+    let (cur, mut restore) = take(api)?;
     // SAFETY: published only by the body_filter runner, which holds `&mut Bytes` for the step
     let Some(chunk) = (unsafe { cur.chunk.as_mut() }) else {
         return Err(LuaError::runtime(format!(
             "{api}: only available in body_filter"
         )));
     };
-    let r = f(chunk, &mut cur.eof);
-    drop(restore);
-    CUR.with(|x| x.set(Some(cur)));
-    r
+    f(chunk, &mut restore.0.eof)
 }
 
 /// The eof flag `body_filter` ended with (set by `ngx.arg[2] = true`).

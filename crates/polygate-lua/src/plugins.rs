@@ -177,30 +177,31 @@ impl PluginFactory for ServerlessFactory {
     }
 }
 
+impl Serverless {
+    /// Runs the functions when `phase` is the configured one.
+    fn run_in<'a>(&'a self, phase: LuaPhase, ctx: &'a mut RequestCtx) -> Flow<'a> {
+        if self.phase != phase {
+            return Flow::Continue;
+        }
+        run_all(self.name, phase, ctx, &self.funcs)
+    }
+}
+
 impl Plugin for Serverless {
     fn name(&self) -> &str {
         self.name
     }
 
     fn rewrite<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
-        if self.phase != LuaPhase::Rewrite {
-            return Flow::Continue;
-        }
-        run_all(self.name, self.phase, ctx, &self.funcs)
+        self.run_in(LuaPhase::Rewrite, ctx)
     }
 
     fn access<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
-        if self.phase != LuaPhase::Access {
-            return Flow::Continue;
-        }
-        run_all(self.name, self.phase, ctx, &self.funcs)
+        self.run_in(LuaPhase::Access, ctx)
     }
 
     fn before_proxy<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
-        if self.phase != LuaPhase::BeforeProxy {
-            return Flow::Continue;
-        }
-        run_all(self.name, self.phase, ctx, &self.funcs)
+        self.run_in(LuaPhase::BeforeProxy, ctx)
     }
 
     fn header_filter(&self, ctx: &mut RequestCtx, resp: &mut ResponseHead) {

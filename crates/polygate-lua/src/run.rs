@@ -74,26 +74,23 @@ fn after_error(message: &str) {
     }
 }
 
-/// The arguments for a handler: none for blocks, `(conf, ctx)` for serverless functions.
+/// The arguments for a handler: its id, then `(conf, ctx)` for serverless functions (`api`
+/// gives the `ctx`).
 fn handler_args(
-    vm: &Vm,
     src: &Arc<Source>,
     conf: Option<Table>,
-    ctx: &mut RequestCtx,
+    api: impl FnOnce() -> LuaResult<Table>,
 ) -> LuaResult<MultiValue> {
     let mut v = vec![Value::Integer(src.id as i64)];
     if src.kind == SourceKind::Factory {
         v.push(conf.map_or(Value::Nil, Value::Table));
-        v.push(Value::Table(api_ctx(&vm.lua, ctx)?));
+        v.push(Value::Table(api()?));
     }
     Ok(MultiValue::from_vec(v))
 }
 
-/// APISIX's `ctx` for serverless functions: `ctx.var` plus the matched ids, one per request.
-fn api_ctx(lua: &Lua, ctx: &mut RequestCtx) -> LuaResult<Table> {
-    if let Some(t) = lua_req(ctx, |s| s.api_ctx.clone()) {
-        return Ok(t);
-    }
+/// APISIX's `ctx` for serverless functions: `ctx.var` plus the matched ids.
+fn new_api_ctx(lua: &Lua, ctx: &RequestCtx) -> LuaResult<Table> {
     let t = lua.create_table()?;
     let ngx: Table = lua.globals().get("ngx")?;
     t.set("var", ngx.get::<Value>("var")?)?;
@@ -103,6 +100,15 @@ fn api_ctx(lua: &Lua, ctx: &mut RequestCtx) -> LuaResult<Table> {
         "consumer_name",
         ctx.consumer.as_ref().map(|c| c.username.clone()),
     )?;
+    Ok(t)
+}
+
+/// The request's `ctx` (one per request, shared by its serverless functions and phases).
+fn api_ctx(lua: &Lua, ctx: &mut RequestCtx) -> LuaResult<Table> {
+    if let Some(t) = lua_req(ctx, |s| s.api_ctx.clone()) {
+        return Ok(t);
+    }
+    let t = new_api_ctx(lua, ctx)?;
     lua_req(ctx, |s| s.api_ctx = Some(t.clone()));
     Ok(t)
 }
@@ -118,7 +124,8 @@ fn prepare(
     let conf = vm
         .handler(src)
         .map_err(|e| plugin_error(plugin, phase, &e))?;
-    let args = handler_args(&vm, src, conf, ctx).map_err(|e| plugin_error(plugin, phase, &e))?;
+    let args = handler_args(src, conf, || api_ctx(&vm.lua, ctx))
+        .map_err(|e| plugin_error(plugin, phase, &e))?;
     Ok((vm, args))
 }
 
@@ -451,27 +458,19 @@ pub(crate) fn run_log(plugin: &str, src: &Arc<Source>, ctx: &RequestCtx) {
         }
     };
     let r = vm.handler(src).and_then(|conf| {
-        let mut v = vec![Value::Integer(src.id as i64)];
-        if src.kind == SourceKind::Factory {
-            v.push(conf.map_or(Value::Nil, Value::Table));
-            let api = ctx
-                .extensions
-                .get::<LuaReq>()
-                .and_then(|s| s.api_ctx.clone());
-            let api = match api {
-                Some(t) => t,
-                None => {
-                    let t = vm.lua.create_table()?;
-                    let ngx: Table = vm.lua.globals().get("ngx")?;
-                    t.set("var", ngx.get::<Value>("var")?)?;
-                    t
-                }
-            };
-            v.push(Value::Table(api));
-        }
+        // the log phase cannot store a `ctx` in the read-only request: one made earlier is
+        // reused, otherwise a fresh one serves this call
+        let stored = ctx
+            .extensions
+            .get::<LuaReq>()
+            .and_then(|s| s.api_ctx.clone());
+        let args = handler_args(src, conf, || match stored {
+            Some(t) => Ok(t),
+            None => new_api_ctx(&vm.lua, ctx),
+        })?;
         let _e = Enter::log(ctx);
         reset_budget();
-        unwrap_run(vm.runner.call::<MultiValue>(MultiValue::from_vec(v)))
+        unwrap_run(vm.runner.call::<MultiValue>(args))
     });
     if let Err(e) = r {
         log_failure(plugin, phase, &e);

@@ -372,22 +372,20 @@ fn expand_path(p: &str, default: &str) -> String {
     }
 }
 
-/// Compiles `src` in a scratch state (syntax check for configuration validation); factories
-/// are also run, as APISIX does, to check they return a function.
+/// Compiles `src` in this thread's state (syntax check for configuration validation);
+/// factories are also run, as APISIX does, to check they return a function.
 pub fn check_source(src: &Arc<Source>) -> Result<(), String> {
+    let vm = vm().map_err(|e| e.to_string())?;
     match src.kind {
-        SourceKind::Block => {
-            let lua = Lua::new();
-            lua.load(src.code.as_str())
-                .set_name(format!("={}", src.name))
-                .into_function()
-                .map(drop)
-                .map_err(|e| e.to_string())
-        }
-        SourceKind::Factory => vm()
-            .and_then(|vm| vm.handler(src).map(drop))
-            .map_err(|e| e.to_string()),
+        SourceKind::Block => vm
+            .lua
+            .load(src.code.as_str())
+            .set_name(format!("={}", src.name))
+            .into_function()
+            .map(drop),
+        SourceKind::Factory => vm.handler(src).map(drop),
     }
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ use base64::Engine as _;
 use hmac::Mac as _;
 use md5::Digest as _;
 use mlua::{Lua, Result as LuaResult, Table, Value};
+use polygate_core::ctx::percent_decode;
 
 use super::{as_text, lua_err};
 
@@ -84,7 +85,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
         "unescape_uri",
         lua.create_function(|lua, v: Value| {
             let b = text_arg("ngx.unescape_uri", &v)?;
-            lua.create_string(unescape(&b))
+            lua.create_string(percent_decode(&b))
         })?,
     )?;
     ngx.set(
@@ -150,28 +151,6 @@ pub(crate) fn escape_path(p: &str) -> String {
         }
     }
     s
-}
-
-/// `ngx.unescape_uri`: `%XX` decoded, `+` becomes a space (malformed escapes stay as they are).
-pub(crate) fn unescape(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    let hexv = |c: u8| (c as char).to_digit(16);
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => match (hexv(b[i + 1]), hexv(b[i + 2])) {
-                (Some(x), Some(y)) => {
-                    out.push((x * 16 + y) as u8);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    out
 }
 
 /// `ngx.encode_args`: keys sorted; `true` gives a bare key, `false` is skipped, arrays repeat
@@ -248,21 +227,12 @@ pub(crate) fn decode_args(lua: &Lua, q: &str, max: i64) -> LuaResult<Table> {
             Some((k, v)) => (k, Some(v)),
             None => (part, None),
         };
-        let key = lua.create_string(unescape(k.as_bytes()))?;
+        let key = lua.create_string(percent_decode(k.as_bytes()))?;
         let val = match v {
-            Some(v) => Value::String(lua.create_string(unescape(v.as_bytes()))?),
+            Some(v) => Value::String(lua.create_string(percent_decode(v.as_bytes()))?),
             None => Value::Boolean(true),
         };
-        match t.raw_get::<Value>(key.clone())? {
-            Value::Nil => t.raw_set(key, val)?,
-            Value::Table(list) => list.raw_push(val)?,
-            prev => {
-                let list = lua.create_table()?;
-                list.raw_push(prev)?;
-                list.raw_push(val)?;
-                t.raw_set(key, list)?;
-            }
-        }
+        super::push_multi(lua, &t, key, val)?;
     }
     Ok(t)
 }
@@ -275,8 +245,8 @@ mod tests {
     fn escaping() {
         assert_eq!(escape(b"a b/c?d=e", 2), "a%20b%2Fc%3Fd%3De");
         assert_eq!(escape(b"a b/c?d=e", 0), "a%20b/c?d=e");
-        assert_eq!(unescape(b"a%20b+c%2"), b"a b c%2");
-        assert_eq!(unescape(b"%41%zz"), b"A%zz");
+        assert_eq!(percent_decode(b"a%20b+c%2"), b"a b c%2");
+        assert_eq!(percent_decode(b"%41%zz"), b"A%zz");
         assert_eq!(escape_path("/a b/%41"), "/a%20b/%41");
     }
 }

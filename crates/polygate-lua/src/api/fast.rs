@@ -31,6 +31,23 @@ unsafe fn raise(l: *mut ffi::lua_State, msg: String) -> ! {
     unsafe { ffi::lua_error(l) }
 }
 
+/// The return of a C function whose work ran under `catch_unwind`: `results` values on the
+/// stack, or the error (or panic) raised as a Lua error.
+unsafe fn conclude(
+    l: *mut ffi::lua_State,
+    r: std::thread::Result<Result<(), String>>,
+    api: &str,
+    results: c_int,
+) -> c_int {
+    match r {
+        Ok(Ok(())) => results,
+        // SAFETY: `l` is the running state (the caller's contract)
+        Ok(Err(msg)) => unsafe { raise(l, msg) },
+        // SAFETY: as above
+        Err(_) => unsafe { raise(l, format!("{api}: internal error")) },
+    }
+}
+
 /// The bytes of the string at `idx` (valid while it stays on the stack).
 unsafe fn bytes<'a>(l: *mut ffi::lua_State, idx: c_int) -> Option<&'a [u8]> {
     let mut len = 0usize;
@@ -66,13 +83,8 @@ pub(crate) unsafe extern "C-unwind" fn var_index(l: *mut ffi::lua_State) -> c_in
         })
         .map_err(|e| e.to_string())
     }));
-    match r {
-        Ok(Ok(())) => 1,
-        // SAFETY: `l` is the running state
-        Ok(Err(msg)) => unsafe { raise(l, msg) },
-        // SAFETY: as above
-        Err(_) => unsafe { raise(l, "ngx.var: internal error".to_owned()) },
-    }
+    // SAFETY: `l` is the running state
+    unsafe { conclude(l, r, "ngx.var", 1) }
 }
 
 /// `ngx.req.set_header(name, value)`: strings here, anything else in the regular version.
@@ -114,11 +126,6 @@ pub(crate) unsafe extern "C-unwind" fn set_header(l: *mut ffi::lua_State) -> c_i
         })
         .map_err(|e| e.to_string())
     }));
-    match r {
-        Ok(Ok(())) => 0,
-        // SAFETY: `l` is the running state
-        Ok(Err(msg)) => unsafe { raise(l, msg) },
-        // SAFETY: as above
-        Err(_) => unsafe { raise(l, "ngx.req.set_header: internal error".to_owned()) },
-    }
+    // SAFETY: `l` is the running state
+    unsafe { conclude(l, r, "ngx.req.set_header", 0) }
 }

@@ -58,6 +58,53 @@ pub(crate) fn as_text(v: &Value) -> Option<Vec<u8>> {
     }
 }
 
+/// `t[key] = val`, turning a repeated key into an array of its values (as `get_headers` and
+/// `get_uri_args` return them).
+pub(crate) fn push_multi(lua: &Lua, t: &Table, key: mlua::String, val: Value) -> LuaResult<()> {
+    match t.raw_get::<Value>(key.clone())? {
+        Value::Nil => t.raw_set(key, val),
+        Value::Table(list) => list.raw_push(val),
+        prev => {
+            let list = lua.create_table()?;
+            list.raw_push(prev)?;
+            list.raw_push(val)?;
+            t.raw_set(key, list)
+        }
+    }
+}
+
+/// Header values from a Lua value: a string/number/boolean, an array of them, or nil (none).
+pub(crate) fn header_values(
+    api: &str,
+    name: &str,
+    v: &Value,
+) -> LuaResult<smallvec::SmallVec<[http::HeaderValue; 1]>> {
+    let one = |v: &Value| -> LuaResult<http::HeaderValue> {
+        let invalid = || lua_err(format!("{api}: invalid value for header {name:?}"));
+        if let Value::String(s) = v {
+            return http::HeaderValue::from_bytes(&s.as_bytes()).map_err(|_| invalid());
+        }
+        let t = as_text(v).ok_or_else(|| {
+            lua_err(format!(
+                "{api}: invalid value for header {name:?}: {}",
+                v.type_name()
+            ))
+        })?;
+        http::HeaderValue::from_bytes(&t).map_err(|_| invalid())
+    };
+    let mut out = smallvec::SmallVec::new();
+    match v {
+        Value::Nil => {}
+        Value::Table(t) => {
+            for v in t.sequence_values::<Value>() {
+                out.push(one(&v?)?);
+            }
+        }
+        other => out.push(one(other)?),
+    }
+    Ok(out)
+}
+
 /// Formats a Lua number like Lua's `tostring` (`%.14g`, integers without a fraction).
 pub(crate) fn fmt_number(n: f64) -> String {
     if n.is_finite() && n.fract() == 0.0 && n.abs() < 1e15 {

@@ -450,30 +450,6 @@ fn header_name(k: &str) -> LuaResult<HeaderName> {
         .map_err(|_| lua_err(format!("invalid header name {k:?}")))
 }
 
-fn header_values(name: &str, v: &Value) -> LuaResult<Option<Vec<HeaderValue>>> {
-    let one = |v: &Value| -> LuaResult<HeaderValue> {
-        let t = as_text(v).ok_or_else(|| {
-            lua_err(format!(
-                "invalid value for header {name:?}: {}",
-                v.type_name()
-            ))
-        })?;
-        HeaderValue::from_bytes(&t)
-            .map_err(|_| lua_err(format!("invalid value for header {name:?}")))
-    };
-    match v {
-        Value::Nil => Ok(None),
-        Value::Table(t) => {
-            let mut out = Vec::new();
-            for v in t.sequence_values::<Value>() {
-                out.push(one(&v?)?);
-            }
-            Ok(if out.is_empty() { None } else { Some(out) })
-        }
-        other => Ok(Some(vec![one(other)?])),
-    }
-}
-
 fn values_to_lua(lua: &Lua, vals: &[&HeaderValue]) -> LuaResult<Value> {
     match vals {
         [] => Ok(Value::Nil),
@@ -509,7 +485,8 @@ fn get_resp_header(lua: &Lua, k: &str) -> LuaResult<Value> {
 
 fn set_resp_header(k: &str, v: &Value) -> LuaResult<()> {
     let name = header_name(k)?;
-    let vals = header_values(k, v)?;
+    let vals = super::header_values("ngx.header", k, v)?;
+    let vals = (!vals.is_empty()).then(|| vals.into_vec());
     with_response("ngx.header", |ctx, resp, phase| {
         if let Some(r) = resp {
             r.headers.remove(&name);

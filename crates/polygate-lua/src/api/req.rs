@@ -1,11 +1,11 @@
 //! `ngx.req`: the client request as plugins see it (changes are what goes upstream).
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderName, Method};
 use mlua::{Lua, Result as LuaResult, Table, Value};
 use polygate_core::RequestCtx;
 
-use super::{as_text, codec, lua_err};
+use super::{codec, lua_err};
 use crate::current::{with_ctx, with_ctx_mut};
 
 pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
@@ -235,17 +235,8 @@ fn get_headers(lua: &Lua, max: i64, raw: bool) -> LuaResult<Table> {
         if max > 0 && i as i64 >= max {
             break;
         }
-        let v = lua.create_string(&val)?;
-        match t.raw_get::<Value>(name.as_str())? {
-            Value::Nil => t.raw_set(name, v)?,
-            Value::Table(list) => list.raw_push(v)?,
-            prev => {
-                let list = lua.create_table()?;
-                list.raw_push(prev)?;
-                list.raw_push(v)?;
-                t.raw_set(name, list)?;
-            }
-        }
+        let v = Value::String(lua.create_string(&val)?);
+        super::push_multi(lua, &t, lua.create_string(&name)?, v)?;
     }
     if !raw {
         let mt: Table = match lua.named_registry_value::<Value>("polygate.headers_mt")? {
@@ -264,30 +255,7 @@ fn get_headers(lua: &Lua, max: i64, raw: bool) -> LuaResult<Table> {
 fn set_header(name: &str, value: &Value) -> LuaResult<()> {
     let n = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| lua_err(format!("ngx.req.set_header: invalid header name {name:?}")))?;
-    let mut vals: smallvec::SmallVec<[HeaderValue; 1]> = smallvec::SmallVec::new();
-    let conv = |v: &Value| -> LuaResult<HeaderValue> {
-        if let Value::String(s) = v {
-            return HeaderValue::from_bytes(&s.as_bytes())
-                .map_err(|_| lua_err(format!("ngx.req.set_header: invalid value for {name:?}")));
-        }
-        let t = as_text(v).ok_or_else(|| {
-            lua_err(format!(
-                "ngx.req.set_header: invalid value for {name:?}: {}",
-                v.type_name()
-            ))
-        })?;
-        HeaderValue::from_bytes(&t)
-            .map_err(|_| lua_err(format!("ngx.req.set_header: invalid value for {name:?}")))
-    };
-    match value {
-        Value::Nil => {}
-        Value::Table(t) => {
-            for v in t.sequence_values::<Value>() {
-                vals.push(conv(&v?)?);
-            }
-        }
-        v => vals.push(conv(v)?),
-    }
+    let vals = super::header_values("ngx.req.set_header", name, value)?;
     with_ctx_mut("ngx.req.set_header", |c| {
         c.headers.remove(&n);
         let is_host = n == http::header::HOST;
