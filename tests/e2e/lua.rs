@@ -294,6 +294,10 @@ async fn ngx_var_req_and_response_api() {
             |r| assert_eq!(r.status, 200),
         ),
         Case {
+            plugins: json!({"lua": {"log": "ngx.log(ngx.ERR, 'log-status ', ngx.status)"}}),
+            ..case("logstatus", "", "/logstatus", |r| assert_eq!(r.status, 200))
+        },
+        Case {
             plugins: json!({"lua": {
                 "rewrite": "ngx.ctx.v = 'from-rewrite'",
                 "access": "ngx.ctx.n = 2; ngx.header['X-Ctx-Access'] = ngx.ctx.v",
@@ -440,6 +444,10 @@ async fn ngx_var_req_and_response_api() {
     assert!(err.contains("lua-log-marker 42 nil true"), "{}", tail(&err));
     assert!(err.contains("ERROR") && err.contains("warn-marker"));
     assert!(err.contains("print-marker"));
+    assert!(
+        err.contains("log-status 200"),
+        "ngx.status in the log phase"
+    );
     assert!(err.contains("lua[access]:1:"), "log lines name the source");
 }
 

@@ -373,24 +373,17 @@ fn set_var(name: &str, v: &Value) -> LuaResult<()> {
 }
 
 fn get_status() -> LuaResult<i64> {
-    with_response("ngx.status", |ctx, resp, phase| {
-        if let Some(r) = resp {
-            return Ok(r.status.as_u16() as i64);
-        }
-        let Some(ctx) = ctx else {
-            return Ok(0);
-        };
-        if phase == LuaPhase::BodyFilter {
-            return Ok(ctx.status.map_or(0, |s| s.as_u16() as i64));
-        }
-        Ok(crate::current::lua_req(ctx, |s| {
+    let sent = |ctx: &RequestCtx| ctx.status.map_or(0, |s| s.as_u16() as i64);
+    if matches!(phase(), Some(LuaPhase::Log | LuaPhase::BodyFilter)) {
+        // the response went out: its status is on the (possibly read-only) request
+        return with_ctx("ngx.status", |ctx| Ok(sent(ctx)));
+    }
+    with_response("ngx.status", |ctx, resp, _| match (resp, ctx) {
+        (Some(r), _) => Ok(r.status.as_u16() as i64),
+        (None, Some(ctx)) => Ok(crate::current::lua_req(ctx, |s| {
             s.status.map_or(0, i64::from)
-        }))
-    })
-    .or_else(|_| {
-        with_ctx("ngx.status", |ctx| {
-            Ok(ctx.status.map_or(0, |s| s.as_u16() as i64))
-        })
+        })),
+        (None, None) => Ok(0),
     })
 }
 
