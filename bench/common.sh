@@ -1,4 +1,34 @@
-# Shared by the bench scripts (sourced). upstream_conf DIR PORT writes DIR/upstream.conf: an
+# Shared by the bench scripts (sourced).
+
+# bench_workdir: makes $work (a temporary directory) and $pids (processes started into it);
+# both are cleaned up when the script exits.
+bench_workdir() {
+  work="$(mktemp -d)"; pids=()
+  trap bench_cleanup EXIT
+}
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true; rm -rf "$work"
+}
+
+# polygate_conf_head PG_PORT WORKERS UP_PORT: the start of a polygate config for a gateway
+# benchmark (access log off, upstream `up` with keepalive, a plain `/plain` route); the caller
+# appends its own routes and `#END`.
+polygate_conf_head() {
+  cat <<YAML
+gateway:
+  listeners: [{addr: "127.0.0.1:$1"}]
+  worker_threads: $2
+  access_log: {enabled: false}
+  log_level: warn
+upstreams:
+  - {id: up, nodes: {"127.0.0.1:$3": 1}, keepalive_pool: {size: 256}}
+routes:
+  - {id: plain, uri: /plain, upstream_id: up}
+YAML
+}
+
+# upstream_conf DIR PORT writes DIR/upstream.conf: an
 # nginx with one worker and the access log off, answering every request with 1 KiB.
 upstream_conf() {
   local dir="$1" port="$2" body

@@ -11,24 +11,13 @@ UP_PORT="${UP_PORT:-18080}"; PG_PORT="${PG_PORT:-18083}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
 command -v nginx >/dev/null || { echo "needs nginx (apt-get install -y nginx)" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)" >&2; exit 1; }
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+source "$root/bench/common.sh"
+bench_workdir
 
 (cd "$root" && cargo build --release -q -p polygate)
 (cd "$root/examples/go" && go build -buildmode=c-shared -o "$work/libffi_go_echo.so" ./echo)
-source "$root/bench/common.sh"
 upstream_conf "$work" "$UP_PORT"
-cat > "$work/polygate.yaml" <<YAML
-gateway:
-  listeners: [{addr: "127.0.0.1:$PG_PORT"}]
-  worker_threads: $WORKERS
-  access_log: {enabled: false}
-  log_level: warn
-upstreams:
-  - {id: up, nodes: {"127.0.0.1:$UP_PORT": 1}, keepalive_pool: {size: 256}}
-routes:
-  - {id: plain, uri: /plain, upstream_id: up}
+{ polygate_conf_head "$PG_PORT" "$WORKERS" "$UP_PORT"; cat <<YAML; } > "$work/polygate.yaml"
   - id: ffi
     uri: /ffi
     upstream_id: up

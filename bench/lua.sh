@@ -28,11 +28,9 @@ echo "building polygate (release)..." >&2
 (cd "$root" && cargo build --release -q -p polygate)
 PG="$CARGO_TARGET_DIR/release/polygate"
 
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
 source "$here/common.sh"
+bench_workdir
+
 upstream_conf "$work" "$UP_PORT"
 HANDLER='ngx.req.set_header("X-Lua", ngx.var.uri)'
 cat > "$work/proxy.conf" <<NGX
@@ -48,16 +46,7 @@ http { access_log off; keepalive_requests 1000000;
       access_by_lua_block { $HANDLER }
       proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 NGX
-cat > "$work/polygate.yaml" <<YAML
-gateway:
-  listeners: [{addr: "127.0.0.1:$PG_PORT"}]
-  worker_threads: $WORKERS
-  access_log: {enabled: false}
-  log_level: warn
-upstreams:
-  - {id: up, nodes: {"127.0.0.1:$UP_PORT": 1}, keepalive_pool: {size: 256}}
-routes:
-  - {id: plain, uri: /plain, upstream_id: up}
+{ polygate_conf_head "$PG_PORT" "$WORKERS" "$UP_PORT"; cat <<YAML; } > "$work/polygate.yaml"
   - id: lua
     uri: /lua
     upstream_id: up

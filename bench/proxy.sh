@@ -24,11 +24,9 @@ echo "building polygate (release)..." >&2
 (cd "$root" && cargo build --release -q -p polygate)
 PG="$CARGO_TARGET_DIR/release/polygate"
 
-work="$(mktemp -d)"; pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
 source "$here/common.sh"
+bench_workdir
+
 upstream_conf "$work" "$UP_PORT"
 cat > "$work/proxy.conf" <<NGX
 worker_processes $WORKERS; daemon off; pid $work/px.pid; error_log $work/px.err;
