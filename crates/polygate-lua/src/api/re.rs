@@ -123,14 +123,30 @@ fn opts_of(v: Option<mlua::String>) -> LuaResult<String> {
     })
 }
 
-fn ctx_pos(ctx: &Option<Table>) -> LuaResult<usize> {
-    Ok(match ctx {
+/// The first match at or after `ctx.pos` (1-based, default 1); moves `ctx.pos` past it.
+fn find_from_ctx<'h>(
+    c: &Compiled,
+    subject: &'h [u8],
+    ctx: &Option<Table>,
+) -> LuaResult<Option<Captures<'h>>> {
+    let start = match ctx {
         Some(t) => match t.get::<Option<i64>>("pos")? {
             Some(p) if p > 1 => (p - 1) as usize,
             _ => 0,
         },
         None => 0,
-    })
+    };
+    let caps = find_at(c, subject, start);
+    if let (Some(t), Some(m)) = (ctx, caps.as_ref().and_then(|c| c.get(0))) {
+        t.set("pos", m.end() as i64 + 1)?;
+    }
+    Ok(caps)
+}
+
+/// Bytes to step over after an empty match at `at` (one byte, or one UTF-8 character with the
+/// `u` flag).
+fn step_len(subject: &[u8], at: usize, unicode: bool) -> usize {
+    if unicode { utf8_len(subject[at]) } else { 1 }
 }
 
 fn err_ret(lua: &Lua, nils: usize, e: String) -> LuaResult<MultiValue> {
@@ -247,11 +263,7 @@ fn substitute(
             if m.end() >= subject.len() {
                 break;
             }
-            let step = if opts.contains('u') {
-                utf8_len(subject[m.end()])
-            } else {
-                1
-            };
+            let step = step_len(&subject, m.end(), opts.contains('u'));
             out.extend_from_slice(&subject[m.end()..(m.end() + step).min(subject.len())]);
             last = (m.end() + step).min(subject.len());
             last
@@ -293,16 +305,10 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
                     Err(e) => return err_ret(lua, 1, e),
                 };
                 let subject = subject.as_bytes();
-                let start = ctx_pos(&ctx)?;
-                match find_at(&c, &subject, start) {
-                    Some(caps) => {
-                        if let (Some(t), Some(m)) = (&ctx, caps.get(0)) {
-                            t.set("pos", m.end() as i64 + 1)?;
-                        }
-                        Ok(MultiValue::from_vec(vec![Value::Table(captures_table(
-                            lua, &c, &caps,
-                        )?)]))
-                    }
+                match find_from_ctx(&c, &subject, &ctx)? {
+                    Some(caps) => Ok(MultiValue::from_vec(vec![Value::Table(captures_table(
+                        lua, &c, &caps,
+                    )?)])),
                     None => Ok(MultiValue::from_vec(vec![Value::Nil])),
                 }
             },
@@ -324,13 +330,9 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
                     Err(e) => return err_ret(lua, 2, e),
                 };
                 let subject = subject.as_bytes();
-                let start = ctx_pos(&ctx)?;
-                let Some(caps) = find_at(&c, &subject, start) else {
+                let Some(caps) = find_from_ctx(&c, &subject, &ctx)? else {
                     return Ok(MultiValue::from_vec(vec![Value::Nil]));
                 };
-                if let (Some(t), Some(m)) = (&ctx, caps.get(0)) {
-                    t.set("pos", m.end() as i64 + 1)?;
-                }
                 let n = nth.unwrap_or(0).max(0) as usize;
                 match caps.get(n) {
                     Some(m) => Ok(MultiValue::from_vec(vec![
@@ -371,10 +373,8 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
                         if m.end() >= subject.len() {
                             done = true;
                             m.end()
-                        } else if unicode {
-                            m.end() + utf8_len(subject[m.end()])
                         } else {
-                            m.end() + 1
+                            m.end() + step_len(&subject, m.end(), unicode)
                         }
                     } else {
                         m.end()
