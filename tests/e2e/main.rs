@@ -9,4 +9,5 @@ mod lua;
 mod ops;
 mod plugins;
 mod routing;
+mod security;
 mod upstream_http;

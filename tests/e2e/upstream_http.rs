@@ -21,11 +21,17 @@ enum Script {
     SilentClose,
     /// Read a Content-Length or chunked body and answer with its length and a checksum.
     CountBody,
+    /// Answer every request with two responses: its own and one nobody asked for.
+    TwoResponses,
+    /// Answer the first request of a connection; read the second in full, then close without
+    /// answering (the request reached the upstream).
+    AnswerThenSwallow,
 }
 
 struct Scripted {
     addr: String,
     connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -39,19 +45,21 @@ async fn scripted(script: Script) -> Scripted {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let connections = Arc::new(AtomicUsize::new(0));
-    let conns = connections.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (conns, reqs) = (connections.clone(), requests.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
             conns.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve(s, script));
+            tokio::spawn(serve(s, script, reqs.clone()));
         }
     });
     Scripted {
         addr,
         connections,
+        requests,
         task,
     }
 }
@@ -121,10 +129,33 @@ async fn read_body(s: &mut TcpStream, buf: &mut Vec<u8>, head: &str) -> Option<V
     }
 }
 
-async fn serve(mut s: TcpStream, script: Script) {
+async fn serve(mut s: TcpStream, script: Script, requests: Arc<AtomicUsize>) {
     let mut buf = Vec::new();
+    let mut on_conn = 0;
     while let Some(head) = read_head(&mut s, &mut buf).await {
+        requests.fetch_add(1, Ordering::SeqCst);
+        on_conn += 1;
         match script {
+            Script::TwoResponses => {
+                let both = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstHTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond";
+                if s.write_all(both).await.is_err() {
+                    return;
+                }
+            }
+            Script::AnswerThenSwallow => {
+                if read_body(&mut s, &mut buf, &head).await.is_none() {
+                    return;
+                }
+                if on_conn > 1 {
+                    return;
+                }
+                if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             Script::Raw(bytes) => {
                 if s.write_all(bytes).await.is_err() {
                     return;
@@ -351,4 +382,132 @@ async fn stale_pooled_connections_and_rotation() {
         3,
         "keepalive_pool.requests = 2 rotates connections"
     );
+}
+
+/// RFC 9112 framing edges of upstream responses (section 6.3) and what polygate does with
+/// each: the status the client gets, and whether the connection went back to the pool.
+#[tokio::test(flavor = "multi_thread")]
+async fn response_framing_edges() {
+    // Transfer-Encoding whose final coding is not chunked: the body runs to the close
+    let te_gzip = scripted(Script::RawThenClose(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nto the close",
+    ))
+    .await;
+    // chunked wins over Content-Length, and the connection is not reused
+    let te_and_cl = scripted(Script::Raw(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ))
+    .await;
+    let signed = scripted(Script::Raw(
+        b"HTTP/1.1 200 OK\r\ncontent-length: +2\r\n\r\nok",
+    ))
+    .await;
+    let differing = scripted(Script::Raw(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok!",
+    ))
+    .await;
+    let equal_list = scripted(Script::Raw(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok",
+    ))
+    .await;
+    let upgrade = scripted(Script::Raw(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    ))
+    .await;
+    let bad_chunk = scripted(Script::Raw(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n",
+    ))
+    .await;
+    let mut routes = String::from("routes:\n");
+    for (id, s) in [
+        ("tegzip", &te_gzip),
+        ("teandcl", &te_and_cl),
+        ("signed", &signed),
+        ("differing", &differing),
+        ("equallist", &equal_list),
+        ("upgrade", &upgrade),
+        ("badchunk", &bad_chunk),
+    ] {
+        routes += &route(id, &format!("/{id}"), &s.addr, ", retries: 0");
+    }
+    let gw = Gateway::start(&routes);
+    let mut c = Conn::open(gw.port).await;
+    for _ in 0..2 {
+        let r = c.get("/tegzip").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "to the close"));
+        let r = c.get("/teandcl").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+        let r = c.get("/equallist").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+    }
+    assert_eq!(te_gzip.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        te_and_cl.connections.load(Ordering::SeqCst),
+        2,
+        "a response framed by both Transfer-Encoding and Content-Length is not pooled"
+    );
+    assert_eq!(equal_list.connections.load(Ordering::SeqCst), 1);
+    for path in ["/signed", "/differing", "/upgrade"] {
+        assert_eq!(c.get(path).await.status, 502, "{path}");
+    }
+    // a body that breaks mid-way: the head was sent, so the client sees the stream end early
+    let r = c.send("GET", "/badchunk", &[], "").await;
+    assert!(r.is_err() || r.unwrap().status == 200);
+    let log = gw.stderr();
+    assert!(log.contains("invalid content-length"), "{log}");
+    assert!(log.contains("conflicting content-length"), "{log}");
+    assert!(log.contains("unsolicited 101"), "{log}");
+}
+
+/// An upstream that sends a second response nobody asked for on a kept-alive connection:
+/// the next client must get its own response, never those stray bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn unsolicited_bytes_never_reach_another_client() {
+    let two = scripted(Script::TwoResponses).await;
+    let gw = Gateway::start(&format!(
+        "routes:\n{}",
+        route("two", "/two", &two.addr, ", retries: 0")
+    ));
+    for i in 0..5 {
+        // separate client connections: each request would reuse its worker's pool if it could
+        let r = get(gw.port, "/two").await;
+        assert_eq!((r.status, r.body.as_str()), (200, "first"), "request {i}");
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    assert_eq!(
+        two.connections.load(Ordering::SeqCst),
+        5,
+        "a connection with unread bytes is never reused"
+    );
+}
+
+/// A POST whose bytes reached the upstream is never replayed when the pooled connection turns
+/// out to be closed; a GET is.
+#[tokio::test(flavor = "multi_thread")]
+async fn post_is_not_replayed_on_a_stale_connection() {
+    let post_up = scripted(Script::AnswerThenSwallow).await;
+    let get_up = scripted(Script::AnswerThenSwallow).await;
+    let gw = Gateway::start(&format!(
+        "routes:\n{}{}",
+        route("p", "/p", &post_up.addr, ", retries: 0"),
+        route("g", "/g", &get_up.addr, ", retries: 0")
+    ));
+    let mut c = Conn::open(gw.port).await;
+    let r = c.send("POST", "/p", &[], "one").await.unwrap();
+    assert_eq!(r.status, 200);
+    let r = c.send("POST", "/p", &[], "two").await.unwrap();
+    assert_eq!(r.status, 502, "the second POST failed without a replay");
+    assert_eq!(
+        post_up.requests.load(Ordering::SeqCst),
+        2,
+        "the upstream received each POST once"
+    );
+    let r = c.get("/g").await;
+    assert_eq!(r.status, 200);
+    let r = c.get("/g").await;
+    assert_eq!(
+        r.status, 200,
+        "an idempotent request is retried on a new connection"
+    );
+    assert_eq!(get_up.requests.load(Ordering::SeqCst), 3);
 }

@@ -14,6 +14,8 @@ pub struct ConsumerInfo {
     pub username: String,
     /// `group_id`.
     pub group_id: Option<String>,
+    /// `labels.custom_id` (sent upstream as `X-Consumer-Custom-ID`, as APISIX does).
+    pub custom_id: Option<String>,
     /// Non-auth plugins of the consumer merged over its group's (consumer wins).
     pub plugins: InstanceMap,
     /// The consumer's auth plugin configurations (credentials), by plugin name.
@@ -81,6 +83,7 @@ impl ConsumerIndex {
             let info = Arc::new(ConsumerInfo {
                 username: c.username.clone(),
                 group_id: c.group_id.as_ref().map(|g| g.0.clone()),
+                custom_id: c.labels.as_ref().and_then(|l| l.get("custom_id").cloned()),
                 plugins,
                 auth_confs,
             });

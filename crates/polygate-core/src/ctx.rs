@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 use polygate_router::VarSource;
 
 use crate::consumer::{ConsumerIndex, ConsumerInfo};
+use crate::path::{PathError, escape_controls, escape_path, normalize};
 
 /// Response status and headers, as seen (and changed) by `header_filter`.
 #[derive(Debug, Clone, Default)]
@@ -27,12 +28,18 @@ pub struct ResponseHead {
 pub struct RequestCtx {
     /// Method sent upstream (plugins may change it).
     pub method: Method,
-    /// Current URI path (after rewrites), percent-encoded as received.
+    /// Current URI path (`$uri`): percent-decoded and normalised by
+    /// [`RequestCtx::normalize_path`] (routes match it), then changed by rewrites.
     pub path: String,
-    /// Current query string without `?`.
+    /// Current query string without `?`, as received (not decoded).
     pub query: Option<String>,
-    /// The original request target (`$request_uri`).
+    /// The request target exactly as received (`$real_request_uri`; nginx's `$request_uri`).
     pub request_uri: String,
+    /// The normalised path before any rewrite, when it differs from the received one.
+    start_path: Option<Box<str>>,
+    /// The exact target to send upstream (already encoded), when a plugin chose it
+    /// (proxy-rewrite); otherwise [`RequestCtx::upstream_uri`] derives it.
+    pub upstream_target: Option<String>,
     /// Request headers, forwarded upstream after plugins ran.
     pub headers: HeaderMap,
     /// HTTP version of the client request.
@@ -100,6 +107,8 @@ impl RequestCtx {
             path,
             query,
             request_uri: request_uri.to_owned(),
+            start_path: None,
+            upstream_target: None,
             headers,
             version,
             client_addr,
@@ -163,6 +172,34 @@ impl RequestCtx {
         Ok(())
     }
 
+    /// Records the consumer an auth plugin identified and tells the upstream, as APISIX's
+    /// `attach_consumer` does: `X-Consumer-Username`, and `X-Consumer-Custom-ID` when the
+    /// consumer has `labels.custom_id`. (Client-sent copies of these headers were removed when
+    /// the request arrived.)
+    pub fn attach_consumer(&mut self, consumer: Arc<ConsumerInfo>) {
+        let set = |h: &mut HeaderMap, name: &'static str, v: Option<&str>| match v
+            .and_then(|v| HeaderValue::from_str(v).ok())
+        {
+            Some(v) => {
+                h.insert(name, v);
+            }
+            None => {
+                h.remove(name);
+            }
+        };
+        set(
+            &mut self.headers,
+            "x-consumer-username",
+            Some(&consumer.username),
+        );
+        set(
+            &mut self.headers,
+            "x-consumer-custom-id",
+            consumer.custom_id.as_deref(),
+        );
+        self.consumer = Some(consumer);
+    }
+
     /// Sets a plugin variable visible to `vars` expressions.
     pub fn set_var(&mut self, name: &str, value: String) {
         if let Some(slot) = self.plugin_vars.iter_mut().find(|(k, _)| k == name) {
@@ -172,11 +209,50 @@ impl RequestCtx {
         }
     }
 
-    /// Path and query as sent upstream.
+    /// Replaces [`RequestCtx::path`] with its normal form (`$uri`, see [`crate::path`]),
+    /// keeping the received target for `$real_request_uri` and for the upstream request.
+    pub fn normalize_path(&mut self, merge_slashes: bool) -> Result<(), PathError> {
+        if let Cow::Owned(n) = normalize(&self.path, merge_slashes)? {
+            self.start_path = Some(n.clone().into_boxed_str());
+            self.path = n;
+        }
+        Ok(())
+    }
+
+    /// The received path (without the query).
+    fn received_path(&self) -> &str {
+        self.request_uri
+            .split_once('?')
+            .map_or(self.request_uri.as_str(), |(p, _)| p)
+    }
+
+    /// The received query (without `?`).
+    fn received_query(&self) -> Option<&str> {
+        self.request_uri.split_once('?').map(|(_, q)| q)
+    }
+
+    /// The normalised path before any rewrite.
+    pub fn start_path(&self) -> &str {
+        self.start_path
+            .as_deref()
+            .unwrap_or_else(|| self.received_path())
+    }
+
+    /// The request target sent upstream: what a plugin chose ([`RequestCtx::upstream_target`]),
+    /// else the target exactly as received while the path and query are unchanged (as nginx's
+    /// `proxy_pass` without a URI sends it), else the current path percent-encoded (nginx's
+    /// `ngx_escape_uri`) with the current query.
     pub fn upstream_uri(&self) -> Cow<'_, str> {
+        if let Some(t) = &self.upstream_target {
+            return Cow::Borrowed(t);
+        }
+        if self.path == self.start_path() && self.query.as_deref() == self.received_query() {
+            return Cow::Borrowed(&self.request_uri);
+        }
+        let p = escape_path(&self.path);
         match &self.query {
-            Some(q) => Cow::Owned(format!("{}?{}", self.path, q)),
-            None => Cow::Borrowed(&self.path),
+            Some(q) => Cow::Owned(format!("{p}?{}", escape_controls(q))),
+            None => p,
         }
     }
 }
@@ -263,7 +339,14 @@ impl VarSource for RequestCtx {
         }
         let v: Cow<'_, str> = match name {
             "uri" => Cow::Borrowed(self.path.as_str()),
-            "request_uri" => Cow::Borrowed(self.request_uri.as_str()),
+            // APISIX: `request_uri` is the normalised path (before rewrites) with the query,
+            // so that no plugin acts on an un-normalised target; `real_request_uri` is the
+            // target as received
+            "request_uri" => match self.received_query() {
+                Some(q) => Cow::Owned(format!("{}?{q}", self.start_path())),
+                None => Cow::Borrowed(self.start_path()),
+            },
+            "real_request_uri" => Cow::Borrowed(self.request_uri.as_str()),
             "args" | "query_string" => Cow::Borrowed(self.query.as_deref()?),
             "is_args" => Cow::Borrowed(if self.query.is_some() { "?" } else { "" }),
             "request_method" => Cow::Borrowed(self.method.as_str()),

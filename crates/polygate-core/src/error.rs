@@ -49,6 +49,14 @@ pub enum GatewayError {
     /// The request body is larger than a plugin accepts.
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The client asked for something HTTP allows but polygate does not implement (an unknown
+    /// `Transfer-Encoding`, as nginx answers 501).
+    #[error("not implemented: {0}")]
+    NotImplemented(String),
+    /// Plugins produced a request that cannot be written upstream (a control byte in the
+    /// target, say). Never sent.
+    #[error("invalid upstream request: {0}")]
+    InvalidUpstreamRequest(String),
 }
 
 impl GatewayError {
@@ -61,13 +69,18 @@ impl GatewayError {
             }
             GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Plugin(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Plugin(_) | GatewayError::InvalidUpstreamRequest(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            GatewayError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         let msg = match self {
             GatewayError::RouteNotFound => "404 Route Not Found".to_owned(),
-            GatewayError::Plugin(_) => "500 Internal Server Error".to_owned(),
+            GatewayError::Plugin(_) | GatewayError::InvalidUpstreamRequest(_) => {
+                "500 Internal Server Error".to_owned()
+            }
             _ => format!(
                 "{} {}",
                 status.as_u16(),

@@ -5,6 +5,7 @@
 //! - [`chain`]: instances with `_meta`, merge precedence, the phase runner.
 //! - [`ctx`]: the per-request [`RequestCtx`] (also the `vars` source).
 //! - [`consumer`]: consumers indexed by credential.
+//! - [`path`]: request path normalisation (`$uri`) and escaping for the upstream.
 //! - [`error`]: gateway errors and their mapping to responses.
 //! - [`worker`]: which worker thread is running.
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@ pub mod chain;
 pub mod consumer;
 pub mod ctx;
 pub mod error;
+pub mod path;
 pub mod plugin;
 pub mod worker;
 

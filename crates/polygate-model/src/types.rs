@@ -127,6 +127,16 @@ pub struct GatewaySection {
     /// Settings of the embedded LuaJIT (`lua` and `serverless-*` plugins, `ngx.*`).
     #[serde(default)]
     pub lua: LuaConfig,
+    /// Merge runs of `/` in request paths before routing, as nginx's `merge_slashes` (default
+    /// true).
+    #[serde(default = "dtrue")]
+    pub merge_slashes: bool,
+    /// Peers (IP addresses or CIDRs) whose `X-Forwarded-Proto/-Host/-Port` and `Forwarded`
+    /// headers are passed on, as APISIX's `apisix.trusted_addresses`. Other peers' copies are
+    /// replaced by what polygate observed; with this list set, an untrusted peer's
+    /// `X-Forwarded-For` is replaced by its own address too. Default: empty (no peer trusted).
+    #[serde(default)]
+    pub trusted_addresses: Vec<String>,
 }
 
 /// `gateway.lua`: the embedded LuaJIT's settings. Every field has a default.
@@ -241,6 +251,8 @@ impl Default for GatewaySection {
             watch_interval: default_watch_interval(),
             ffi_lib_path: Vec::new(),
             lua: LuaConfig::default(),
+            merge_slashes: true,
+            trusted_addresses: Vec::new(),
         }
     }
 }

@@ -234,13 +234,13 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
         ("graceful_shutdown", t.graceful_shutdown),
     ] {
         if !positive(v) {
-            errs.push(format!("gateway.timeouts.{name}"), "must be a number > 0");
+            errs.push(format!("gateway.timeouts.{name}"), POSITIVE_SECS);
         }
     }
     check_timeout(&t.upstream, "gateway.timeouts.upstream", errs);
     let lua = &gw.lua;
     if !positive(lua.ffi_timeout) {
-        errs.push("gateway.lua.ffi_timeout", "must be a number > 0");
+        errs.push("gateway.lua.ffi_timeout", POSITIVE_SECS);
     }
     for (name, size) in &lua.shared_dict {
         let p = format!("gateway.lua.shared_dict.{name}");
@@ -262,14 +262,38 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
         );
     }
     if !positive(gw.watch_interval) {
-        errs.push("gateway.watch_interval", "must be a number > 0");
+        errs.push("gateway.watch_interval", POSITIVE_SECS);
+    }
+    for (i, a) in gw.trusted_addresses.iter().enumerate() {
+        if a.parse::<ipnet::IpNet>().is_err() && a.parse::<IpAddr>().is_err() {
+            errs.push(
+                format!("gateway.trusted_addresses[{i}]"),
+                format!("{a:?} is not an IP address or CIDR"),
+            );
+        }
     }
 }
 
-/// True for a finite number > 0 (NaN is not).
+/// The largest duration any setting accepts, in seconds (365 days). Larger values would
+/// overflow timers; no gateway timeout needs more.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// True for a finite number > 0 and at most [`MAX_SECONDS`] (NaN is not).
 fn positive(v: f64) -> bool {
-    v.is_finite() && v > 0.0
+    v.is_finite() && v > 0.0 && v <= MAX_SECONDS
 }
+
+/// A duration in seconds that may be 0: finite, >= 0 and at most [`MAX_SECONDS`].
+fn non_negative_secs(v: f64, path: &str, errs: &mut ConfigErrors) {
+    if !(v.is_finite() && (0.0..=MAX_SECONDS).contains(&v)) {
+        errs.push(
+            path,
+            format!("must be a number of seconds between 0 and {MAX_SECONDS}"),
+        );
+    }
+}
+
+const POSITIVE_SECS: &str = "must be a number of seconds > 0 and at most 31536000 (365 days)";
 
 fn collect_ids<'a>(
     ids: impl Iterator<Item = Option<&'a Id>>,
@@ -320,7 +344,7 @@ fn check_len(s: &str, min: usize, max: usize, path: &str, errs: &mut ConfigError
 fn check_timeout(t: &Timeout, path: &str, errs: &mut ConfigErrors) {
     for (name, v) in [("connect", t.connect), ("send", t.send), ("read", t.read)] {
         if !positive(v) {
-            errs.push(format!("{path}.{name}"), "must be a number > 0");
+            errs.push(format!("{path}.{name}"), POSITIVE_SECS);
         }
     }
 }
@@ -557,10 +581,8 @@ pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
     {
         errs.push(format!("{p}.retries"), "must be >= 0");
     }
-    if let Some(r) = u.retry_timeout
-        && r < 0.0
-    {
-        errs.push(format!("{p}.retry_timeout"), "must be >= 0");
+    if let Some(r) = u.retry_timeout {
+        non_negative_secs(r, &format!("{p}.retry_timeout"), errs);
     }
     if let Some(t) = &u.timeout {
         check_timeout(t, &format!("{p}.timeout"), errs);
@@ -590,9 +612,11 @@ pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
         if k.size < 1 {
             errs.push(format!("{p}.keepalive_pool.size"), "must be >= 1");
         }
-        if k.idle_timeout < 0.0 {
-            errs.push(format!("{p}.keepalive_pool.idle_timeout"), "must be >= 0");
-        }
+        non_negative_secs(
+            k.idle_timeout,
+            &format!("{p}.keepalive_pool.idle_timeout"),
+            errs,
+        );
         if k.requests < 1 {
             errs.push(format!("{p}.keepalive_pool.requests"), "must be >= 1");
         }

@@ -1,11 +1,13 @@
 //! `key-auth` (priority 2500, auth, rewrite phase): identifies the consumer by an API key.
 //!
 //! Route fields as in APISIX: `header` (default `apikey`), `query` (default `apikey`),
-//! `hide_credentials` (default false), `anonymous_consumer`. Consumer field: `key`.
+//! `realm` (default `key`, sent in `WWW-Authenticate` with a 401), `hide_credentials`
+//! (default false), `anonymous_consumer`. Consumer field: `key`. The identified consumer is
+//! attached as APISIX does ([`RequestCtx::attach_consumer`]).
 
 use std::sync::Arc;
 
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use polygate_core::{
     ConfError, Flow, Plugin, PluginFactory, PluginKind, PluginResponse, RequestCtx,
 };
@@ -24,10 +26,16 @@ struct Conf {
     hide_credentials: bool,
     #[serde(default)]
     anonymous_consumer: Option<String>,
+    #[serde(default = "default_realm")]
+    realm: String,
 }
 
 fn apikey() -> String {
     "apikey".into()
+}
+
+fn default_realm() -> String {
+    "key".into()
 }
 
 #[derive(Deserialize)]
@@ -41,6 +49,8 @@ struct KeyAuth {
     query: String,
     hide: bool,
     anonymous: Option<String>,
+    /// `WWW-Authenticate` value of a 401.
+    challenge: HeaderValue,
 }
 
 /// Factory of `key-auth`.
@@ -67,11 +77,26 @@ impl PluginFactory for KeyAuthFactory {
                 format!("invalid header name {:?}", c.header),
             ));
         }
+        // APISIX's realm schema: printable ASCII without `"` and `\`
+        if c.realm.is_empty()
+            || !c
+                .realm
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            return Err(ConfError::at(
+                "realm",
+                "must be printable ASCII without '\"' and '\\'",
+            ));
+        }
+        let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm))
+            .map_err(|_| ConfError::at("realm", "invalid realm"))?;
         Ok(Arc::new(KeyAuth {
             header: c.header.to_ascii_lowercase(),
             query: c.query,
             hide: c.hide_credentials,
             anonymous: c.anonymous_consumer,
+            challenge,
         }))
     }
 
@@ -85,22 +110,32 @@ impl PluginFactory for KeyAuthFactory {
 }
 
 impl KeyAuth {
+    fn unauthorized(&self, msg: &str) -> Flow<'static> {
+        let mut r = PluginResponse::message(StatusCode::UNAUTHORIZED, msg);
+        r.headers
+            .insert(http::header::WWW_AUTHENTICATE, self.challenge.clone());
+        Flow::Respond(r)
+    }
+
     fn anonymous_or(&self, ctx: &mut RequestCtx, msg: &str) -> Flow<'static> {
-        if let Some(name) = &self.anonymous {
-            match ctx.consumers.by_name(name).cloned() {
-                Some(c) => {
-                    ctx.consumer = Some(c);
-                    return Flow::Continue;
-                }
-                None => {
-                    return Flow::Respond(PluginResponse::message(
-                        StatusCode::UNAUTHORIZED,
-                        "Invalid user authorization",
-                    ));
-                }
+        let Some(name) = &self.anonymous else {
+            return self.unauthorized(msg);
+        };
+        // an invalid credential is not forwarded on the anonymous fallback either
+        if self.hide {
+            ctx.headers.remove(self.header.as_str());
+            Self::remove_query_arg(ctx, &self.query);
+        }
+        match ctx.consumers.by_name(name).cloned() {
+            Some(c) => {
+                ctx.attach_consumer(c);
+                Flow::Continue
+            }
+            None => {
+                tracing::error!("key-auth: anonymous consumer {name:?} not found");
+                self.unauthorized("Invalid user authorization")
             }
         }
-        Flow::Respond(PluginResponse::message(StatusCode::UNAUTHORIZED, msg))
     }
 
     fn remove_query_arg(ctx: &mut RequestCtx, name: &str) {
@@ -134,7 +169,7 @@ impl Plugin for KeyAuth {
         let Some(consumer) = ctx.consumers.find("key-auth", &key).cloned() else {
             return self.anonymous_or(ctx, "Invalid API key in request");
         };
-        ctx.consumer = Some(consumer);
+        ctx.attach_consumer(consumer);
         if self.hide {
             if from_header {
                 ctx.headers.remove(self.header.as_str());

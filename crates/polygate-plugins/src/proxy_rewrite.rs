@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Method};
+use polygate_core::path::{escape_controls, escape_path};
 use polygate_core::{ConfError, Flow, Plugin, PluginFactory, RequestCtx};
 use regex::Regex;
 use serde::Deserialize;
@@ -131,36 +132,65 @@ impl Plugin for ProxyRewrite {
     }
 
     fn rewrite<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
-        if self.real_uri {
-            let (p, q) = match ctx.request_uri.split_once('?') {
-                Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-                None => (ctx.request_uri.clone(), None),
-            };
-            ctx.path = p;
-            ctx.query = q;
-        } else if let Some(t) = &self.uri {
-            let new = t.render(ctx);
-            match new.split_once('?') {
-                Some((p, q)) => {
-                    ctx.path = p.to_owned();
-                    ctx.query = Some(q.to_owned());
-                }
-                None => ctx.path = new,
-            }
+        // APISIX's order: start from `$uri` (normalised, decoded), or from the target as
+        // received with `use_real_request_uri_unsafe`; apply `uri` or the first matching
+        // `regex_uri`; then percent-encode the path (a `?` in it is data unless the
+        // configuration put it there) and append the request's query.
+        let mut upstream_uri = if self.real_uri {
+            ctx.request_uri.clone()
         } else {
+            ctx.path.clone()
+        };
+        let real_query = if self.real_uri {
+            ctx.request_uri
+                .find('?')
+                .map(|i| ctx.request_uri[i..].to_owned())
+        } else {
+            None
+        };
+        let mut separator_is_ours = false;
+        if let Some(t) = &self.uri {
+            separator_is_ours = true;
+            upstream_uri = t.render_with(ctx, |v| v.replace('?', "%3F"));
+            if let Some(q) = real_query {
+                if upstream_uri.contains('?') {
+                    upstream_uri.push('&');
+                    upstream_uri.push_str(&q[1..]);
+                } else {
+                    upstream_uri.push_str(&q);
+                }
+            }
+        } else if !self.regex_uri.is_empty() {
+            separator_is_ours = !upstream_uri.contains('?');
             for (re, rep) in &self.regex_uri {
-                if re.is_match(&ctx.path) {
-                    let new = re.replace(&ctx.path, rep.as_str()).into_owned();
-                    match new.split_once('?') {
-                        Some((p, q)) => {
-                            ctx.path = p.to_owned();
-                            ctx.query = Some(q.to_owned());
-                        }
-                        None => ctx.path = new,
-                    }
+                if re.is_match(&upstream_uri) {
+                    upstream_uri = re.replace(&upstream_uri, rep.as_str()).into_owned();
                     break;
                 }
             }
+        }
+        if self.real_uri {
+            ctx.upstream_target = Some(escape_controls(&upstream_uri).into_owned());
+        } else {
+            let split = if separator_is_ours {
+                upstream_uri.find('?')
+            } else {
+                None
+            };
+            let (path, own_query) = match split {
+                Some(i) => (&upstream_uri[..i], Some(&upstream_uri[i..])),
+                None => (upstream_uri.as_str(), None),
+            };
+            let mut target = escape_path(path).into_owned();
+            if let Some(q) = own_query {
+                target.push_str(&escape_controls(q));
+            }
+            if let Some(args) = &ctx.query {
+                target.push(if own_query.is_some() { '&' } else { '?' });
+                target.push_str(&escape_controls(args));
+            }
+            ctx.path = path.to_owned();
+            ctx.upstream_target = Some(target);
         }
         if let Some(m) = &self.method {
             ctx.method = m.clone();

@@ -67,13 +67,18 @@ impl Template {
 
     /// Renders with the request's variables (unset variables render as empty).
     pub fn render(&self, vars: &dyn VarSource) -> String {
+        self.render_with(vars, |v| v.to_owned())
+    }
+
+    /// Renders, passing each variable's value through `escape` first.
+    pub fn render_with(&self, vars: &dyn VarSource, escape: impl Fn(&str) -> String) -> String {
         let mut out = String::new();
         for p in &self.parts {
             match p {
                 Part::Lit(s) => out.push_str(s),
                 Part::Var(v) => {
                     if let Some(val) = vars.var(v) {
-                        out.push_str(&val);
+                        out.push_str(&escape(&val));
                     }
                 }
             }

@@ -30,18 +30,36 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
 
-/// What the forwarding headers say about the client (APISIX sets `X-Forwarded-For` with the
-/// client address appended, `X-Real-IP`, and keeps the client's `X-Forwarded-Proto/-Host/-Port`
-/// when present, filling them in otherwise).
+/// What the forwarding headers say about the client. As APISIX does: `X-Forwarded-For` gets
+/// the client address appended (or is replaced by it when `trusted_addresses` is configured
+/// and the peer is not in it), `X-Real-IP` is the client address, and
+/// `X-Forwarded-Proto/-Host/-Port` carry what polygate observed, unless the peer is trusted
+/// and sent its own; a `Forwarded` header passes only from a trusted peer.
 pub struct Forward<'a> {
     /// Client address, formatted once per connection.
     pub client_ip: &'a str,
     /// `http` or `https`.
     pub scheme: &'a str,
-    /// Port the request arrived on, formatted once per listener.
+    /// Port for `X-Forwarded-Port`: the one in the client's Host header, else the port the
+    /// request arrived on.
     pub port: &'a str,
-    /// Host the client asked for.
+    /// Host the client asked for (with its port, as sent).
     pub host: Option<&'a HeaderValue>,
+    /// The peer is in `trusted_addresses`: its forwarding headers pass.
+    pub trusted: bool,
+    /// An untrusted peer's `X-Forwarded-For` is dropped (`trusted_addresses` is configured).
+    pub drop_xff: bool,
+}
+
+/// A request that must not be written upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidRequest(pub String);
+
+/// True for a request target that can go on a request line as it is: no control bytes, no
+/// space, no DEL, not empty.
+pub fn valid_target(t: &str) -> bool {
+    !t.is_empty() && t.bytes().all(|b| b > 0x20 && b != 0x7f)
 }
 
 /// Whether a header is hop-by-hop (never forwarded).
@@ -60,6 +78,10 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// dropped; forwarding headers are written from `fwd`. Framing headers of the client request
 /// are replaced by the body's own: `Content-Length` when its size is known, `Transfer-Encoding:
 /// chunked` otherwise. Returns the head and whether the body is chunked.
+///
+/// This is the one place where what plugins produced is checked before it reaches the
+/// upstream: the target must be a valid request-line token ([`valid_target`]); header values
+/// cannot hold CR, LF or NUL by construction ([`HeaderValue`]).
 pub fn encode_head(
     method: &Method,
     uri: &str,
@@ -67,8 +89,13 @@ pub fn encode_head(
     host: Option<&HeaderValue>,
     fwd: &Forward<'_>,
     body: &ReqBody,
-) -> (BytesMut, bool) {
+) -> Result<(BytesMut, bool), InvalidRequest> {
     use std::fmt::Write as _;
+    if !valid_target(uri) {
+        return Err(InvalidRequest(format!(
+            "request target {uri:?} holds a space or control byte"
+        )));
+    }
     let mut out = BytesMut::with_capacity(320 + headers.len() * 40);
     out.put_slice(method.as_str().as_bytes());
     out.put_u8(b' ');
@@ -103,6 +130,9 @@ pub fn encode_head(
         }
         match k.as_str() {
             "x-forwarded-for" => {
+                if fwd.drop_xff {
+                    continue;
+                }
                 if xff_prev.is_some() {
                     xff_extra = true;
                 } else {
@@ -111,6 +141,11 @@ pub fn encode_head(
                 continue;
             }
             "x-real-ip" => continue,
+            "x-forwarded-proto" | "x-forwarded-host" | "x-forwarded-port" | "forwarded"
+                if !fwd.trusted =>
+            {
+                continue;
+            }
             "x-forwarded-proto" => seen_proto = true,
             "x-forwarded-host" => seen_fhost = true,
             "x-forwarded-port" => seen_port = true,
@@ -178,7 +213,7 @@ pub fn encode_head(
         },
     }
     out.put_slice(b"\r\n");
-    (out, chunked)
+    Ok((out, chunked))
 }
 
 /// An upstream HTTP/1.1 connection.
@@ -200,6 +235,10 @@ pub enum H1Error {
     /// The response is not valid HTTP/1.x.
     #[error("invalid response: {0}")]
     Parse(String),
+    /// The client's request body could not be read (invalid chunked framing, a reset): the
+    /// upstream got a truncated request and the connection is dropped.
+    #[error("client body: {0}")]
+    ClientBody(String),
 }
 
 /// How the response body is delimited.
@@ -272,8 +311,13 @@ impl H1Conn {
                 self.io.write_all(head).await?;
                 let mut body = incoming;
                 while let Some(frame) = body.frame().await {
-                    let frame = frame
-                        .map_err(|e| H1Error::Io(io::Error::other(format!("client body: {e}"))))?;
+                    let frame = frame.map_err(|e| {
+                        use std::error::Error as _;
+                        H1Error::ClientBody(match e.source() {
+                            Some(cause) => format!("{e}: {cause}"),
+                            None => e.to_string(),
+                        })
+                    })?;
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
@@ -356,7 +400,8 @@ impl H1Conn {
         let head_bytes = self.buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
         let mut content_length: Option<u64> = None;
-        let mut chunked = false;
+        // Transfer-Encoding seen, and whether its final coding is chunked
+        let mut te: Option<bool> = None;
         let mut conn_close = http10;
         for &(ns, nl, vs, vl) in &offs[..count] {
             let raw_name = &head_bytes[ns..ns + nl];
@@ -369,21 +414,19 @@ impl H1Conn {
             let value = HeaderValue::from_maybe_shared(head_bytes.slice(vs..vs + vl))
                 .map_err(|_| H1Error::Parse(format!("header value of {name}")))?;
             if name == header::CONTENT_LENGTH {
-                let n = value
-                    .to_str()
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
+                let n = parse_content_length(value.as_bytes())
                     .ok_or_else(|| H1Error::Parse("invalid content-length".into()))?;
                 if content_length.is_some_and(|c| c != n) {
                     return Err(H1Error::Parse("conflicting content-length".into()));
                 }
                 content_length = Some(n);
             } else if name == header::TRANSFER_ENCODING {
-                chunked = value
+                // the codings of every Transfer-Encoding line, in order: the last one counts
+                let last = value
                     .to_str()
                     .ok()
-                    .and_then(|s| s.rsplit(',').next())
-                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+                    .and_then(|s| s.rsplit(',').map(str::trim).find(|t| !t.is_empty()));
+                te = Some(last.is_some_and(|l| l.eq_ignore_ascii_case("chunked")));
             } else if name == header::CONNECTION {
                 let v = value.to_str().unwrap_or("");
                 if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
@@ -399,15 +442,30 @@ impl H1Conn {
                 headers.append(name, value);
             }
         }
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // polygate never asks for an upgrade (Upgrade is hop-by-hop): a 101 is unsolicited
+            return Err(H1Error::Parse("unsolicited 101 Switching Protocols".into()));
+        }
         let no_body = *method == Method::HEAD
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
+        // RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length; a final coding
+        // other than chunked means the body runs to the close. Either case is not exact
+        // framing, so the connection is not reused.
+        let mut exact = true;
         let framing = if no_body {
             Framing::Done
-        } else if chunked {
+        } else if let Some(final_chunked) = te {
             headers.remove(header::CONTENT_LENGTH);
-            Framing::Chunked(ChunkState::Size)
+            if content_length.is_some() {
+                exact = false;
+            }
+            if final_chunked {
+                Framing::Chunked(ChunkState::Size)
+            } else {
+                Framing::Close
+            }
         } else if let Some(n) = content_length {
             if n == 0 {
                 Framing::Done
@@ -417,7 +475,7 @@ impl H1Conn {
         } else {
             Framing::Close
         };
-        let keep_alive = !conn_close && !matches!(framing, Framing::Close);
+        let keep_alive = exact && !conn_close && !matches!(framing, Framing::Close);
         Ok(Some(Head {
             status,
             headers,
@@ -591,6 +649,24 @@ impl Body for H1Body {
     }
 }
 
+/// A `Content-Length` value: digits only (no sign, no spaces inside), or a list of equal
+/// values (`42, 42`), as RFC 9110 section 8.6 lets a recipient accept.
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    for part in v.split(|&b| b == b',') {
+        let t = part.trim_ascii();
+        if t.is_empty() || t.len() > 19 || !t.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = std::str::from_utf8(t).ok()?.parse::<u64>().ok()?;
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
 enum Step {
     Data(Bytes, ChunkState),
     Next(ChunkState),
@@ -616,7 +692,14 @@ fn step_chunked(
             };
             let line = buf.split_to(end + 2);
             let text = std::str::from_utf8(&line[..end]).map_err(|_| "invalid chunk size")?;
-            let hex = text.split(';').next().unwrap_or("").trim();
+            let hex = text
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim_end_matches([' ', '\t']);
+            if hex.is_empty() || hex.len() > 15 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!("invalid chunk size {hex:?}").into());
+            }
             let size =
                 u64::from_str_radix(hex, 16).map_err(|_| format!("invalid chunk size {hex:?}"))?;
             Ok(Step::Next(if size == 0 {
@@ -653,6 +736,9 @@ fn step_chunked(
         }
         ChunkState::Trailers => {
             let Some(end) = find_crlf(buf) else {
+                if buf.len() > MAX_HEAD {
+                    return Err("trailer line too long".into());
+                }
                 return Ok(Step::NeedMore);
             };
             buf.advance(end + 2);

@@ -127,6 +127,62 @@ impl ConnInfo {
     }
 }
 
+/// Request headers that carry the identity an auth plugin established (APISIX's
+/// `attach_consumer`); removed from every client request so that only the gateway sets them.
+pub const IDENTITY_HEADERS: &[&str] = &[
+    "x-consumer-username",
+    "x-credential-identifier",
+    "x-consumer-custom-id",
+];
+
+/// The checks nginx makes on a request head before it serves it: one `Host` (required in
+/// HTTP/1.1), at most one `Content-Length` (a plain number) and one `Transfer-Encoding`,
+/// which must be `chunked`, not combined with `Content-Length`, and not in HTTP/1.0
+/// (RFC 9112 sections 3.2 and 6.1–6.3). HTTP/2 requests carry none of these.
+fn check_head(parts: &http::request::Parts) -> Result<(), GatewayError> {
+    if parts.version >= http::Version::HTTP_2 {
+        return Ok(());
+    }
+    let bad = |m: &str| Err(GatewayError::BadRequest(m.to_owned()));
+    let h = &parts.headers;
+    let hosts = h.get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return bad("duplicate Host header");
+    }
+    if hosts == 0 && parts.version == http::Version::HTTP_11 && parts.uri.authority().is_none() {
+        return bad("HTTP/1.1 request without Host");
+    }
+    let mut cl = h.get_all(header::CONTENT_LENGTH).iter();
+    let first_cl = cl.next();
+    if cl.next().is_some() {
+        return bad("duplicate Content-Length header");
+    }
+    if let Some(v) = first_cl
+        && (v.is_empty() || !v.as_bytes().iter().all(u8::is_ascii_digit))
+    {
+        return bad("invalid Content-Length");
+    }
+    let mut te = h.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next() {
+        if te.next().is_some() {
+            return bad("duplicate Transfer-Encoding header");
+        }
+        if parts.version == http::Version::HTTP_10 {
+            return bad("HTTP/1.0 request with Transfer-Encoding");
+        }
+        if !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(GatewayError::NotImplemented(format!(
+                "Transfer-Encoding {:?}",
+                String::from_utf8_lossy(v.as_bytes())
+            )));
+        }
+        if first_cl.is_some() {
+            return bad("both Content-Length and Transfer-Encoding");
+        }
+    }
+    Ok(())
+}
+
 /// Handles one request.
 pub async fn handle(
     req: Request<Incoming>,
@@ -136,12 +192,17 @@ pub async fn handle(
     let (client, local) = (conn.client, conn.local);
     let snap = shared.snapshot.load_full();
     let (parts, body) = req.into_parts();
+    let head_check = check_head(&parts);
     let mut headers = parts.headers;
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = parts.uri.authority()
+    // an absolute-form target's authority wins over Host (RFC 9112 section 3.2.2)
+    if let Some(a) = parts.uri.authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         headers.insert(header::HOST, v);
+    }
+    // identity headers are set by auth plugins only: a client's copies never go upstream
+    for h in IDENTITY_HEADERS {
+        headers.remove(*h);
     }
     let request_uri = parts
         .uri
@@ -157,6 +218,19 @@ pub async fn handle(
         local,
         snap.consumers.clone(),
     );
+    let bad = head_check.and_then(|()| {
+        ctx.normalize_path(snap.gateway.merge_slashes)
+            .map_err(|e| GatewayError::BadRequest(e.to_string()))
+    });
+    if let Err(e) = bad {
+        tracing::info!(client = %client, target = %ctx.request_uri, "refused: {e}");
+        let (status, body) = e.rescue();
+        let mut r = json_response(status, body);
+        // what follows a head we refused cannot be trusted to be framed as the head says
+        r.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return finish_local(shared, snap, ctx, None, None, r, None);
+    }
 
     let found = {
         let input = MatchInput {
@@ -428,11 +502,20 @@ async fn proxy(
     };
 
     let client_host = ctx.headers.get(header::HOST).cloned();
+    let host_port = client_host
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.rsplit_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let trusted = snap.is_trusted(conn.client.ip());
     let fwd = h1::Forward {
         client_ip: &conn.client_ip,
         scheme: ctx.scheme,
-        port: &conn.local_port,
+        port: host_port.unwrap_or(&conn.local_port),
         host: client_host.as_ref(),
+        trusted,
+        drop_xff: !trusted && !snap.trusted.is_empty(),
     };
 
     let started = Instant::now();
@@ -462,7 +545,7 @@ async fn proxy(
         {
             return Ok(Outcome::Local(r));
         }
-        let mut co = match pool::checkout(node, limits, connect_to, !replayable).await {
+        let mut co = match pool::checkout(node, limits, connect_to).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(upstream = %up.id, node = %node.key, "{e}");
@@ -474,6 +557,8 @@ async fn proxy(
             (Some(h), _) => Some(h),
             (None, PassHost::Node) => Some(&node.host_header),
             (None, PassHost::Rewrite) => up.upstream_host.as_ref(),
+            // an HTTP/1.0 client may send no Host: the upstream still gets one
+            (None, PassHost::Pass) if client_host.is_none() => Some(&node.host_header),
             (None, PassHost::Pass) => None,
         };
         let uri = ctx.upstream_uri();
@@ -483,7 +568,8 @@ async fn proxy(
             body.take().unwrap_or(ReqBody::Empty)
         };
         let (head_bytes, chunked) =
-            h1::encode_head(&method, &uri, &ctx.headers, host, &fwd, &probe_body);
+            h1::encode_head(&method, &uri, &ctx.headers, host, &fwd, &probe_body)
+                .map_err(|e| GatewayError::InvalidUpstreamRequest(e.to_string()))?;
         let mut req_body = Some(probe_body);
         let guard = ActiveGuard::new(up.clone(), idx);
         let t0 = Instant::now();
@@ -507,8 +593,14 @@ async fn proxy(
             )
             .await;
             match r {
-                // a pooled connection the upstream had closed: once more on a new connection
-                Err(Exchange::Stale) if co.reused && replayable && !fresh_retry => {
+                // a pooled connection the upstream had closed: once more on a new connection,
+                // unless the request may have reached the upstream and is not idempotent
+                Err(Exchange::Stale { sent })
+                    if co.reused
+                        && replayable
+                        && !fresh_retry
+                        && (!sent || is_idempotent(&method)) =>
+                {
                     fresh_retry = true;
                     match pool::connect_new(node, connect_to).await {
                         Ok(c) => {
@@ -518,7 +610,7 @@ async fn proxy(
                         Err(e) => break Err(e),
                     }
                 }
-                Err(Exchange::Stale) => {
+                Err(Exchange::Stale { .. }) => {
                     break Err(GatewayError::Upstream {
                         addr: node.key.to_string(),
                         reason: "connection closed before the response".into(),
@@ -554,8 +646,12 @@ async fn proxy(
 }
 
 enum Exchange {
-    /// Nothing came back on a reused connection: the upstream closed it while idle.
-    Stale,
+    /// Nothing came back on a reused connection: the upstream closed it while idle. `sent`:
+    /// the request was written in full before that showed, so the upstream may have
+    /// received it (the retry decision depends on it).
+    Stale {
+        sent: bool,
+    },
     Failed(GatewayError),
 }
 
@@ -579,16 +675,17 @@ async fn exchange(
             what,
         })
     };
-    let failed = |e: H1Error| match e {
-        H1Error::ClosedEarly => Exchange::Stale,
+    let failed = |e: H1Error, sent: bool| match e {
+        H1Error::ClosedEarly => Exchange::Stale { sent },
         H1Error::Io(ref io)
             if matches!(
                 io.kind(),
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
             ) =>
         {
-            Exchange::Stale
+            Exchange::Stale { sent }
         }
+        H1Error::ClientBody(m) => Exchange::Failed(GatewayError::BadRequest(m)),
         other => Exchange::Failed(GatewayError::Upstream {
             addr: key.to_owned(),
             reason: other.to_string(),
@@ -598,13 +695,13 @@ async fn exchange(
     if !sent {
         match tokio::time::timeout(send_to, conn.send(head, body, chunked)).await {
             Err(_) => return Err(timeout("send")),
-            Ok(Err(e)) => return Err(failed(e)),
+            Ok(Err(e)) => return Err(failed(e, false)),
             Ok(Ok(())) => {}
         }
     }
     match tokio::time::timeout(read_to, conn.read_head(method)).await {
         Err(_) => Err(timeout("read")),
-        Ok(Err(e)) => Err(failed(e)),
+        Ok(Err(e)) => Err(failed(e, true)),
         Ok(Ok(h)) => Ok(h),
     }
 }

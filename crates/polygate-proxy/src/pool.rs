@@ -101,16 +101,16 @@ pub fn sweep() {
 }
 
 /// Gets a connection to `node`: the most recently used idle one, or a new one within
-/// `connect_timeout`. With `probe`, a pooled connection is checked for a close by the peer
-/// first (one non-blocking read), for requests whose body cannot be replayed.
+/// `connect_timeout`. A pooled connection is checked first (one non-blocking read): one the
+/// peer closed, or on which it sent bytes nobody asked for (a second response, a late body),
+/// is dropped, so no client ever reads another exchange's bytes (nginx does the same).
 pub async fn checkout(
     node: &Node,
     limits: PoolLimits,
     connect_timeout: Duration,
-    probe: bool,
 ) -> Result<Checkout, GatewayError> {
     while let Some(idle) = take_idle(&node.key) {
-        if probe && !idle.conn.looks_alive() {
+        if !idle.conn.looks_alive() {
             continue;
         }
         return Ok(Checkout {

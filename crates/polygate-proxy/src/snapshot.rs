@@ -54,6 +54,8 @@ pub struct Snapshot {
     pub consumers: Arc<ConsumerIndex>,
     /// Process settings of the file this snapshot came from.
     pub gateway: GatewaySection,
+    /// `gateway.trusted_addresses`, parsed.
+    pub trusted: Vec<ipnet::IpNet>,
     /// Plugin metadata by plugin name.
     pub plugin_metadata: HashMap<String, serde_json::Map<String, serde_json::Value>>,
     upstreams: HashMap<String, (Arc<Upstream>, Arc<UpstreamRt>)>,
@@ -63,6 +65,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Whether `ip` is in `gateway.trusted_addresses`.
+    pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+
     /// Validates `cfg` and builds a snapshot, reusing what `prev` already compiled.
     pub fn build(
         cfg: &ConfigFile,
@@ -289,11 +300,22 @@ impl Snapshot {
             .iter()
             .filter_map(|m| Some((m.get("id")?.as_str()?.to_owned(), m.clone())))
             .collect();
+        let gateway = cfg.gateway.clone().unwrap_or_default();
+        let trusted = gateway
+            .trusted_addresses
+            .iter()
+            .filter_map(|a| {
+                a.parse::<ipnet::IpNet>()
+                    .ok()
+                    .or_else(|| a.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+            })
+            .collect();
         Ok(Snapshot {
             router,
             global,
             consumers,
-            gateway: cfg.gateway.clone().unwrap_or_default(),
+            trusted,
+            gateway,
             plugin_metadata,
             upstreams,
             fingerprints,

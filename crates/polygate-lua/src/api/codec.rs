@@ -139,20 +139,6 @@ pub(crate) fn escape(b: &[u8], kind: i64) -> String {
     s
 }
 
-/// Escapes what may not appear in a path (keeps `/` and already escaped `%XX`).
-pub(crate) fn escape_path(p: &str) -> String {
-    let mut s = String::with_capacity(p.len());
-    for &c in p.as_bytes() {
-        if c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/%".contains(&c) {
-            s.push(c as char);
-        } else {
-            s.push('%');
-            s.push_str(&hex(&[c]).to_ascii_uppercase());
-        }
-    }
-    s
-}
-
 /// `ngx.encode_args`: keys sorted; `true` gives a bare key, `false` is skipped, arrays repeat
 /// the key.
 pub(crate) fn encode_args(_lua: &Lua, t: &Table) -> LuaResult<String> {
@@ -247,6 +233,5 @@ mod tests {
         assert_eq!(escape(b"a b/c?d=e", 0), "a%20b/c?d=e");
         assert_eq!(percent_decode(b"a%20b+c%2"), b"a b c%2");
         assert_eq!(percent_decode(b"%41%zz"), b"A%zz");
-        assert_eq!(escape_path("/a b/%41"), "/a%20b/%41");
     }
 }

@@ -327,6 +327,10 @@ pub(crate) fn require_yield(api: &str) -> LuaResult<()> {
 
 /// `ngx.var.NAME`: the gateway's variables plus a few nginx ones.
 pub(crate) fn get_var<'a>(ctx: &'a RequestCtx, name: &str) -> Option<Cow<'a, str>> {
+    if name == "request_uri" {
+        // nginx's variable: the target as received (APISIX's `ctx.var.request_uri` differs)
+        return Some(Cow::Borrowed(&ctx.request_uri));
+    }
     if let Some(v) = ctx.var(name) {
         return Some(v);
     }

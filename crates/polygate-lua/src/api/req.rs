@@ -114,9 +114,9 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
                     "ngx.req.set_uri: jump=true is not supported (polygate does not re-match routes; rewrite with jump=false)",
                 ));
             }
-            let path = codec::escape_path(&uri);
+            // `$uri` holds the unescaped path; it is percent-encoded when sent upstream
             with_ctx_mut("ngx.req.set_uri", |c| {
-                c.path = path;
+                c.path = uri;
                 Ok(())
             })
         })?,
