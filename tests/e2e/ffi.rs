@@ -204,22 +204,31 @@ routes:
     assert_eq!(u.hits(), 1);
 }
 
-#[test]
-fn init_failure_is_a_configuration_error() {
+/// `polygate validate` checks that the library exists and exports `libffi_init` without
+/// loading it (a Go library would start its runtime); a `libffi_init` that fails is seen when
+/// the configuration is committed, and the route's requests fail as `on_error` says.
+#[tokio::test(flavor = "multi_thread")]
+async fn init_failure_fails_the_route_and_validate_does_not_load() {
     let lib = libs::go("jwtauth");
-    let (code, out) = validate(
-        &format!(
-            "routes:\n  - {{id: 1, uri: /a, plugins: {{ffi: {{lib: \"{}\", cfg: 'not json'}}}}}}\n#END\n",
-            lib.display()
-        ),
-        "yaml",
+    let routes = format!(
+        "routes:\n  - {{id: 1, uri: /a, upstream: {{nodes: {{\"127.0.0.1:1\": 1}}}}, plugins: {{ffi: {{lib: \"{}\", cfg: 'not json'}}}}}}\n",
+        lib.display()
     );
-    assert_ne!(code, 0);
+    let (code, out) = validate(&format!("{routes}#END\n"), "yaml");
+    assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("routes[0].plugins.ffi.lib: libffi_init of"),
-        "{out}"
+        !out.contains("libffi_init of"),
+        "validate ran libffi_init: {out}"
     );
-    assert!(out.contains("failed with rc 2"), "{out}");
+    let gw = Gateway::start(&routes);
+    let r = get(gw.port, "/a").await;
+    assert_eq!(
+        r.status, 503,
+        "fail_closed with the default error_status: {}",
+        r.body
+    );
+    assert!(gw.stderr().contains("failed with rc 2"), "{}", gw.stderr());
+
     let (code, out) = validate(
         "routes:\n  - {id: 1, uri: /a, plugins: {ffi: {lib: no_such_lib}}}\n#END\n",
         "yaml",
@@ -229,6 +238,13 @@ fn init_failure_is_a_configuration_error() {
         out.contains("routes[0].plugins.ffi.lib: cannot load no_such_lib"),
         "{out}"
     );
+    // a file that is not a shared library
+    let (code, out) = validate(
+        "routes:\n  - {id: 1, uri: /a, plugins: {ffi: {lib: /etc/hostname}}}\n#END\n",
+        "yaml",
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("not an ELF file"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -272,7 +288,7 @@ async fn runtimes_dropped_from_the_configuration_are_unloaded() {
     let p = gw.port;
     assert!(
         gw.eventually(Duration::from_secs(3), || async {
-            gw.stderr().contains("version 2")
+            gw.stderr().contains("configuration reloaded")
         })
         .await
     );

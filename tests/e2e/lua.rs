@@ -829,11 +829,16 @@ fn lua_configuration_errors_name_the_key() {
         out.contains("routes[0].plugins.serverless-pre-function.functions[0]"),
         "{out}"
     );
-    let out = rejected(
-        "",
-        r#"{serverless-post-function: {functions: ["return 42"]}}"#,
+    // `validate` compiles without running code; the chunk's result is checked when the
+    // gateway loads it (and the route is skipped, with the reason)
+    let gw = Gateway::start(
+        "routes:\n  - {id: r, uri: /x, upstream: {nodes: {\"127.0.0.1:1\": 1}}, plugins: {serverless-post-function: {functions: [\"return 42\"]}}}\n",
     );
-    assert!(out.contains("only accept Lua function"), "{out}");
+    assert!(
+        gw.stderr().contains("only accept Lua function"),
+        "{}",
+        gw.stderr()
+    );
     let out = rejected(
         r#"gateway: {lua: {shared_dict: {cache: "ten"}}}"#,
         r#"{lua: {access: "ngx.say(", access_file: "/nope.lua"}}"#,
@@ -853,23 +858,58 @@ routes:
     uri: /x
     upstream: {{nodes: {{"{n}": 1}}}}
     plugins:
-      lua: {{access: "ngx.say('v1')"}}
+      lua: {{access: "_G.n = (_G.n or 0) + 1; ngx.say('v1 ', _G.n)"}}
+  - id: other
+    uri: /other
+    upstream: {{nodes: {{"{n}": 1}}}}
 "#,
         n = u.node()
     );
-    let gw = Gateway::start(&good);
-    assert_eq!(get(gw.port, "/x").await.body, "v1\n");
-    gw.reload(&good.replace("ngx.say('v1')", "ngx.say('v2'"));
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(
-        get(gw.port, "/x").await.body,
-        "v1\n",
-        "invalid Lua is not loaded"
+    let bad = good.replace("ngx.say('v1 ', _G.n)", "ngx.say('v2'");
+    // --strict: the whole change is rejected; the Lua state is untouched (its globals live on)
+    let port = free_port();
+    let mut strict = Gateway::start_args(port, &with_gateway(port, &good), &["--strict"]);
+    assert_eq!(get(port, "/x").await.body, "v1 1\n");
+    strict.reload(&bad);
+    assert!(
+        strict
+            .eventually(Duration::from_secs(5), || async {
+                strict.stderr().contains("configuration rejected")
+            })
+            .await
     );
+    assert!(
+        strict.stderr().contains("routes[0].plugins.lua"),
+        "{}",
+        strict.stderr()
+    );
+    let body = get(port, "/x").await.body;
+    assert!(body.starts_with("v1 "), "{body}");
+    assert_ne!(
+        body, "v1 1\n",
+        "the Lua state was not rebuilt by the rejected change"
+    );
+    strict.kill();
+
+    // default (APISIX standalone): the invalid route is skipped, the others are served
+    let gw = Gateway::start(&good);
+    assert_eq!(get(gw.port, "/x").await.body, "v1 1\n");
+    gw.reload(&bad);
+    assert!(
+        gw.eventually(Duration::from_secs(5), || async {
+            gw.stderr()
+                .contains("skipped invalid resource: routes[0].plugins.lua")
+        })
+        .await,
+        "{}",
+        gw.stderr()
+    );
+    assert_eq!(get(gw.port, "/x").await.status, 404);
+    assert_eq!(get(gw.port, "/other").await.status, 200);
     gw.reload(&good.replace("v1", "v2"));
     assert!(
         gw.eventually(Duration::from_secs(5), || async {
-            get(gw.port, "/x").await.body == "v2\n"
+            get(gw.port, "/x").await.body.starts_with("v2")
         })
         .await
     );

@@ -4,6 +4,7 @@
 mod support;
 
 mod balance;
+mod config;
 mod ffi;
 mod lua;
 mod ops;

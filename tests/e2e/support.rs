@@ -290,12 +290,18 @@ impl Gateway {
 
     /// Starts with an exact file text.
     pub fn start_raw(port: u16, text: &str) -> Gateway {
+        Self::start_args(port, text, &[])
+    }
+
+    /// Starts with an exact file text and more `polygate run` arguments.
+    pub fn start_args(port: u16, text: &str, args: &[&str]) -> Gateway {
         let dir = tempdir::Dir::new();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, text).unwrap();
         let child = Command::new(binary())
             .args(["run", "-c"])
             .arg(&config)
+            .args(args)
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
             .stdin(Stdio::null())
@@ -347,6 +353,14 @@ impl Gateway {
         f.write_all(text.as_bytes()).unwrap();
         f.sync_all().unwrap();
         std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Stops the gateway now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -54,6 +54,10 @@ pub fn build_instances(
             continue;
         };
         let mut conf = conf.clone();
+        // `key-auth:` with no value (YAML null) means `{}`, as in APISIX
+        if conf.is_null() {
+            conf = serde_json::Value::Object(serde_json::Map::new());
+        }
         let meta = match conf.as_object_mut() {
             Some(obj) => obj.remove("_meta"),
             None => {
@@ -98,7 +102,14 @@ pub fn build_instances(
                 }
             }
         }
-        let plugin: Arc<dyn Plugin> = match factory.build(&conf) {
+        let built = if registry.is_check_only() {
+            factory
+                .check(&conf)
+                .map(|()| Arc::new(Disabled(name.clone())) as Arc<dyn Plugin>)
+        } else {
+            factory.build(&conf)
+        };
+        let plugin: Arc<dyn Plugin> = match built {
             Ok(p) => p,
             // a disabled entry may be a bare `{"_meta": {"disable": true}}`
             Err(_) if disabled => Arc::new(Disabled(name.clone())),

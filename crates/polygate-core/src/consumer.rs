@@ -60,6 +60,8 @@ impl ConsumerIndex {
                     continue;
                 };
                 if f.kind() == PluginKind::Auth {
+                    let empty = serde_json::Value::Object(serde_json::Map::new());
+                    let conf = if conf.is_null() { &empty } else { conf };
                     match f.consumer_credential(conf) {
                         Ok(Some(cred)) => creds.push((name.clone(), cred)),
                         Ok(None) => {}
@@ -114,6 +116,11 @@ impl ConsumerIndex {
     /// The consumer named `username`.
     pub fn by_name(&self, username: &str) -> Option<&Arc<ConsumerInfo>> {
         self.by_name.get(username)
+    }
+
+    /// Every consumer.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ConsumerInfo>> {
+        self.by_name.values()
     }
 
     /// Number of consumers.

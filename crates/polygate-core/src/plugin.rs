@@ -134,6 +134,12 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// `log` phase, after the response was sent (or the client went away).
     fn log(&self, _ctx: &RequestCtx) {}
+
+    /// Called once the configuration holding this instance is committed (it serves requests
+    /// from now on), on the configuration thread: the place for process-wide work that must
+    /// not happen for a configuration that could still be rejected, such as loading an FFI
+    /// runtime. Called again for instances a later configuration keeps: make it idempotent.
+    fn on_commit(&self) {}
 }
 
 /// Whether a plugin is an authentication plugin (its consumer configuration is a credential).
@@ -204,8 +210,17 @@ pub trait PluginFactory: Send + Sync + 'static {
     fn kind(&self) -> PluginKind {
         PluginKind::Normal
     }
-    /// Validates a route/service/global-rule configuration and builds an instance.
+    /// Validates a route/service/global-rule configuration and builds an instance. Building
+    /// must not change the running process (no runtime loaded, no thread started): a built
+    /// configuration may still be rejected. Process-wide work belongs in a commit hook
+    /// ([`PluginRegistry::add_commit_hook`]) or in the first request that needs it.
     fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError>;
+    /// Validates a configuration without building anything (`polygate validate`). The default
+    /// builds and drops the instance; a plugin whose build touches the outside world (loads a
+    /// library, compiles code on a shared state) checks it a cheaper way.
+    fn check(&self, conf: &serde_json::Value) -> Result<(), ConfError> {
+        self.build(conf).map(drop)
+    }
     /// For auth plugins: validates a consumer's configuration and returns the credential that
     /// identifies the consumer (e.g. key-auth's `key`).
     fn consumer_credential(&self, _conf: &serde_json::Value) -> Result<Option<String>, ConfError> {
@@ -213,15 +228,44 @@ pub trait PluginFactory: Send + Sync + 'static {
     }
 }
 
-/// A hook run with each configuration before its plugins are built (e.g. to set the FFI
-/// library path from the `gateway:` section).
-pub type ConfigHook = Arc<dyn Fn(&polygate_model::ConfigFile) + Send + Sync>;
+thread_local! {
+    static PREPARING: std::cell::RefCell<Option<Arc<polygate_model::GatewaySection>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The `gateway:` section of the configuration whose plugins are being built on this thread
+/// (set by [`preparing_with`]): factories read settings of the candidate configuration here
+/// rather than the process-wide state, which belongs to the served one (the FFI library path
+/// for checking that a library exists, say).
+pub fn preparing() -> Option<Arc<polygate_model::GatewaySection>> {
+    PREPARING.with(|p| p.borrow().clone())
+}
+
+/// Runs `f` with [`preparing`] returning `gw`.
+pub fn preparing_with<R>(gw: Arc<polygate_model::GatewaySection>, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Arc<polygate_model::GatewaySection>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            PREPARING.with(|p| *p.borrow_mut() = prev);
+        }
+    }
+    let _reset = Reset(PREPARING.with(|p| p.borrow_mut().replace(gw)));
+    f()
+}
+
+/// A hook run with each configuration after it was committed (became the served one), to
+/// apply process-wide state: the FFI library path, unloading runtimes no longer used, Lua
+/// settings. Never run for a rejected configuration nor by `polygate validate`.
+pub type CommitHook = Arc<dyn Fn(&polygate_model::ConfigFile) + Send + Sync>;
 
 /// The plugins this process knows, by name.
 #[derive(Default, Clone)]
 pub struct PluginRegistry {
     factories: std::collections::HashMap<String, Arc<dyn PluginFactory>>,
-    hooks: Vec<ConfigHook>,
+    hooks: Vec<CommitHook>,
+    after_hooks: Vec<CommitHook>,
+    check_only: bool,
 }
 
 impl PluginRegistry {
@@ -235,17 +279,47 @@ impl PluginRegistry {
         self.factories.insert(f.name().to_owned(), f);
     }
 
-    /// Adds a hook run with every configuration (first load and reloads) before plugins are
-    /// built from it.
-    pub fn add_config_hook(&mut self, hook: ConfigHook) {
+    /// Adds a hook run with every committed configuration (first load and reloads).
+    pub fn add_commit_hook(&mut self, hook: CommitHook) {
         self.hooks.push(hook);
     }
 
-    /// Runs the configuration hooks.
-    pub fn apply_config_hooks(&self, cfg: &polygate_model::ConfigFile) {
-        for h in &self.hooks {
-            h(cfg);
+    /// Adds a hook run after a committed configuration was swapped in and its plugins'
+    /// [`Plugin::on_commit`] ran (e.g. to unload FFI runtimes nothing uses any more).
+    pub fn add_after_commit_hook(&mut self, hook: CommitHook) {
+        self.after_hooks.push(hook);
+    }
+
+    /// Runs the hooks added by [`PluginRegistry::add_after_commit_hook`].
+    pub fn apply_after_commit_hooks(&self, cfg: &polygate_model::ConfigFile) {
+        for h in &self.after_hooks {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(cfg))).is_err() {
+                tracing::error!("a configuration commit hook panicked; the others still ran");
+            }
         }
+    }
+
+    /// Runs the commit hooks; a hook that panics is logged and the others still run.
+    pub fn apply_commit_hooks(&self, cfg: &polygate_model::ConfigFile) {
+        for h in &self.hooks {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(cfg))).is_err() {
+                tracing::error!("a configuration commit hook panicked; the others still ran");
+            }
+        }
+    }
+
+    /// A copy that only checks plugin configurations ([`PluginFactory::check`]) instead of
+    /// building instances: what `polygate validate` uses.
+    pub fn check_only(&self) -> PluginRegistry {
+        PluginRegistry {
+            check_only: true,
+            ..self.clone()
+        }
+    }
+
+    /// Whether this registry only checks.
+    pub fn is_check_only(&self) -> bool {
+        self.check_only
     }
 
     /// The factory for `name`.

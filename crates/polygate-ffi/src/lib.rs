@@ -15,10 +15,12 @@
 //! - [`abi`]: the exported C functions (unsafe, every entry point guarded against panics).
 //! - [`runtime`]: loading libraries, the process-wide registry, [`runtime::Runtime::call`].
 //! - [`plugin`]: the `ffi` gateway plugin.
+//! - [`elf`]: reading a library's exports without loading it (configuration checks).
 #![deny(unsafe_code)]
 
 pub mod abi;
 pub mod done;
+pub mod elf;
 pub mod plugin;
 pub mod queue;
 pub mod runtime;

@@ -18,7 +18,7 @@
 //! the response, and its answer is ignored.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -30,7 +30,7 @@ use polygate_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{LoadOptions, Runtime, host};
+use crate::runtime::{LoadError, LoadOptions, Runtime, host};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -152,7 +152,14 @@ enum PhaseKind {
 }
 
 struct Ffi {
-    rt: Arc<Runtime>,
+    /// `lib&cfg`, for logs.
+    key: String,
+    lib: String,
+    cfg: Option<String>,
+    opts: LoadOptions,
+    /// Loaded when the configuration is committed ([`Plugin::on_commit`]), or by the first
+    /// request if that load failed.
+    rt: OnceLock<Arc<Runtime>>,
     phase: PhaseKind,
     timeout: Duration,
     fail_open: bool,
@@ -189,8 +196,12 @@ impl PluginFactory for FfiFactory {
                 ));
             }
         };
-        if !(c.timeout.is_finite() && c.timeout > 0.0) {
-            return Err(ConfError::at("timeout", "must be a number > 0"));
+        // at most 365 days, like every duration polygate takes
+        if !(c.timeout.is_finite() && c.timeout > 0.0 && c.timeout <= 31_536_000.0) {
+            return Err(ConfError::at(
+                "timeout",
+                "must be a number of seconds > 0 and at most 31536000 (365 days)",
+            ));
         }
         let fail_open = match c.on_error.as_str() {
             "fail_open" => true,
@@ -212,13 +223,24 @@ impl PluginFactory for FfiFactory {
             is_global: c.is_global,
             unpin: c.unpin,
         };
-        let rt = host()
-            .load(&c.lib, c.cfg.as_deref(), &opts)
+        // the library must exist and export libffi_init; it is loaded only at commit
+        let dirs: Vec<std::path::PathBuf> = polygate_core::plugin::preparing()
+            .map(|g| g.ffi_lib_path.iter().map(Into::into).collect())
+            .unwrap_or_default();
+        host()
+            .check(&c.lib, &dirs)
             .map_err(|e| ConfError::at("lib", e.to_string()))?;
         Ok(Arc::new(Ffi {
-            rt,
+            key: match &c.cfg {
+                Some(cfg) => format!("{}&{cfg}", c.lib),
+                None => c.lib.clone(),
+            },
+            lib: c.lib,
+            cfg: c.cfg,
+            opts,
+            rt: OnceLock::new(),
             phase,
-            timeout: Duration::from_secs_f64(c.timeout),
+            timeout: polygate_model::secs(c.timeout),
             fail_open,
             error_status,
             include_body: c.include_body.then_some(c.max_body),
@@ -271,12 +293,21 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
 }
 
 impl Ffi {
+    /// The runtime, loading it if the commit could not.
+    fn runtime(&self) -> Result<&Arc<Runtime>, LoadError> {
+        if let Some(rt) = self.rt.get() {
+            return Ok(rt);
+        }
+        let rt = host().load(&self.lib, self.cfg.as_deref(), &self.opts)?;
+        Ok(self.rt.get_or_init(|| rt))
+    }
+
     fn fail(&self, why: String) -> Result<Option<PluginResponse>, PluginError> {
         if self.fail_open {
-            tracing::warn!("ffi {}: {why}; continuing (fail_open)", self.rt.key);
+            tracing::warn!("ffi {}: {why}; continuing (fail_open)", self.key);
             return Ok(None);
         }
-        tracing::error!("ffi {}: {why}", self.rt.key);
+        tracing::error!("ffi {}: {why}", self.key);
         let mut r = PluginResponse::new(
             self.error_status,
             serde_json::json!({ "error_msg": format!("{} {}", self.error_status.as_u16(), self.error_status.canonical_reason().unwrap_or("Error")) }).to_string() + "\n",
@@ -289,8 +320,12 @@ impl Ffi {
     }
 
     async fn run(&self, ctx: &mut RequestCtx) -> Result<Option<PluginResponse>, PluginError> {
+        let rt = match self.runtime() {
+            Ok(rt) => rt,
+            Err(e) => return self.fail(e.to_string()),
+        };
         let req = describe(ctx);
-        let (rc, body) = match self.rt.call(Some(&req), Some(self.timeout)).await {
+        let (rc, body) = match rt.call(Some(&req), Some(self.timeout)).await {
             Ok(a) => a,
             Err(e) => return self.fail(e.to_string()),
         };
@@ -391,6 +426,15 @@ impl Plugin for Ffi {
         Flow::Pending(Box::pin(self.run(ctx)))
     }
 
+    fn on_commit(&self) {
+        if let Err(e) = self.runtime() {
+            tracing::error!(
+                "ffi {}: {e} (requests of this configuration will retry the load)",
+                self.key
+            );
+        }
+    }
+
     fn header_filter(&self, ctx: &mut RequestCtx, resp: &mut ResponseHead) {
         if let Some(h) = ctx.extensions.get::<RespHeaders>() {
             for (k, v) in &h.0 {
@@ -403,8 +447,14 @@ impl Plugin for Ffi {
         if self.phase != PhaseKind::Log {
             return;
         }
+        let rt = match self.runtime() {
+            Ok(rt) => rt.clone(),
+            Err(e) => {
+                tracing::warn!("ffi {} (log phase): {e}", self.key);
+                return;
+            }
+        };
         let req = describe(ctx);
-        let rt = self.rt.clone();
         let timeout = self.timeout;
         // the response is already sent: call in the background and only log failures
         if let Ok(handle) = tokio::runtime::Handle::try_current() {

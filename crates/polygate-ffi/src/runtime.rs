@@ -306,26 +306,41 @@ impl FfiHost {
     /// directory; a file name (`libx.so`) or a short name (`x` → `libx.so`) searched in the
     /// configured library path, then `LD_LIBRARY_PATH`, then left to `dlopen`'s own search.
     pub fn resolve(&self, lib: &str) -> PathBuf {
-        let p = Path::new(lib);
-        if p.is_absolute() || lib.contains('/') {
-            return p.to_path_buf();
-        }
-        let file = if lib.ends_with(".so") || lib.contains(".so.") {
-            lib.to_owned()
-        } else {
-            format!("lib{lib}.so")
-        };
-        let mut dirs = self.lib_path.lock().clone();
-        if let Ok(ld) = std::env::var("LD_LIBRARY_PATH") {
-            dirs.extend(ld.split(':').filter(|d| !d.is_empty()).map(PathBuf::from));
-        }
-        for d in dirs {
-            let cand = d.join(&file);
-            if cand.exists() {
-                return cand;
+        let dirs = self.lib_path.lock().clone();
+        resolve_in(lib, &dirs)
+    }
+
+    /// Checks, without loading it, that `lib` resolves to a readable shared library that
+    /// exports `libffi_init` (what `polygate validate` and configuration checks do: loading
+    /// would run the library's initialisers). Returns the resolved path.
+    /// `dirs` is the library path of the configuration being checked (`gateway.ffi_lib_path`);
+    /// a bare name not found there is looked up in the system's library directories, as
+    /// `dlopen` would.
+    pub fn check(&self, lib: &str, dirs: &[PathBuf]) -> Result<PathBuf, LoadError> {
+        let mut path = resolve_in(lib, dirs);
+        if path.is_relative() && !lib.contains('/') {
+            for d in SYSTEM_LIB_DIRS {
+                let cand = Path::new(d).join(&path);
+                if cand.exists() {
+                    path = cand;
+                    break;
+                }
             }
         }
-        PathBuf::from(file)
+        let bytes = std::fs::read(&path).map_err(|e| LoadError::Open {
+            lib: lib.to_owned(),
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        match crate::elf::exports(&bytes, "libffi_init") {
+            Ok(true) => Ok(path),
+            Ok(false) => Err(LoadError::NoInit {
+                lib: path.display().to_string(),
+            }),
+            Err(e) => Err(LoadError::Open {
+                lib: lib.to_owned(),
+                reason: format!("{}: {e}", path.display()),
+            }),
+        }
     }
 
     /// Loads a runtime (or returns the one already loaded for `lib&cfg`), calling
@@ -413,6 +428,42 @@ impl FfiHost {
         map.insert(key, rt.clone());
         Ok(rt)
     }
+}
+
+/// Where `dlopen` finds a bare library name besides `LD_LIBRARY_PATH` (for checks only).
+const SYSTEM_LIB_DIRS: &[&str] = &[
+    "/lib",
+    "/usr/lib",
+    "/usr/local/lib",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+];
+
+/// A runtime's library file: a path as given, or `lib<name>.so` searched in `dirs`, then in
+/// `LD_LIBRARY_PATH`; the bare file name (for `dlopen`'s own search) when not found.
+fn resolve_in(lib: &str, dirs: &[PathBuf]) -> PathBuf {
+    let p = Path::new(lib);
+    if p.is_absolute() || lib.contains('/') {
+        return p.to_path_buf();
+    }
+    let file = if lib.ends_with(".so") || lib.contains(".so.") {
+        lib.to_owned()
+    } else {
+        format!("lib{lib}.so")
+    };
+    let mut dirs = dirs.to_vec();
+    if let Ok(ld) = std::env::var("LD_LIBRARY_PATH") {
+        dirs.extend(ld.split(':').filter(|d| !d.is_empty()).map(PathBuf::from));
+    }
+    for d in dirs {
+        let cand = d.join(&file);
+        if cand.exists() {
+            return cand;
+        }
+    }
+    PathBuf::from(file)
 }
 
 /// Lets go of a library the host is done with. With `unpin` it is closed (`dlclose`) and the

@@ -23,12 +23,13 @@ use polygate_core::PluginRegistry;
 
 pub use current::LuaPhase;
 
-/// Registers the Lua plugins and the hook that applies `gateway.lua` on every (re)load.
+/// Registers the Lua plugins and the hook that applies `gateway.lua` when a configuration is
+/// committed.
 pub fn register(registry: &mut PluginRegistry) {
     registry.register(Arc::new(plugins::LuaFactory));
     registry.register(Arc::new(plugins::ServerlessFactory::pre()));
     registry.register(Arc::new(plugins::ServerlessFactory::post()));
-    registry.add_config_hook(Arc::new(|cfg| {
+    registry.add_commit_hook(Arc::new(|cfg| {
         let lua = cfg
             .gateway
             .as_ref()

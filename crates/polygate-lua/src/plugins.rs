@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::current::LuaPhase;
 use crate::run;
-use crate::vm::{Source, SourceKind, check_source};
+use crate::vm::{Source, SourceKind, check_source, compile_only};
 
 /// Default body limit when a script reads the request body.
 const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -140,6 +140,20 @@ impl PluginFactory for ServerlessFactory {
     }
 
     fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
+        Ok(Arc::new(self.parse(conf, check_source)?))
+    }
+
+    fn check(&self, conf: &serde_json::Value) -> Result<(), ConfError> {
+        self.parse(conf, compile_only).map(drop)
+    }
+}
+
+impl ServerlessFactory {
+    fn parse(
+        &self,
+        conf: &serde_json::Value,
+        check: fn(&Arc<Source>) -> Result<(), String>,
+    ) -> Result<Serverless, ConfError> {
         let c: ServerlessConf = parse_conf(conf)?;
         let phase = parse_phase(&c.phase).ok_or_else(|| {
             ConfError::at(
@@ -164,16 +178,16 @@ impl PluginFactory for ServerlessFactory {
                 SourceKind::Factory,
                 Some(conf.clone()),
             );
-            check_source(&src).map_err(|e| ConfError::at(format!("functions[{i}]"), e))?;
+            check(&src).map_err(|e| ConfError::at(format!("functions[{i}]"), e))?;
             funcs.push(src);
         }
         let refs: Vec<&Arc<Source>> = funcs.iter().collect();
-        Ok(Arc::new(Serverless {
+        Ok(Serverless {
             name: self.name,
             phase,
             wants_body: body_limit(c.read_body, c.max_body, &refs),
             funcs,
-        }))
+        })
     }
 }
 
@@ -283,6 +297,7 @@ fn block(
     phase: &str,
     inline: &Option<String>,
     file: &Option<String>,
+    check: fn(&Arc<Source>) -> Result<(), String>,
 ) -> Result<Option<Arc<Source>>, ConfError> {
     let (name, code, key) = match (inline, file) {
         (Some(_), Some(_)) => {
@@ -301,7 +316,7 @@ fn block(
         (None, None) => return Ok(None),
     };
     let src = Source::new(name, code, SourceKind::Block, None);
-    check_source(&src).map_err(|e| ConfError::at(key, e))?;
+    check(&src).map_err(|e| ConfError::at(key, e))?;
     Ok(Some(src))
 }
 
@@ -315,33 +330,49 @@ impl PluginFactory for LuaFactory {
     }
 
     fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
-        let c: LuaConf = parse_conf(conf)?;
-        let p = LuaPlugin {
-            rewrite: block("rewrite", &c.rewrite, &c.rewrite_file)?,
-            access: block("access", &c.access, &c.access_file)?,
-            header_filter: block("header_filter", &c.header_filter, &c.header_filter_file)?,
-            body_filter: block("body_filter", &c.body_filter, &c.body_filter_file)?,
-            log: block("log", &c.log, &c.log_file)?,
-            wants_body: None,
-        };
-        let all: Vec<&Arc<Source>> = [
-            &p.rewrite,
-            &p.access,
-            &p.header_filter,
-            &p.body_filter,
-            &p.log,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if all.is_empty() {
-            return Err(ConfError::whole(
-                "no handler: give at least one of rewrite, access, header_filter, body_filter, log (or *_file)",
-            ));
-        }
-        let wants_body = body_limit(c.read_body, c.max_body, &all);
-        Ok(Arc::new(LuaPlugin { wants_body, ..p }))
+        Ok(Arc::new(parse_lua(conf, check_source)?))
     }
+
+    fn check(&self, conf: &serde_json::Value) -> Result<(), ConfError> {
+        parse_lua(conf, compile_only).map(drop)
+    }
+}
+
+fn parse_lua(
+    conf: &serde_json::Value,
+    check: fn(&Arc<Source>) -> Result<(), String>,
+) -> Result<LuaPlugin, ConfError> {
+    let c: LuaConf = parse_conf(conf)?;
+    let p = LuaPlugin {
+        rewrite: block("rewrite", &c.rewrite, &c.rewrite_file, check)?,
+        access: block("access", &c.access, &c.access_file, check)?,
+        header_filter: block(
+            "header_filter",
+            &c.header_filter,
+            &c.header_filter_file,
+            check,
+        )?,
+        body_filter: block("body_filter", &c.body_filter, &c.body_filter_file, check)?,
+        log: block("log", &c.log, &c.log_file, check)?,
+        wants_body: None,
+    };
+    let all: Vec<&Arc<Source>> = [
+        &p.rewrite,
+        &p.access,
+        &p.header_filter,
+        &p.body_filter,
+        &p.log,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if all.is_empty() {
+        return Err(ConfError::whole(
+            "no handler: give at least one of rewrite, access, header_filter, body_filter, log (or *_file)",
+        ));
+    }
+    let wants_body = body_limit(c.read_body, c.max_body, &all);
+    Ok(LuaPlugin { wants_body, ..p })
 }
 
 impl Plugin for LuaPlugin {

@@ -45,7 +45,7 @@ impl Settings {
             memory_limit: c.memory_limit.0 as usize,
             instruction_limit: c.instruction_limit,
             max_pending_timers: c.max_pending_timers,
-            ffi_timeout: Duration::from_secs_f64(c.ffi_timeout),
+            ffi_timeout: polygate_model::secs(c.ffi_timeout),
         }
     }
 }
@@ -386,6 +386,17 @@ pub fn check_source(src: &Arc<Source>) -> Result<(), String> {
         SourceKind::Factory => vm.handler(src).map(drop),
     }
     .map_err(|e| e.to_string())
+}
+
+/// Compiles `src` on a throwaway Lua state without running anything (`polygate validate`:
+/// a serverless function's chunk is not executed, the worker states are not touched).
+pub fn compile_only(src: &Arc<Source>) -> Result<(), String> {
+    mlua::Lua::new()
+        .load(src.code.as_str())
+        .set_name(format!("={}", src.name))
+        .into_function()
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

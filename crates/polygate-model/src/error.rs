@@ -9,6 +9,10 @@ pub struct ConfigError {
     pub path: String,
     /// What is wrong.
     pub message: String,
+    /// A reference to a resource that does not exist (`upstream_id` naming no upstream). In
+    /// APISIX's standalone mode such a resource is still loaded and fails at request time, so
+    /// the gateway serves it; `polygate validate` and `--strict` report it.
+    pub dangling: bool,
 }
 
 impl ConfigError {
@@ -17,6 +21,7 @@ impl ConfigError {
         ConfigError {
             path: path.into(),
             message: message.into(),
+            dangling: false,
         }
     }
 }
@@ -45,6 +50,13 @@ impl ConfigErrors {
     /// Adds an error.
     pub fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError::new(path, message));
+    }
+
+    /// Adds a dangling-reference error ([`ConfigError::dangling`]).
+    pub fn push_dangling(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let mut e = ConfigError::new(path, message);
+        e.dangling = true;
+        self.0.push(e);
     }
 
     /// True when nothing was found.

@@ -16,3 +16,14 @@ pub mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use types::*;
+
+/// Seconds as a [`std::time::Duration`] that never panics: negative or NaN is zero, and
+/// anything above [`validate::MAX_SECONDS`] (365 days) is that maximum. Configuration values
+/// are checked against the same bound at validation; this is for values computed at run time
+/// (Lua's `ngx.sleep`, timers) and a last line of defence everywhere else.
+pub fn secs(v: f64) -> std::time::Duration {
+    if v.is_nan() || v <= 0.0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::from_secs_f64(v.min(validate::MAX_SECONDS))
+}

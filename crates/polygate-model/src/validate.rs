@@ -330,7 +330,7 @@ fn check_ref(
     if let Some(id) = r
         && !ids.contains(&id.0)
     {
-        errs.push(path, format!("{what} {:?} not found", id.0));
+        errs.push_dangling(path, format!("{what} {:?} not found", id.0));
     }
 }
 

@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use polygate_config::Pipeline;
 use polygate_core::chain::{run_body_filter, run_header_filter, run_log, run_phase};
 use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx, ResponseHead};
 use polygate_router::{Entry, MatchInput};
@@ -20,18 +20,26 @@ use crate::accesslog::{AccessLog, AccessRecord};
 use crate::body::{Finish, ReqBody, RespBody};
 use crate::h1::{self, H1Body, H1Conn, H1Error};
 use crate::metrics::Metrics;
+use crate::plane::DataPlane;
 use crate::pool::{self, PoolLimits, PoolReturn};
 use crate::snapshot::{RouteData, Snapshot};
 use crate::upstream::{ActiveGuard, PassHost, UpstreamRt};
 
 /// State shared by every worker thread.
 pub struct Shared {
-    /// The served configuration, swapped atomically on reload.
-    pub snapshot: ArcSwap<Snapshot>,
+    /// The configuration pipeline; its target holds the served snapshot.
+    pub config: Arc<Pipeline<DataPlane>>,
     /// Access log, if enabled.
     pub access_log: Option<AccessLog>,
     /// Counters.
     pub metrics: Metrics,
+}
+
+impl Shared {
+    /// The served configuration.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.config.target().snapshot.load_full()
+    }
 }
 
 static SERVER: HeaderValue =
@@ -190,7 +198,7 @@ pub async fn handle(
     conn: &ConnInfo,
 ) -> Response<RespBody> {
     let (client, local) = (conn.client, conn.local);
-    let snap = shared.snapshot.load_full();
+    let snap = shared.snapshot();
     let (parts, body) = req.into_parts();
     let head_check = check_head(&parts);
     let mut headers = parts.headers;
@@ -391,7 +399,7 @@ fn finish_local(
 async fn read_body(body: Incoming, limit: usize, timeout_s: f64) -> Result<Bytes, GatewayError> {
     use http_body_util::BodyExt;
     let limited = http_body_util::Limited::new(body, limit);
-    match tokio::time::timeout(Duration::from_secs_f64(timeout_s), limited.collect()).await {
+    match tokio::time::timeout(polygate_model::secs(timeout_s), limited.collect()).await {
         Err(_) => Err(GatewayError::BadRequest(
             "timed out reading the request body".into(),
         )),
@@ -414,6 +422,10 @@ async fn run_request(
     conn: &ConnInfo,
 ) -> Result<Outcome, GatewayError> {
     let route = &entry.data;
+    if let Some(status) = route.refuse {
+        tracing::error!(route = %route.id, "the route's service or plugin config does not exist");
+        return Ok(Outcome::Local(PluginResponse::new(status, Bytes::new())));
+    }
     let global = &snap.global;
     let mut body = Some(body);
     if let Some(limit) = global.wants_body.max(route.chain.wants_body)
@@ -481,12 +493,12 @@ async fn proxy(
     let t = route_timeout
         .or(up.timeout)
         .unwrap_or(snap.gateway.timeouts.upstream);
-    let connect_to = Duration::from_secs_f64(t.connect);
-    let send_to = Duration::from_secs_f64(t.send);
-    let read_to = Duration::from_secs_f64(t.read);
+    let connect_to = polygate_model::secs(t.connect);
+    let send_to = polygate_model::secs(t.send);
+    let read_to = polygate_model::secs(t.read);
     let limits = PoolLimits {
         size: up.keepalive.size.max(0) as usize,
-        idle_timeout: Duration::from_secs_f64(up.keepalive.idle_timeout.max(0.0)),
+        idle_timeout: polygate_model::secs(up.keepalive.idle_timeout),
         max_uses: up.keepalive.requests.clamp(1, u32::MAX as i64) as u32,
     };
     // a body buffered for plugins (possibly changed by them) is sent as is and can be replayed

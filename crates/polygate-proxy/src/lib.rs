@@ -4,6 +4,7 @@
 //!   the config file watcher, the metrics listener and the demo upstream.
 //! - [`handler`]: one request through route match, plugin phases and the upstream.
 //! - [`snapshot`]: validated, incrementally rebuilt configuration snapshots.
+//! - [`plane`]: the data plane as the configuration pipeline's target (prepare, commit).
 //! - [`upstream`]: nodes, priority tiers and balancers.
 //! - [`h1`]: the upstream HTTP/1.1 client.
 //! - [`pool`]: upstream connections and per-thread keep-alive pools.
@@ -15,10 +16,11 @@ pub mod body;
 pub mod h1;
 pub mod handler;
 pub mod metrics;
+pub mod plane;
 pub mod pool;
 pub mod server;
 pub mod snapshot;
 pub mod upstream;
 
-pub use server::{ConfigSource, StartError, load, serve};
+pub use server::{ConfigSource, StartError, Started, check, serve, start};
 pub use snapshot::Snapshot;

@@ -13,10 +13,6 @@ pub struct Metrics {
     pub connections_active: AtomicU64,
     /// Client connections accepted.
     pub connections_total: AtomicU64,
-    /// Successful configuration reloads.
-    pub reloads: AtomicU64,
-    /// Rejected configuration reloads.
-    pub reload_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -32,7 +28,7 @@ impl Metrics {
     }
 
     /// Renders the Prometheus text exposition.
-    pub fn render(&self, config_version: u64) -> String {
+    pub fn render(&self, config_version: u64, config: &polygate_config::Status) -> String {
         let mut s = String::new();
         s.push_str("# HELP polygate_http_requests_total Responses sent, by status class.\n");
         s.push_str("# TYPE polygate_http_requests_total counter\n");
@@ -63,16 +59,37 @@ impl Metrics {
         g(
             &mut s,
             "polygate_config_reloads_total",
-            "Configuration reloads applied.",
+            "Configuration reloads applied (the first load not counted).",
             "counter",
-            self.reloads.load(Ordering::Relaxed),
+            config.commits.load(Ordering::Relaxed).saturating_sub(1),
         );
         g(
             &mut s,
             "polygate_config_reload_errors_total",
-            "Configuration reloads rejected.",
+            "Configuration changes rejected whole.",
             "counter",
-            self.reload_errors.load(Ordering::Relaxed),
+            config.rejected.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "polygate_config_skipped_resources_total",
+            "Invalid resources skipped (not served) across all loads.",
+            "counter",
+            config.skipped.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "polygate_config_source_errors_total",
+            "Failures reading the configuration source (the file, the watcher).",
+            "counter",
+            config.source_errors.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "polygate_config_last_change_failed",
+            "1 when the last configuration change was rejected or could not be read.",
+            "gauge",
+            u64::from(config.last_error.lock().is_some()),
         );
         g(
             &mut s,

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -18,10 +17,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use polygate_config::{Applied, Document, Pipeline};
 use polygate_core::PluginRegistry;
 use polygate_model::env::SystemEnv;
-use polygate_model::load::{Format, load_file, parse_str};
-use polygate_model::{ConfigErrors, ConfigFile, GatewaySection};
+use polygate_model::load::Format;
+use polygate_model::{ConfigErrors, GatewaySection};
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::accesslog::AccessLog;
 use crate::handler::{ConnInfo, Shared, handle};
 use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::plane::DataPlane;
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone)]
@@ -59,17 +59,74 @@ pub enum StartError {
     Other(String),
 }
 
-/// Loads and validates the configuration into a first snapshot.
-pub fn load(
+/// Reads the configuration of `source` into a document; also returns the file's bytes.
+fn read(source: &ConfigSource) -> Result<(Document, Option<Vec<u8>>), ConfigErrors> {
+    match source {
+        ConfigSource::File(p) => {
+            let bytes = std::fs::read(p).map_err(|e| {
+                ConfigErrors::one(polygate_model::ConfigError::new(
+                    "",
+                    format!("cannot read {}: {e}", p.display()),
+                ))
+            })?;
+            let text = String::from_utf8_lossy(&bytes);
+            let doc = Document::parse(&text, Format::from_path(p), &SystemEnv)?;
+            Ok((doc, Some(bytes)))
+        }
+        ConfigSource::Embedded(text) => {
+            Ok((Document::parse(text, Format::Yaml, &SystemEnv)?, None))
+        }
+    }
+}
+
+/// A committed first configuration, ready to serve.
+pub struct Started {
+    /// The pipeline (its target serves the snapshot).
+    pub config: Arc<Pipeline<DataPlane>>,
+    /// What the first load did.
+    pub applied: Applied,
+    /// The file as loaded: the watcher's baseline, so a change made while the process
+    /// starts is not missed.
+    baseline: Option<Vec<u8>>,
+}
+
+/// Loads the configuration and commits it into a new data plane (the first commit applies
+/// process-wide state: Lua settings, FFI runtimes). With `strict`, any invalid resource
+/// refuses the start; otherwise invalid resources are skipped and logged, as APISIX does.
+pub fn start(
     source: &ConfigSource,
-    registry: &PluginRegistry,
-) -> Result<(ConfigFile, Snapshot), ConfigErrors> {
-    let cfg = match source {
-        ConfigSource::File(p) => load_file(p, &SystemEnv)?,
-        ConfigSource::Embedded(text) => parse_str(text, Format::Yaml, &SystemEnv)?,
-    };
-    let snap = Snapshot::build(&cfg, registry, None)?;
-    Ok((cfg, snap))
+    registry: PluginRegistry,
+    strict: bool,
+) -> Result<Started, ConfigErrors> {
+    let (doc, baseline) = read(source)?;
+    let pipeline = Pipeline::new(DataPlane::new(registry)?, strict);
+    let applied = pipeline.apply(&doc, &source.name())?;
+    Ok(Started {
+        config: Arc::new(pipeline),
+        applied,
+        baseline,
+    })
+}
+
+/// `polygate validate`: every problem of the configuration (invalid resources, plugin
+/// configurations, references to missing resources), found without side effects: plugins
+/// are only checked ([`PluginRegistry::check_only`]), nothing is committed. Returns the
+/// number of routes when there is no problem.
+pub fn check(source: &ConfigSource, registry: &PluginRegistry) -> Result<usize, ConfigErrors> {
+    let (doc, _) = read(source)?;
+    let pipeline = Pipeline::new(DataPlane::new(registry.check_only())?, false);
+    let snap = pipeline.check(&doc)?;
+    Ok(snap.router.len())
+}
+
+impl ConfigSource {
+    /// How logs name the source.
+    pub fn name(&self) -> String {
+        match self {
+            ConfigSource::File(p) => p.display().to_string(),
+            ConfigSource::Embedded(_) => "built-in default configuration".to_owned(),
+        }
+    }
 }
 
 fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpListener> {
@@ -127,12 +184,11 @@ struct WorkerOpts {
 
 /// Runs the gateway until SIGTERM, SIGQUIT or SIGINT; in-flight requests then get up to
 /// `gateway.timeouts.graceful_shutdown` to finish.
-pub fn serve(
-    source: ConfigSource,
-    registry: PluginRegistry,
-    snapshot: Snapshot,
-) -> Result<(), StartError> {
-    let gw = snapshot.gateway.clone();
+pub fn serve(source: ConfigSource, started: Started) -> Result<(), StartError> {
+    let Started {
+        config, baseline, ..
+    } = started;
+    let gw = config.target().snapshot.load().gateway.clone();
     let workers = if gw.worker_threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
@@ -152,7 +208,7 @@ pub fn serve(
         None
     };
     let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
+        config,
         access_log,
         metrics: Metrics::default(),
     });
@@ -190,8 +246,8 @@ pub fn serve(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let opts = WorkerOpts {
-        header_timeout: Duration::from_secs_f64(gw.timeouts.client_header),
-        graceful: Duration::from_secs_f64(gw.timeouts.graceful_shutdown),
+        header_timeout: polygate_model::secs(gw.timeouts.client_header),
+        graceful: polygate_model::secs(gw.timeouts.graceful_shutdown),
     };
     let mut handles = Vec::new();
     for (w, ls) in listeners.into_iter().enumerate() {
@@ -241,7 +297,12 @@ pub fn serve(
             tokio::spawn(metrics_server(l, shared.clone()));
         }
         if let ConfigSource::File(path) = &source {
-            tokio::spawn(watch_config(path.clone(), registry.clone(), shared.clone()));
+            let (path, config) = (path.clone(), shared.config.clone());
+            let interval = polygate_model::secs(gw.watch_interval);
+            tokio::spawn(async move {
+                polygate_config::watch::watch_file(path, interval, &config, &SystemEnv, baseline)
+                    .await;
+            });
         }
         wait_for_signal().await;
     });
@@ -395,75 +456,6 @@ where
     });
 }
 
-/// Polls the config file; a valid new version is swapped in atomically, an invalid one is
-/// logged and the served configuration stays as it was.
-async fn watch_config(path: PathBuf, registry: PluginRegistry, shared: Arc<Shared>) {
-    let interval = Duration::from_secs_f64(shared.snapshot.load().gateway.watch_interval);
-    let stamp = |p: &PathBuf| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.modified().ok(), m.len()))
-    };
-    let read = |p: &PathBuf| std::fs::read(p).ok();
-    let mut last_stamp = stamp(&path);
-    let mut last_content = read(&path);
-    let mut t = tokio::time::interval(interval);
-    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        t.tick().await;
-        let s = stamp(&path);
-        if s == last_stamp {
-            continue;
-        }
-        last_stamp = s;
-        let content = read(&path);
-        if content == last_content {
-            continue;
-        }
-        last_content = content;
-        let started = std::time::Instant::now();
-        let prev = shared.snapshot.load_full();
-        let result = load_file(&path, &SystemEnv)
-            .and_then(|cfg| Snapshot::build(&cfg, &registry, Some(&prev)));
-        match result {
-            Ok(next) => {
-                if !same_process_settings(&prev.gateway, &next.gateway) {
-                    tracing::warn!(
-                        "gateway: listener/worker/log settings changed; they apply after a restart"
-                    );
-                }
-                let v = next.version;
-                shared.snapshot.store(Arc::new(next));
-                shared.metrics.reloads.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    "configuration reloaded from {} (version {v}, {} routes, {:?})",
-                    path.display(),
-                    shared.snapshot.load().router.len(),
-                    started.elapsed()
-                );
-            }
-            Err(errs) => {
-                shared.metrics.reload_errors.fetch_add(1, Ordering::Relaxed);
-                for e in &errs.0 {
-                    tracing::error!("configuration {} rejected: {e}", path.display());
-                }
-                tracing::error!(
-                    "keeping the previous configuration (version {})",
-                    prev.version
-                );
-            }
-        }
-    }
-}
-
-fn same_process_settings(a: &GatewaySection, b: &GatewaySection) -> bool {
-    a.listeners == b.listeners
-        && a.worker_threads == b.worker_threads
-        && a.metrics == b.metrics
-        && a.access_log == b.access_log
-        && a.log_level == b.log_level
-}
-
 async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((stream, _)) = l.accept().await else {
@@ -474,10 +466,14 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
             let sh = sh.clone();
             async move {
                 if req.uri().path() == "/metrics" {
-                    let body = sh.metrics.render(sh.snapshot.load().version);
+                    let body = sh.metrics.render(sh.snapshot().version, sh.config.status());
                     Response::builder()
                         .header("content-type", "text/plain; version=0.0.4")
                         .body(Full::new(Bytes::from(body)))
+                } else if req.uri().path() == "/status" {
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(status_json(&sh))))
                 } else {
                     Response::builder()
                         .status(StatusCode::NOT_FOUND)
@@ -491,6 +487,24 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
                 .await;
         });
     }
+}
+
+/// `GET /status` on the metrics listener: the configuration pipeline's state.
+fn status_json(sh: &Shared) -> String {
+    let st = sh.config.status();
+    let snap = sh.snapshot();
+    let v = serde_json::json!({
+        "config": {
+            "version": snap.version,
+            "routes": snap.router.len(),
+            "commits": st.commits.load(Ordering::Relaxed),
+            "rejected": st.rejected.load(Ordering::Relaxed),
+            "skipped_resources": st.skipped.load(Ordering::Relaxed),
+            "source_errors": st.source_errors.load(Ordering::Relaxed),
+            "last_error": *st.last_error.lock(),
+        }
+    });
+    v.to_string() + "\n"
 }
 
 /// The built-in demo upstream: answers every request with a JSON description of what it

@@ -31,6 +31,9 @@ pub struct RouteData {
     pub upstream: Option<Arc<UpstreamRt>>,
     /// Route-level timeout (overrides the upstream's).
     pub timeout: Option<Timeout>,
+    /// The status every request gets because the route names a plugin config (503) or a
+    /// service (404) that does not exist, as APISIX answers.
+    pub refuse: Option<http::StatusCode>,
 }
 
 /// What a compiled route depends on; equal fingerprints mean the compiled entry can be reused.
@@ -65,6 +68,24 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Calls [`polygate_core::Plugin::on_commit`] on every plugin instance this snapshot
+    /// serves (global rules, routes, consumers): the snapshot has been committed.
+    pub fn commit_plugins(&self) {
+        let mut seen = std::collections::HashSet::new();
+        let mut commit = |i: &Arc<polygate_core::PluginInstance>| {
+            if seen.insert(Arc::as_ptr(i) as usize) {
+                i.plugin.on_commit();
+            }
+        };
+        self.global.instances.iter().for_each(&mut commit);
+        for e in self.router.iter() {
+            e.data.chain.instances.iter().for_each(&mut commit);
+        }
+        for c in self.consumers.iter() {
+            c.plugins.values().for_each(&mut commit);
+        }
+    }
+
     /// Whether `ip` is in `gateway.trusted_addresses`.
     pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {
@@ -74,14 +95,30 @@ impl Snapshot {
         self.trusted.iter().any(|n| n.contains(&ip))
     }
 
-    /// Validates `cfg` and builds a snapshot, reusing what `prev` already compiled.
+    /// Validates `cfg` and builds a snapshot, reusing what `prev` already compiled. Nothing
+    /// outside the new snapshot changes: plugins see the candidate's `gateway:` section
+    /// through [`polygate_core::plugin::preparing`].
     pub fn build(
         cfg: &ConfigFile,
         registry: &PluginRegistry,
         prev: Option<&Snapshot>,
     ) -> Result<Snapshot, ConfigErrors> {
-        validate(cfg)?;
-        registry.apply_config_hooks(cfg);
+        let gw = Arc::new(cfg.gateway.clone().unwrap_or_default());
+        polygate_core::plugin::preparing_with(gw, || Self::build_inner(cfg, registry, prev))
+    }
+
+    fn build_inner(
+        cfg: &ConfigFile,
+        registry: &PluginRegistry,
+        prev: Option<&Snapshot>,
+    ) -> Result<Snapshot, ConfigErrors> {
+        // a reference to a missing resource is served as APISIX serves it (see `refuse`)
+        if let Err(e) = validate(cfg) {
+            let fatal: Vec<_> = e.0.into_iter().filter(|e| !e.dangling).collect();
+            if !fatal.is_empty() {
+                return Err(ConfigErrors(fatal));
+            }
+        }
         let mut errs = ConfigErrors::default();
 
         // upstreams: keep the runtime (and its balancer state) when the definition is unchanged
@@ -226,12 +263,26 @@ impl Snapshot {
                     .unwrap_or(&empty),
                 &route_plugins,
             ]);
-            let upstream = if let Some(u) = &r.upstream {
-                Some(Arc::new(UpstreamRt::build(&format!("route:{}", id.0), u)))
-            } else if let Some(uid) = &r.upstream_id {
+            // APISIX (apisix/init.lua): `upstream_id` wins over an inline `upstream`; an id
+            // that names nothing fails the request with 502
+            let upstream = if let Some(uid) = &r.upstream_id {
                 upstreams.get(&uid.0).map(|(_, rt)| rt.clone())
+            } else if let Some(u) = &r.upstream {
+                Some(Arc::new(UpstreamRt::build(&format!("route:{}", id.0), u)))
             } else {
                 sid.and_then(|s| service_upstreams.get(s)).cloned()
+            };
+            // and a missing plugin config answers 503, a missing service 404, before any plugin
+            let refuse = if r
+                .plugin_config_id
+                .as_ref()
+                .is_some_and(|p| !pcs.contains_key(p.0.as_str()))
+            {
+                Some(http::StatusCode::SERVICE_UNAVAILABLE)
+            } else if sid.is_some() && svc.is_none() {
+                Some(http::StatusCode::NOT_FOUND)
+            } else {
+                None
             };
             let hosts = match (&r.host, &r.hosts) {
                 (Some(h), _) => vec![h.clone()],
@@ -261,6 +312,7 @@ impl Snapshot {
                 chain,
                 upstream,
                 timeout: r.timeout,
+                refuse,
             };
             match Entry::compile(&spec, data) {
                 Ok(e) => changed.push(e),

@@ -222,7 +222,7 @@ impl UpstreamRt {
             retry_timeout: u
                 .retry_timeout
                 .filter(|t| *t > 0.0)
-                .map(Duration::from_secs_f64),
+                .map(polygate_model::secs),
             timeout: u.timeout,
             pass_host,
             upstream_host: u

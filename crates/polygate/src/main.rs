@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use polygate_proxy::{ConfigSource, load, serve};
+use polygate_proxy::{ConfigSource, check, serve, start};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -31,6 +31,10 @@ enum Cmd {
         /// Configuration file (YAML ending with `#END`, or JSON); watched for changes.
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Refuse any configuration (at start and on reload) with an invalid resource or a
+        /// reference to a missing one, instead of skipping those resources as APISIX does.
+        #[arg(long)]
+        strict: bool,
     },
     /// Check a configuration file and exit (non-zero when invalid).
     Validate {
@@ -44,13 +48,27 @@ enum Cmd {
     DefaultConfig,
 }
 
-fn init_logs(level: &str) {
-    let filter = std::env::var("POLYGATE_LOG").unwrap_or_else(|_| level.to_owned());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .with_target(false)
+/// Sets up logging to stderr at `level` (or `POLYGATE_LOG`); the returned function changes the
+/// level later (to the configuration's `gateway.log_level`) unless `POLYGATE_LOG` is set.
+fn init_logs(level: &str) -> impl Fn(&str) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let from_env = std::env::var("POLYGATE_LOG").ok();
+    let filter = tracing_subscriber::EnvFilter::new(from_env.as_deref().unwrap_or(level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false),
+        )
         .try_init();
+    move |level: &str| {
+        if from_env.is_none() {
+            let _ = handle.reload(tracing_subscriber::EnvFilter::new(level));
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -60,16 +78,17 @@ fn main() -> ExitCode {
     let mut registry = polygate_plugins::registry();
     registry.register(std::sync::Arc::new(polygate_ffi::plugin::FfiFactory));
     polygate_lua::register(&mut registry);
-    registry.add_config_hook(std::sync::Arc::new(|cfg| {
+    registry.add_commit_hook(std::sync::Arc::new(|cfg| {
         let dirs = cfg
             .gateway
             .as_ref()
             .map(|g| g.ffi_lib_path.clone())
             .unwrap_or_default();
-        let host = polygate_ffi::host();
-        host.set_lib_path(dirs.into_iter().map(Into::into).collect());
+        polygate_ffi::host().set_lib_path(dirs.into_iter().map(Into::into).collect());
+    }));
+    registry.add_after_commit_hook(std::sync::Arc::new(|_| {
         // runtimes that neither the served configuration nor a request in flight still uses
-        host.unload_unused();
+        polygate_ffi::host().unload_unused();
     }));
     match cli.cmd {
         Cmd::Version => {
@@ -80,9 +99,9 @@ fn main() -> ExitCode {
             print!("{DEFAULT_CONFIG}");
             ExitCode::SUCCESS
         }
-        Cmd::Validate { config } => match load(&ConfigSource::File(config.clone()), &registry) {
-            Ok((_, snap)) => {
-                println!("{}: ok ({} routes)", config.display(), snap.router.len());
+        Cmd::Validate { config } => match check(&ConfigSource::File(config.clone()), &registry) {
+            Ok(routes) => {
+                println!("{}: ok ({routes} routes)", config.display());
                 ExitCode::SUCCESS
             }
             Err(errs) => {
@@ -93,16 +112,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Run { config } => {
+        Cmd::Run { config, strict } => {
             let source = match config {
                 Some(p) => ConfigSource::File(p),
                 None => ConfigSource::Embedded(DEFAULT_CONFIG),
             };
-            let name = match &source {
-                ConfigSource::File(p) => p.display().to_string(),
-                ConfigSource::Embedded(_) => "built-in default configuration".to_owned(),
-            };
-            let (_, snap) = match load(&source, &registry) {
+            let name = source.name();
+            // logs go to stderr from the start: the first load logs the resources it skips
+            let set_level = init_logs("info");
+            let started = match start(&source, registry, strict) {
                 Ok(x) => x,
                 Err(errs) => {
                     eprintln!("polygate: {name}: invalid configuration:");
@@ -112,13 +130,16 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logs(&snap.gateway.log_level);
+            let snap = started.config.target().snapshot.load_full();
+            set_level(&snap.gateway.log_level);
             tracing::info!(
-                "polygate {} starting with {name} ({} routes)",
+                "polygate {} starting with {name} ({} routes, {} invalid resources skipped)",
                 env!("CARGO_PKG_VERSION"),
-                snap.router.len()
+                snap.router.len(),
+                started.applied.skipped.0.len()
             );
-            match serve(source, registry, snap) {
+            drop(snap);
+            match serve(source, started) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -164,7 +164,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table, settings: &Settings) -> LuaResult<
                         if !(t.is_finite() && t > 0.0) {
                             return Err(lua_err("ngx.load_ffi: opts.timeout must be > 0"));
                         }
-                        timeout = Duration::from_secs_f64(t);
+                        timeout = polygate_model::secs(t);
                     }
                 }
                 match host().load(&lib, cfg.as_deref(), &lo) {

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::cell::Cell;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderName, HeaderValue, StatusCode};
 use mlua::{Function, Lua, MultiValue, Result as LuaResult, Table, Value, Variadic};
@@ -274,7 +274,7 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
             if !(secs.is_finite() && secs >= 0.0) {
                 return Err(lua_err("ngx.sleep: invalid sleeping time"));
             }
-            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            tokio::time::sleep(polygate_model::secs(secs)).await;
             touch_time();
             Ok(())
         })?,

@@ -220,7 +220,9 @@ fn ttl_of(exptime: Option<f64>) -> LuaResult<Option<Duration>> {
         None => Ok(None),
         Some(t) if t < 0.0 || !t.is_finite() => Err(lua_err("bad \"exptime\" argument")),
         Some(0.0) => Ok(None),
-        Some(t) => Ok(Some(Duration::from_secs_f64(t))),
+        // beyond the longest duration polygate handles (365 days): no expiry
+        Some(t) if t > polygate_model::validate::MAX_SECONDS => Ok(None),
+        Some(t) => Ok(Some(polygate_model::secs(t))),
     }
 }
 

@@ -3,7 +3,6 @@
 //! replaced run once more with `premature = true` and stop, as nginx workers do on reload.
 
 use std::cell::Cell;
-use std::time::Duration;
 
 use mlua::{Function, Lua, MultiValue, Result as LuaResult, Table, Value};
 
@@ -82,7 +81,7 @@ fn schedule(
     let generation = crate::vm::generation_of(lua);
     let lua = lua.clone();
     add(&PENDING, 1);
-    let delay = Duration::from_secs_f64(delay);
+    let delay = polygate_model::secs(delay);
     tokio::spawn(async move {
         loop {
             if crate::vm::current_generation() == generation {

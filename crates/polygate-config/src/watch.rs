@@ -1,0 +1,81 @@
+//! The configuration file watcher: polls the file, and hands each new complete version to
+//! the pipeline. It survives whatever the file holds (errors and panics are logged and
+//! counted in [`crate::Status`]) and never stops on its own.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use polygate_model::env::Env;
+use polygate_model::load::Format;
+
+use crate::document::Document;
+use crate::pipeline::{Pipeline, Target};
+
+/// Reads and parses a configuration file.
+pub fn read_file(path: &Path, env: &dyn Env) -> Result<Document, polygate_model::ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        polygate_model::ConfigErrors::one(polygate_model::ConfigError::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        ))
+    })?;
+    Document::parse(&text, Format::from_path(path), env)
+}
+
+/// Watches `path` every `interval` for the life of the process, applying each changed
+/// version through `pipeline`. `baseline` is the content already applied (so that a change
+/// made between the first load and the watcher's start is not missed).
+pub async fn watch_file<T: Target>(
+    path: PathBuf,
+    interval: Duration,
+    pipeline: &Pipeline<T>,
+    env: &dyn Env,
+    baseline: Option<Vec<u8>>,
+) {
+    let origin = path.display().to_string();
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last_stamp = None;
+    let mut last_content = baseline;
+    let mut t = tokio::time::interval(interval.max(Duration::from_millis(10)));
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        t.tick().await;
+        let s = stamp(&path);
+        if s == last_stamp {
+            continue;
+        }
+        last_stamp = s;
+        let content = std::fs::read(&path).ok();
+        if content == last_content {
+            continue;
+        }
+        last_content = content;
+        let started = std::time::Instant::now();
+        let attempt = catch_unwind(AssertUnwindSafe(|| match read_file(&path, env) {
+            Ok(doc) => pipeline.apply(&doc, &origin).map_err(|_| ()),
+            Err(errs) => {
+                pipeline.reject(&origin, &errs);
+                Err(())
+            }
+        }));
+        match attempt {
+            Ok(Ok(a)) => tracing::info!(
+                "configuration reloaded from {origin} ({} resources, {} skipped, {:?})",
+                a.resources,
+                a.skipped.0.len(),
+                started.elapsed()
+            ),
+            Ok(Err(())) => {
+                tracing::error!("{origin}: keeping the configuration served before this change");
+            }
+            Err(_) => {
+                pipeline.source_failed(&origin, "the configuration watcher panicked; it goes on")
+            }
+        }
+    }
+}
