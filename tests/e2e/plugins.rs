@@ -321,3 +321,33 @@ routes:
     assert_eq!(r.status, 401);
     assert_eq!(r.body, "{\"msg\":\"go away\"}");
 }
+
+/// `_meta.filter` decides for every phase, `body_filter` and `log` included (they ignored it).
+#[tokio::test(flavor = "multi_thread")]
+async fn meta_filter_applies_to_body_filter_and_log() {
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        r#"routes:
+  - id: r
+    uri: /m
+    upstream: {{nodes: {{"{}": 1}}}}
+    plugins:
+      lua:
+        body_filter: "ngx.arg[1] = string.upper(ngx.arg[1])"
+        log: "ngx.log(ngx.ERR, 'logged ', ngx.var.arg_tag)"
+        _meta: {{filter: [["arg_on", "==", "1"]]}}
+"#,
+        u.node()
+    ));
+    let on = get(gw.port, "/m?on=1&tag=yes").await;
+    assert!(on.body.contains("\"NAME\":\"U\""), "{}", on.body);
+    let off = get(gw.port, "/m?tag=no").await;
+    assert!(off.body.contains("\"name\":\"u\""), "{}", off.body);
+    assert!(
+        gw.eventually(std::time::Duration::from_secs(3), || async {
+            gw.stderr().contains("logged yes")
+        })
+        .await
+    );
+    assert!(!gw.stderr().contains("logged no"), "{}", gw.stderr());
+}

@@ -511,3 +511,115 @@ async fn post_is_not_replayed_on_a_stale_connection() {
     );
     assert_eq!(get_up.requests.load(Ordering::SeqCst), 3);
 }
+
+/// The send timeout bounds each write, not the whole upload: a steady upload that takes
+/// three times the route's `send` timeout goes through (it got 504 when the timeout bounded
+/// the whole send).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_steady_upload_is_not_a_send_timeout() {
+    let counter = scripted(Script::CountBody).await;
+    let gw = Gateway::start(&format!(
+        "routes:\n{}",
+        route(
+            "up",
+            "/up",
+            &counter.addr,
+            ", timeout: {connect: 1, send: 1, read: 5}"
+        )
+    ));
+    let total = 6 * 1024 * 1024;
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: {total}\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let piece = vec![b'a'; 256 * 1024];
+    let started = std::time::Instant::now();
+    for _ in 0..total / piece.len() {
+        s.write_all(&piece).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(125)).await;
+    }
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(started.elapsed() > std::time::Duration::from_secs(2));
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.ends_with(&format!("{total} {}", total as u64 * 97)),
+        "{out}"
+    );
+}
+
+/// A client that stops reading a response is dropped after `timeouts.client_send` (nginx's
+/// `send_timeout`), and the upstream connection feeding it is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_dropped() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let released = Arc::new(AtomicUsize::new(0));
+    let rel = released.clone();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        read_head(&mut s, &mut buf).await;
+        let total: usize = 512 * 1024 * 1024;
+        s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {total}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < total {
+            if s.write_all(&chunk).await.is_err() {
+                rel.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            sent += chunk.len();
+        }
+    });
+    let port = free_port();
+    let gw = Gateway::start_raw(
+        port,
+        &with_gateway(
+            port,
+            &format!(
+                "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\n  timeouts: {{client_send: 1}}\nroutes:\n{}",
+                route(
+                    "big",
+                    "/big",
+                    &addr,
+                    ", timeout: {connect: 1, send: 1, read: 30}"
+                )
+            ),
+        ),
+    );
+    let mut c = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    c.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // read nothing: the gateway's writes stall, then it gives up on this client
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while released.load(Ordering::SeqCst) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        1,
+        "the upstream connection was released"
+    );
+    task.abort();
+    // what the client can still read ends well before the whole body
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), c.read(&mut buf)).await
+    {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert!(got < 512 * 1024 * 1024, "{got}");
+}

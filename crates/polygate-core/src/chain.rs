@@ -325,15 +325,26 @@ pub fn run_body_filter(
     eof: bool,
 ) {
     for inst in instances {
-        if inst.plugin.has_body_filter() {
-            inst.plugin.body_filter(ctx, chunk, eof);
+        if !inst.plugin.has_body_filter() {
+            continue;
         }
+        if let Some(f) = &inst.filter
+            && !f.eval(ctx)
+        {
+            continue;
+        }
+        inst.plugin.body_filter(ctx, chunk, eof);
     }
 }
 
-/// Runs `log` over `instances`.
+/// Runs `log` over `instances` (`_meta.filter` applies here too).
 pub fn run_log(instances: &[Arc<PluginInstance>], ctx: &RequestCtx) {
     for inst in instances {
+        if let Some(f) = &inst.filter
+            && !f.eval(ctx)
+        {
+            continue;
+        }
         inst.plugin.log(ctx);
     }
 }

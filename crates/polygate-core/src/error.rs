@@ -49,6 +49,9 @@ pub enum GatewayError {
     /// The request body is larger than a plugin accepts.
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The client stopped sending its request body (nginx's `client_body_timeout`: 408).
+    #[error("timed out reading the request body")]
+    ClientTimeout,
     /// The client asked for something HTTP allows but polygate does not implement (an unknown
     /// `Transfer-Encoding`, as nginx answers 501).
     #[error("not implemented: {0}")]
@@ -73,6 +76,7 @@ impl GatewayError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             GatewayError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            GatewayError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };

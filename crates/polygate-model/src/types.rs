@@ -301,6 +301,14 @@ pub struct TimeoutsConfig {
     /// How long in-flight requests may run after SIGTERM/SIGQUIT before the process exits. Default 30.
     #[serde(default = "d30")]
     pub graceful_shutdown: f64,
+    /// How long one write to a client may wait (the client stopped reading), as nginx's
+    /// `send_timeout`; the connection is then closed. Default 60.
+    #[serde(default = "d60")]
+    pub client_send: f64,
+    /// How long the gateway waits for the next piece of a request body from the client, as
+    /// nginx's `client_body_timeout`. Default 60.
+    #[serde(default = "d60")]
+    pub client_body: f64,
 }
 
 impl Default for TimeoutsConfig {
@@ -309,6 +317,8 @@ impl Default for TimeoutsConfig {
             client_header: 60.0,
             upstream: default_upstream_timeout(),
             graceful_shutdown: 30.0,
+            client_send: 60.0,
+            client_body: 60.0,
         }
     }
 }

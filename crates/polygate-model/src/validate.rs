@@ -232,6 +232,8 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
     for (name, v) in [
         ("client_header", t.client_header),
         ("graceful_shutdown", t.graceful_shutdown),
+        ("client_send", t.client_send),
+        ("client_body", t.client_body),
     ] {
         if !positive(v) {
             errs.push(format!("gateway.timeouts.{name}"), POSITIVE_SECS);

@@ -239,6 +239,12 @@ pub enum H1Error {
     /// upstream got a truncated request and the connection is dropped.
     #[error("client body: {0}")]
     ClientBody(String),
+    /// The client sent no more of its request body within the client body timeout.
+    #[error("timed out waiting for the client's request body")]
+    ClientTimeout,
+    /// One write to the upstream waited longer than the send timeout.
+    #[error("upstream send timed out")]
+    SendTimeout,
 }
 
 /// How the response body is delimited.
@@ -295,22 +301,35 @@ impl H1Conn {
     }
 
     /// Writes a request whose head was made by [`encode_head`]; a streamed body follows in
-    /// chunked encoding when `chunked`.
-    pub async fn send(&mut self, head: &[u8], body: ReqBody, chunked: bool) -> Result<(), H1Error> {
+    /// chunked encoding when `chunked`. Each write may wait at most `send_to` (nginx's
+    /// `proxy_send_timeout` bounds the time between two writes, not the whole upload), and
+    /// each piece of a streamed body may take at most `body_to` to arrive from the client
+    /// (`client_body_timeout`).
+    pub async fn send(
+        &mut self,
+        head: &[u8],
+        body: ReqBody,
+        chunked: bool,
+        send_to: Duration,
+        body_to: Duration,
+    ) -> Result<(), H1Error> {
         match body {
-            ReqBody::Empty | ReqBody::Full(None) => {
-                self.io.write_all(head).await?;
-            }
+            ReqBody::Empty | ReqBody::Full(None) => self.write(head, send_to).await?,
             ReqBody::Full(Some(b)) => {
                 let mut out = BytesMut::with_capacity(head.len() + b.len());
                 out.put_slice(head);
                 out.put_slice(&b);
-                self.io.write_all(&out).await?;
+                self.write(&out, send_to).await?;
             }
             ReqBody::Stream(incoming) => {
-                self.io.write_all(head).await?;
+                self.write(head, send_to).await?;
                 let mut body = incoming;
-                while let Some(frame) = body.frame().await {
+                loop {
+                    let frame = match tokio::time::timeout(body_to, body.frame()).await {
+                        Err(_) => return Err(H1Error::ClientTimeout),
+                        Ok(None) => break,
+                        Ok(Some(f)) => f,
+                    };
                     let frame = frame.map_err(|e| {
                         use std::error::Error as _;
                         H1Error::ClientBody(match e.source() {
@@ -325,18 +344,31 @@ impl H1Conn {
                         continue;
                     }
                     if chunked {
-                        self.io
-                            .write_all(format!("{:x}\r\n", data.len()).as_bytes())
-                            .await?;
-                        self.io.write_all(&data).await?;
-                        self.io.write_all(b"\r\n").await?;
+                        let mut out = BytesMut::with_capacity(data.len() + 20);
+                        out.put_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        out.put_slice(&data);
+                        out.put_slice(b"\r\n");
+                        self.write(&out, send_to).await?;
                     } else {
-                        self.io.write_all(&data).await?;
+                        self.write(&data, send_to).await?;
                     }
                 }
                 if chunked {
-                    self.io.write_all(b"0\r\n\r\n").await?;
+                    self.write(b"0\r\n\r\n", send_to).await?;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf`; each write call may wait at most `limit`.
+    async fn write(&mut self, mut buf: &[u8], limit: Duration) -> Result<(), H1Error> {
+        while !buf.is_empty() {
+            match tokio::time::timeout(limit, self.io.write(buf)).await {
+                Err(_) => return Err(H1Error::SendTimeout),
+                Ok(Err(e)) => return Err(e.into()),
+                Ok(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(Ok(n)) => buf = &buf[n..],
             }
         }
         Ok(())

@@ -400,9 +400,7 @@ async fn read_body(body: Incoming, limit: usize, timeout_s: f64) -> Result<Bytes
     use http_body_util::BodyExt;
     let limited = http_body_util::Limited::new(body, limit);
     match tokio::time::timeout(polygate_model::secs(timeout_s), limited.collect()).await {
-        Err(_) => Err(GatewayError::BadRequest(
-            "timed out reading the request body".into(),
-        )),
+        Err(_) => Err(GatewayError::ClientTimeout),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(GatewayError::PayloadTooLarge(limit))
         }
@@ -431,7 +429,7 @@ async fn run_request(
     if let Some(limit) = global.wants_body.max(route.chain.wants_body)
         && let Some(b) = body.take()
     {
-        ctx.body = Some(read_body(b, limit, snap.gateway.timeouts.client_header).await?);
+        ctx.body = Some(read_body(b, limit, snap.gateway.timeouts.client_body).await?);
     }
     if !global.is_empty()
         && let Some(r) = run_phase(&global.instances, Phase::Rewrite, ctx).await?
@@ -496,6 +494,7 @@ async fn proxy(
     let connect_to = polygate_model::secs(t.connect);
     let send_to = polygate_model::secs(t.send);
     let read_to = polygate_model::secs(t.read);
+    let body_to = polygate_model::secs(snap.gateway.timeouts.client_body);
     let limits = PoolLimits {
         size: up.keepalive.size.max(0) as usize,
         idle_timeout: polygate_model::secs(up.keepalive.idle_timeout),
@@ -600,6 +599,7 @@ async fn proxy(
                 chunked,
                 &method,
                 send_to,
+                body_to,
                 read_to,
                 &node.key,
             )
@@ -678,6 +678,7 @@ async fn exchange(
     chunked: bool,
     method: &Method,
     send_to: Duration,
+    body_to: Duration,
     read_to: Duration,
     key: &str,
 ) -> Result<h1::Head, Exchange> {
@@ -698,6 +699,7 @@ async fn exchange(
             Exchange::Stale { sent }
         }
         H1Error::ClientBody(m) => Exchange::Failed(GatewayError::BadRequest(m)),
+        H1Error::ClientTimeout => Exchange::Failed(GatewayError::ClientTimeout),
         other => Exchange::Failed(GatewayError::Upstream {
             addr: key.to_owned(),
             reason: other.to_string(),
@@ -705,10 +707,10 @@ async fn exchange(
     };
     let sent = matches!(body, ReqBody::Empty) && conn.try_send_head(head);
     if !sent {
-        match tokio::time::timeout(send_to, conn.send(head, body, chunked)).await {
-            Err(_) => return Err(timeout("send")),
-            Ok(Err(e)) => return Err(failed(e, false)),
-            Ok(Ok(())) => {}
+        match conn.send(head, body, chunked, send_to, body_to).await {
+            Err(H1Error::SendTimeout) => return Err(timeout("send")),
+            Err(e) => return Err(failed(e, false)),
+            Ok(()) => {}
         }
     }
     match tokio::time::timeout(read_to, conn.read_head(method)).await {

@@ -7,6 +7,7 @@
 //! - [`plane`]: the data plane as the configuration pipeline's target (prepare, commit).
 //! - [`upstream`]: nodes, priority tiers and balancers.
 //! - [`h1`]: the upstream HTTP/1.1 client.
+//! - [`io`]: the client send timeout.
 //! - [`pool`]: upstream connections and per-thread keep-alive pools.
 //! - [`body`]: request/response bodies with timeouts, body filters and the log hook.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ pub mod accesslog;
 pub mod body;
 pub mod h1;
 pub mod handler;
+pub mod io;
 pub mod metrics;
 pub mod plane;
 pub mod pool;

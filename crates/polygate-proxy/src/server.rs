@@ -180,6 +180,7 @@ fn bind_all(
 struct WorkerOpts {
     header_timeout: Duration,
     graceful: Duration,
+    send_timeout: Duration,
 }
 
 /// Runs the gateway until SIGTERM, SIGQUIT or SIGINT; in-flight requests then get up to
@@ -248,6 +249,7 @@ pub fn serve(source: ConfigSource, started: Started) -> Result<(), StartError> {
     let opts = WorkerOpts {
         header_timeout: polygate_model::secs(gw.timeouts.client_header),
         graceful: polygate_model::secs(gw.timeouts.graceful_shutdown),
+        send_timeout: polygate_model::secs(gw.timeouts.client_send),
     };
     let mut handles = Vec::new();
     for (w, ls) in listeners.into_iter().enumerate() {
@@ -428,7 +430,7 @@ async fn accept_loop(
             .metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(crate::io::SendTimeout::new(stream, opts.send_timeout));
         if http2 {
             let conn = auto.serve_connection(io, svc).into_owned();
             spawn_connection(graceful.watch(conn), shared.clone());
