@@ -867,10 +867,14 @@ routes:
     );
     let bad = good.replace("ngx.say('v1 ', _G.n)", "ngx.say('v2'");
     // --strict: the whole change is rejected; the Lua state is untouched (its globals live on)
+    // one worker: every request meets the same Lua state
     let port = free_port();
-    let mut strict = Gateway::start_args(port, &with_gateway(port, &good), &["--strict"]);
+    let head = format!(
+        "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\n  worker_threads: 1\n  watch_interval: 0.2\n"
+    );
+    let mut strict = Gateway::start_args(port, &format!("{head}{good}\n#END\n"), &["--strict"]);
     assert_eq!(get(port, "/x").await.body, "v1 1\n");
-    strict.reload(&bad);
+    strict.write_config(&format!("{head}{bad}\n#END\n"));
     assert!(
         strict
             .eventually(Duration::from_secs(5), || async {

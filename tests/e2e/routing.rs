@@ -10,8 +10,11 @@ async fn exact_prefix_and_parameters() {
         Upstream::start("param").await,
         Upstream::start("catchall").await,
     );
+    // `:name` parameters need APISIX's `radixtree_uri_with_parameter` router
     let gw = Gateway::start(&format!(
         r#"
+apisix:
+  router: {{http: radixtree_uri_with_parameter}}
 routes:
   - {{id: exact, uri: /api/users, upstream: {{nodes: {{"{a}": 1}}}}}}
   - {{id: prefix, uri: /api/*, upstream: {{nodes: {{"{b}": 1}}}}}}
@@ -38,6 +41,19 @@ routes:
     let nf = get(p, "/user/42/other").await;
     assert_eq!(nf.status, 404);
     assert_eq!(nf.body, "{\"error_msg\":\"404 Route Not Found\"}\n");
+
+    // the default router (radixtree_host_uri) takes `:id` literally, as APISIX does
+    gw.reload(&format!(
+        "routes:\n  - {{id: param, uri: \"/user/:id/profile\", upstream: {{nodes: {{\"{}\": 1}}}}}}\n",
+        c.node()
+    ));
+    assert!(
+        gw.eventually(std::time::Duration::from_secs(3), || async {
+            get(p, "/user/42/profile").await.status == 404
+        })
+        .await
+    );
+    assert_eq!(get(p, "/user/:id/profile").await.upstream(), "param");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -181,7 +181,7 @@ async fn forwarded_headers_are_trusted_only_from_trusted_peers() {
         &with_gateway(
             port,
             &format!(
-                "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\n  trusted_addresses: [10.0.0.0/8]\n{route}"
+                "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\napisix:\n  trusted_addresses: [10.0.0.0/8]\n{route}"
             ),
         ),
     );
@@ -203,7 +203,7 @@ async fn forwarded_headers_are_trusted_only_from_trusted_peers() {
         &with_gateway(
             port,
             &format!(
-                "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\n  trusted_addresses: [127.0.0.1]\n{route}"
+                "gateway:\n  listeners: [{{addr: \"127.0.0.1:{port}\"}}]\napisix:\n  trusted_addresses: [127.0.0.1]\n{route}"
             ),
         ),
     );

@@ -93,6 +93,8 @@ pub struct Item {
 pub struct Document {
     /// The `gateway:` section, untyped.
     pub gateway: Option<Value>,
+    /// The `apisix:` section (APISIX `config.yaml` settings), untyped.
+    pub apisix: Option<Value>,
     /// Resources, in file order, one per key.
     pub items: Vec<Item>,
 }
@@ -197,11 +199,15 @@ impl Document {
                 doc.gateway = Some(v);
                 continue;
             }
+            if key == "apisix" {
+                doc.apisix = Some(v);
+                continue;
+            }
             let Some(kind) = Kind::from_key(&key) else {
                 errs.push(
                     key.clone(),
                     format!(
-                        "unknown field `{key}`, expected one of `gateway`, {}",
+                        "unknown field `{key}`, expected one of `gateway`, `apisix`, {}",
                         Kind::ALL.map(|k| format!("`{}`", k.key())).join(", ")
                     ),
                 );
@@ -261,6 +267,9 @@ impl Document {
         if let Some(g) = &self.gateway {
             let gw: GatewaySection = typed_value(g, "gateway").map_err(ConfigErrors::one)?;
             cfg.gateway = Some(gw);
+        }
+        if let Some(a) = &self.apisix {
+            cfg.apisix = Some(typed_value(a, "apisix").map_err(ConfigErrors::one)?);
         }
         for item in &self.items {
             let path = format!("{}[{}]", item.kind.key(), item.index);

@@ -170,13 +170,19 @@ impl ServerlessFactory {
                 "at least one function is required",
             ));
         }
+        // the functions see the configuration with its defaults, as in APISIX (`conf.phase`)
+        let mut seen = conf.clone();
+        if let Some(o) = seen.as_object_mut() {
+            o.entry("phase")
+                .or_insert_with(|| serde_json::Value::String(c.phase.clone()));
+        }
         let mut funcs = Vec::new();
         for (i, f) in c.functions.iter().enumerate() {
             let src = Source::new(
                 format!("{}[{i}]", self.name),
                 f.clone(),
                 SourceKind::Factory,
-                Some(conf.clone()),
+                Some(seen.clone()),
             );
             check(&src).map_err(|e| ConfError::at(format!("functions[{i}]"), e))?;
             funcs.push(src);

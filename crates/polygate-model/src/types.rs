@@ -62,6 +62,10 @@ pub struct ConfigFile {
     /// polygate's own settings (listeners, threads, timeouts, logs). Optional.
     #[serde(default)]
     pub gateway: Option<GatewaySection>,
+    /// Settings an APISIX user keeps under `apisix:` in `config.yaml`, same names and
+    /// meaning (`router.http`, `trusted_addresses`). Optional.
+    #[serde(default)]
+    pub apisix: Option<ApisixSection>,
     /// Routes.
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -89,6 +93,49 @@ pub struct ConfigFile {
     /// Per-plugin global configuration, each entry with `id` = plugin name.
     #[serde(default)]
     pub plugin_metadata: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The `apisix:` section: the settings of APISIX's `config.yaml` that polygate honours.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct ApisixSection {
+    /// `router.http`: `radixtree_host_uri` (default), `radixtree_uri` or
+    /// `radixtree_uri_with_parameter`.
+    #[serde(default)]
+    pub router: RouterSection,
+    /// Peers (IP addresses or CIDRs) whose `X-Forwarded-Proto/-Host/-Port` and `Forwarded`
+    /// headers are passed on (APISIX 3.14). Other peers' copies are replaced by what polygate
+    /// observed; with this list set, an untrusted peer's `X-Forwarded-For` is replaced by its
+    /// own address too. Default: empty (no peer trusted).
+    #[serde(default)]
+    pub trusted_addresses: Vec<String>,
+    /// Any other key of APISIX's `config.yaml` section is accepted and ignored, so an
+    /// APISIX user can paste the section as it is (`polygate validate` does not check them).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// `apisix.router`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RouterSection {
+    /// The HTTP router.
+    #[serde(default = "default_router_http")]
+    pub http: String,
+    /// Any other key (`ssl`, ...), accepted and ignored.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for RouterSection {
+    fn default() -> Self {
+        RouterSection {
+            http: default_router_http(),
+            other: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_router_http() -> String {
+    "radixtree_host_uri".into()
 }
 
 /// polygate's process settings. Every field has a default.
@@ -131,12 +178,6 @@ pub struct GatewaySection {
     /// true).
     #[serde(default = "dtrue")]
     pub merge_slashes: bool,
-    /// Peers (IP addresses or CIDRs) whose `X-Forwarded-Proto/-Host/-Port` and `Forwarded`
-    /// headers are passed on, as APISIX's `apisix.trusted_addresses`. Other peers' copies are
-    /// replaced by what polygate observed; with this list set, an untrusted peer's
-    /// `X-Forwarded-For` is replaced by its own address too. Default: empty (no peer trusted).
-    #[serde(default)]
-    pub trusted_addresses: Vec<String>,
 }
 
 /// `gateway.lua`: the embedded LuaJIT's settings. Every field has a default.
@@ -252,7 +293,6 @@ impl Default for GatewaySection {
             ffi_lib_path: Vec::new(),
             lua: LuaConfig::default(),
             merge_slashes: true,
-            trusted_addresses: Vec::new(),
         }
     }
 }

@@ -53,6 +53,9 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
     if let Some(gw) = &cfg.gateway {
         validate_gateway(gw, &mut errs);
     }
+    if let Some(a) = &cfg.apisix {
+        validate_apisix(a, &mut errs);
+    }
 
     let upstream_ids = collect_ids(
         cfg.upstreams.iter().map(|u| u.id.as_ref()),
@@ -266,15 +269,31 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
     if !positive(gw.watch_interval) {
         errs.push("gateway.watch_interval", POSITIVE_SECS);
     }
-    for (i, a) in gw.trusted_addresses.iter().enumerate() {
-        if a.parse::<ipnet::IpNet>().is_err() && a.parse::<IpAddr>().is_err() {
+}
+
+fn validate_apisix(a: &crate::types::ApisixSection, errs: &mut ConfigErrors) {
+    for (i, t) in a.trusted_addresses.iter().enumerate() {
+        if t.parse::<ipnet::IpNet>().is_err() && t.parse::<IpAddr>().is_err() {
             errs.push(
-                format!("gateway.trusted_addresses[{i}]"),
-                format!("{a:?} is not an IP address or CIDR"),
+                format!("apisix.trusted_addresses[{i}]"),
+                format!("{t:?} is not an IP address or CIDR"),
             );
         }
     }
+    if !ROUTERS.contains(&a.router.http.as_str()) {
+        errs.push(
+            "apisix.router.http",
+            format!("{:?} must be one of {}", a.router.http, ROUTERS.join(", ")),
+        );
+    }
 }
+
+/// APISIX's HTTP routers (`apisix.router.http`).
+pub const ROUTERS: &[&str] = &[
+    "radixtree_host_uri",
+    "radixtree_uri",
+    "radixtree_uri_with_parameter",
+];
 
 /// The largest duration any setting accepts, in seconds (365 days). Larger values would
 /// overflow timers; no gateway timeout needs more.

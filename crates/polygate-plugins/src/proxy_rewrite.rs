@@ -5,11 +5,13 @@
 //! wins), `method`, `host` (Host header sent upstream), `headers` (`add`/`set`/`remove`, or the
 //! flat `{name: value}` form), `use_real_request_uri_unsafe`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::{HeaderValue, Method};
 use polygate_core::path::{escape_controls, escape_path};
 use polygate_core::{ConfError, Flow, Plugin, PluginFactory, RequestCtx};
+use polygate_router::VarSource;
 use regex::Regex;
 use serde::Deserialize;
 
@@ -46,6 +48,21 @@ struct ProxyRewrite {
     host: Option<HeaderValue>,
     headers: HeaderOps,
     real_uri: bool,
+}
+
+/// The request's variables plus `$0`..`$n`, the captures of the matching `regex_uri`.
+struct WithCaptures<'a> {
+    ctx: &'a RequestCtx,
+    captures: &'a [String],
+}
+
+impl VarSource for WithCaptures<'_> {
+    fn var(&self, name: &str) -> Option<Cow<'_, str>> {
+        match name.parse::<usize>() {
+            Ok(i) => self.captures.get(i).map(|c| Cow::Borrowed(c.as_str())),
+            Err(_) => self.ctx.var(name),
+        }
+    }
 }
 
 /// Factory of `proxy-rewrite`.
@@ -149,6 +166,7 @@ impl Plugin for ProxyRewrite {
             None
         };
         let mut separator_is_ours = false;
+        let mut captures: Vec<String> = Vec::new();
         if let Some(t) = &self.uri {
             separator_is_ours = true;
             upstream_uri = t.render_with(ctx, |v| v.replace('?', "%3F"));
@@ -163,7 +181,12 @@ impl Plugin for ProxyRewrite {
         } else if !self.regex_uri.is_empty() {
             separator_is_ours = !upstream_uri.contains('?');
             for (re, rep) in &self.regex_uri {
-                if re.is_match(&upstream_uri) {
+                if let Some(c) = re.captures(&upstream_uri) {
+                    // header values may use the captures ($1 ...), as APISIX's do
+                    captures = c
+                        .iter()
+                        .map(|m| m.map(|m| m.as_str().to_owned()).unwrap_or_default())
+                        .collect();
                     upstream_uri = re.replace(&upstream_uri, rep.as_str()).into_owned();
                     break;
                 }
@@ -200,7 +223,13 @@ impl Plugin for ProxyRewrite {
         }
         if !self.headers.is_empty() {
             let mut headers = std::mem::take(&mut ctx.headers);
-            self.headers.apply(&mut headers, ctx);
+            self.headers.apply(
+                &mut headers,
+                &WithCaptures {
+                    ctx,
+                    captures: &captures,
+                },
+            );
             ctx.headers = headers;
         }
         Flow::Continue

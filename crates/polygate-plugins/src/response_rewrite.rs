@@ -4,7 +4,12 @@
 //! `remove`, or the flat form; values may reference `$var`s), `vars` (apply only when the
 //! expression holds, evaluated on the response, so `status` is available), `filters`
 //! (`[{regex, replace, scope: once|global, options}]` applied to the whole body; exclusive with
-//! `body`).
+//! `body`), `max_resp_body_size` (default 64 MiB: the most of a body buffered for `filters`,
+//! the rest is cut).
+//!
+//! As in APISIX (`core.response.clear_header_as_body_modified`), a replaced or filtered body
+//! drops `Content-Length`, `Content-Encoding`, `Last-Modified` and `ETag`; a gzip or brotli
+//! body is decoded before the filters run.
 
 use std::sync::Arc;
 
@@ -33,6 +38,12 @@ struct Conf {
     vars: Option<serde_json::Value>,
     #[serde(default)]
     filters: Option<Vec<FilterConf>>,
+    #[serde(default = "default_max_body")]
+    max_resp_body_size: usize,
+}
+
+fn default_max_body() -> usize {
+    64 << 20
 }
 
 #[derive(Deserialize)]
@@ -65,11 +76,37 @@ struct ResponseRewrite {
     headers: HeaderOps,
     vars: Option<Expr>,
     filters: Vec<Filter>,
+    max_body: usize,
 }
 
-/// Marks a response whose body the filters rewrite (set in header_filter when `vars` held).
+/// Marks a response whose body the filters rewrite (set in header_filter when `vars` held),
+/// with the upstream's content coding to undo first.
 #[derive(Clone)]
-struct Active;
+struct Active(Option<Coding>);
+
+#[derive(Clone, Copy)]
+enum Coding {
+    Gzip,
+    Brotli,
+    Unsupported,
+}
+
+/// Decodes `body` (at most `max` bytes of output).
+fn decode(coding: Coding, body: &[u8], max: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    let limit = max as u64;
+    let r = match coding {
+        Coding::Gzip => flate2::read::MultiGzDecoder::new(body)
+            .take(limit)
+            .read_to_end(&mut out),
+        Coding::Brotli => brotli_decompressor::Decompressor::new(body, 4096)
+            .take(limit)
+            .read_to_end(&mut out),
+        Coding::Unsupported => return Err("unsupported content encoding".into()),
+    };
+    r.map(|_| out).map_err(|e| e.to_string())
+}
 
 /// Buffered body awaiting the filters.
 #[derive(Default, Clone)]
@@ -148,12 +185,16 @@ impl PluginFactory for ResponseRewriteFactory {
                 global: f.scope == "global",
             });
         }
+        if c.max_resp_body_size < 1 {
+            return Err(ConfError::at("max_resp_body_size", "must be at least 1"));
+        }
         Ok(Arc::new(ResponseRewrite {
             status,
             body,
             headers,
             vars,
             filters,
+            max_body: c.max_resp_body_size,
         }))
     }
 }
@@ -174,14 +215,30 @@ impl Plugin for ResponseRewrite {
             resp.status = s;
         }
         self.headers.apply(&mut resp.headers, ctx);
+        if self.body.is_none() && self.filters.is_empty() {
+            return;
+        }
+        let coding = resp
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| match v.trim().to_ascii_lowercase().as_str() {
+                "gzip" | "x-gzip" => Coding::Gzip,
+                "br" => Coding::Brotli,
+                _ => Coding::Unsupported,
+            });
+        for h in [
+            http::header::CONTENT_LENGTH,
+            http::header::CONTENT_ENCODING,
+            http::header::LAST_MODIFIED,
+            http::header::ETAG,
+        ] {
+            resp.headers.remove(h);
+        }
         if let Some(b) = &self.body {
             ctx.body_override = Some(b.clone());
-            resp.headers.remove(http::header::CONTENT_LENGTH);
-            resp.headers.remove(http::header::CONTENT_ENCODING);
-        }
-        if !self.filters.is_empty() {
-            ctx.extensions.insert(Active);
-            resp.headers.remove(http::header::CONTENT_LENGTH);
+        } else {
+            ctx.extensions.insert(Active(coding));
         }
     }
 
@@ -190,16 +247,25 @@ impl Plugin for ResponseRewrite {
     }
 
     fn body_filter(&self, ctx: &mut RequestCtx, chunk: &mut Bytes, eof: bool) {
-        if ctx.extensions.get::<Active>().is_none() {
+        let Some(Active(coding)) = ctx.extensions.get::<Active>().cloned() else {
             return;
-        }
+        };
         let buf = ctx.extensions.get_or_insert_default::<Buffered>();
-        buf.0.extend_from_slice(chunk);
+        let room = self.max_body.saturating_sub(buf.0.len());
+        buf.0.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if !eof {
             *chunk = Bytes::new();
             return;
         }
-        let whole = std::mem::take(&mut buf.0).freeze();
+        let mut whole = std::mem::take(&mut buf.0).freeze();
+        if let Some(coding) = coding {
+            match decode(coding, &whole, self.max_body) {
+                Ok(d) => whole = Bytes::from(d),
+                Err(e) => {
+                    tracing::error!("response-rewrite: filters may not work as expected: {e}");
+                }
+            }
+        }
         let mut text = String::from_utf8_lossy(&whole).into_owned();
         for f in &self.filters {
             text = if f.global {

@@ -88,16 +88,40 @@ impl Template {
 }
 
 /// APISIX's header operations: `{add: {}, set: {}, remove: []}`, or the older flat map
-/// `{name: value}` meaning set (an empty value removes).
+/// `{name: value}` meaning set (an empty value removes). `add` is a map in proxy-rewrite and
+/// a list of `"Name: value"` strings in response-rewrite; both are accepted.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HeaderOpsConf {
     #[serde(default)]
-    add: BTreeMap<String, String>,
+    add: AddConf,
     #[serde(default)]
     set: BTreeMap<String, String>,
     #[serde(default)]
     remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum AddConf {
+    Map(BTreeMap<String, String>),
+    List(Vec<String>),
+}
+
+impl Default for AddConf {
+    fn default() -> Self {
+        AddConf::Map(BTreeMap::new())
+    }
+}
+
+/// `"Name: value"` as response-rewrite's `headers.add` takes it (APISIX matches
+/// `^([^:\s]+)\s*:\s*([^:]+)$`).
+fn split_header_line(line: &str) -> Option<(&str, &str)> {
+    let (name, value) = line.split_once(':')?;
+    let name = name.trim_end();
+    let value = value.trim_start();
+    let ok_name = !name.is_empty() && !name.chars().any(char::is_whitespace);
+    (ok_name && !value.is_empty() && !value.contains(':')).then_some((name, value))
 }
 
 /// Compiled header operations.
@@ -140,17 +164,30 @@ impl HeaderOps {
                 }
             }
             HeaderOpsConf {
-                add: BTreeMap::new(),
+                add: AddConf::default(),
                 set,
                 remove,
             }
         };
         let mut ops = HeaderOps::default();
-        for (k, v) in conf.add {
-            ops.add.push((
-                header_name(&k, &format!("{key}.add.{k}"))?,
-                Template::parse(&v),
-            ));
+        match conf.add {
+            AddConf::Map(m) => {
+                for (k, v) in m {
+                    ops.add.push((
+                        header_name(&k, &format!("{key}.add.{k}"))?,
+                        Template::parse(&v),
+                    ));
+                }
+            }
+            AddConf::List(l) => {
+                for (i, line) in l.iter().enumerate() {
+                    let p = format!("{key}.add[{i}]");
+                    let (k, v) = split_header_line(line).ok_or_else(|| {
+                        ConfError::at(p.clone(), format!("{line:?} is not \"Name: value\""))
+                    })?;
+                    ops.add.push((header_name(k, &p)?, Template::parse(v)));
+                }
+            }
         }
         for (k, v) in conf.set {
             ops.set.push((
@@ -164,15 +201,25 @@ impl HeaderOps {
         Ok(ops)
     }
 
-    /// Applies add, then set, then remove.
+    /// Applies add, then set, then remove. A value that renders empty is not sent: `add`
+    /// adds nothing and `set` removes the header (nginx does not pass empty header values).
     pub fn apply(&self, headers: &mut HeaderMap, vars: &dyn VarSource) {
         for (n, t) in &self.add {
-            if let Ok(v) = HeaderValue::from_str(&t.render(vars)) {
+            let v = t.render(vars);
+            if v.is_empty() {
+                continue;
+            }
+            if let Ok(v) = HeaderValue::from_str(&v) {
                 headers.append(n.clone(), v);
             }
         }
         for (n, t) in &self.set {
-            if let Ok(v) = HeaderValue::from_str(&t.render(vars)) {
+            let v = t.render(vars);
+            if v.is_empty() {
+                headers.remove(n);
+                continue;
+            }
+            if let Ok(v) = HeaderValue::from_str(&v) {
                 headers.insert(n.clone(), v);
             }
         }

@@ -402,119 +402,124 @@ impl H1Conn {
     }
 
     fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, H1Error> {
-        if self.buf.is_empty() {
-            return Ok(None);
+        parse_head(&mut self.buf, method)
+    }
+}
+
+/// Parses a response head at the start of `buf` (consumed when complete).
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut raw);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(H1Error::Parse(e.to_string())),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| H1Error::Parse(format!("status {code}")))?;
+    let http10 = resp.version == Some(0);
+    // remember where names and values sit, then slice them out of the frozen head
+    // without copying the values
+    let base = buf.as_ptr() as usize;
+    let count = resp.headers.len();
+    let mut offs = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    for (o, h) in offs.iter_mut().zip(resp.headers.iter()) {
+        *o = (
+            h.name.as_ptr() as usize - base,
+            h.name.len(),
+            h.value.as_ptr() as usize - base,
+            h.value.len(),
+        );
+    }
+    let head_bytes = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut content_length: Option<u64> = None;
+    // Transfer-Encoding seen, and whether its final coding is chunked
+    let mut te: Option<bool> = None;
+    let mut conn_close = http10;
+    for &(ns, nl, vs, vl) in &offs[..count] {
+        let raw_name = &head_bytes[ns..ns + nl];
+        let name = HeaderName::from_bytes(raw_name).map_err(|_| {
+            H1Error::Parse(format!(
+                "header name {:?}",
+                String::from_utf8_lossy(raw_name)
+            ))
+        })?;
+        let value = HeaderValue::from_maybe_shared(head_bytes.slice(vs..vs + vl))
+            .map_err(|_| H1Error::Parse(format!("header value of {name}")))?;
+        if name == header::CONTENT_LENGTH {
+            let n = parse_content_length(value.as_bytes())
+                .ok_or_else(|| H1Error::Parse("invalid content-length".into()))?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err(H1Error::Parse("conflicting content-length".into()));
+            }
+            content_length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // the codings of every Transfer-Encoding line, in order: the last one counts
+            let last = value
+                .to_str()
+                .ok()
+                .and_then(|s| s.rsplit(',').map(str::trim).find(|t| !t.is_empty()));
+            te = Some(last.is_some_and(|l| l.eq_ignore_ascii_case("chunked")));
+        } else if name == header::CONNECTION {
+            let v = value.to_str().unwrap_or("");
+            if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
+                conn_close = true;
+            } else if http10
+                && v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
+            {
+                conn_close = false;
+            }
         }
-        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut resp = httparse::Response::new(&mut raw);
-        let len = match resp.parse(&self.buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(H1Error::Parse(e.to_string())),
-        };
-        let code = resp.code.unwrap_or(0);
-        let status =
-            StatusCode::from_u16(code).map_err(|_| H1Error::Parse(format!("status {code}")))?;
-        let http10 = resp.version == Some(0);
-        // remember where names and values sit, then slice them out of the frozen head
-        // without copying the values
-        let base = self.buf.as_ptr() as usize;
-        let count = resp.headers.len();
-        let mut offs = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        for (o, h) in offs.iter_mut().zip(resp.headers.iter()) {
-            *o = (
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
-            );
+        if !is_hop_by_hop(&name) {
+            headers.append(name, value);
         }
-        let head_bytes = self.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
-        let mut content_length: Option<u64> = None;
-        // Transfer-Encoding seen, and whether its final coding is chunked
-        let mut te: Option<bool> = None;
-        let mut conn_close = http10;
-        for &(ns, nl, vs, vl) in &offs[..count] {
-            let raw_name = &head_bytes[ns..ns + nl];
-            let name = HeaderName::from_bytes(raw_name).map_err(|_| {
-                H1Error::Parse(format!(
-                    "header name {:?}",
-                    String::from_utf8_lossy(raw_name)
-                ))
-            })?;
-            let value = HeaderValue::from_maybe_shared(head_bytes.slice(vs..vs + vl))
-                .map_err(|_| H1Error::Parse(format!("header value of {name}")))?;
-            if name == header::CONTENT_LENGTH {
-                let n = parse_content_length(value.as_bytes())
-                    .ok_or_else(|| H1Error::Parse("invalid content-length".into()))?;
-                if content_length.is_some_and(|c| c != n) {
-                    return Err(H1Error::Parse("conflicting content-length".into()));
-                }
-                content_length = Some(n);
-            } else if name == header::TRANSFER_ENCODING {
-                // the codings of every Transfer-Encoding line, in order: the last one counts
-                let last = value
-                    .to_str()
-                    .ok()
-                    .and_then(|s| s.rsplit(',').map(str::trim).find(|t| !t.is_empty()));
-                te = Some(last.is_some_and(|l| l.eq_ignore_ascii_case("chunked")));
-            } else if name == header::CONNECTION {
-                let v = value.to_str().unwrap_or("");
-                if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) {
-                    conn_close = true;
-                } else if http10
-                    && v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
-                {
-                    conn_close = false;
-                }
-            }
-            if !is_hop_by_hop(&name) {
-                headers.append(name, value);
-            }
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        // polygate never asks for an upgrade (Upgrade is hop-by-hop): a 101 is unsolicited
+        return Err(H1Error::Parse("unsolicited 101 Switching Protocols".into()));
+    }
+    let no_body = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    // RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length; a final coding
+    // other than chunked means the body runs to the close. Either case is not exact
+    // framing, so the connection is not reused.
+    let mut exact = true;
+    let framing = if no_body {
+        Framing::Done
+    } else if let Some(final_chunked) = te {
+        headers.remove(header::CONTENT_LENGTH);
+        if content_length.is_some() {
+            exact = false;
         }
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            // polygate never asks for an upgrade (Upgrade is hop-by-hop): a 101 is unsolicited
-            return Err(H1Error::Parse("unsolicited 101 Switching Protocols".into()));
-        }
-        let no_body = *method == Method::HEAD
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        // RFC 9112 section 6.3: Transfer-Encoding overrides Content-Length; a final coding
-        // other than chunked means the body runs to the close. Either case is not exact
-        // framing, so the connection is not reused.
-        let mut exact = true;
-        let framing = if no_body {
-            Framing::Done
-        } else if let Some(final_chunked) = te {
-            headers.remove(header::CONTENT_LENGTH);
-            if content_length.is_some() {
-                exact = false;
-            }
-            if final_chunked {
-                Framing::Chunked(ChunkState::Size)
-            } else {
-                Framing::Close
-            }
-        } else if let Some(n) = content_length {
-            if n == 0 {
-                Framing::Done
-            } else {
-                Framing::Length(n)
-            }
+        if final_chunked {
+            Framing::Chunked(ChunkState::Size)
         } else {
             Framing::Close
-        };
-        let keep_alive = exact && !conn_close && !matches!(framing, Framing::Close);
-        Ok(Some(Head {
-            status,
-            headers,
-            framing,
-            keep_alive,
-        }))
-    }
+        }
+    } else if let Some(n) = content_length {
+        if n == 0 {
+            Framing::Done
+        } else {
+            Framing::Length(n)
+        }
+    } else {
+        Framing::Close
+    };
+    let keep_alive = exact && !conn_close && !matches!(framing, Framing::Close);
+    Ok(Some(Head {
+        status,
+        headers,
+        framing,
+        keep_alive,
+    }))
 }
 
 /// A response body read straight from the upstream socket.
@@ -681,6 +686,30 @@ impl Body for H1Body {
     }
 }
 
+/// Fuzzing entry point (`fuzz/`): parses `data` as an upstream response to `GET` (or `HEAD`
+/// when the first byte is odd), then decodes a chunked body that follows. Never panics.
+#[doc(hidden)]
+pub fn fuzz_response(data: &[u8]) {
+    let method = if data.first().is_some_and(|b| b & 1 == 1) {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
+    let mut buf = BytesMut::from(data.get(1..).unwrap_or_default());
+    let Ok(Some(head)) = parse_head(&mut buf, &method) else {
+        return;
+    };
+    if let Framing::Chunked(mut state) = head.framing {
+        // at most one step per input byte and a few more: the decoder always progresses
+        for _ in 0..=data.len() + 4 {
+            match step_chunked(&mut buf, state) {
+                Ok(Step::Data(_, n) | Step::Next(n)) => state = n,
+                Ok(Step::End | Step::NeedMore) | Err(_) => return,
+            }
+        }
+    }
+}
+
 /// A `Content-Length` value: digits only (no sign, no spaces inside), or a list of equal
 /// values (`42, 42`), as RFC 9110 section 8.6 lets a recipient accept.
 fn parse_content_length(v: &[u8]) -> Option<u64> {
@@ -786,6 +815,267 @@ fn step_chunked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a response head turns into: `Err` (502), or the framing and whether the
+    /// connection may be reused. Cases after RFC 9112 section 6.3 and the response cases of
+    /// hyper's decoder tests, in polygate's terms.
+    #[test]
+    fn response_framing_table() {
+        #[derive(Debug, PartialEq)]
+        enum F {
+            Len(u64),
+            Chunked,
+            Close,
+            Done,
+        }
+        type Case = (&'static str, &'static [u8], Method, Result<(F, bool), ()>);
+        let cases: &[Case] = &[
+            (
+                "length",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Method::GET,
+                Ok((F::Len(5), true)),
+            ),
+            (
+                "zero length",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                Method::GET,
+                Ok((F::Done, true)),
+            ),
+            (
+                "chunked",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                Method::GET,
+                Ok((F::Chunked, true)),
+            ),
+            (
+                "chunked upper case",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: CHUNKED\r\n\r\n",
+                Method::GET,
+                Ok((F::Chunked, true)),
+            ),
+            (
+                "gzip, chunked",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                Method::GET,
+                Ok((F::Chunked, true)),
+            ),
+            (
+                "chunked, gzip: to the close",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+                Method::GET,
+                Ok((F::Close, false)),
+            ),
+            (
+                "gzip only: to the close",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::GET,
+                Ok((F::Close, false)),
+            ),
+            (
+                "two TE lines, last chunked",
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n",
+                Method::GET,
+                Ok((F::Chunked, true)),
+            ),
+            (
+                "TE and CL: chunked, not reused",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n",
+                Method::GET,
+                Ok((F::Chunked, false)),
+            ),
+            (
+                "CL and TE gzip",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: gzip\r\n\r\n",
+                Method::GET,
+                Ok((F::Close, false)),
+            ),
+            (
+                "no framing: to the close",
+                b"HTTP/1.1 200 OK\r\n\r\n",
+                Method::GET,
+                Ok((F::Close, false)),
+            ),
+            (
+                "equal duplicate CL",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 3\r\n\r\n",
+                Method::GET,
+                Ok((F::Len(3), true)),
+            ),
+            (
+                "CL list of equal values",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3, 3\r\n\r\n",
+                Method::GET,
+                Ok((F::Len(3), true)),
+            ),
+            (
+                "differing CL",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "CL list differing",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3, 4\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "signed CL +",
+                b"HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "signed CL -",
+                b"HTTP/1.1 200 OK\r\ncontent-length: -3\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "CL not a number",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3a\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "CL overflow",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "empty CL",
+                b"HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "HEAD with CL",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                Method::HEAD,
+                Ok((F::Done, true)),
+            ),
+            (
+                "204 with CL",
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n",
+                Method::GET,
+                Ok((F::Done, true)),
+            ),
+            (
+                "304 with chunked",
+                b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n",
+                Method::GET,
+                Ok((F::Done, true)),
+            ),
+            (
+                "connection close",
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n",
+                Method::GET,
+                Ok((F::Len(1), false)),
+            ),
+            (
+                "HTTP/1.0 default close",
+                b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                Method::GET,
+                Ok((F::Len(1), false)),
+            ),
+            (
+                "HTTP/1.0 keep-alive",
+                b"HTTP/1.0 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n\r\n",
+                Method::GET,
+                Ok((F::Len(1), true)),
+            ),
+            (
+                "unsolicited 101",
+                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "obs-fold",
+                b"HTTP/1.1 200 OK\r\nx-a: b\r\n c\r\ncontent-length: 0\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "space before colon",
+                b"HTTP/1.1 200 OK\r\nx-a : b\r\ncontent-length: 0\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            (
+                "bad status",
+                b"HTTP/1.1 2000 OK\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+            ("not http", b"SSH-2.0-OpenSSH\r\n\r\n", Method::GET, Err(())),
+            (
+                "NUL in value",
+                b"HTTP/1.1 200 OK\r\nx-a: b\0c\r\ncontent-length: 0\r\n\r\n",
+                Method::GET,
+                Err(()),
+            ),
+        ];
+        for (name, raw, method, want) in cases {
+            let mut buf = BytesMut::from(*raw);
+            let got = match parse_head(&mut buf, method) {
+                Ok(Some(h)) => Ok((
+                    match h.framing {
+                        Framing::Length(n) => F::Len(n),
+                        Framing::Chunked(_) => F::Chunked,
+                        Framing::Close => F::Close,
+                        Framing::Done => F::Done,
+                    },
+                    h.keep_alive,
+                )),
+                Ok(None) => panic!("{name}: incomplete"),
+                Err(_) => Err(()),
+            };
+            assert_eq!(&got, want, "{name}");
+        }
+    }
+
+    /// The chunked decoder refuses what RFC 9112 section 7.1 does not allow.
+    #[test]
+    fn chunked_decoder_table() {
+        let run = |input: &[u8]| -> Result<Vec<u8>, ()> {
+            let mut buf = BytesMut::from(input);
+            let mut state = ChunkState::Size;
+            let mut out = Vec::new();
+            loop {
+                match step_chunked(&mut buf, state) {
+                    Ok(Step::Data(d, n)) => {
+                        out.extend_from_slice(&d);
+                        state = n;
+                    }
+                    Ok(Step::Next(n)) => state = n,
+                    Ok(Step::End) => return Ok(out),
+                    Ok(Step::NeedMore) | Err(_) => return Err(()),
+                }
+            }
+        };
+        assert_eq!(run(b"3\r\nabc\r\n0\r\n\r\n"), Ok(b"abc".to_vec()));
+        assert_eq!(run(b"3 \r\nabc\r\n0\r\n\r\n"), Ok(b"abc".to_vec()), "BWS");
+        assert_eq!(
+            run(b"A\r\n0123456789\r\n0\r\n\r\n"),
+            Ok(b"0123456789".to_vec())
+        );
+        assert_eq!(run(b"3;a=b;c\r\nabc\r\n0\r\n\r\n"), Ok(b"abc".to_vec()));
+        for bad in [
+            &b"+3\r\nabc\r\n0\r\n\r\n"[..],
+            b"-3\r\nabc\r\n0\r\n\r\n",
+            b"0x3\r\nabc\r\n0\r\n\r\n",
+            b"zz\r\n",
+            b"\r\nabc\r\n",
+            b"ffffffffffffffff\r\n",
+            b"3\r\nabcd\r\n0\r\n\r\n",
+            b"3\r\nabc0\r\n\r\n",
+        ] {
+            assert_eq!(run(bad), Err(()), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn chunked_decoding() {

@@ -15,7 +15,7 @@ use polygate_model::validate::validate;
 use polygate_model::{
     ConfigErrors, ConfigFile, GatewaySection, PluginConfig, Route, Service, Timeout, Upstream,
 };
-use polygate_router::{Entry, RouteSpec, Router};
+use polygate_router::{Entry, RouteSpec, Router, RouterMode};
 
 use crate::upstream::UpstreamRt;
 
@@ -57,8 +57,10 @@ pub struct Snapshot {
     pub consumers: Arc<ConsumerIndex>,
     /// Process settings of the file this snapshot came from.
     pub gateway: GatewaySection,
-    /// `gateway.trusted_addresses`, parsed.
+    /// `apisix.trusted_addresses`, parsed.
     pub trusted: Vec<ipnet::IpNet>,
+    /// `apisix.router.http`.
+    pub mode: RouterMode,
     /// Plugin metadata by plugin name.
     pub plugin_metadata: HashMap<String, serde_json::Map<String, serde_json::Value>>,
     upstreams: HashMap<String, (Arc<Upstream>, Arc<UpstreamRt>)>,
@@ -205,6 +207,13 @@ impl Snapshot {
         ));
 
         // routes
+        let mode = match cfg.apisix.as_ref().map(|a| a.router.http.as_str()) {
+            Some("radixtree_uri") => RouterMode::Uri,
+            Some("radixtree_uri_with_parameter") => RouterMode::UriWithParameter,
+            _ => RouterMode::HostUri,
+        };
+        // a change of router mode recompiles every route
+        let prev = prev.filter(|p| p.mode == mode);
         let mut fingerprints = HashMap::new();
         let mut changed: Vec<Entry<RouteData>> = Vec::new();
         let mut kept = 0usize;
@@ -305,6 +314,7 @@ impl Snapshot {
                 },
                 vars: r.vars.clone(),
                 priority: r.priority,
+                mode,
             };
             let data = RouteData {
                 id: Arc::from(id.0.as_str()),
@@ -353,7 +363,8 @@ impl Snapshot {
             .filter_map(|m| Some((m.get("id")?.as_str()?.to_owned(), m.clone())))
             .collect();
         let gateway = cfg.gateway.clone().unwrap_or_default();
-        let trusted = gateway
+        let apisix = cfg.apisix.clone().unwrap_or_default();
+        let trusted = apisix
             .trusted_addresses
             .iter()
             .filter_map(|a| {
@@ -367,6 +378,7 @@ impl Snapshot {
             global,
             consumers,
             trusted,
+            mode,
             gateway,
             plugin_metadata,
             upstreams,

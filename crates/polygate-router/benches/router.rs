@@ -34,6 +34,7 @@ fn specs(n: usize) -> Vec<RouteSpec> {
                     vec![]
                 },
                 priority: (i % 5) as i64,
+                mode: polygate_router::RouterMode::UriWithParameter,
                 ..Default::default()
             }
         })

@@ -9,4 +9,4 @@ pub mod expr;
 pub mod table;
 
 pub use expr::{Expr, ExprError, VarSource};
-pub use table::{Entry, MatchInput, Matched, RouteError, RouteSpec, Router};
+pub use table::{Entry, MatchInput, Matched, RouteError, RouteSpec, Router, RouterMode};

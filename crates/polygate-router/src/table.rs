@@ -33,6 +33,22 @@ pub struct RouteSpec {
     pub vars: Option<serde_json::Value>,
     /// Higher first.
     pub priority: i64,
+    /// How URIs and hosts are matched (`apisix.router.http`).
+    pub mode: RouterMode,
+}
+
+/// APISIX's HTTP routers (`apisix.router.http`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RouterMode {
+    /// `radixtree_host_uri` (APISIX's default): routes whose host matches are preferred over
+    /// routes without a host; `:name` in a URI is literal text.
+    #[default]
+    HostUri,
+    /// `radixtree_uri`: the URI decides; hosts only filter; `:name` is literal text.
+    Uri,
+    /// `radixtree_uri_with_parameter`: as `radixtree_uri`, and `:name` / `*name` segments
+    /// match path parameters.
+    UriWithParameter,
 }
 
 /// A route compilation error.
@@ -116,6 +132,8 @@ pub struct Entry<T> {
     methods: u16,
     remote_addrs: Vec<IpNet>,
     vars: Option<Expr>,
+    /// `radixtree_host_uri`: a matching host ranks the route (otherwise hosts only filter).
+    host_first: bool,
     /// What the caller attached (e.g. the resolved plugin chain and upstream).
     pub data: T,
 }
@@ -128,16 +146,16 @@ fn method_bit(m: &str) -> Option<u16> {
     METHOD_NAMES.iter().position(|x| *x == m).map(|i| 1u16 << i)
 }
 
-fn compile_uri(u: &str) -> Result<UriPat, RouteError> {
+fn compile_uri(u: &str, with_parameter: bool) -> Result<UriPat, RouteError> {
     if u == "*" {
         return Ok(UriPat {
             key: Arc::from(""),
             kind: UriKind::Prefix,
         });
     }
-    let has_param = u
-        .split('/')
-        .any(|s| s.starts_with(':') || (s.starts_with('*') && s.len() > 1));
+    let has_param = with_parameter
+        && u.split('/')
+            .any(|s| s.starts_with(':') || (s.starts_with('*') && s.len() > 1));
     if has_param {
         let mut segs = Vec::new();
         let parts: Vec<&str> = u.split('/').collect();
@@ -231,7 +249,7 @@ impl<T> Entry<T> {
     pub fn compile(spec: &RouteSpec, data: T) -> Result<Entry<T>, RouteError> {
         let mut uris = Vec::with_capacity(spec.uris.len());
         for u in &spec.uris {
-            uris.push(compile_uri(u)?);
+            uris.push(compile_uri(u, spec.mode == RouterMode::UriWithParameter)?);
         }
         let hosts = spec
             .hosts
@@ -271,14 +289,28 @@ impl<T> Entry<T> {
             methods,
             remote_addrs,
             vars,
+            host_first: spec.mode == RouterMode::HostUri,
             data,
         })
     }
 
     /// 0 = exact host, 1 = wildcard host, 2 = no host condition; `None` = host mismatch.
+    /// Outside `radixtree_host_uri` every matching route ranks 0.
     fn host_rank(&self, host: Option<&str>) -> Option<u8> {
         if self.hosts.is_empty() {
-            return Some(2);
+            return Some(if self.host_first { 2 } else { 0 });
+        }
+        if !self.host_first {
+            let host = host?;
+            return self
+                .hosts
+                .iter()
+                .any(|h| match h {
+                    HostPat::Exact(e) => e == host,
+                    HostPat::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+                    HostPat::Any => true,
+                })
+                .then_some(0);
         }
         let host = host?;
         let mut best = None;
@@ -631,12 +663,16 @@ mod tests {
 
     #[test]
     fn exact_prefix_param() {
+        let param = |id: &str, uri: &str| RouteSpec {
+            mode: RouterMode::UriWithParameter,
+            ..spec(id, uri)
+        };
         let r = build(vec![
             spec("root", "/*"),
             spec("foo", "/foo/*"),
             spec("fooexact", "/foo/bar"),
-            spec("user", "/user/:id"),
-            spec("files", "/files/*path"),
+            param("user", "/user/:id"),
+            param("files", "/files/*path"),
         ]);
         assert_eq!(
             find(&r, "/foo/bar", None, "GET").as_deref(),
@@ -650,6 +686,39 @@ mod tests {
             find(&r, "/files/a/b", None, "GET").as_deref(),
             Some("files")
         );
+    }
+
+    /// APISIX's default router (`radixtree_host_uri`) and `radixtree_uri` take `:name`
+    /// literally (`apisix/core/router.lua`: no parameter matching); a host-bound route wins
+    /// over a longer host-less one only in `radixtree_host_uri`.
+    #[test]
+    fn router_modes() {
+        let r = build(vec![spec("user", "/user/:id")]);
+        assert_eq!(find(&r, "/user/42", None, "GET"), None);
+        assert_eq!(find(&r, "/user/:id", None, "GET").as_deref(), Some("user"));
+        for mode in [RouterMode::HostUri, RouterMode::Uri] {
+            let mut host = RouteSpec {
+                mode,
+                ..spec("host", "/*")
+            };
+            host.hosts = vec!["a.example.com".into()];
+            let long = RouteSpec {
+                mode,
+                ..spec("long", "/api/*")
+            };
+            let r = build(vec![host, long]);
+            let want = if mode == RouterMode::HostUri {
+                "host"
+            } else {
+                "long"
+            };
+            assert_eq!(
+                find(&r, "/api/x", Some("a.example.com"), "GET").as_deref(),
+                Some(want),
+                "{mode:?}"
+            );
+            assert_eq!(find(&r, "/x", Some("b.example.com"), "GET"), None);
+        }
     }
 
     #[test]
