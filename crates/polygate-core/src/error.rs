@@ -24,6 +24,14 @@ pub enum GatewayError {
         /// Cause.
         reason: String,
     },
+    /// An upstream node's host name did not resolve (503, as APISIX).
+    #[error("cannot resolve upstream host {host}: {reason}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// Cause.
+        reason: String,
+    },
     /// The upstream did not answer in time.
     #[error("upstream {addr} timed out ({what})")]
     Timeout {
@@ -72,6 +80,7 @@ impl GatewayError {
             }
             GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Resolve { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Plugin(_) | GatewayError::InvalidUpstreamRequest(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

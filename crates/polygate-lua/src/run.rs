@@ -92,8 +92,10 @@ fn handler_args(
 /// APISIX's `ctx` for serverless functions: `ctx.var` plus the matched ids.
 fn new_api_ctx(lua: &Lua, ctx: &RequestCtx) -> LuaResult<Table> {
     let t = lua.create_table()?;
-    let ngx: Table = lua.globals().get("ngx")?;
-    t.set("var", ngx.get::<Value>("var")?)?;
+    t.set(
+        "var",
+        lua.named_registry_value::<Value>(crate::api::ngx::CTX_VAR)?,
+    )?;
     t.set("route_id", ctx.route_id.as_deref())?;
     t.set("service_id", ctx.service_id.as_deref())?;
     t.set(

@@ -222,15 +222,11 @@ impl Plugin for ProxyRewrite {
             ctx.upstream_host = Some(h.clone());
         }
         if !self.headers.is_empty() {
-            let mut headers = std::mem::take(&mut ctx.headers);
-            self.headers.apply(
-                &mut headers,
-                &WithCaptures {
-                    ctx,
-                    captures: &captures,
-                },
-            );
-            ctx.headers = headers;
+            let ops = self.headers.render(&WithCaptures {
+                ctx,
+                captures: &captures,
+            });
+            ops.apply_to(&mut ctx.headers);
         }
         Flow::Continue
     }

@@ -173,10 +173,9 @@ impl HeaderOps {
         match conf.add {
             AddConf::Map(m) => {
                 for (k, v) in m {
-                    ops.add.push((
-                        header_name(&k, &format!("{key}.add.{k}"))?,
-                        Template::parse(&v),
-                    ));
+                    let p = format!("{key}.add.{k}");
+                    check_value(&v, &p)?;
+                    ops.add.push((header_name(&k, &p)?, Template::parse(&v)));
                 }
             }
             AddConf::List(l) => {
@@ -185,15 +184,15 @@ impl HeaderOps {
                     let (k, v) = split_header_line(line).ok_or_else(|| {
                         ConfError::at(p.clone(), format!("{line:?} is not \"Name: value\""))
                     })?;
+                    check_value(v, &p)?;
                     ops.add.push((header_name(k, &p)?, Template::parse(v)));
                 }
             }
         }
         for (k, v) in conf.set {
-            ops.set.push((
-                header_name(&k, &format!("{key}.set.{k}"))?,
-                Template::parse(&v),
-            ));
+            let p = format!("{key}.set.{k}");
+            check_value(&v, &p)?;
+            ops.set.push((header_name(&k, &p)?, Template::parse(&v)));
         }
         for k in conf.remove {
             ops.remove.push(header_name(&k, &format!("{key}.remove"))?);
@@ -203,28 +202,26 @@ impl HeaderOps {
 
     /// Applies add, then set, then remove. A value that renders empty is not sent: `add`
     /// adds nothing and `set` removes the header (nginx does not pass empty header values).
+    /// Every value is rendered before any header changes, so `$http_*` variables read the
+    /// headers as they were (the two may be the same map).
     pub fn apply(&self, headers: &mut HeaderMap, vars: &dyn VarSource) {
-        for (n, t) in &self.add {
+        self.render(vars).apply_to(headers);
+    }
+
+    /// The values rendered with `vars`, to apply later ([`RenderedOps::apply_to`]).
+    pub fn render(&self, vars: &dyn VarSource) -> RenderedOps<'_> {
+        let value = |t: &Template| {
             let v = t.render(vars);
             if v.is_empty() {
-                continue;
+                None
+            } else {
+                HeaderValue::from_str(&v).ok()
             }
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                headers.append(n.clone(), v);
-            }
-        }
-        for (n, t) in &self.set {
-            let v = t.render(vars);
-            if v.is_empty() {
-                headers.remove(n);
-                continue;
-            }
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                headers.insert(n.clone(), v);
-            }
-        }
-        for n in &self.remove {
-            headers.remove(n);
+        };
+        RenderedOps {
+            add: self.add.iter().map(|(n, t)| (n, value(t))).collect(),
+            set: self.set.iter().map(|(n, t)| (n, value(t))).collect(),
+            remove: &self.remove,
         }
     }
 
@@ -232,6 +229,46 @@ impl HeaderOps {
     pub fn is_empty(&self) -> bool {
         self.add.is_empty() && self.set.is_empty() && self.remove.is_empty()
     }
+}
+
+/// Header operations with their values rendered for one request.
+pub struct RenderedOps<'a> {
+    add: Vec<(&'a HeaderName, Option<HeaderValue>)>,
+    set: Vec<(&'a HeaderName, Option<HeaderValue>)>,
+    remove: &'a [HeaderName],
+}
+
+impl RenderedOps<'_> {
+    /// Applies add, then set (an empty value removes), then remove.
+    pub fn apply_to(self, headers: &mut HeaderMap) {
+        for (n, v) in self.add {
+            if let Some(v) = v {
+                headers.append(n.clone(), v);
+            }
+        }
+        for (n, v) in self.set {
+            match v {
+                Some(v) => {
+                    headers.insert(n.clone(), v);
+                }
+                None => {
+                    headers.remove(n);
+                }
+            }
+        }
+        for n in self.remove {
+            headers.remove(n);
+        }
+    }
+}
+
+/// A header value template: printable text (tabs allowed), no CR, LF or other control bytes
+/// (APISIX refuses them: "invalid value character").
+fn check_value(v: &str, path: &str) -> Result<(), ConfError> {
+    if v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(ConfError::at(path, "invalid value character"));
+    }
+    Ok(())
 }
 
 /// Converts nginx-style `$1` group references to the `${1}` form of the regex crate.

@@ -422,7 +422,13 @@ async fn run_request(
     let route = &entry.data;
     if let Some(status) = route.refuse {
         tracing::error!(route = %route.id, "the route's service or plugin config does not exist");
-        return Ok(Outcome::Local(PluginResponse::new(status, Bytes::new())));
+        let msg = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        let body = serde_json::json!({ "error_msg": msg }).to_string() + "\n";
+        return Ok(Outcome::Local(json_response(status, Bytes::from(body))));
     }
     let global = &snap.global;
     let mut body = Some(body);

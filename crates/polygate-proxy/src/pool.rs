@@ -150,13 +150,19 @@ async fn connect(node: &Node) -> Result<H1Conn, GatewayError> {
         addr: node.key.to_string(),
         reason,
     };
+    // a name that does not resolve is 503, as APISIX answers when it cannot parse a node's
+    // domain
+    let unresolved = |reason: String| GatewayError::Resolve {
+        host: node.host.clone(),
+        reason,
+    };
     let addr: SocketAddr = match node.addr {
         Some(a) => a,
         None => tokio::net::lookup_host((node.host.as_str(), node.port))
             .await
-            .map_err(|e| err(format!("resolve: {e}")))?
+            .map_err(|e| unresolved(e.to_string()))?
             .next()
-            .ok_or_else(|| err("resolve: no address".into()))?,
+            .ok_or_else(|| unresolved("no address".into()))?,
     };
     let stream = TcpStream::connect(addr)
         .await

@@ -167,13 +167,14 @@ impl Snapshot {
                     build_instances(registry, p, &format!("services[{i}].plugins"), &mut errs),
                 );
             }
-            if let Some(u) = &s.upstream {
+            // as for routes, a service's `upstream_id` wins over its inline `upstream`
+            if let Some(uid) = &s.upstream_id {
+                if let Some((_, rt)) = upstreams.get(&uid.0) {
+                    service_upstreams.insert(id, rt.clone());
+                }
+            } else if let Some(u) = &s.upstream {
                 service_upstreams
                     .insert(id, Arc::new(UpstreamRt::build(&format!("service:{id}"), u)));
-            } else if let Some(uid) = &s.upstream_id
-                && let Some((_, rt)) = upstreams.get(&uid.0)
-            {
-                service_upstreams.insert(id, rt.clone());
             }
         }
         let mut pc_plugins: HashMap<&str, InstanceMap> = HashMap::new();

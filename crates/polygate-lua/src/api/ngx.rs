@@ -112,6 +112,9 @@ const CONSTANTS: &[(&str, i64)] = &[
     ("HTTP_INSUFFICIENT_STORAGE", 507),
 ];
 
+/// Registry key of the `ctx.var` table of serverless functions.
+pub(crate) const CTX_VAR: &str = "polygate.ctx_var";
+
 pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     for (k, v) in CONSTANTS {
         ngx.set(*k, *v)?;
@@ -131,6 +134,29 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     )?;
     var.set_metatable(Some(mt))?;
     ngx.set("var", var)?;
+
+    // APISIX's `ctx.var` (serverless functions): the gateway's variables first, so that
+    // `request_uri` is the normalised one APISIX gives plugins; nginx's `ngx.var` keeps the
+    // target as received
+    let ctx_var = lua.create_table()?;
+    let mt = lua.create_table()?;
+    mt.set(
+        "__index",
+        lua.create_function(|_, (_, k): (Value, String)| {
+            with_ctx("ctx.var", |ctx| {
+                Ok(ctx
+                    .var(&k)
+                    .or_else(|| get_var(ctx, &k))
+                    .map(Cow::into_owned))
+            })
+        })?,
+    )?;
+    mt.set(
+        "__newindex",
+        lua.create_function(|_, (_, k, v): (Value, String, Value)| set_var(&k, &v))?,
+    )?;
+    ctx_var.set_metatable(Some(mt))?;
+    lua.set_named_registry_value(CTX_VAR, ctx_var)?;
 
     // ngx.status and ngx.ctx live behind ngx's metatable
     let mt = lua.create_table()?;
@@ -367,6 +393,9 @@ fn set_var(name: &str, v: &Value) -> LuaResult<()> {
     with_ctx_mut("ngx.var", |ctx| {
         match name {
             "args" | "query_string" => ctx.query = text.filter(|t| !t.is_empty()),
+            // APISIX's `ctx.var.upstream_uri`: the exact target sent upstream (checked, like
+            // every target, where the request head is written)
+            "upstream_uri" => ctx.upstream_target = text.filter(|t| !t.is_empty()),
             "uri" | "request_uri" | "request_method" | "remote_addr" | "host" | "scheme" => {
                 return Err(lua_err(format!("variable \"{name}\" not changeable")));
             }
