@@ -8,14 +8,20 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
 export CARGO_TERM_COLOR=never
 
 # System packages the suite needs: kill(1) for signal tests, a C compiler for the C runtimes
-# of the FFI tests. Go (for the Go runtimes) comes with the machine image.
+# of the FFI tests, nginx for the raw-byte probes (tests/probes compare polygate with it).
+# Go (for the Go runtimes) comes with the machine image.
 need_pkgs=()
 command -v kill >/dev/null || need_pkgs+=(procps)
 command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
+[ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-light)
 command -v go >/dev/null || { echo "the FFI tests build Go runtimes: install Go (go1.22+)" >&2; exit 1; }
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}"
+    # the package starts a system nginx on port 80; the tests run their own
+    if [[ " ${need_pkgs[*]} " == *" nginx-light "* ]]; then
+      (systemctl stop nginx || service nginx stop || pkill -x nginx) >/dev/null 2>&1 || true
+    fi
   else
     echo "missing packages: ${need_pkgs[*]} (run as root or install them)" >&2; exit 1
   fi

@@ -57,6 +57,9 @@ pub enum GatewayError {
     /// The request body is larger than a plugin accepts.
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The request target is longer than polygate accepts (414, as nginx).
+    #[error("request target too long")]
+    UriTooLong,
     /// The client stopped sending its request body (nginx's `client_body_timeout`: 408).
     #[error("timed out reading the request body")]
     ClientTimeout,
@@ -86,6 +89,7 @@ impl GatewayError {
             }
             GatewayError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             GatewayError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };

@@ -728,6 +728,42 @@ fn parse_content_length(v: &[u8]) -> Option<u64> {
     found
 }
 
+/// A chunked body that breaks RFC 9112 section 7.1.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("invalid chunked framing")]
+pub struct InvalidChunked;
+
+/// Follows a chunked body fed in pieces, without keeping its data ([`crate::sniff`]).
+#[derive(Debug)]
+pub struct ChunkScan {
+    buf: BytesMut,
+    state: ChunkState,
+}
+
+impl Default for ChunkScan {
+    fn default() -> Self {
+        ChunkScan {
+            buf: BytesMut::new(),
+            state: ChunkState::Size,
+        }
+    }
+}
+
+impl ChunkScan {
+    /// Feeds the next bytes: `Ok(Some(n))` when the body ended after the first `n` of them,
+    /// `Ok(None)` when it goes on, `Err` when it is not valid chunked framing.
+    pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, InvalidChunked> {
+        self.buf.extend_from_slice(data);
+        loop {
+            match step_chunked(&mut self.buf, self.state).map_err(|_| InvalidChunked)? {
+                Step::Data(_, next) | Step::Next(next) => self.state = next,
+                Step::NeedMore => return Ok(None),
+                Step::End => return Ok(Some(data.len() - self.buf.len())),
+            }
+        }
+    }
+}
+
 enum Step {
     Data(Bytes, ChunkState),
     Next(ChunkState),

@@ -121,19 +121,31 @@ pub struct ConnInfo {
     pub client_ip: Box<str>,
     /// Local port as text (`X-Forwarded-Port`).
     pub local_port: Box<str>,
+    /// The byte-level verdicts on this connection's request heads.
+    pub verdicts: crate::sniff::Verdicts,
 }
 
 impl ConnInfo {
     /// Describes a connection.
-    pub fn new(client: SocketAddr, local: SocketAddr) -> ConnInfo {
+    pub fn new(
+        client: SocketAddr,
+        local: SocketAddr,
+        verdicts: crate::sniff::Verdicts,
+    ) -> ConnInfo {
         ConnInfo {
             client,
             local,
             client_ip: client.ip().to_string().into_boxed_str(),
             local_port: local.port().to_string().into_boxed_str(),
+            verdicts,
         }
     }
 }
+
+/// The longest request line or header line accepted (nginx's 8k buffers).
+const MAX_LINE: usize = 8 * 1024 - 16;
+/// The largest request head accepted (nginx's 4 buffers of 8k).
+const MAX_HEAD: usize = 32 * 1024;
 
 /// Request headers that carry the identity an auth plugin established (APISIX's
 /// `attach_consumer`); removed from every client request so that only the gateway sets them.
@@ -148,10 +160,41 @@ pub const IDENTITY_HEADERS: &[&str] = &[
 /// which must be `chunked`, not combined with `Content-Length`, and not in HTTP/1.0
 /// (RFC 9112 sections 3.2 and 6.1–6.3). HTTP/2 requests carry none of these.
 fn check_head(parts: &http::request::Parts) -> Result<(), GatewayError> {
+    let bad = |m: &str| Err(GatewayError::BadRequest(m.to_owned()));
+    // an origin-form target starts with '/'; anything else but absolute-form is refused
+    if parts.uri.scheme().is_none()
+        && !parts
+            .uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().starts_with('/'))
+    {
+        return bad("the request target is not a path");
+    }
     if parts.version >= http::Version::HTTP_2 {
         return Ok(());
     }
-    let bad = |m: &str| Err(GatewayError::BadRequest(m.to_owned()));
+    // nginx: methods are upper-case letters, '_' and '-'
+    if !parts
+        .method
+        .as_str()
+        .bytes()
+        .all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'-')
+    {
+        return bad("invalid method");
+    }
+    // nginx's large_client_header_buffers (4 x 8k): a longer request line is 414, a longer
+    // header line or a larger head 400
+    if parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) > MAX_LINE {
+        return Err(GatewayError::UriTooLong);
+    }
+    let mut total = 0usize;
+    for (k, v) in &parts.headers {
+        let line = k.as_str().len() + 2 + v.len();
+        total += line + 2;
+        if line > MAX_LINE || total > MAX_HEAD {
+            return bad("request header too large");
+        }
+    }
     let h = &parts.headers;
     let hosts = h.get_all(header::HOST).iter().count();
     if hosts > 1 {
@@ -200,7 +243,15 @@ pub async fn handle(
     let (client, local) = (conn.client, conn.local);
     let snap = shared.snapshot();
     let (parts, body) = req.into_parts();
-    let head_check = check_head(&parts);
+    let sniffed = if parts.version < http::Version::HTTP_2 {
+        conn.verdicts.next()
+    } else {
+        None
+    };
+    let head_check = match sniffed {
+        Some(why) => Err(GatewayError::BadRequest(why.to_owned())),
+        None => check_head(&parts),
+    };
     let mut headers = parts.headers;
     // an absolute-form target's authority wins over Host (RFC 9112 section 3.2.2)
     if let Some(a) = parts.uri.authority()

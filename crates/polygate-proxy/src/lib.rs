@@ -8,6 +8,7 @@
 //! - [`upstream`]: nodes, priority tiers and balancers.
 //! - [`h1`]: the upstream HTTP/1.1 client.
 //! - [`io`]: the client send timeout.
+//! - [`sniff`]: a byte-level second look at request heads (framing headers hyper folds).
 //! - [`pool`]: upstream connections and per-thread keep-alive pools.
 //! - [`body`]: request/response bodies with timeouts, body filters and the log hook.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod plane;
 pub mod pool;
 pub mod server;
 pub mod snapshot;
+pub mod sniff;
 pub mod upstream;
 
 pub use server::{ConfigSource, StartError, Started, check, serve, start};
