@@ -40,6 +40,11 @@ const KNOWN_DIFFERENCES: &[(&str, &str)] = &[
         "HTTP/0.9 style",
         "polygate does not serve HTTP/0.9 (400); nginx does",
     ),
+    (
+        "150 headers",
+        "polygate takes at most 100 header lines (431, hyper's limit, as Envoy's default); \
+         nginx bounds the head by size only",
+    ),
 ];
 
 fn probes() -> Vec<(&'static str, Vec<u8>)> {

@@ -175,9 +175,6 @@ fn bind_all(
     Ok(per_worker)
 }
 
-/// Most header lines a request may have (their total size is bounded too).
-const MAX_REQUEST_HEADERS: usize = 1000;
-
 /// Settings the workers need.
 #[derive(Clone, Copy)]
 struct WorkerOpts {
@@ -397,16 +394,14 @@ async fn accept_loop(
     opts: WorkerOpts,
 ) {
     let mut h1 = hyper::server::conn::http1::Builder::new();
-    // nginx bounds request heads by size (large_client_header_buffers), not by header count:
-    // the size limits are checked per request (handler::check_head)
+    // hyper's default of 100 header lines stays (above it hyper allocates the header index
+    // on every request); nginx's size limits are checked per request (handler::check_head)
     h1.timer(TokioTimer::new())
         .writev(false)
-        .max_headers(MAX_REQUEST_HEADERS)
         .header_read_timeout(opts.header_timeout);
     let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     auto.http1()
         .timer(TokioTimer::new())
-        .max_headers(MAX_REQUEST_HEADERS)
         .header_read_timeout(opts.header_timeout);
     loop {
         let (stream, peer) = tokio::select! {

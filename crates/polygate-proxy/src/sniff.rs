@@ -111,6 +111,17 @@ impl<T> Sniffed<T> {
                             return;
                         }
                     }
+                    // the common case: the whole head in this read, nothing buffered
+                    if buf.is_empty()
+                        && let Some(p) = data.windows(4).position(|w| w == b"\r\n\r\n")
+                    {
+                        let (verdict, next) = judge(&data[..p + 4]);
+                        self.verdicts.0.lock().push_back(verdict);
+                        self.state = next;
+                        head_here = true;
+                        data = &data[p + 4..];
+                        continue;
+                    }
                     let start = buf.len().saturating_sub(3);
                     buf.extend_from_slice(data);
                     let Some(end) = buf[start..]
@@ -137,11 +148,24 @@ impl<T> Sniffed<T> {
 
 /// The verdict on one complete head, and how its body is framed.
 fn judge(head: &[u8]) -> (Option<&'static str>, State) {
-    let mut raw = [httparse::EMPTY_HEADER; 1000];
-    let mut req = httparse::Request::new(&mut raw);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
-        return (None, State::Off);
+    // most heads fit 64 header lines; a longer one is parsed again with room for more
+    let mut small = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut small);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => judge_parsed(&req),
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut large = vec![httparse::EMPTY_HEADER; 1000];
+            let mut req = httparse::Request::new(&mut large);
+            match req.parse(head) {
+                Ok(httparse::Status::Complete(_)) => judge_parsed(&req),
+                _ => (None, State::Off),
+            }
+        }
+        _ => (None, State::Off),
     }
+}
+
+fn judge_parsed(req: &httparse::Request<'_, '_>) -> (Option<&'static str>, State) {
     let (mut cl, mut te) = (0usize, 0usize);
     let mut length: Option<u64> = None;
     let mut chunked = false;
@@ -200,8 +224,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Sniffed<T> {
         if let Poll::Ready(Ok(())) = r
             && !matches!(self.state, State::Off)
         {
-            let new = buf.filled()[before..].to_vec();
-            self.feed(&new);
+            let this = &mut *self;
+            this.feed(&buf.filled()[before..]);
         }
         r
     }
