@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use mlua::{Function, HookTriggers, Lua, LuaOptions, Result as LuaResult, StdLib, Table, Value};
@@ -28,8 +28,10 @@ pub struct Settings {
     pub package_cpath: Option<String>,
     /// Bytes per state, 0 = none.
     pub memory_limit: usize,
-    /// Instructions between yields, 0 = none (and JIT on).
+    /// Instructions between yields, 0 = none.
     pub instruction_limit: u64,
+    /// Time between yields; zero = none. With no instruction limit either, the JIT is on.
+    pub time_limit: Duration,
     /// Pending timers per worker.
     pub max_pending_timers: usize,
     /// Default wait for `ngx.load_ffi` calls.
@@ -44,6 +46,7 @@ impl Settings {
             package_cpath: c.package_cpath.clone(),
             memory_limit: c.memory_limit.0 as usize,
             instruction_limit: c.instruction_limit,
+            time_limit: polygate_model::secs(c.time_limit),
             max_pending_timers: c.max_pending_timers,
             ffi_timeout: polygate_model::secs(c.ffi_timeout),
         }
@@ -174,6 +177,9 @@ thread_local! {
     static TICKS_LEFT: Cell<u64> = const { Cell::new(u64::MAX) };
     static TICKS_PER_RUN: Cell<u64> = const { Cell::new(u64::MAX) };
     static KILLED: Cell<bool> = const { Cell::new(false) };
+    /// When the running step must have yielded (`time_limit`); `None` = no time limit.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    static TIME_PER_RUN: Cell<Option<Duration>> = const { Cell::new(None) };
 }
 
 /// Coroutines kept for reuse per state.
@@ -186,6 +192,9 @@ const HOOK_EVERY: u32 = 1000;
 pub(crate) fn reset_budget() {
     TICKS_LEFT.with(|t| t.set(TICKS_PER_RUN.with(Cell::get)));
     KILLED.with(|k| k.set(false));
+    if let Some(limit) = TIME_PER_RUN.with(Cell::get) {
+        DEADLINE.with(|d| d.set(Some(Instant::now() + limit)));
+    }
 }
 
 /// Whether the running handler hit the instruction limit (pcall cannot swallow that).
@@ -246,9 +255,11 @@ impl Vm {
         if settings.memory_limit > 0 {
             lua.set_memory_limit(settings.memory_limit)?;
         }
-        let per_run = if settings.instruction_limit == 0 {
+        let time_limit = (!settings.time_limit.is_zero()).then_some(settings.time_limit);
+        let per_run = if settings.instruction_limit == 0 && time_limit.is_none() {
             u64::MAX
         } else {
+            // the count hook needs the interpreter: compiled traces skip hooks
             lua.load("jit.off()").exec()?;
             lua.set_global_hook(
                 HookTriggers::new().every_nth_instruction(HOOK_EVERY),
@@ -267,11 +278,25 @@ impl Vm {
                                 .saturating_mul(HOOK_EVERY as u64)
                         )));
                     }
+                    if let Some(deadline) = DEADLINE.with(Cell::get)
+                        && Instant::now() > deadline
+                    {
+                        KILLED.with(|k| k.set(true));
+                        return Err(mlua::Error::runtime(format!(
+                            "time limit exceeded ({:?} without yielding)",
+                            TIME_PER_RUN.with(Cell::get).unwrap_or_default()
+                        )));
+                    }
                     Ok(mlua::VmState::Continue)
                 },
             )?;
-            (settings.instruction_limit / HOOK_EVERY as u64).max(1)
+            if settings.instruction_limit == 0 {
+                u64::MAX
+            } else {
+                (settings.instruction_limit / HOOK_EVERY as u64).max(1)
+            }
         };
+        TIME_PER_RUN.with(|t| t.set(time_limit));
         TICKS_PER_RUN.with(|t| t.set(per_run));
         reset_budget();
         let package: Table = lua.globals().get("package")?;

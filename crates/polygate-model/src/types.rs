@@ -203,6 +203,12 @@ pub struct LuaConfig {
     /// JIT compiler on (the limit needs the interpreter: compiled loops skip count hooks).
     #[serde(default = "default_lua_instructions")]
     pub instruction_limit: u64,
+    /// Seconds a handler may run before it yields (each synchronous step: a resume), so a
+    /// runaway handler cannot stall the other requests of its worker thread. Default 0.005
+    /// (5 ms); 0 = none. Checked every 1000 instructions, like `instruction_limit`; with both
+    /// at 0 LuaJIT's JIT compiler is on.
+    #[serde(default = "default_lua_time")]
+    pub time_limit: f64,
     /// Pending `ngx.timer` timers per worker, like `lua_max_pending_timers`. Default 1024.
     #[serde(default = "default_lua_timers")]
     pub max_pending_timers: usize,
@@ -221,6 +227,7 @@ impl Default for LuaConfig {
             shared_dict: Default::default(),
             memory_limit: default_lua_memory(),
             instruction_limit: default_lua_instructions(),
+            time_limit: default_lua_time(),
             max_pending_timers: default_lua_timers(),
             ffi_timeout: default_lua_ffi_timeout(),
         }
@@ -232,6 +239,9 @@ fn default_lua_memory() -> ByteSize {
 }
 fn default_lua_instructions() -> u64 {
     100_000_000
+}
+fn default_lua_time() -> f64 {
+    0.005
 }
 fn default_lua_timers() -> usize {
     1024

@@ -244,6 +244,7 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
     }
     check_timeout(&t.upstream, "gateway.timeouts.upstream", errs);
     let lua = &gw.lua;
+    non_negative_secs(lua.time_limit, "gateway.lua.time_limit", errs);
     if !positive(lua.ffi_timeout) {
         errs.push("gateway.lua.ffi_timeout", POSITIVE_SECS);
     }
