@@ -204,9 +204,9 @@ pub struct LuaConfig {
     #[serde(default = "default_lua_instructions")]
     pub instruction_limit: u64,
     /// Seconds a handler may run before it yields (each synchronous step: a resume), so a
-    /// runaway handler cannot stall the other requests of its worker thread. Default 0.005
-    /// (5 ms); 0 = none. Checked every 1000 instructions, like `instruction_limit`; with both
-    /// at 0 LuaJIT's JIT compiler is on.
+    /// runaway handler cannot stall the other requests of its worker thread. Wall-clock time
+    /// (time the thread was preempted counts). Default 0.02 (20 ms); 0 = none. Checked every
+    /// 1000 instructions, like `instruction_limit`; with both at 0 LuaJIT's JIT compiler is on.
     #[serde(default = "default_lua_time")]
     pub time_limit: f64,
     /// Pending `ngx.timer` timers per worker, like `lua_max_pending_timers`. Default 1024.
@@ -241,7 +241,7 @@ fn default_lua_instructions() -> u64 {
     100_000_000
 }
 fn default_lua_time() -> f64 {
-    0.005
+    0.02
 }
 fn default_lua_timers() -> usize {
     1024
