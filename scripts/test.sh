@@ -39,8 +39,12 @@ passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
 failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
 step "FFI host tests under valgrind (memory errors, leaks)"
 if command -v valgrind >/dev/null || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq valgrind; }; then
-  bash scripts/valgrind-ffi.sh 2>&1 | tee -a "$log" | grep -E "test result|ERROR|lost" || true
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "valgrind found problems" >&2; exit 1; }
+  vlog="$(mktemp)"
+  if bash scripts/valgrind-ffi.sh >"$vlog" 2>&1; then vstatus=0; else vstatus=$?; fi
+  cat "$vlog" >> "$log"
+  grep -E "test result|ERROR|lost" "$vlog" || true
+  rm -f "$vlog"
+  [ "$vstatus" = 0 ] || { echo "valgrind found problems (exit $vstatus)" >&2; exit 1; }
 fi
 step "cargo doc";           RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 step "validate examples"

@@ -233,6 +233,8 @@ pub fn binary() -> PathBuf {
 /// A running `polygate run -c <file>`.
 pub struct Gateway {
     pub port: u16,
+    /// The port written in the configuration's listener (0: chosen by the system).
+    spec_port: u16,
     pub dir: tempdir::Dir,
     pub config: PathBuf,
     child: Option<Child>,
@@ -283,9 +285,36 @@ pub fn with_gateway(port: u16, resources: &str) -> String {
 
 impl Gateway {
     /// Starts the gateway with these resources (YAML) and waits until it accepts connections.
+    /// It listens on a port the system chooses, read back from its log (no port is picked and
+    /// released before the gateway binds it).
     pub fn start(resources: &str) -> Gateway {
-        let port = free_port();
-        Self::start_raw(port, &with_gateway(port, resources))
+        let mut gw = Self::spawn(&with_gateway(0, resources), &[]);
+        gw.port = gw.wait_listening();
+        gw.spec_port = 0;
+        gw.wait_ready();
+        gw
+    }
+
+    /// Waits for the "listening on ADDR" log line; returns its port.
+    fn wait_listening(&mut self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(port) = self.stderr().lines().find_map(|l| {
+                let rest = l.split("listening on ").nth(1)?;
+                let addr = rest.split_whitespace().next()?;
+                addr.rsplit(':').next()?.parse::<u16>().ok()
+            }) {
+                return port;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "gateway exited ({status}) during start-up:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("gateway did not report its port:\n{}", self.stderr());
     }
 
     /// Starts with an exact file text.
@@ -295,6 +324,14 @@ impl Gateway {
 
     /// Starts with an exact file text and more `polygate run` arguments.
     pub fn start_args(port: u16, text: &str, args: &[&str]) -> Gateway {
+        let mut gw = Self::spawn(text, args);
+        gw.port = port;
+        gw.spec_port = port;
+        gw.wait_ready();
+        gw
+    }
+
+    fn spawn(text: &str, args: &[&str]) -> Gateway {
         let dir = tempdir::Dir::new();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, text).unwrap();
@@ -307,14 +344,13 @@ impl Gateway {
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        let mut gw = Gateway {
-            port,
+        Gateway {
+            port: 0,
+            spec_port: 0,
             dir,
             config,
             child: Some(child),
-        };
-        gw.wait_ready();
-        gw
+        }
     }
 
     fn wait_ready(&mut self) {
@@ -344,7 +380,7 @@ impl Gateway {
 
     /// Rewrites the config file (atomically, via rename) with these resources.
     pub fn reload(&self, resources: &str) {
-        self.write_config(&with_gateway(self.port, resources));
+        self.write_config(&with_gateway(self.spec_port, resources));
     }
 
     pub fn write_config(&self, text: &str) {

@@ -196,6 +196,19 @@ pub fn serve(source: ConfigSource, started: Started) -> Result<(), StartError> {
         gw.worker_threads
     };
     let listeners = bind_all(&gw, workers)?;
+    let bound: Vec<(String, bool)> = listeners
+        .first()
+        .map(|ls| {
+            ls.iter()
+                .map(|(l, h2)| {
+                    (
+                        l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                        *h2,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let access_log = if gw.access_log.enabled {
         Some(
             AccessLog::start(gw.access_log.path.as_deref()).map_err(|e| {
@@ -274,12 +287,9 @@ pub fn serve(source: ConfigSource, started: Started) -> Result<(), StartError> {
             .map_err(|e| StartError::Other(format!("spawn worker: {e}")))?;
         handles.push(h);
     }
-    for l in &gw.listeners {
-        tracing::info!(
-            "listening on {} (http2: {}), {workers} worker threads",
-            l.addr,
-            l.http2
-        );
+    // the bound addresses (a port 0 in the configuration shows the one the system chose)
+    for (addr, http2) in &bound {
+        tracing::info!("listening on {addr} (http2: {http2}), {workers} worker threads");
     }
 
     main_rt.block_on(async {
