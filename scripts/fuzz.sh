@@ -12,5 +12,5 @@ targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(config vars path response)
 for t in "${targets[@]}"; do
   echo "==> fuzz $t for ${secs}s"
-  RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | tail -4
+  RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 2>&1 | tail -4
 done

@@ -1,5 +1,6 @@
 //! Cost of a Lua access handler per request, without the network: the plugin's `access` on a
-//! request context, as the gateway calls it (`cargo bench -p polygate-lua`).
+//! request context, as the gateway calls it (`cargo bench -p polygate-lua`). With
+//! `POLYGATE_LUA_LIMITS=off` the instruction and time limits are off, and LuaJIT's JIT on.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -29,9 +30,21 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let _guard = rt.enter();
+    if std::env::var("POLYGATE_LUA_LIMITS").as_deref() == Ok("off") {
+        polygate_lua::vm::configure(&polygate_model::LuaConfig {
+            instruction_limit: 0,
+            time_limit: 0.0,
+            ..Default::default()
+        });
+    }
     for (name, code) in [
         ("empty", ""),
         ("set_header", r#"ngx.req.set_header("X-Lua", ngx.var.uri)"#),
+        // where the JIT matters: Lua-side computation
+        (
+            "loop1000",
+            "local s = 0 for i = 1, 1000 do s = s + i % 7 end ngx.ctx.s = s",
+        ),
     ] {
         let plugin = polygate_lua::plugins::LuaFactory
             .build(&serde_json::json!({"access": code}))

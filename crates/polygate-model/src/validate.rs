@@ -281,6 +281,16 @@ fn validate_apisix(a: &crate::types::ApisixSection, errs: &mut ConfigErrors) {
             );
         }
     }
+    // settings APISIX has and polygate does not implement yet: refused rather than ignored
+    for key in [
+        "delete_uri_tail_slash",
+        "normalize_uri_like_servlet",
+        "match_uri_encoded_slash",
+    ] {
+        if a.other.get(key).is_some_and(|v| v.as_bool() == Some(true)) {
+            errs.push(format!("apisix.{key}"), "not supported yet");
+        }
+    }
     if !ROUTERS.contains(&a.router.http.as_str()) {
         errs.push(
             "apisix.router.http",
