@@ -61,39 +61,31 @@ async fn encoded_and_dot_segment_paths_cannot_bypass_auth() {
     let up = Upstream::start("u").await;
     let gw = Gateway::start(&auth_config(&up.node()));
     let p = gw.port;
-    for path in [
-        "/admin/x",
-        "/%61dmin/x",
-        "/%61%64%6D%69%6E/x",
-        "/x/../admin/x",
-        "/x/%2e%2e/admin/x",
-        "/x%2F..%2Fadmin/x",
-        "//admin/x",
-        "/./admin/x",
-        "/admin/./x",
-    ] {
+    let cases = [
+        ("/admin/x", 401),
+        ("/%61dmin/x", 401),
+        ("/%61%64%6D%69%6E/x", 401),
+        ("/x/../admin/x", 401),
+        ("/x/%2e%2e/admin/x", 401),
+        ("/x%2F..%2Fadmin/x", 401),
+        ("//admin/x", 401),
+        ("/./admin/x", 401),
+        ("/admin/./x", 401),
+        ("/..", 400),
+        ("/../admin/x", 400),
+        ("/a/%2e%2e/..", 400),
+        ("/a%zz", 400),
+        ("/a%0", 400),
+        ("/a%00b", 400),
+        ("/a%FFb", 400),
+    ];
+    for (path, want) in cases {
         let text = raw(
             p,
             format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes(),
         )
         .await;
-        assert_eq!(status_of(&text), 401, "{path}: {text}");
-    }
-    for path in [
-        "/..",
-        "/../admin/x",
-        "/a/%2e%2e/..",
-        "/a%zz",
-        "/a%0",
-        "/a%00b",
-        "/a%FFb",
-    ] {
-        let text = raw(
-            p,
-            format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes(),
-        )
-        .await;
-        assert_eq!(status_of(&text), 400, "{path}: {text}");
+        assert_eq!(status_of(&text), want, "{path}: {text}");
     }
     assert_eq!(up.hits(), 0, "nothing reached the upstream");
     // with the key, the upstream gets the target exactly as the client sent it

@@ -61,13 +61,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for SendTimeout<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write(cx, buf) {
+impl<T> SendTimeout<T> {
+    /// What a write-side call returns, given the inner one's result: progress resets the
+    /// stall timer, a blocked call runs it.
+    fn track<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match r {
             Poll::Ready(r) => {
                 self.stalled = None;
                 Poll::Ready(r)
@@ -77,6 +75,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
                 _ => Poll::Pending,
             },
         }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.track(cx, r)
     }
 
     fn poll_write_vectored(
@@ -84,16 +93,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                self.stalled = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.blocked(cx) {
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                _ => Poll::Pending,
-            },
-        }
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.track(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -101,16 +102,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for SendTimeout<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.io).poll_flush(cx) {
-            Poll::Ready(r) => {
-                self.stalled = None;
-                Poll::Ready(r)
-            }
-            Poll::Pending => match self.blocked(cx) {
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                _ => Poll::Pending,
-            },
-        }
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.track(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
