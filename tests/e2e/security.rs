@@ -282,6 +282,26 @@ async fn request_heads_nginx_refuses() {
             b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: +1\r\n\r\na",
             400,
         ),
+        (
+            "Content-Length repeated, equal",
+            b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\na",
+            400,
+        ),
+        (
+            "Transfer-Encoding with Content-Length",
+            b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 6\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nG",
+            400,
+        ),
+        (
+            "lower-case method",
+            b"get /x HTTP/1.1\r\nhost: a\r\n\r\n",
+            400,
+        ),
+        (
+            "request line over 8 KiB",
+            &[b"GET /".as_slice(), &[b'a'; 9000], b" HTTP/1.1\r\nhost: a\r\n\r\n"].concat(),
+            414,
+        ),
     ];
     for (name, bytes, want) in cases {
         let text = raw(p, bytes).await;
