@@ -125,8 +125,8 @@ pub fn normalize(raw: &str, merge_slashes: bool) -> Result<Cow<'_, str>, PathErr
             }
             b"" => {
                 if last {
-                    // trailing slash
-                    if !out.ends_with(b"/") {
+                    // trailing slash (one more, unless merging and there is one already)
+                    if !(merge_slashes && out.ends_with(b"/")) {
                         out.push(b'/');
                     }
                 } else if !merge_slashes {
@@ -241,6 +241,11 @@ mod tests {
     #[test]
     fn merge_slashes_off_keeps_empty_segments() {
         assert_eq!(normalize("//a//b", false).as_deref(), Ok("//a//b"));
+        // found by the path fuzzer: a decoded path ending in "//" kept both slashes only
+        // when it needed no decoding
+        assert_eq!(normalize("/%3F//", false).as_deref(), Ok("/?//"));
+        assert_eq!(normalize("/a//", false).as_deref(), Ok("/a//"));
+        assert_eq!(normalize("/a//", true).as_deref(), Ok("/a/"));
         assert_eq!(normalize("/a//../b", false).as_deref(), Ok("/a/b"));
     }
 
