@@ -130,6 +130,11 @@ impl<T> Sniffed<T> {
                         .map(|p| start + p + 4)
                     else {
                         if buf.len() > MAX_HEAD {
+                            // whatever hyper makes of it, this head is too large
+                            self.verdicts
+                                .0
+                                .lock()
+                                .push_back(Some("request header too large"));
                             self.state = State::Off;
                         }
                         return;
@@ -146,45 +151,56 @@ impl<T> Sniffed<T> {
     }
 }
 
-/// The verdict on one complete head, and how its body is framed.
-fn judge(head: &[u8]) -> (Option<&'static str>, State) {
-    // most heads fit 64 header lines; a longer one is parsed again with room for more
-    let mut small = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut small);
-    match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => judge_parsed(&req),
-        Err(httparse::Error::TooManyHeaders) => {
-            let mut large = vec![httparse::EMPTY_HEADER; 1000];
-            let mut req = httparse::Request::new(&mut large);
-            match req.parse(head) {
-                Ok(httparse::Status::Complete(_)) => judge_parsed(&req),
-                _ => (None, State::Off),
-            }
-        }
-        _ => (None, State::Off),
+/// The longest header line accepted (nginx's 8k `large_client_header_buffers`).
+pub const MAX_LINE: usize = 8 * 1024 - 16;
+/// The largest request head accepted (nginx's 4 buffers of 8k).
+pub const MAX_HEAD_SIZE: usize = 32 * 1024;
+
+/// `line` starts with `name` (lower case) followed by `:`, in any case.
+fn header_value<'a>(line: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    let n = name.len();
+    if line.len() > n && line[n] == b':' && line[..n].eq_ignore_ascii_case(name) {
+        Some(line[n + 1..].trim_ascii())
+    } else {
+        None
     }
 }
 
-fn judge_parsed(req: &httparse::Request<'_, '_>) -> (Option<&'static str>, State) {
+/// The verdict on one complete head (ending with an empty line), and how its body is framed.
+/// A line scan, not a parse: hyper parses the head; this only looks for what hyper folds.
+fn judge(head: &[u8]) -> (Option<&'static str>, State) {
     let (mut cl, mut te) = (0usize, 0usize);
     let mut length: Option<u64> = None;
     let mut chunked = false;
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            cl += 1;
-            length = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok());
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            te += 1;
-            chunked = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|l| l.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    let mut too_large = head.len() > MAX_HEAD_SIZE;
+    // skip the request line; the last two lines are empty
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() > MAX_LINE {
+            too_large = true;
+        }
+        match line.first().map(u8::to_ascii_lowercase) {
+            Some(b'c') => {
+                if let Some(v) = header_value(line, b"content-length") {
+                    cl += 1;
+                    length = std::str::from_utf8(v).ok().and_then(|v| v.parse().ok());
+                }
+            }
+            Some(b't') => {
+                if let Some(v) = header_value(line, b"transfer-encoding") {
+                    te += 1;
+                    chunked = v
+                        .rsplit(|&b| b == b',')
+                        .next()
+                        .is_some_and(|l| l.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                }
+            }
+            _ => {}
         }
     }
-    let verdict = if cl > 1 {
+    let verdict = if too_large {
+        Some("request header too large")
+    } else if cl > 1 {
         Some("duplicate Content-Length header")
     } else if te > 1 {
         Some("duplicate Transfer-Encoding header")
@@ -203,11 +219,10 @@ fn judge_parsed(req: &httparse::Request<'_, '_>) -> (Option<&'static str>, State
             State::Off
         }
     } else {
-        match length {
-            Some(0) | None if cl == 0 => State::Head(Vec::new()),
-            Some(0) => State::Head(Vec::new()),
-            Some(n) => State::Body(n),
-            None => State::Off,
+        match (cl, length) {
+            (0, _) | (_, Some(0)) => State::Head(Vec::new()),
+            (_, Some(n)) => State::Body(n),
+            (_, None) => State::Off,
         }
     };
     (verdict, next)
