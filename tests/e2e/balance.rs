@@ -113,7 +113,13 @@ routes:
     let slow: Vec<_> = (0..3)
         .map(|_| tokio::spawn(async move { get(p, "/delay/1500").await.upstream() }))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // the three slow requests reached the upstreams
+    assert!(
+        gw.eventually(Duration::from_secs(5), || async {
+            a.hits() + b.hits() >= 3
+        })
+        .await
+    );
     let busy = {
         // the three slow requests went to nodes in turn as counts rose; find the busiest node
         let (ha, hb) = (a.hits(), b.hits());

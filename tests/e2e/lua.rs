@@ -1026,7 +1026,13 @@ routes:
             n
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // the runaway handler is being hit
+    assert!(
+        gw.eventually(Duration::from_secs(5), || async {
+            gw.stderr().contains("time limit exceeded")
+        })
+        .await
+    );
     let mut lat = Vec::new();
     for _ in 0..100 {
         let t = std::time::Instant::now();

@@ -218,7 +218,11 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     ));
     let p = gw.port;
     let inflight = tokio::spawn(async move { get(p, "/delay/800").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // the request is in flight: the upstream has it
+    assert!(
+        gw.eventually(Duration::from_secs(5), || async { u.hits() == 1 })
+            .await
+    );
     gw.signal("TERM");
     let r = inflight.await.unwrap();
     assert_eq!(r.status, 200);
@@ -343,7 +347,11 @@ async fn apisix_standalone_file_and_default_config() {
     );
     assert_eq!(get(9080, "/hello").await.upstream(), "u");
     drop(gw);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // the port is free again once the process is gone
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpListener::bind("0.0.0.0:9080").is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     let mut child = Command::new(binary())
         .arg("run")
