@@ -18,6 +18,32 @@ use crate::vm::{Source, SourceKind, Vm, discard_vm, reset_budget, vm};
 /// What a handler ended with.
 type Outcome = Result<Option<PluginResponse>, PluginError>;
 
+/// Handlers that may wait at once on one worker. Each holds a coroutine reference, and a Lua
+/// state takes about 8000 references at a time (mlua panics beyond); above this bound a
+/// request gets an immediate 503 instead.
+const MAX_WAITING: usize = 2000;
+
+thread_local! {
+    static WAITING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static REFUSED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one waiting handler for as long as it lives.
+struct Waiting;
+
+impl Waiting {
+    fn new() -> Waiting {
+        WAITING.with(|w| w.set(w.get() + 1));
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.with(|w| w.set(w.get().saturating_sub(1)));
+    }
+}
+
 fn plugin_error(plugin: &str, phase: LuaPhase, e: &mlua::Error) -> PluginError {
     let message = format!("{} phase: {}", phase.name(), error_text(e));
     after_error(&message);
@@ -139,6 +165,27 @@ pub(crate) fn run_request<'a>(
     ctx: &'a mut RequestCtx,
     src: &'a Arc<Source>,
 ) -> Flow<'a> {
+    if WAITING.with(|w| w.get()) >= MAX_WAITING {
+        // logged on the first refusal and every 1000th after it, not for each
+        let n = REFUSED.with(|r| {
+            r.set(r.get() + 1);
+            r.get()
+        });
+        if n % 1000 == 1 {
+            tracing::warn!(
+                "{plugin}: {MAX_WAITING} Lua handlers already wait on this worker; answering 503 ({n} so far)"
+            );
+        }
+        let mut r = PluginResponse::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"error_msg\":\"503 Service Unavailable\"}\n",
+        );
+        r.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Flow::Respond(r);
+    }
     let (vm, args) = match prepare(plugin, phase, src, ctx) {
         Ok(x) => x,
         Err(e) => return Flow::Fail(e),
@@ -157,6 +204,7 @@ pub(crate) fn run_request<'a>(
             plugin,
             phase,
             kind: src.kind,
+            _waiting: Waiting::new(),
         })),
     }
 }
@@ -195,6 +243,7 @@ struct PhaseRun<'a, F> {
     plugin: &'a str,
     phase: LuaPhase,
     kind: SourceKind,
+    _waiting: Waiting,
 }
 
 impl<F> Future for PhaseRun<'_, F>
