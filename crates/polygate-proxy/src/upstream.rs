@@ -99,20 +99,85 @@ pub struct UpstreamRt {
     pub keepalive: KeepalivePool,
 }
 
-/// FNV-1a with a murmur3 finaliser: stable across processes and versions (so every gateway
-/// instance of a cluster maps a key to the same node) and well spread for similar inputs.
-fn ring_hash(s: &[u8]) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// CRC-32 (IEEE), the table form of zlib's and of nginx's `ngx_crc32`.
+const CRC_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
     }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    (h >> 32) as u32
+    t
+};
+
+/// Continues a CRC-32 register `c` over `bytes` (no pre- or post-inversion).
+fn crc32_update(mut c: u32, bytes: &[u8]) -> u32 {
+    for &b in bytes {
+        c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
+    }
+    c
+}
+
+/// CRC-32 of `s` (`ngx.crc32_short`).
+fn crc32(s: &[u8]) -> u32 {
+    crc32_update(0xffff_ffff, s) ^ 0xffff_ffff
+}
+
+/// Points per unit of weight on the ring (lua-resty-chash's `CONSISTENT_POINTS`).
+const POINTS_PER_WEIGHT: u64 = 160;
+/// The most points one ring gets; weights that would need more are scaled down (APISIX
+/// would allocate them all).
+const MAX_RING_POINTS: u64 = 2_000_000;
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The ring of one priority tier, placed as APISIX's `chash` balancer places it (with
+/// lua-resty-chash): each node, named `host:port` with the colon as a NUL byte, gets weight / gcd × 160
+/// points; the points of a node chain CRC-32 from the CRC register of its name, each over the
+/// previous point's little-endian bytes. So a key goes to the same node under APISIX and
+/// polygate.
+fn apisix_ring(nodes: &[Node], tier: &[usize]) -> Vec<(u32, usize)> {
+    let g = tier
+        .iter()
+        .fold(0u64, |g, &i| gcd(g, u64::from(nodes[i].weight)))
+        .max(1);
+    let units = |i: usize| u64::from(nodes[i].weight) / g;
+    let total: u64 = tier.iter().map(|&i| units(i) * POINTS_PER_WEIGHT).sum();
+    // pathological weights: scale to the bound, keeping proportions
+    let scale = if total > MAX_RING_POINTS {
+        MAX_RING_POINTS as f64 / total as f64
+    } else {
+        1.0
+    };
+    let mut ring = Vec::with_capacity(total.min(MAX_RING_POINTS) as usize);
+    for &i in tier {
+        let num = ((units(i) * POINTS_PER_WEIGHT) as f64 * scale) as u64;
+        // APISIX names a node `host:port` with each ':' replaced by a NUL byte
+        let id = nodes[i].key.replace(':', "\0");
+        // the CRC register of the name, before its final inversion
+        let base = crc32(id.as_bytes()) ^ 0xffff_ffff;
+        let mut prev = [0u8; 4];
+        for _ in 0..num {
+            let h = crc32_update(base, &prev) ^ 0xffff_ffff;
+            ring.push((h, i));
+            prev = h.to_le_bytes();
+        }
+    }
+    // stable: equal hashes keep node order
+    ring.sort_by_key(|&(h, _)| h);
+    ring
 }
 
 impl UpstreamRt {
@@ -183,21 +248,7 @@ impl UpstreamRt {
                     "vars_combinations" => HashOn::VarsCombinations(key),
                     _ => HashOn::Vars(key),
                 };
-                let rings = tiers
-                    .iter()
-                    .map(|tier| {
-                        let mut ring = Vec::new();
-                        for &i in tier {
-                            let n = &nodes[i];
-                            let points = (n.weight as usize).min(100) * 160;
-                            for p in 0..points {
-                                ring.push((ring_hash(format!("{}#{p}", n.key).as_bytes()), i));
-                            }
-                        }
-                        ring.sort_unstable();
-                        ring
-                    })
-                    .collect();
+                let rings = tiers.iter().map(|tier| apisix_ring(&nodes, tier)).collect();
                 Lb::Chash { on, rings }
             }
             "least_conn" => Lb::LeastConn(AtomicUsize::new(0)),
@@ -274,8 +325,10 @@ impl UpstreamRt {
                     if ring.is_empty() {
                         return None;
                     }
-                    let h = ring_hash(key.as_bytes());
-                    let start = ring.partition_point(|(p, _)| *p < h);
+                    // lua-resty-chash's find: the first point at or above the key's hash,
+                    // wrapping to the first; retries walk on from there (its `next`)
+                    let h = crc32(key.as_bytes());
+                    let start = ring.partition_point(|(p, _)| *p < h) % ring.len();
                     (0..ring.len())
                         .map(|k| ring[(start + k) % ring.len()].1)
                         .find(|&i| self.usable(i, tried))
@@ -353,7 +406,18 @@ impl UpstreamRt {
     }
 }
 
+/// The value hashed for a request; an empty or missing one falls back to the client address,
+/// as APISIX's `fetch_chash_hash_key` does.
 fn hash_key(on: &HashOn, ctx: &RequestCtx) -> String {
+    let k = hash_key_of(on, ctx);
+    if k.is_empty() {
+        ctx.client_addr.ip().to_string()
+    } else {
+        k
+    }
+}
+
+fn hash_key_of(on: &HashOn, ctx: &RequestCtx) -> String {
     use polygate_router::VarSource;
     match on {
         HashOn::Vars(v) => ctx.var(v).map(|c| c.into_owned()).unwrap_or_default(),
@@ -404,5 +468,71 @@ impl Drop for ActiveGuard {
         self.up.nodes[self.idx]
             .active
             .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_is_zlib_crc32() {
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(
+            crc32(b"The quick brown fox jumps over the lazy dog"),
+            0x414f_a339
+        );
+    }
+
+    fn node(key: &str, weight: u32) -> Node {
+        let (host, port) = key.rsplit_once(':').unwrap();
+        Node {
+            host: host.into(),
+            port: port.parse().unwrap(),
+            addr: None,
+            key: Arc::from(key),
+            host_header: HeaderValue::from_static("x"),
+            weight,
+            priority: 0,
+            active: AtomicUsize::new(0),
+            ewma_us: AtomicU64::new(0f64.to_bits()),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    fn place(nodes: &[(&str, u32)], key: &str) -> String {
+        let nodes: Vec<Node> = nodes.iter().map(|(k, w)| node(k, *w)).collect();
+        let tier: Vec<usize> = (0..nodes.len()).collect();
+        let ring = apisix_ring(&nodes, &tier);
+        let h = crc32(key.as_bytes());
+        let at = ring.partition_point(|(p, _)| *p < h) % ring.len();
+        nodes[ring[at].1].key.to_string()
+    }
+
+    /// APISIX's `t/node/chash-balance.t` TESTS 2, 4 and 6: with `key: remote_addr` and the
+    /// client 127.0.0.1, two nodes send everything to 1980, three to 1982.
+    #[test]
+    fn placement_matches_apisix() {
+        let two = [("127.0.0.1:1980", 1), ("127.0.0.1:1981", 1)];
+        assert_eq!(place(&two, "127.0.0.1"), "127.0.0.1:1980");
+        let three = [
+            ("127.0.0.1:1980", 1),
+            ("127.0.0.1:1981", 1),
+            ("127.0.0.1:1982", 1),
+        ];
+        assert_eq!(place(&three, "127.0.0.1"), "127.0.0.1:1982");
+        let one = [
+            ("127.0.0.1:1980", 1),
+            ("127.0.0.1:1981", 0),
+            ("127.0.0.1:1982", 0),
+        ];
+        assert_eq!(place(&one, "127.0.0.1"), "127.0.0.1:1980");
+    }
+
+    #[test]
+    fn gcd_of_weights() {
+        assert_eq!(gcd(gcd(0, 1_000_000_000), 4_000_000_000), 1_000_000_000);
+        assert_eq!(gcd(0, 0), 0);
     }
 }
