@@ -3,8 +3,9 @@
 //! - [`types`]: serde types of the configuration file (the `gateway:` section and the APISIX
 //!   resources `routes`, `services`, `upstreams`, `plugin_configs`, `global_rules`, `consumers`,
 //!   `consumer_groups`, `ssls`, `plugin_metadata`), with APISIX's field names.
-//! - [`load`]: reading a file (YAML with APISIX's `#END` marker, or JSON) with `${{ENV}}`
-//!   substitution; parse errors name the key path.
+//! - [`load`]: file formats, APISIX's `#END` marker, `${{ENV}}` substitution, and typed parsing
+//!   of a whole text (the configuration pipeline, `polygate-config`, types each resource on
+//!   its own instead).
 //! - [`validate`]: schema and reference checks, every problem tagged with its key path.
 #![forbid(unsafe_code)]
 

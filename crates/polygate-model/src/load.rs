@@ -29,24 +29,6 @@ impl Format {
     }
 }
 
-/// Reads and parses a configuration file.
-pub fn load_file(path: &Path, env: &dyn Env) -> Result<ConfigFile, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors::one(ConfigError::new(
-            "",
-            format!("cannot read {}: {e}", path.display()),
-        ))
-    })?;
-    let format = Format::from_path(path);
-    if format == Format::Yaml && !has_end_marker(&text) {
-        return Err(ConfigErrors::one(ConfigError::new(
-            "",
-            format!("missing valid end flag in file {}", path.display()),
-        )));
-    }
-    parse_str(&text, format, env)
-}
-
 /// APISIX loads a YAML file only if its last 10 bytes match `#END\s*$`, which guards
 /// against half-written files.
 pub fn has_end_marker(text: &str) -> bool {
