@@ -88,7 +88,7 @@ impl Snapshot {
         }
     }
 
-    /// Whether `ip` is in `gateway.trusted_addresses`.
+    /// Whether `ip` is in `apisix.trusted_addresses`.
     pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {
             std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
