@@ -148,22 +148,19 @@ async fn queue_full_fails_at_once() {
         async move { rt.call(Some(b"2"), Some(Duration::from_millis(500))).await }
     });
     wait_until(|| rt.queued() == 1).await;
-    let t = Instant::now();
     assert_eq!(
         rt.call(Some(b"3"), None).await.unwrap_err(),
         CallError::QueueFull
     );
-    assert!(
-        t.elapsed() < Duration::from_millis(50),
-        "no waiting on a full queue"
-    );
+    // refused without waiting for a slot: the queue is still full
+    assert_eq!(rt.queued(), 1, "no waiting on a full queue");
     assert!(matches!(first.await.unwrap(), Err(CallError::Timeout(_))));
     assert!(matches!(second.await.unwrap(), Err(CallError::Timeout(_))));
     assert_eq!(rt.inflight(), 0, "timed-out calls release their slots");
     // the stuck poller wakes, answers the first task late (discarded) and skips the cancelled
     // second one without the runtime ever seeing it
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!((rt.outstanding(), rt.queued()), (0, 0));
+    // (awaited, not slept on: under valgrind the runtime's thread takes much longer)
+    wait_until(|| (rt.outstanding(), rt.queued()) == (0, 0)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,19 +200,21 @@ async fn timeout_and_late_answer_is_freed() {
     let rt = host()
         .load(lib.to_str().unwrap(), Some("slow:1500"), &opts())
         .unwrap();
-    let t = Instant::now();
     let err = rt
         .call(Some(b"late"), Some(Duration::from_millis(50)))
         .await
         .unwrap_err();
     assert_eq!(err, CallError::Timeout(Duration::from_millis(50)));
-    assert!(
-        t.elapsed() < Duration::from_millis(1000),
-        "did not wait for the runtime"
+    // the call did not wait for the runtime's answer: the task is still queued or held by the
+    // runtime (no wall-clock bound: this test also runs under valgrind, where the runtime may
+    // not even have polled it yet)
+    assert_eq!(
+        rt.outstanding() + rt.queued(),
+        1,
+        "the runtime still holds the task"
     );
-    assert_eq!(rt.outstanding(), 1, "the runtime still holds the task");
-    // the late answer arrives and is discarded
-    wait_until(|| rt.outstanding() == 0).await;
+    // the late answer arrives and is discarded (or the cancelled task is skipped)
+    wait_until(|| rt.outstanding() == 0 && rt.queued() == 0).await;
     assert_eq!(rt.inflight(), 0);
 }
 
