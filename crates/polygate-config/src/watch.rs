@@ -12,15 +12,35 @@ use polygate_model::load::Format;
 use crate::document::Document;
 use crate::pipeline::{Pipeline, Target};
 
-/// Reads and parses a configuration file.
-pub fn read_file(path: &Path, env: &dyn Env) -> Result<Document, polygate_model::ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+/// Reads a configuration file: its document, and its bytes (what a watcher compares).
+pub fn read_file(
+    path: &Path,
+    env: &dyn Env,
+) -> Result<(Document, Vec<u8>), polygate_model::ConfigErrors> {
+    let bytes = std::fs::read(path).map_err(|e| cannot_read(path, &e))?;
+    Ok((parse_bytes(path, &bytes, env)?, bytes))
+}
+
+fn cannot_read(path: &Path, e: &std::io::Error) -> polygate_model::ConfigErrors {
+    polygate_model::ConfigErrors::one(polygate_model::ConfigError::new(
+        "",
+        format!("cannot read {}: {e}", path.display()),
+    ))
+}
+
+/// Parses the bytes of the configuration file `path` (its name gives the format).
+pub fn parse_bytes(
+    path: &Path,
+    bytes: &[u8],
+    env: &dyn Env,
+) -> Result<Document, polygate_model::ConfigErrors> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
         polygate_model::ConfigErrors::one(polygate_model::ConfigError::new(
             "",
-            format!("cannot read {}: {e}", path.display()),
+            format!("{} is not UTF-8: {e}", path.display()),
         ))
     })?;
-    Document::parse(&text, Format::from_path(path), env)
+    Document::parse(text, Format::from_path(path), env)
 }
 
 /// Watches `path` every `interval` for the life of the process, applying each changed
@@ -50,19 +70,26 @@ pub async fn watch_file<T: Target>(
             continue;
         }
         last_stamp = s;
-        let content = std::fs::read(&path).ok();
-        if content == last_content {
+        // the file is read once per change: compared, then parsed from these bytes
+        let read = std::fs::read(&path);
+        if read.as_ref().ok() == last_content.as_ref() {
             continue;
         }
-        last_content = content;
         let started = std::time::Instant::now();
-        let attempt = catch_unwind(AssertUnwindSafe(|| match read_file(&path, env) {
-            Ok(doc) => pipeline.apply(&doc, &origin).map_err(|_| ()),
-            Err(errs) => {
-                pipeline.reject(&origin, &errs);
-                Err(())
+        let attempt = catch_unwind(AssertUnwindSafe(|| {
+            match read
+                .as_ref()
+                .map_err(|e| cannot_read(&path, e))
+                .and_then(|bytes| parse_bytes(&path, bytes, env))
+            {
+                Ok(doc) => pipeline.apply(&doc, &origin).map_err(|_| ()),
+                Err(errs) => {
+                    pipeline.reject(&origin, &errs);
+                    Err(())
+                }
             }
         }));
+        last_content = read.ok();
         match attempt {
             Ok(Ok(a)) => tracing::info!(
                 "configuration reloaded from {origin} ({} resources, {} skipped, {:?})",

@@ -57,6 +57,18 @@ pub enum GatewayError {
     /// The request body is larger than a plugin accepts.
     #[error("request body larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// A resource the route names does not exist: its service (404) or its plugin config
+    /// (503), answered as APISIX answers.
+    #[error("the route's {what} does not exist")]
+    MissingResource {
+        /// Which kind of resource.
+        what: &'static str,
+        /// The status APISIX answers with.
+        status: StatusCode,
+    },
+    /// The gateway refuses more work of this kind for now (503).
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
     /// The request target is longer than polygate accepts (414, as nginx).
     #[error("request target too long")]
     UriTooLong,
@@ -74,6 +86,17 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// The response the client gets, with its JSON content type.
+    pub fn into_response(self) -> crate::PluginResponse {
+        let (status, body) = self.rescue();
+        let mut r = crate::PluginResponse::new(status, body);
+        r.headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+
     /// Status and body sent to the client (APISIX-style `{"error_msg": ...}`).
     pub fn rescue(&self) -> (StatusCode, Bytes) {
         let status = match self {
@@ -83,7 +106,10 @@ impl GatewayError {
             }
             GatewayError::Connect { .. } | GatewayError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::Resolve { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Resolve { .. } | GatewayError::Overloaded(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::MissingResource { status, .. } => *status,
             GatewayError::Plugin(_) | GatewayError::InvalidUpstreamRequest(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use mlua::{Function, Lua, MultiValue, Result as LuaResult, Table, Value};
-use polygate_core::{Flow, PluginError, PluginResponse, RequestCtx, ResponseHead};
+use polygate_core::{Flow, GatewayError, PluginError, PluginResponse, RequestCtx, ResponseHead};
 
 use crate::api::ngx::{EXIT_UNWIND, TIMER_EXIT, touch_time};
 use crate::current::{Enter, LuaPhase, LuaReq, chunk_eof, lua_req};
@@ -176,15 +176,10 @@ pub(crate) fn run_request<'a>(
                 "{plugin}: {MAX_WAITING} Lua handlers already wait on this worker; answering 503 ({n} so far)"
             );
         }
-        let mut r = PluginResponse::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "{\"error_msg\":\"503 Service Unavailable\"}\n",
+        return Flow::Respond(
+            GatewayError::Overloaded("too many Lua handlers waiting on this worker")
+                .into_response(),
         );
-        r.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return Flow::Respond(r);
     }
     let (vm, args) = match prepare(plugin, phase, src, ctx) {
         Ok(x) => x,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use polygate_config::Pipeline;
@@ -276,8 +276,7 @@ pub async fn handle(
     });
     if let Err(e) = bad {
         tracing::info!(client = %client, target = %ctx.request_uri, "refused: {e}");
-        let (status, body) = e.rescue();
-        let mut r = json_response(status, body);
+        let mut r = e.into_response();
         // what follows a head we refused cannot be trusted to be framed as the head says
         r.headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -297,16 +296,8 @@ pub async fn handle(
             .map(|m| (m.entry.clone(), m.params))
     };
     let Some((entry, params)) = found else {
-        let (status, body) = GatewayError::RouteNotFound.rescue();
-        return finish_local(
-            shared,
-            snap,
-            ctx,
-            None,
-            None,
-            json_response(status, body),
-            None,
-        );
+        let r = GatewayError::RouteNotFound.into_response();
+        return finish_local(shared, snap, ctx, None, None, r, None);
     };
     ctx.route_id = Some(entry.data.id.clone());
     ctx.service_id = entry.data.service_id.clone();
@@ -322,18 +313,13 @@ pub async fn handle(
         Err(e) => {
             match &e {
                 GatewayError::Plugin(p) => tracing::error!(route = %entry.data.id, "{p}"),
+                GatewayError::MissingResource { .. } => {
+                    tracing::error!(route = %entry.data.id, "{e}")
+                }
                 _ => tracing::warn!(route = %entry.data.id, uri = %ctx.request_uri, "{e}"),
             }
-            let (status, body) = e.rescue();
-            finish_local(
-                shared,
-                snap,
-                ctx,
-                Some(entry),
-                merged,
-                json_response(status, body),
-                upstream_id,
-            )
+            let r = e.into_response();
+            finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id)
         }
         Ok(Outcome::Upstream {
             head: h1head,
@@ -401,15 +387,6 @@ fn into_response(head: ResponseHead, body: RespBody) -> Response<RespBody> {
     resp
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> PluginResponse {
-    let mut r = PluginResponse::new(status, body);
-    r.headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
 fn finish_local(
     shared: &Arc<Shared>,
     snap: Arc<Snapshot>,
@@ -464,15 +441,8 @@ async fn run_request(
     conn: &ConnInfo,
 ) -> Result<Outcome, GatewayError> {
     let route = &entry.data;
-    if let Some(status) = route.refuse {
-        tracing::error!(route = %route.id, "the route's service or plugin config does not exist");
-        let msg = format!(
-            "{} {}",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        );
-        let body = serde_json::json!({ "error_msg": msg }).to_string() + "\n";
-        return Ok(Outcome::Local(json_response(status, Bytes::from(body))));
+    if let Some((what, status)) = route.refuse {
+        return Err(GatewayError::MissingResource { what, status });
     }
     let global = &snap.global;
     let mut body = Some(body);

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use polygate_config::watch::read_file;
 use polygate_config::{Applied, Document, Pipeline};
 use polygate_core::PluginRegistry;
 use polygate_model::env::SystemEnv;
@@ -62,17 +63,7 @@ pub enum StartError {
 /// Reads the configuration of `source` into a document; also returns the file's bytes.
 fn read(source: &ConfigSource) -> Result<(Document, Option<Vec<u8>>), ConfigErrors> {
     match source {
-        ConfigSource::File(p) => {
-            let bytes = std::fs::read(p).map_err(|e| {
-                ConfigErrors::one(polygate_model::ConfigError::new(
-                    "",
-                    format!("cannot read {}: {e}", p.display()),
-                ))
-            })?;
-            let text = String::from_utf8_lossy(&bytes);
-            let doc = Document::parse(&text, Format::from_path(p), &SystemEnv)?;
-            Ok((doc, Some(bytes)))
-        }
+        ConfigSource::File(p) => read_file(p, &SystemEnv).map(|(doc, bytes)| (doc, Some(bytes))),
         ConfigSource::Embedded(text) => {
             Ok((Document::parse(text, Format::Yaml, &SystemEnv)?, None))
         }
@@ -405,7 +396,7 @@ async fn accept_loop(
 ) {
     let mut h1 = hyper::server::conn::http1::Builder::new();
     // hyper's default of 100 header lines stays (above it hyper allocates the header index
-    // on every request); nginx's size limits are checked per request (handler::check_head)
+    // on every request); nginx's size limits are checked on the bytes (sniff.rs)
     h1.timer(TokioTimer::new())
         .writev(false)
         .header_read_timeout(opts.header_timeout);

@@ -31,9 +31,9 @@ pub struct RouteData {
     pub upstream: Option<Arc<UpstreamRt>>,
     /// Route-level timeout (overrides the upstream's).
     pub timeout: Option<Timeout>,
-    /// The status every request gets because the route names a plugin config (503) or a
-    /// service (404) that does not exist, as APISIX answers.
-    pub refuse: Option<http::StatusCode>,
+    /// What every request gets because the route names a plugin config (503) or a service
+    /// (404) that does not exist, as APISIX answers: the missing kind and the status.
+    pub refuse: Option<(&'static str, http::StatusCode)>,
 }
 
 /// What a compiled route depends on; equal fingerprints mean the compiled entry can be reused.
@@ -288,9 +288,9 @@ impl Snapshot {
                 .as_ref()
                 .is_some_and(|p| !pcs.contains_key(p.0.as_str()))
             {
-                Some(http::StatusCode::SERVICE_UNAVAILABLE)
+                Some(("plugin config", http::StatusCode::SERVICE_UNAVAILABLE))
             } else if sid.is_some() && svc.is_none() {
-                Some(http::StatusCode::NOT_FOUND)
+                Some(("service", http::StatusCode::NOT_FOUND))
             } else {
                 None
             };
