@@ -15,15 +15,19 @@
 //! - [`abi`]: the exported C functions (unsafe, every entry point guarded against panics).
 //! - [`runtime`]: loading libraries, the process-wide registry, [`runtime::Runtime::call`].
 //! - [`plugin`]: the `ffi` gateway plugin.
+//! - [`loader`]: the loading thread (every `dlopen` and `libffi_init` of the process).
+//! - [`signals`]: stop signals kept polygate's whatever runtimes install.
 //! - [`elf`]: reading a library's exports without loading it (configuration checks).
 #![deny(unsafe_code)]
 
 pub mod abi;
 pub mod done;
 pub mod elf;
+pub mod loader;
 pub mod plugin;
 pub mod queue;
 pub mod runtime;
+pub mod signals;
 
 pub use runtime::{CallError, FfiHost, LoadError, LoadOptions, Runtime, host};
 

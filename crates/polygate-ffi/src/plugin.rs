@@ -18,7 +18,9 @@
 //! the response, and its answer is ignored.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -30,7 +32,7 @@ use polygate_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::runtime::{LoadError, LoadOptions, Runtime, host};
+use crate::runtime::{LoadError, LoadOptions, Runtime, Slot, host};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,9 +159,12 @@ struct Ffi {
     lib: String,
     cfg: Option<String>,
     opts: LoadOptions,
-    /// Loaded when the configuration is committed ([`Plugin::on_commit`]), or by the first
-    /// request if that load failed.
-    rt: OnceLock<Arc<Runtime>>,
+    /// The runtime once loaded (the load starts when the configuration is committed
+    /// ([`Plugin::on_commit`]) and runs on the loading thread; requests wait for it without
+    /// blocking their worker, and start it again if it failed or the runtime was unloaded).
+    rt: ArcSwapOption<Runtime>,
+    /// The load in progress, held so the registry keeps it for this configuration.
+    pending: parking_lot::Mutex<Option<Arc<Slot>>>,
     phase: PhaseKind,
     timeout: Duration,
     fail_open: bool,
@@ -238,7 +243,8 @@ impl PluginFactory for FfiFactory {
             lib: c.lib,
             cfg: c.cfg,
             opts,
-            rt: OnceLock::new(),
+            rt: ArcSwapOption::empty(),
+            pending: parking_lot::Mutex::new(None),
             phase,
             timeout: polygate_model::secs(c.timeout),
             fail_open,
@@ -293,13 +299,31 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
 }
 
 impl Ffi {
-    /// The runtime, loading it if the commit could not.
-    fn runtime(&self) -> Result<&Arc<Runtime>, LoadError> {
-        if let Some(rt) = self.rt.get() {
-            return Ok(rt);
+    /// The runtime, waiting for its load (started again if it failed or was unloaded).
+    async fn runtime(&self) -> Result<Arc<Runtime>, LoadError> {
+        if let Some(rt) = &*self.rt.load()
+            && !rt.is_unloaded()
+        {
+            return Ok(rt.clone());
         }
-        let rt = host().load(&self.lib, self.cfg.as_deref(), &self.opts)?;
-        Ok(self.rt.get_or_init(|| rt))
+        let slot = self.start_load();
+        let r = slot.wait().await;
+        self.settle(r)
+    }
+
+    /// The registry's slot for this runtime (a load queued on the loading thread if needed).
+    fn start_load(&self) -> Arc<Slot> {
+        let slot = host().slot(&self.lib, self.cfg.as_deref(), &self.opts);
+        *self.pending.lock() = Some(slot.clone());
+        slot
+    }
+
+    fn settle(&self, r: Result<Arc<Runtime>, LoadError>) -> Result<Arc<Runtime>, LoadError> {
+        if let Ok(rt) = &r {
+            self.rt.store(Some(rt.clone()));
+            *self.pending.lock() = None;
+        }
+        r
     }
 
     fn fail(&self, why: String) -> Result<Option<PluginResponse>, PluginError> {
@@ -320,7 +344,7 @@ impl Ffi {
     }
 
     async fn run(&self, ctx: &mut RequestCtx) -> Result<Option<PluginResponse>, PluginError> {
-        let rt = match self.runtime() {
+        let rt = match self.runtime().await {
             Ok(rt) => rt,
             Err(e) => return self.fail(e.to_string()),
         };
@@ -427,11 +451,11 @@ impl Plugin for Ffi {
     }
 
     fn on_commit(&self) {
-        if let Err(e) = self.runtime() {
-            tracing::error!(
-                "ffi {}: {e} (requests of this configuration will retry the load)",
-                self.key
-            );
+        // the load runs on the loading thread; requests wait for it (failures are logged there
+        // and the next request tries again)
+        let slot = self.start_load();
+        if let Some(r) = slot.try_get() {
+            let _ = self.settle(r.clone());
         }
     }
 
@@ -447,18 +471,28 @@ impl Plugin for Ffi {
         if self.phase != PhaseKind::Log {
             return;
         }
-        let rt = match self.runtime() {
-            Ok(rt) => rt.clone(),
-            Err(e) => {
-                tracing::warn!("ffi {} (log phase): {e}", self.key);
-                return;
-            }
+        let loaded = self.rt.load_full().filter(|rt| !rt.is_unloaded());
+        let slot = match &loaded {
+            Some(_) => None,
+            None => Some(self.start_load()),
         };
         let req = describe(ctx);
         let timeout = self.timeout;
+        let key = self.key.clone();
         // the response is already sent: call in the background and only log failures
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
+                let rt = match (loaded, slot) {
+                    (Some(rt), _) => rt,
+                    (None, Some(slot)) => match slot.wait().await {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::warn!("ffi {key} (log phase): {e}");
+                            return;
+                        }
+                    },
+                    (None, None) => return,
+                };
                 match rt.call(Some(&req), Some(timeout)).await {
                     Ok((0, _)) => {}
                     Ok((rc, _)) => tracing::warn!("ffi {} (log phase): rc {rc}", rt.key),

@@ -186,8 +186,9 @@ impl Runtime {
         if self.unloaded.swap(true, Ordering::AcqRel) {
             return;
         }
+        // out of the registry first: a load_ffi from now on starts a fresh runtime
+        host().forget(&self.key, self);
         self.queue.finish();
-        host().forget(&self.key);
     }
 
     /// Whether [`Runtime::unload`] was called.
@@ -235,8 +236,85 @@ impl Drop for Runtime {
 
 /// The process-wide runtime registry.
 pub struct FfiHost {
-    runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
+    runtimes: Mutex<HashMap<String, Arc<Slot>>>,
     lib_path: Mutex<Vec<PathBuf>>,
+}
+
+/// A runtime of the registry: being loaded on the loading thread, loaded, or failed.
+pub struct Slot {
+    /// Cache key (`lib&cfg`).
+    pub key: String,
+    lib: String,
+    cfg: Option<String>,
+    opts: LoadOptions,
+    started: AtomicBool,
+    state: OnceLock<Result<Arc<Runtime>, LoadError>>,
+    notify: tokio::sync::Notify,
+    blocking: (parking_lot::Mutex<()>, parking_lot::Condvar),
+}
+
+impl Slot {
+    /// The outcome, once the load has run.
+    pub fn try_get(&self) -> Option<&Result<Arc<Runtime>, LoadError>> {
+        self.state.get()
+    }
+
+    /// Waits (asynchronously) for the load; the thread keeps serving other tasks meanwhile.
+    pub async fn wait(&self) -> Result<Arc<Runtime>, LoadError> {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(r) = self.state.get() {
+                return r.clone();
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits for the load, blocking the calling thread (start-up, tools, Lua code that cannot
+    /// yield). On the loading thread itself the load runs here.
+    pub fn wait_blocking(&self) -> Result<Arc<Runtime>, LoadError> {
+        if crate::loader::on_loading_thread() {
+            self.run_load();
+        }
+        let mut g = self.blocking.0.lock();
+        loop {
+            if let Some(r) = self.state.get() {
+                return r.clone();
+            }
+            self.blocking.1.wait(&mut g);
+        }
+    }
+
+    /// Whether this slot can serve a lookup (still loading, or loaded and not unloaded).
+    fn is_live(&self) -> bool {
+        match self.state.get() {
+            None => true,
+            Some(Ok(rt)) => !rt.is_unloaded(),
+            Some(Err(_)) => false,
+        }
+    }
+
+    /// Runs the load (once; on the loading thread).
+    fn run_load(&self) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let r = host().open(&self.key, &self.lib, self.cfg.as_deref(), &self.opts);
+        if let Err(e) = &r {
+            tracing::error!("ffi: loading {}: {e}", self.key);
+        }
+        let failed = r.is_err();
+        let _ = self.state.set(r);
+        {
+            let _g = self.blocking.0.lock();
+            self.blocking.1.notify_all();
+        }
+        self.notify.notify_waiters();
+        if failed {
+            // lua-resty-ffi caches only runtimes that loaded: the next load tries again
+            host().forget_slot(&self.key, self);
+        }
+    }
 }
 
 /// The process-wide host.
@@ -262,8 +340,24 @@ impl FfiHost {
         *self.lib_path.lock() = dirs;
     }
 
-    fn forget(&self, key: &str) {
-        self.runtimes.lock().remove(key);
+    /// Removes `key` from the registry if it still names this runtime (a fresh runtime loaded
+    /// under the same key after an unload stays).
+    fn forget(&self, key: &str, rt: &Runtime) {
+        let mut map = self.runtimes.lock();
+        let same = map
+            .get(key)
+            .and_then(|s| s.state.get())
+            .is_some_and(|r| matches!(r, Ok(x) if std::ptr::eq(&**x, rt)));
+        if same {
+            map.remove(key);
+        }
+    }
+
+    fn forget_slot(&self, key: &str, slot: &Slot) {
+        let mut map = self.runtimes.lock();
+        if map.get(key).is_some_and(|s| std::ptr::eq(&**s, slot)) {
+            map.remove(key);
+        }
     }
 
     /// Unloads runtimes nothing uses any more (only this registry holds them): no plugin
@@ -274,8 +368,11 @@ impl FfiHost {
         let unused: Vec<Arc<Runtime>> = {
             let map = self.runtimes.lock();
             map.values()
-                .filter(|rt| Arc::strong_count(rt) == 1)
-                .cloned()
+                .filter(|s| Arc::strong_count(s) == 1)
+                .filter_map(|s| match s.state.get() {
+                    Some(Ok(rt)) if Arc::strong_count(rt) == 1 => Some(rt.clone()),
+                    _ => None,
+                })
                 .collect()
         };
         let mut keys = Vec::new();
@@ -292,14 +389,23 @@ impl FfiHost {
 
     /// Keys of the loaded runtimes.
     pub fn loaded(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.runtimes.lock().keys().cloned().collect();
+        let mut v: Vec<String> = self
+            .runtimes
+            .lock()
+            .iter()
+            .filter(|(_, s)| matches!(s.state.get(), Some(Ok(rt)) if !rt.is_unloaded()))
+            .map(|(k, _)| k.clone())
+            .collect();
         v.sort();
         v
     }
 
     /// The loaded runtime for this key, if any.
     pub fn get(&self, lib: &str, cfg: Option<&str>) -> Option<Arc<Runtime>> {
-        self.runtimes.lock().get(&cache_key(lib, cfg)).cloned()
+        match self.runtimes.lock().get(&cache_key(lib, cfg))?.state.get() {
+            Some(Ok(rt)) if !rt.is_unloaded() => Some(rt.clone()),
+            _ => None,
+        }
     }
 
     /// Resolves `lib`: an absolute path as is; a name with a `/` relative to the working
@@ -343,19 +449,67 @@ impl FfiHost {
         }
     }
 
-    /// Loads a runtime (or returns the one already loaded for `lib&cfg`), calling
-    /// `libffi_init(cfg, tq)` once per key for the whole process.
+    /// The registry's slot for `lib&cfg`: the runtime already loaded or being loaded, or a new
+    /// slot whose load is queued on the loading thread ([`crate::loader`]). Never blocks: the
+    /// registry's lock is not held while a library loads.
+    pub fn slot(&self, lib: &str, cfg: Option<&str>, opts: &LoadOptions) -> Arc<Slot> {
+        let key = cache_key(lib, cfg);
+        let slot = {
+            let mut map = self.runtimes.lock();
+            if let Some(s) = map.get(&key)
+                && s.is_live()
+            {
+                return s.clone();
+            }
+            let slot = Arc::new(Slot {
+                key: key.clone(),
+                lib: lib.to_owned(),
+                cfg: cfg.map(str::to_owned),
+                opts: opts.clone(),
+                started: AtomicBool::new(false),
+                state: OnceLock::new(),
+                notify: tokio::sync::Notify::new(),
+                blocking: (parking_lot::Mutex::new(()), parking_lot::Condvar::new()),
+            });
+            map.insert(key, slot.clone());
+            slot
+        };
+        let job = slot.clone();
+        crate::loader::submit(move || job.run_load());
+        slot
+    }
+
+    /// Loads a runtime (or returns the one already loaded for `lib&cfg`), waiting for it
+    /// asynchronously; `libffi_init(cfg, tq)` runs once per key for the whole process, on the
+    /// loading thread.
+    pub async fn load_async(
+        &self,
+        lib: &str,
+        cfg: Option<&str>,
+        opts: &LoadOptions,
+    ) -> Result<Arc<Runtime>, LoadError> {
+        self.slot(lib, cfg, opts).wait().await
+    }
+
+    /// [`FfiHost::load_async`] for callers that may block (start-up, tests, tools).
     pub fn load(
         &self,
         lib: &str,
         cfg: Option<&str>,
         opts: &LoadOptions,
     ) -> Result<Arc<Runtime>, LoadError> {
-        let key = cache_key(lib, cfg);
-        let mut map = self.runtimes.lock();
-        if let Some(rt) = map.get(&key) {
-            return Ok(rt.clone());
-        }
+        self.slot(lib, cfg, opts).wait_blocking()
+    }
+
+    /// `dlopen` and `libffi_init` (on the loading thread).
+    fn open(
+        &self,
+        key: &str,
+        lib: &str,
+        cfg: Option<&str>,
+        opts: &LoadOptions,
+    ) -> Result<Arc<Runtime>, LoadError> {
+        let key = key.to_owned();
         let path = self.resolve(lib);
         let c_cfg = match cfg {
             Some(c) => Some(CString::new(c).map_err(|_| LoadError::BadCfg {
@@ -377,8 +531,9 @@ impl FfiHost {
                     lib: lib.to_owned(),
                     reason: e.to_string(),
                 }
-            })?;
-        let library: libloading::Library = library.into();
+            });
+        crate::signals::reassert();
+        let library: libloading::Library = library?.into();
         type InitFn = unsafe extern "C" fn(*mut c_char, *mut c_void) -> c_int;
         // SAFETY: the symbol's type is the published libffi_init signature
         let init: InitFn = match unsafe { library.get::<InitFn>(b"libffi_init\0") } {
@@ -403,6 +558,8 @@ impl FfiHost {
             // SAFETY: created by CString::into_raw above; the runtime no longer uses it
             drop(unsafe { CString::from_raw(cfg_ptr) });
         }
+        // a runtime may have installed signal handlers over polygate's (JVM, Node.js)
+        crate::signals::reassert();
         if rc != 0 {
             queue.finish();
             // a pinned runtime may have started threads before failing: its library and the
@@ -414,8 +571,8 @@ impl FfiHost {
             });
         }
         tracing::info!("ffi: loaded {} (key {key:?})", path.display());
-        let rt = Arc::new(Runtime {
-            key: key.clone(),
+        Ok(Arc::new(Runtime {
+            key,
             path,
             queue,
             handle,
@@ -424,9 +581,7 @@ impl FfiHost {
             max_inflight: opts.max_inflight.max(1),
             inflight: Arc::new(AtomicUsize::new(0)),
             unloaded: AtomicBool::new(false),
-        });
-        map.insert(key, rt.clone());
-        Ok(rt)
+        }))
     }
 }
 

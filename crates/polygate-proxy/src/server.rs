@@ -174,9 +174,13 @@ struct WorkerOpts {
     send_timeout: Duration,
 }
 
+/// The stop signals the gateway drains on: a receiver that sees the last signal number
+/// received (`None` until then). Without one, [`serve`] installs tokio's handlers.
+pub type StopSignals = Option<watch::Receiver<Option<i32>>>;
+
 /// Runs the gateway until SIGTERM, SIGQUIT or SIGINT; in-flight requests then get up to
 /// `gateway.timeouts.graceful_shutdown` to finish.
-pub fn serve(source: ConfigSource, started: Started) -> Result<(), StartError> {
+pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Result<(), StartError> {
     let Started {
         config, baseline, ..
     } = started;
@@ -307,7 +311,20 @@ pub fn serve(source: ConfigSource, started: Started) -> Result<(), StartError> {
                     .await;
             });
         }
-        wait_for_signal().await;
+        match stop {
+            Some(mut rx) => {
+                let sig = loop {
+                    if let Some(sig) = *rx.borrow_and_update() {
+                        break sig;
+                    }
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tracing::info!("{} received", signal_name(sig));
+            }
+            None => wait_for_signal().await,
+        }
     });
     tracing::info!(
         "shutting down: no new connections; waiting up to {:?} for in-flight requests",
@@ -319,6 +336,15 @@ pub fn serve(source: ConfigSource, started: Started) -> Result<(), StartError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        15 => "SIGTERM",
+        3 => "SIGQUIT",
+        2 => "SIGINT",
+        _ => "stop signal",
+    }
 }
 
 async fn wait_for_signal() {

@@ -73,6 +73,16 @@ fn init_logs(level: &str) -> impl Fn(&str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Run { .. } = cli.cmd {
+        // the main thread becomes the FFI loading thread (every dlopen and libffi_init runs
+        // there, and the process exits from it, as an nginx worker does); the gateway runs on a
+        // thread of its own
+        return polygate_ffi::loader::run_main(move || run(cli));
+    }
+    run(cli)
+}
+
+fn run(cli: Cli) -> ExitCode {
     // keep the FFI host's C functions in the executable (the build script exports them)
     std::hint::black_box(polygate_ffi::abi::exported_symbols());
     let mut registry = polygate_plugins::registry();
@@ -120,6 +130,14 @@ fn main() -> ExitCode {
             let name = source.name();
             // logs go to stderr from the start: the first load logs the resources it skips
             let set_level = init_logs("info");
+            // polygate's stop-signal handling, kept over whatever handlers runtimes install
+            let stop = match polygate_ffi::signals::install() {
+                Ok(rx) => Some(rx),
+                Err(e) => {
+                    tracing::warn!("signals: {e}; using the default handlers");
+                    None
+                }
+            };
             let started = match start(&source, registry, strict) {
                 Ok(x) => x,
                 Err(errs) => {
@@ -139,7 +157,7 @@ fn main() -> ExitCode {
                 started.applied.skipped.0.len()
             );
             drop(snap);
-            match serve(source, started) {
+            match serve(source, started, stop) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
