@@ -6,6 +6,7 @@ mod support;
 mod balance;
 mod config;
 mod ffi;
+mod ffi_loading;
 mod lua;
 mod ops;
 mod plugins;
