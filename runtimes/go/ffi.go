@@ -38,10 +38,12 @@ typedef uint32_t (*pg_version_fn)(void);
 typedef int (*pg_poll_n_fn)(void *, void **, int);
 typedef void (*pg_respond2_fn)(void *, int, char *, size_t, void (*)(void *));
 typedef int (*pg_cancelled_fn)(void *);
+typedef int64_t (*pg_remaining_fn)(void *);
 
 static pg_poll_n_fn pg_poll_n_p;
 static pg_respond2_fn pg_respond2_p;
 static pg_cancelled_fn pg_cancelled_p;
+static pg_remaining_fn pg_remaining_p;
 
 // Looks up polygate's extensions; 0 when the host does not have them (e.g. OpenResty).
 static int pg_detect(void) {
@@ -49,11 +51,13 @@ static int pg_detect(void) {
 	pg_poll_n_p = (pg_poll_n_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_poll_n");
 	pg_respond2_p = (pg_respond2_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_respond2");
 	pg_cancelled_p = (pg_cancelled_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_is_cancelled");
-	if (!v || !pg_poll_n_p || !pg_respond2_p || !pg_cancelled_p) return 0;
+	pg_remaining_p = (pg_remaining_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_remaining_ms");
+	if (!v || !pg_poll_n_p || !pg_respond2_p || !pg_cancelled_p || !pg_remaining_p) return 0;
 	return (v() >> 16) == 1;
 }
 static int pg_poll_n(void *tq, void **out, int max) { return pg_poll_n_p(tq, out, max); }
 static int pg_cancelled(void *t) { return pg_cancelled_p(t); }
+static int64_t pg_remaining(void *t) { return pg_remaining_p(t); }
 
 // Answers with a malloc'd copy of buf (the host frees it).
 static void pg_respond(int ext, void *t, int rc, const void *buf, size_t len) {
@@ -67,10 +71,12 @@ static void pg_respond(int ext, void *t, int rc, const void *buf, size_t len) {
 import "C"
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"strings"
 	"sync"
+	"time"
 	"unsafe"
 )
 
@@ -79,6 +85,76 @@ type Handler func(req []byte) (rc int, rsp []byte)
 
 // AsyncHandler answers one request by calling respond exactly once, from any goroutine.
 type AsyncHandler func(req []byte, respond func(rc int, rsp []byte))
+
+// TaskHandler answers one request seen as a [Task]: it can tell whether the caller is gone
+// and how long it will still wait. Each request runs on its own goroutine.
+type TaskHandler func(t *Task) (rc int, rsp []byte)
+
+// TaskFactory builds a [TaskHandler] from the cfg given to libffi_init.
+type TaskFactory func(cfg string) (TaskHandler, Options, error)
+
+// Task is one request as a [TaskHandler] sees it. It is valid until the handler returns.
+type Task struct {
+	t       task
+	req     []byte
+	cancels []context.CancelFunc
+}
+
+// Request is the request's bytes.
+func (t *Task) Request() []byte { return t.req }
+
+// Cancelled reports whether the caller is gone (timed out, client disconnected): its answer
+// will be discarded, so the work may stop early. Always false under lua-resty-ffi.
+func (t *Task) Cancelled() bool { return t.t.cancelled() }
+
+// Remaining is how long the caller will still wait; ok is false when the call has no
+// deadline (or the host is lua-resty-ffi, which has none).
+func (t *Task) Remaining() (d time.Duration, ok bool) {
+	if !ext {
+		return 0, false
+	}
+	ms := int64(C.pg_remaining(t.t.p))
+	if ms < 0 {
+		return 0, false
+	}
+	return time.Duration(ms) * time.Millisecond, true
+}
+
+// CancelCheckInterval is how often a [Task.Context] asks the host whether the caller is gone.
+var CancelCheckInterval = 5 * time.Millisecond
+
+// Context returns a context whose deadline is the caller's and which is cancelled once the
+// host reports the caller gone (checked every [CancelCheckInterval]). Pass it to the
+// libraries the handler calls (net/http, database/sql). Cancel is called when the handler
+// returns.
+func (t *Task) Context() context.Context {
+	ctx := context.Background()
+	var cancel context.CancelFunc
+	if d, ok := t.Remaining(); ok {
+		ctx, cancel = context.WithTimeout(ctx, d)
+	} else {
+		ctx, cancel = context.WithCancel(ctx)
+	}
+	t.cancels = append(t.cancels, cancel)
+	if ext {
+		go func() {
+			tick := time.NewTicker(CancelCheckInterval)
+			defer tick.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+					if t.t.cancelled() {
+						cancel()
+						return
+					}
+				}
+			}
+		}()
+	}
+	return ctx
+}
 
 // Options tune the poll loop.
 type Options struct {
@@ -101,6 +177,7 @@ type AsyncFactory func(cfg string) (AsyncHandler, Options, error)
 type entry struct {
 	sync  Factory
 	async AsyncFactory
+	task  TaskFactory
 }
 
 var (
@@ -124,6 +201,14 @@ func HandleAsync(name string, f AsyncFactory) {
 	mu.Lock()
 	defer mu.Unlock()
 	factories[name] = entry{async: f}
+}
+
+// HandleTask registers a [TaskHandler] factory under name ("" = default): each request runs
+// on its own goroutine and can see cancellation and the remaining time.
+func HandleTask(name string, f TaskFactory) {
+	mu.Lock()
+	defer mu.Unlock()
+	factories[name] = entry{task: f}
 }
 
 // HasExtensions reports whether the host offers polygate's extensions.
@@ -156,13 +241,15 @@ func libffi_init(cfg *C.char, tq unsafe.Pointer) C.int {
 		fmt.Fprintln(os.Stderr, "polygate ffi:", err)
 		return 1
 	}
-	var sh Handler
-	var ah AsyncHandler
+	var h handlers
 	var opts Options
-	if f.sync != nil {
-		sh, opts, err = f.sync(rest)
-	} else {
-		ah, opts, err = f.async(rest)
+	switch {
+	case f.sync != nil:
+		h.sync, opts, err = f.sync(rest)
+	case f.async != nil:
+		h.async, opts, err = f.async(rest)
+	default:
+		h.task, opts, err = f.task(rest)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "polygate ffi: init:", err)
@@ -175,7 +262,7 @@ func libffi_init(cfg *C.char, tq unsafe.Pointer) C.int {
 		opts.Batch = 32
 	}
 	for i := 0; i < opts.Pollers; i++ {
-		go pollLoop(tq, sh, ah, opts)
+		go pollLoop(tq, h, opts)
 	}
 	return 0
 }
@@ -227,7 +314,14 @@ func poll(tq unsafe.Pointer, batch int) []task {
 	return []task{{p}}
 }
 
-func pollLoop(tq unsafe.Pointer, sh Handler, ah AsyncHandler, opts Options) {
+// handlers holds the one handler a runtime was built with.
+type handlers struct {
+	sync  Handler
+	async AsyncHandler
+	task  TaskHandler
+}
+
+func pollLoop(tq unsafe.Pointer, h handlers, opts Options) {
 	for {
 		tasks := poll(tq, opts.Batch)
 		if len(tasks) == 0 {
@@ -239,10 +333,13 @@ func pollLoop(tq unsafe.Pointer, sh Handler, ah AsyncHandler, opts Options) {
 				continue
 			}
 			req := t.request()
-			if sh != nil {
-				runInline(t, sh, req)
-			} else {
-				runAsync(t, ah, req)
+			switch {
+			case h.sync != nil:
+				runInline(t, h.sync, req)
+			case h.async != nil:
+				runAsync(t, h.async, req)
+			default:
+				runTask(t, h.task, req)
 			}
 		}
 	}
@@ -258,6 +355,24 @@ func runInline(t task, h Handler, req []byte) {
 	rc, rsp := h(req)
 	answered = true
 	t.respond(rc, rsp)
+}
+
+func runTask(t task, h TaskHandler, req []byte) {
+	go func() {
+		tk := &Task{t: t, req: req}
+		answered := false
+		defer func() {
+			for _, c := range tk.cancels {
+				c()
+			}
+			if r := recover(); r != nil && !answered {
+				t.respond(1, []byte(fmt.Sprint("handler panicked: ", r)))
+			}
+		}()
+		rc, rsp := h(tk)
+		answered = true
+		t.respond(rc, rsp)
+	}()
 }
 
 func runAsync(t task, h AsyncHandler, req []byte) {

@@ -576,6 +576,8 @@ async fn load_ffi_with_go_and_rust_runtimes() {
     let libdir = go.parent().unwrap().display().to_string();
     let rustdir = rust.parent().unwrap().display().to_string();
     let u = Upstream::start("u").await;
+    let dir = tempdir::Dir::new();
+    let cancel_log = dir.path().join("cancelled.txt");
     let cases = vec![
         case(
             "goecho",
@@ -631,6 +633,32 @@ async fn load_ffi_with_go_and_rust_runtimes() {
             |r| body_is(r, 200, "false timeout\n"),
         ),
         case(
+            "deadline",
+            r#"local rt = ngx.load_ffi("ffi_go_echo", "deadline", {timeout = 2})
+            local ok, res = rt:call("x")
+            local ms = tonumber(res:match("remaining (%d+)"))
+            ngx.say(ok, " ", ms ~= nil and ms > 1000 and ms <= 2000)"#,
+            "/deadline",
+            |r| body_is(r, 200, "true true\n"),
+        ),
+        Case {
+            plugins: access(&format!(
+                r#"local rt = ngx.load_ffi("ffi_go_echo", "cancel:{}", {{timeout = 0.2}})
+                local ok, err = rt:call("gone")
+                ngx.say(ok, " ", err)"#,
+                cancel_log.display()
+            )),
+            // the handler's context ends at the caller's deadline: its answer (rc 1) and the
+            // host's timeout race
+            ..case("cancel", "", "/cancel", |r| {
+                assert!(
+                    r.body == "false timeout\n" || r.body == "false 1\n",
+                    "{}",
+                    r.body
+                )
+            })
+        },
+        case(
             "concurrent",
             r#"local demo = ngx.load_ffi("ffi_go_echo")
             local id = ngx.var.arg_id
@@ -664,6 +692,15 @@ async fn load_ffi_with_go_and_rust_runtimes() {
         json!({"ffi_lib_path": [libdir, rustdir]}),
     );
     run_cases(&gw, &cases).await;
+    // the Go handler saw its caller give up through its context (Go SDK's Task.Context)
+    let seen = gw
+        .eventually(Duration::from_secs(3), || async {
+            std::fs::read_to_string(&cancel_log)
+                .unwrap_or_default()
+                .starts_with("cancelled gone")
+        })
+        .await;
+    assert!(seen, "{:?}", std::fs::read_to_string(&cancel_log));
 
     // many requests, each waiting on its own FFI call: no answer reaches the wrong coroutine
     let port = gw.port;

@@ -11,6 +11,9 @@
 //	fail            answer rc 3 (an error)
 //	hang            never answer
 //	logto:<file>    append "<status> <path>" lines (for the log phase)
+//	deadline        answer the time the caller still waits ("remaining <ms>" or "no deadline")
+//	cancel:<file>   wait until the caller gives up, then append "cancelled <request>" (the
+//	                handler sees the cancellation through its context)
 package main
 
 import (
@@ -76,6 +79,30 @@ func init() {
 			}, opts, nil
 		}
 		return func(req []byte) (int, []byte) { return 0, req }, opts, nil
+	})
+	ffi.HandleTask("deadline", func(string) (ffi.TaskHandler, ffi.Options, error) {
+		return func(t *ffi.Task) (int, []byte) {
+			if d, ok := t.Remaining(); ok {
+				return 0, []byte(fmt.Sprintf("remaining %d", d.Milliseconds()))
+			}
+			return 0, []byte("no deadline")
+		}, ffi.Options{}, nil
+	})
+	ffi.HandleTask("cancel", func(path string) (ffi.TaskHandler, ffi.Options, error) {
+		var mu sync.Mutex
+		return func(t *ffi.Task) (int, []byte) {
+			ctx := t.Context()
+			<-ctx.Done()
+			mu.Lock()
+			defer mu.Unlock()
+			f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+			if err != nil {
+				return 1, []byte(err.Error())
+			}
+			defer f.Close()
+			fmt.Fprintf(f, "cancelled %s (%v)\n", t.Request(), ctx.Err())
+			return 1, []byte("cancelled")
+		}, ffi.Options{}, nil
 	})
 	// "hang" registers no handler: requests are taken and never answered
 	ffi.HandleAsync("hang", func(string) (ffi.AsyncHandler, ffi.Options, error) {
