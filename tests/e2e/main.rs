@@ -10,6 +10,7 @@ mod ffi_loading;
 mod lua;
 mod ops;
 mod plugins;
+mod python_rt;
 mod routing;
 mod security;
 mod upstream_http;

@@ -544,6 +544,35 @@ pub mod libs {
         })
     }
 
+    /// polygate's Python loader (`cargo build -p polygate-python`, done by scripts/test.sh), in a
+    /// directory of its own with `libresty_ffi_python.so` linked to it (lua-resty-ffi's other
+    /// name for its Python loader). Returns that directory.
+    pub fn python_dir() -> PathBuf {
+        once("python", || {
+            let exe = std::env::current_exe().unwrap();
+            let target = exe.parent().and_then(Path::parent).unwrap();
+            let lib = target.join("libffi_python3.so");
+            assert!(
+                lib.exists(),
+                "{} is missing: run `cargo build -p polygate-python` first (scripts/test.sh does)",
+                lib.display()
+            );
+            let dir = out_dir().join("python");
+            std::fs::create_dir_all(&dir).unwrap();
+            for name in ["libffi_python3.so", "libresty_ffi_python.so"] {
+                let link = dir.join(name);
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(&lib, &link).unwrap();
+            }
+            dir
+        })
+    }
+
+    /// A directory of test runtimes under `tests/e2e`.
+    pub fn test_dir(name: &str) -> PathBuf {
+        repo().join("tests/e2e").join(name).canonicalize().unwrap()
+    }
+
     /// The Rust example runtime (`cargo build -p ffi-rust-echo`, done by scripts/test.sh).
     pub fn rust_echo() -> PathBuf {
         let exe = std::env::current_exe().unwrap();

@@ -24,7 +24,7 @@ fn boundary<T>(name: &str, default: T, f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(_) => {
-            tracing::error!("ffi: panic in {name}; returning a neutral value");
+            log_line(0, &format!("ffi: panic in {name}; returning a neutral value"));
             default
         }
     }
@@ -120,7 +120,7 @@ unsafe fn answer(
     // SAFETY: per this function's contract
     let task = unsafe { take_task(tsk) };
     if !task.complete((rc, body)) {
-        tracing::error!("ffi: a task was answered twice; the second answer is dropped");
+        log_line(0, "ffi: a task was answered twice; the second answer is dropped");
     }
 }
 
@@ -294,14 +294,31 @@ pub unsafe extern "C" fn polygate_ffi_log(level: c_int, msg: *const c_char, len:
             // SAFETY: `len` readable bytes per the contract
             unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), len as usize) }
         };
-        let text = String::from_utf8_lossy(bytes);
-        match level {
-            0 => tracing::error!(target: "ffi_runtime", "{text}"),
-            1 => tracing::warn!(target: "ffi_runtime", "{text}"),
-            2 => tracing::info!(target: "ffi_runtime", "{text}"),
-            _ => tracing::debug!(target: "ffi_runtime", "{text}"),
-        }
+        log_line(level, &String::from_utf8_lossy(bytes));
     })
+}
+
+/// Logs a runtime's line: through `tracing` while the gateway runs, straight to stderr once the
+/// process is exiting (library destructors and `atexit` handlers run after the main thread's
+/// thread-locals, which the log subscriber uses, are gone).
+fn log_line(level: c_int, text: &str) {
+    if crate::loader::exiting() {
+        use std::io::Write as _;
+        let tag = match level {
+            0 => "ERROR",
+            1 => "WARN",
+            2 => "INFO",
+            _ => "DEBUG",
+        };
+        let _ = writeln!(std::io::stderr(), "{tag} ffi_runtime: {text}");
+        return;
+    }
+    match level {
+        0 => tracing::error!(target: "ffi_runtime", "{text}"),
+        1 => tracing::warn!(target: "ffi_runtime", "{text}"),
+        2 => tracing::info!(target: "ffi_runtime", "{text}"),
+        _ => tracing::debug!(target: "ffi_runtime", "{text}"),
+    }
 }
 
 /// Addresses of every export. The binary calls this so the linker keeps the functions, and

@@ -15,6 +15,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread::{self, ThreadId};
 
@@ -31,6 +32,13 @@ struct Loader {
 }
 
 static LOADER: OnceLock<Loader> = OnceLock::new();
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Whether the gateway has stopped and the process is exiting (set by [`run_main`] once the
+/// gateway's thread finished): from then on, logging goes straight to stderr.
+pub fn exiting() -> bool {
+    EXITING.load(Ordering::Acquire)
+}
 
 /// Stack of the thread [`run_main`] starts for the gateway (what a main thread has).
 const MAIN_STACK: usize = 8 << 20;
@@ -73,7 +81,9 @@ where
             Msg::Exit => break,
         }
     }
-    match main.join() {
+    let joined = main.join();
+    EXITING.store(true, Ordering::Release);
+    match joined {
         Ok(Ok(r)) => r,
         Ok(Err(p)) | Err(p) => std::panic::resume_unwind(p),
     }

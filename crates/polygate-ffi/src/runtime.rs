@@ -387,6 +387,23 @@ impl FfiHost {
         keys
     }
 
+    /// Unloads every runtime (the gateway stopped): their poll threads get NULL and end, so the
+    /// process exits with no runtime thread inside a language runtime's code.
+    pub fn unload_all(&self) {
+        let all: Vec<Arc<Runtime>> = self
+            .runtimes
+            .lock()
+            .values()
+            .filter_map(|s| match s.state.get() {
+                Some(Ok(rt)) => Some(rt.clone()),
+                _ => None,
+            })
+            .collect();
+        for rt in all {
+            rt.unload();
+        }
+    }
+
     /// Keys of the loaded runtimes.
     pub fn loaded(&self) -> Vec<String> {
         let mut v: Vec<String> = self

@@ -157,7 +157,11 @@ fn run(cli: Cli) -> ExitCode {
                 started.applied.skipped.0.len()
             );
             drop(snap);
-            match serve(source, started, stop) {
+            let served = serve(source, started, stop);
+            // the runtimes' poll threads end before the process exits (on the main thread,
+            // where library destructors such as an interpreter's finalisation then run)
+            polygate_ffi::host().unload_all();
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

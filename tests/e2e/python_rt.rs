@@ -1,0 +1,196 @@
+//! polygate's Python loader (`runtimes/python`, built from source by the test command) through
+//! the real gateway with 2 worker threads: the SDK's plain and async handlers, rc ≠ 0,
+//! exceptions in user code, failing inits, reload with `?`, unload draining, two runtimes of one
+//! module, a runtime in lua-resty-ffi's cffi style, 1,000 concurrent calls, and an exit that
+//! finalises the interpreter on the main thread without hanging.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+/// A Lua route `/call?rt=NAME&req=X` that loads the runtime NAME (a key of `cfgs`) and answers
+/// `ok a b`; `/unload?rt=NAME` unloads it.
+fn config(lib: &str, cfgs: &[(&str, String)]) -> String {
+    let table: String = cfgs
+        .iter()
+        .map(|(k, v)| format!("            [\"{k}\"] = \"{v}\",\n"))
+        .collect();
+    format!(
+        r#"
+routes:
+  - id: call
+    uri: /call
+    plugins:
+      lua:
+        access: |
+          local cfgs = {{
+{table}          }}
+          local rt, err = ngx.load_ffi("{lib}", cfgs[ngx.var.arg_rt])
+          if not rt then
+            ngx.say("load failed: ", tostring(err))
+            return ngx.exit(200)
+          end
+          local ok, a, b = rt:call(ngx.var.arg_req or "x")
+          ngx.say(tostring(ok), " ", tostring(a), " ", tostring(b))
+          return ngx.exit(200)
+  - id: unload
+    uri: /unload
+    plugins:
+      lua:
+        access: |
+          local cfgs = {{
+{table}          }}
+          local rt = ngx.load_ffi("{lib}", cfgs[ngx.var.arg_rt])
+          rt:__unload()
+          ngx.say("unloaded")
+          return ngx.exit(200)
+"#
+    )
+}
+
+fn pgtest(func: &str) -> String {
+    format!(
+        "{}/pgtest,{func}",
+        libs::test_dir("python").display()
+    )
+}
+
+async fn call(p: u16, rt: &str, req: &str) -> String {
+    get(p, &format!("/call?rt={rt}&req={req}")).await.body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_sdk_handlers_errors_reload_and_concurrency() {
+    let pydir = libs::python_dir();
+    let tmp = tempdir::Dir::new();
+    let marker = tmp.path().join("finalized.txt");
+    let reload_dir = tmp.path().join("mods");
+    std::fs::create_dir_all(&reload_dir).unwrap();
+    let reload_src = reload_dir.join("reloadme.py");
+    let write_version = |v: u32| {
+        std::fs::write(
+            &reload_src,
+            format!(
+                "import polygate_ffi\n\ndef init(cfg, tq):\n    return polygate_ffi.serve(tq, lambda req: b\"v{v}:\" + req)\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_version(1);
+    let cfgs = vec![
+        ("echo", pgtest("init_echo")),
+        ("a", format!("{},a", pgtest("init_tagged"))),
+        ("b", format!("{},b", pgtest("init_tagged"))),
+        ("async", pgtest("init_async")),
+        ("slow", pgtest("init_slow")),
+        ("rc", pgtest("init_rc")),
+        ("json", pgtest("init_json")),
+        ("raise", pgtest("init_raise")),
+        ("araise", pgtest("init_async_raise")),
+        ("fail", pgtest("init_fail")),
+        ("boom", pgtest("init_boom")),
+        ("task", pgtest("init_task")),
+        ("gc", pgtest("init_gc")),
+        ("exit", format!("{},{}", pgtest("init_atexit"), marker.display())),
+        ("cffi", format!("{}/cffi_echo,init", libs::test_dir("python").display())),
+        ("reload", format!("{}/reloadme?,init", reload_dir.display())),
+        ("nomod", "no_such_module_here,init".to_owned()),
+    ];
+    let mut gw = Gateway::start(&format!(
+        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\"]\n{}",
+        pydir.display(),
+        config("ffi_python3", &cfgs)
+    ));
+    let p = gw.port;
+
+    assert_eq!(call(p, "echo", "hello").await, "true hello nil\n");
+    assert_eq!(call(p, "a", "x").await, "true a:x nil\n");
+    assert_eq!(call(p, "b", "x").await, "true b:x nil\n");
+    assert_eq!(call(p, "async", "y").await, "true async:y nil\n");
+    assert_eq!(call(p, "rc", "y").await, "false 5 five\n");
+    assert_eq!(call(p, "json", "abc").await, "true {\"len\": 3, \"ok\": true} nil\n");
+    assert_eq!(call(p, "task", "t").await, "true True False t nil\n");
+    assert_eq!(call(p, "cffi", "c").await, "true cffi:c nil\n");
+    assert_eq!(call(p, "gc", "g").await, "true g:2000 nil\n");
+
+    // an exception in user code: rc 1 with the traceback; the gateway and the runtime live on
+    let r = call(p, "raise", "q").await;
+    assert!(r.starts_with("false 1 Traceback"), "{r}");
+    assert!(r.contains("ValueError: bad request q"), "{r}");
+    let r = call(p, "araise", "q").await;
+    assert!(r.starts_with("false 1 Traceback") && r.contains("KeyError: 'async q'"), "{r}");
+    assert_eq!(call(p, "echo", "still").await, "true still nil\n");
+
+    // failing inits: load_ffi returns nil, rc (lua-resty-ffi), and the reason is logged
+    assert_eq!(call(p, "fail", "x").await, "load failed: 3\n");
+    assert_eq!(call(p, "boom", "x").await, "load failed: 1\n");
+    assert!(gw.stderr().contains("RuntimeError: init exploded"), "{}", gw.stderr());
+    assert_eq!(call(p, "nomod", "x").await, "load failed: 1\n");
+    assert!(
+        gw.stderr().contains("ModuleNotFoundError: No module named 'no_such_module_here'"),
+        "{}",
+        gw.stderr()
+    );
+
+    // the lua-resty-ffi name of the same loader
+    let gw2_cfg = vec![("echo", pgtest("init_echo"))];
+    let gw2 = Gateway::start(&format!(
+        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\"]\n{}",
+        pydir.display(),
+        config("resty_ffi_python", &gw2_cfg)
+    ));
+    assert_eq!(call(gw2.port, "echo", "named").await, "true named nil\n");
+    drop(gw2);
+
+    // `?` reloads the module: edit, unload, load again
+    assert_eq!(call(p, "reload", "r").await, "true v1:r nil\n");
+    write_version(2);
+    assert_eq!(get(p, "/unload?rt=reload").await.body, "unloaded\n");
+    assert_eq!(call(p, "reload", "r").await, "true v2:r nil\n");
+
+    // unload drains: calls already taken by the runtime are still answered
+    let slow: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(async move { (i, call(p, "slow", &format!("s{i}")).await) }))
+        .collect();
+    let started = gw
+        .eventually(Duration::from_secs(10), || async {
+            gw.stderr().matches("slow handler started").count() >= 10
+        })
+        .await;
+    assert!(started, "{}", gw.stderr());
+    assert_eq!(get(p, "/unload?rt=slow").await.body, "unloaded\n");
+    for t in slow {
+        let (i, r) = t.await.unwrap();
+        assert_eq!(r, format!("true slow:s{i} nil\n"));
+    }
+
+    // 1,000 concurrent calls on a plain and an async handler: no lost or mismatched answer
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            tokio::spawn(async move {
+                let rt = if i % 2 == 0 { "echo" } else { "async" };
+                (i, rt, call(p, rt, &format!("m{i}")).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, rt, r) = t.await.unwrap();
+        let want = if rt == "echo" {
+            format!("true m{i} nil\n")
+        } else {
+            format!("true async:m{i} nil\n")
+        };
+        assert_eq!(r, want);
+    }
+
+    // SIGTERM: drained, the interpreter finalised at exit (Python's atexit ran), exit 0
+    assert_eq!(call(p, "exit", "e").await, "true e nil\n");
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0), "{}", gw.stderr());
+    assert_eq!(
+        std::fs::read_to_string(&marker).ok().as_deref(),
+        Some("finalized"),
+        "{}",
+        gw.stderr()
+    );
+}
