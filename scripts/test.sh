@@ -30,8 +30,16 @@ fi
 step() { echo; echo "==> $*"; }
 step "cargo fmt --check";   cargo fmt --all --check
 step "cargo clippy";        cargo clippy --workspace --all-targets -q -- -D warnings
-step "build the Rust example runtime (loaded by the end-to-end tests)"
-cargo build -q -p ffi-rust-echo
+step "build the Rust example runtime and the Python loader (loaded by the end-to-end tests)"
+cargo build -q -p ffi-rust-echo -p polygate-python
+step "Python packages: cffi (lua-resty-ffi-style runtimes), a virtualenv with jsonschema (examples/python)"
+python3 -c "import cffi" 2>/dev/null || python3 -m pip install -q cffi
+export POLYGATE_TEST_PYVENV="$CARGO_TARGET_DIR/pyvenv"
+if ! "$POLYGATE_TEST_PYVENV/bin/python" -c "import jsonschema" 2>/dev/null; then
+  rm -rf "$POLYGATE_TEST_PYVENV"
+  python3 -m venv "$POLYGATE_TEST_PYVENV"
+  "$POLYGATE_TEST_PYVENV/bin/pip" install -q jsonschema
+fi
 step "cargo test"
 log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"

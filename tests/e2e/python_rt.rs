@@ -194,3 +194,57 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
         gw.stderr()
     );
 }
+
+/// The virtualenv with `jsonschema` that scripts/test.sh prepares (`POLYGATE_TEST_PYVENV`).
+fn test_venv() -> String {
+    std::env::var("POLYGATE_TEST_PYVENV").unwrap_or_else(|_| {
+        panic!("POLYGATE_TEST_PYVENV is not set: run the suite with scripts/test.sh, which creates a virtualenv with jsonschema")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn python_example_validates_json_bodies_with_jsonschema_from_a_virtualenv() {
+    let pydir = libs::python_dir();
+    let venv = test_venv();
+    let examples = libs::test_dir("../../examples/python");
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        r#"gateway:
+  listeners: [{{addr: "127.0.0.1:0"}}]
+  worker_threads: 2
+  ffi_lib_path: ["{lib}"]
+routes:
+  - id: orders
+    uri: /orders
+    upstream: {{nodes: {{"{node}": 1}}}}
+    plugins:
+      ffi:
+        lib: ffi_python3
+        cfg: "venv={venv};{ex}/validate_json,init,{ex}/order.schema.json"
+        include_body: true
+"#,
+        lib = pydir.display(),
+        node = u.node(),
+        ex = examples.display(),
+    ));
+    let p = gw.port;
+    let json = [("content-type", "application/json")];
+    let r = request(p, "POST", "/orders", &json, r#"{"item": "tea", "quantity": 3}"#).await;
+    assert_eq!(r.status, 200, "{} {}", r.body, gw.stderr());
+    assert_eq!(r.seen_header("x-validated-by").as_deref(), Some("python-jsonschema"));
+    assert_eq!(u.hits(), 1);
+
+    let r = request(p, "POST", "/orders", &json, r#"{"item": "", "quantity": 1000, "x": 1}"#).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["error_msg"], "invalid request body");
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 3, "{v}");
+    assert!(r.body.contains("1000 is greater than the maximum of 100"), "{}", r.body);
+    assert!(r.body.contains("Additional properties are not allowed ('x' was unexpected)"), "{}", r.body);
+
+    let r = request(p, "POST", "/orders", &json, "not json").await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error_msg"].as_str().unwrap().starts_with("body is not JSON"));
+    assert_eq!(u.hits(), 1, "invalid bodies never reach the upstream");
+}
