@@ -15,6 +15,8 @@ command -v kill >/dev/null || need_pkgs+=(procps)
 command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
 [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-light)
 command -v go >/dev/null || { echo "the FFI tests build Go runtimes: install Go (go1.22+)" >&2; exit 1; }
+command -v javac >/dev/null || need_pkgs+=(openjdk-17-jdk-headless)
+command -v mvn >/dev/null || need_pkgs+=(maven)
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}"
@@ -31,7 +33,11 @@ step() { echo; echo "==> $*"; }
 step "cargo fmt --check";   cargo fmt --all --check
 step "cargo clippy";        cargo clippy --workspace --all-targets -q -- -D warnings
 step "build the Rust example runtime and the Python loader (loaded by the end-to-end tests)"
-cargo build -q -p ffi-rust-echo -p polygate-python
+cargo build -q -p ffi-rust-echo -p polygate-python -p polygate-java
+step "Java: the SDK, the examples and the test runtimes (Maven)"
+mvn -q -B -f runtimes/java/sdk/pom.xml install
+mvn -q -B -f examples/java/pom.xml package
+mvn -q -B -f tests/e2e/java/pom.xml package
 step "Python packages: cffi (lua-resty-ffi-style runtimes), a virtualenv with jsonschema (examples/python)"
 python3 -c "import cffi" 2>/dev/null || python3 -m pip install -q cffi
 export POLYGATE_TEST_PYVENV="$CARGO_TARGET_DIR/pyvenv"

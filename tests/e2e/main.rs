@@ -7,6 +7,7 @@ mod balance;
 mod config;
 mod ffi;
 mod ffi_loading;
+mod java_rt;
 mod lua;
 mod ops;
 mod plugins;

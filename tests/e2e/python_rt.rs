@@ -10,7 +10,7 @@ use crate::support::*;
 
 /// A Lua route `/call?rt=NAME&req=X` that loads the runtime NAME (a key of `cfgs`) and answers
 /// `ok a b`; `/unload?rt=NAME` unloads it.
-fn config(lib: &str, cfgs: &[(&str, String)]) -> String {
+pub(crate) fn config(lib: &str, cfgs: &[(&str, String)]) -> String {
     let table: String = cfgs
         .iter()
         .map(|(k, v)| format!("            [\"{k}\"] = \"{v}\",\n"))
@@ -49,13 +49,10 @@ routes:
 }
 
 fn pgtest(func: &str) -> String {
-    format!(
-        "{}/pgtest,{func}",
-        libs::test_dir("python").display()
-    )
+    format!("{}/pgtest,{func}", libs::test_dir("python").display())
 }
 
-async fn call(p: u16, rt: &str, req: &str) -> String {
+pub(crate) async fn call(p: u16, rt: &str, req: &str) -> String {
     get(p, &format!("/call?rt={rt}&req={req}")).await.body
 }
 
@@ -91,8 +88,14 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
         ("boom", pgtest("init_boom")),
         ("task", pgtest("init_task")),
         ("gc", pgtest("init_gc")),
-        ("exit", format!("{},{}", pgtest("init_atexit"), marker.display())),
-        ("cffi", format!("{}/cffi_echo,init", libs::test_dir("python").display())),
+        (
+            "exit",
+            format!("{},{}", pgtest("init_atexit"), marker.display()),
+        ),
+        (
+            "cffi",
+            format!("{}/cffi_echo,init", libs::test_dir("python").display()),
+        ),
         ("reload", format!("{}/reloadme?,init", reload_dir.display())),
         ("nomod", "no_such_module_here,init".to_owned()),
     ];
@@ -108,7 +111,10 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
     assert_eq!(call(p, "b", "x").await, "true b:x nil\n");
     assert_eq!(call(p, "async", "y").await, "true async:y nil\n");
     assert_eq!(call(p, "rc", "y").await, "false 5 five\n");
-    assert_eq!(call(p, "json", "abc").await, "true {\"len\": 3, \"ok\": true} nil\n");
+    assert_eq!(
+        call(p, "json", "abc").await,
+        "true {\"len\": 3, \"ok\": true} nil\n"
+    );
     assert_eq!(call(p, "task", "t").await, "true True False t nil\n");
     assert_eq!(call(p, "cffi", "c").await, "true cffi:c nil\n");
     assert_eq!(call(p, "gc", "g").await, "true g:2000 nil\n");
@@ -118,16 +124,24 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
     assert!(r.starts_with("false 1 Traceback"), "{r}");
     assert!(r.contains("ValueError: bad request q"), "{r}");
     let r = call(p, "araise", "q").await;
-    assert!(r.starts_with("false 1 Traceback") && r.contains("KeyError: 'async q'"), "{r}");
+    assert!(
+        r.starts_with("false 1 Traceback") && r.contains("KeyError: 'async q'"),
+        "{r}"
+    );
     assert_eq!(call(p, "echo", "still").await, "true still nil\n");
 
     // failing inits: load_ffi returns nil, rc (lua-resty-ffi), and the reason is logged
     assert_eq!(call(p, "fail", "x").await, "load failed: 3\n");
     assert_eq!(call(p, "boom", "x").await, "load failed: 1\n");
-    assert!(gw.stderr().contains("RuntimeError: init exploded"), "{}", gw.stderr());
+    assert!(
+        gw.stderr().contains("RuntimeError: init exploded"),
+        "{}",
+        gw.stderr()
+    );
     assert_eq!(call(p, "nomod", "x").await, "load failed: 1\n");
     assert!(
-        gw.stderr().contains("ModuleNotFoundError: No module named 'no_such_module_here'"),
+        gw.stderr()
+            .contains("ModuleNotFoundError: No module named 'no_such_module_here'"),
         "{}",
         gw.stderr()
     );
@@ -186,7 +200,12 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
     // SIGTERM: drained, the interpreter finalised at exit (Python's atexit ran), exit 0
     assert_eq!(call(p, "exit", "e").await, "true e nil\n");
     gw.signal("TERM");
-    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0), "{}", gw.stderr());
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.stderr()
+    );
     assert_eq!(
         std::fs::read_to_string(&marker).ok().as_deref(),
         Some("finalized"),
@@ -229,22 +248,53 @@ routes:
     ));
     let p = gw.port;
     let json = [("content-type", "application/json")];
-    let r = request(p, "POST", "/orders", &json, r#"{"item": "tea", "quantity": 3}"#).await;
+    let r = request(
+        p,
+        "POST",
+        "/orders",
+        &json,
+        r#"{"item": "tea", "quantity": 3}"#,
+    )
+    .await;
     assert_eq!(r.status, 200, "{} {}", r.body, gw.stderr());
-    assert_eq!(r.seen_header("x-validated-by").as_deref(), Some("python-jsonschema"));
+    assert_eq!(
+        r.seen_header("x-validated-by").as_deref(),
+        Some("python-jsonschema")
+    );
     assert_eq!(u.hits(), 1);
 
-    let r = request(p, "POST", "/orders", &json, r#"{"item": "", "quantity": 1000, "x": 1}"#).await;
+    let r = request(
+        p,
+        "POST",
+        "/orders",
+        &json,
+        r#"{"item": "", "quantity": 1000, "x": 1}"#,
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
     let v = r.json();
     assert_eq!(v["error_msg"], "invalid request body");
     let errors = v["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 3, "{v}");
-    assert!(r.body.contains("1000 is greater than the maximum of 100"), "{}", r.body);
-    assert!(r.body.contains("Additional properties are not allowed ('x' was unexpected)"), "{}", r.body);
+    assert!(
+        r.body.contains("1000 is greater than the maximum of 100"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body
+            .contains("Additional properties are not allowed ('x' was unexpected)"),
+        "{}",
+        r.body
+    );
 
     let r = request(p, "POST", "/orders", &json, "not json").await;
     assert_eq!(r.status, 400);
-    assert!(r.json()["error_msg"].as_str().unwrap().starts_with("body is not JSON"));
+    assert!(
+        r.json()["error_msg"]
+            .as_str()
+            .unwrap()
+            .starts_with("body is not JSON")
+    );
     assert_eq!(u.hits(), 1, "invalid bodies never reach the upstream");
 }

@@ -331,7 +331,20 @@ impl Gateway {
         gw
     }
 
+    /// [`Gateway::start`] with extra environment variables for the gateway process.
+    pub fn start_env(resources: &str, env: &[(&str, &str)]) -> Gateway {
+        let mut gw = Self::spawn_env(&with_gateway(0, resources), &[], env);
+        gw.port = gw.wait_listening();
+        gw.spec_port = 0;
+        gw.wait_ready();
+        gw
+    }
+
     fn spawn(text: &str, args: &[&str]) -> Gateway {
+        Self::spawn_env(text, args, &[])
+    }
+
+    fn spawn_env(text: &str, args: &[&str], env: &[(&str, &str)]) -> Gateway {
         let dir = tempdir::Dir::new();
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, text).unwrap();
@@ -339,6 +352,7 @@ impl Gateway {
             .args(["run", "-c"])
             .arg(&config)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
             .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
             .stdin(Stdio::null())
@@ -566,6 +580,40 @@ pub mod libs {
             }
             dir
         })
+    }
+
+    /// The class path of the Java SDK, the Java examples and the Java test runtimes (built with
+    /// Maven by scripts/test.sh).
+    pub fn java_classpath() -> String {
+        let jars = [
+            "runtimes/java/sdk/target/polygate-ffi-0.1.0.jar",
+            "examples/java/target/polygate-java-examples-0.1.0.jar",
+            "tests/e2e/java/target/polygate-java-e2e-0.1.0.jar",
+        ];
+        jars.iter()
+            .map(|j| {
+                let p = repo().join(j);
+                assert!(
+                    p.exists(),
+                    "{} is missing: build the Java SDK and runtimes with Maven first (scripts/test.sh does)",
+                    p.display()
+                );
+                p.canonicalize().unwrap().display().to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
+    /// The directory of polygate's Java loader (`cargo build -p polygate-java`, done by
+    /// scripts/test.sh).
+    pub fn java_dir() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let target = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        assert!(
+            target.join("libffi_java.so").exists(),
+            "libffi_java.so is missing: run `cargo build -p polygate-java` first (scripts/test.sh does)"
+        );
+        target
     }
 
     /// A directory of test runtimes under `tests/e2e`.

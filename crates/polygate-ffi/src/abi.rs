@@ -24,7 +24,10 @@ fn boundary<T>(name: &str, default: T, f: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(_) => {
-            log_line(0, &format!("ffi: panic in {name}; returning a neutral value"));
+            log_line(
+                0,
+                &format!("ffi: panic in {name}; returning a neutral value"),
+            );
             default
         }
     }
@@ -120,7 +123,10 @@ unsafe fn answer(
     // SAFETY: per this function's contract
     let task = unsafe { take_task(tsk) };
     if !task.complete((rc, body)) {
-        log_line(0, "ffi: a task was answered twice; the second answer is dropped");
+        log_line(
+            0,
+            "ffi: a task was answered twice; the second answer is dropped",
+        );
     }
 }
 

@@ -36,8 +36,13 @@ unsafe extern "C" {
 }
 
 type PollN = unsafe extern "C" fn(*mut c_void, *mut *mut c_void, c_int) -> c_int;
-type Respond2 =
-    unsafe extern "C" fn(*mut c_void, c_int, *mut c_char, usize, Option<unsafe extern "C" fn(*mut c_void)>);
+type Respond2 = unsafe extern "C" fn(
+    *mut c_void,
+    c_int,
+    *mut c_char,
+    usize,
+    Option<unsafe extern "C" fn(*mut c_void)>,
+);
 type IsCancelled = unsafe extern "C" fn(*mut c_void) -> c_int;
 type RemainingMs = unsafe extern "C" fn(*mut c_void) -> i64;
 type Log = unsafe extern "C" fn(c_int, *const c_char, c_int);
@@ -310,14 +315,21 @@ fn run_init(py: Python<'_>, spec: &Spec, tq: usize) -> PyResult<c_int> {
         .call1((&spec.module, spec.reload))?;
     let func = module.getattr(spec.func.as_str())?;
     // lua-resty-ffi passes the address of the rest of the cfg (or NULL)
-    let rest = spec.rest.as_deref().map(CString::new).transpose().ok().flatten();
+    let rest = spec
+        .rest
+        .as_deref()
+        .map(CString::new)
+        .transpose()
+        .ok()
+        .flatten();
     let cfg_addr = rest.as_ref().map_or(0, |c| c.as_ptr() as usize);
     let rc = func.call1((cfg_addr, tq))?;
     drop(rest);
     Ok(if rc.is_none() {
         0
     } else {
-        rc.extract::<i64>()?.clamp(c_int::MIN as i64, c_int::MAX as i64) as c_int
+        rc.extract::<i64>()?
+            .clamp(c_int::MIN as i64, c_int::MAX as i64) as c_int
     })
 }
 
@@ -334,7 +346,8 @@ fn install_module(py: Python<'_>) -> PyResult<()> {
     m.add("HAS_EXTENSIONS", ext().is_some())?;
     let dict = m.dict();
     dict.set_item("__builtins__", py.import("builtins")?)?;
-    let code = CString::new(SDK).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    let code =
+        CString::new(SDK).map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
     py.run(&code, Some(&dict), None)?;
     py.import("sys")?
         .getattr("modules")?
@@ -361,7 +374,10 @@ fn poll_n(py: Python<'_>, tq: usize, max: usize) -> Vec<usize> {
             let mut out = vec![std::ptr::null_mut::<c_void>(); max];
             // SAFETY: out has room for max pointers; tq as in poll
             let n = unsafe { (e.poll_n)(tq as *mut c_void, out.as_mut_ptr(), max as c_int) };
-            out[..n.max(0) as usize].iter().map(|p| *p as usize).collect()
+            out[..n.max(0) as usize]
+                .iter()
+                .map(|p| *p as usize)
+                .collect()
         }
         None => {
             // SAFETY: as in poll
@@ -486,7 +502,10 @@ mod tests {
     #[test]
     fn cfg_grammar() {
         let s = parse("ffi.echo?,init").unwrap();
-        assert_eq!((s.module.as_str(), s.reload, s.func.as_str()), ("ffi.echo", true, "init"));
+        assert_eq!(
+            (s.module.as_str(), s.reload, s.func.as_str()),
+            ("ffi.echo", true, "init")
+        );
         assert_eq!((s.dir, s.rest, s.venv), (None, None, None));
         let s = parse("/srv/app/handlers,init,{\"a\":1},x").unwrap();
         assert_eq!(s.dir.as_deref(), Some("/srv/app"));
