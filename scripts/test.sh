@@ -38,6 +38,9 @@ step "Java: the SDK, the examples and the test runtimes (Maven)"
 mvn -q -B -f runtimes/java/sdk/pom.xml install
 mvn -q -B -f examples/java/pom.xml package
 mvn -q -B -f tests/e2e/java/pom.xml package
+step "Node.js: Debian's libnode unpacked (scripts/libnode.sh), the loader built against it"
+bash scripts/libnode.sh "$CARGO_TARGET_DIR/libnode"
+bash runtimes/node/build.sh "$CARGO_TARGET_DIR/libnode" "$CARGO_TARGET_DIR/node"
 step "Python packages: cffi (lua-resty-ffi-style runtimes), a virtualenv with jsonschema (examples/python)"
 python3 -c "import cffi" 2>/dev/null || python3 -m pip install -q cffi
 export POLYGATE_TEST_PYVENV="$CARGO_TARGET_DIR/pyvenv"

@@ -9,6 +9,7 @@ mod ffi;
 mod ffi_loading;
 mod java_rt;
 mod lua;
+mod node_rt;
 mod ops;
 mod plugins;
 mod python_rt;

@@ -616,6 +616,18 @@ pub mod libs {
         target
     }
 
+    /// The directory of polygate's Node.js loader (`runtimes/node/build.sh`, run by
+    /// scripts/test.sh into `<target>/node`).
+    pub fn node_dir() -> PathBuf {
+        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("../node");
+        assert!(
+            d.join("libffi_nodejs.so").exists(),
+            "{}/libffi_nodejs.so is missing: scripts/test.sh builds it (scripts/libnode.sh, runtimes/node/build.sh)",
+            d.display()
+        );
+        d.canonicalize().unwrap()
+    }
+
     /// A directory of test runtimes under `tests/e2e`.
     pub fn test_dir(name: &str) -> PathBuf {
         repo().join("tests/e2e").join(name).canonicalize().unwrap()
