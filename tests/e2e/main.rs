@@ -15,4 +15,5 @@ mod plugins;
 mod python_rt;
 mod routing;
 mod security;
+mod soak;
 mod upstream_http;
