@@ -1,17 +1,22 @@
 //! An echo runtime: `ngx.load_ffi("ffi_rust_echo")` or the `ffi` plugin with
 //! `lib: ffi_rust_echo`. Answers each request with its own bytes. With the cfg `"json"` it
 //! answers the `ffi` plugin's request description with a `continue` action that adds an
-//! `x-rust-echo` header carrying the request path.
+//! `x-rust-echo` header carrying the request path; with `"continue"` it answers nothing (the
+//! `ffi` plugin continues unchanged: the cheapest plugin round trip, for benchmarks).
 #![allow(unsafe_code, reason = "the runtime! macro exports libffi_init")]
 
 use polygate_ffi_sdk::{Error, Handler, Options, runtime};
 
 struct Echo {
     json: bool,
+    empty: bool,
 }
 
 impl Handler for Echo {
     fn call(&self, req: &[u8]) -> Result<Vec<u8>, Error> {
+        if self.empty {
+            return Ok(Vec::new());
+        }
         if !self.json {
             return Ok(req.to_vec());
         }
@@ -33,6 +38,7 @@ fn init(cfg: Option<&str>) -> Result<(Echo, Options), Error> {
     Ok((
         Echo {
             json: cfg == Some("json"),
+            empty: cfg == Some("continue"),
         },
         Options {
             pollers: 2,

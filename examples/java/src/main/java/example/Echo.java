@@ -10,4 +10,9 @@ public final class Echo {
     public static int init(String cfg, long tq) {
         return Runtime.serve(tq, task -> task.request());
     }
+
+    /** An empty answer for the ffi plugin (continue unchanged): the cheapest plugin round trip. */
+    public static int initContinue(String cfg, long tq) {
+        return Runtime.serve(tq, task -> null);
+    }
 }

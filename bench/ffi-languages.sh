@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Every language's FFI runtime side by side, in one polygate process:
+#
+#  A. sequential round trips: one request runs CALLS (100,000) `rt:echo(buf)` calls with a
+#     512 B payload from Lua (ngx.load_ffi) to each language's echo runtime; µs per call.
+#  B. gateway requests/s with each language's `ffi` plugin (an empty answer: continue) on every
+#     request vs the plain route, wrk with CONNS connections, DURATION s, median of ROUNDS.
+#
+#   bench/ffi-languages.sh            # needs wrk, nginx (the upstream), Go, a JDK + Maven,
+#                                     # Python with a shared libpython, and libnode (as the
+#                                     # test command prepares it: $CARGO_TARGET_DIR/libnode)
+#   CALLS=20000 WORKERS=2 bench/ffi-languages.sh
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+CALLS="${CALLS:-100000}"; SIZE="${SIZE:-512}"
+WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-3}"
+UP_PORT="${UP_PORT:-18080}"; PG_PORT="${PG_PORT:-18083}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
+command -v nginx >/dev/null || { echo "needs nginx (apt-get install -y nginx)" >&2; exit 1; }
+command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)" >&2; exit 1; }
+source "$root/bench/common.sh"
+bench_workdir
+
+echo "building (release)..." >&2
+(cd "$root" && cargo build --release -q -p polygate -p ffi-rust-echo -p polygate-python -p polygate-java)
+(cd "$root/examples/go" && go build -buildmode=c-shared -o "$work/libffi_go_echo.so" ./echo)
+mvn -q -B -f "$root/runtimes/java/sdk/pom.xml" install
+mvn -q -B -f "$root/examples/java/pom.xml" package
+bash "$root/scripts/libnode.sh" "$CARGO_TARGET_DIR/libnode"
+bash "$root/runtimes/node/build.sh" "$CARGO_TARGET_DIR/libnode" "$work"
+rel="$CARGO_TARGET_DIR/release"
+cp "$rel/libffi_rust_echo.so" "$rel/libffi_python3.so" "$rel/libffi_java.so" "$work/"
+export CLASSPATH="$root/runtimes/java/sdk/target/polygate-ffi-0.1.0.jar:$root/examples/java/target/polygate-java-examples-0.1.0.jar"
+
+# lang -> (lib, echo cfg, continue cfg)
+declare -A LIB=([go]=ffi_go_echo [rust]=ffi_rust_echo [python]=ffi_python3 [java]=ffi_java [node]=ffi_nodejs)
+declare -A ECHO=([go]="" [rust]="" [python]="$root/examples/python/echo,init" [java]="example.Echo,init" [node]="$root/examples/node/echo.js,init")
+declare -A CONT=([go]="continue" [rust]="continue" [python]="$root/examples/python/echo,init_continue" [java]="example.Echo,initContinue" [node]="$root/examples/node/echo.js,continue_")
+LANGS=(go rust python java node)
+
+upstream_conf "$work" "$UP_PORT"
+{
+  polygate_conf_head "$PG_PORT" "$WORKERS" "$UP_PORT"
+  cat <<YAML
+  - id: seq
+    uri: /seq
+    plugins:
+      lua:
+        access: |
+          local libs = {go = "ffi_go_echo", rust = "ffi_rust_echo", python = "ffi_python3", java = "ffi_java", node = "ffi_nodejs"}
+          local cfgs = {python = "${ECHO[python]}", java = "${ECHO[java]}", node = "${ECHO[node]}"}
+          local lang = ngx.var.arg_lang
+          local rt = assert(ngx.load_ffi(libs[lang], cfgs[lang]))
+          local n, buf = tonumber(ngx.var.arg_n), string.rep("x", tonumber(ngx.var.arg_size))
+          assert(select(2, rt:echo(buf)) == buf)
+          ngx.update_time()
+          local t0 = ngx.now()
+          for i = 1, n do
+            local ok, res = rt:echo(buf)
+            if not ok or #res ~= #buf then error("call " .. i .. " failed: " .. tostring(res)) end
+          end
+          ngx.update_time()
+          ngx.say(string.format("%.2f", (ngx.now() - t0) * 1e6 / n))
+          return ngx.exit(200)
+YAML
+  for l in "${LANGS[@]}"; do
+    printf '  - id: %s\n    uri: /ffi/%s\n    upstream_id: up\n    plugins:\n      ffi: {lib: %s, cfg: "%s"}\n' "$l" "$l" "${LIB[$l]}" "${CONT[$l]}"
+  done
+  echo "#END"
+} > "$work/polygate.yaml"
+sed -i "s|^  worker_threads: .*|&\n  ffi_lib_path: [\"$work\"]\n  timeouts: {client_send: 600}|" "$work/polygate.yaml"
+
+nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
+"$rel/polygate" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!)
+for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PG_PORT/plain" && break; sleep 0.1; done
+for l in "${LANGS[@]}"; do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PG_PORT/ffi/$l")
+  [ "$code" = 200 ] || { echo "ffi route $l answered $code"; tail -20 "$work/pg.err"; exit 1; }
+done
+
+echo; echo "== A. $CALLS sequential ${SIZE} B echo calls from Lua, µs per call (workers=$WORKERS)"
+for l in "${LANGS[@]}"; do
+  us=$(curl -s -m 600 "http://127.0.0.1:$PG_PORT/seq?lang=$l&n=$CALLS&size=$SIZE")
+  printf "%-8s %10s µs/call\n" "$l" "$us"
+done
+
+echo; echo "== B. gateway req/s, ffi plugin on every request vs plain (workers=$WORKERS, $CONNS conns, ${DURATION}s, median of $ROUNDS)"
+run() { wrk_run "$work/wrk.out" "$1"; }
+: > "$work/res"
+for r in $(seq "$ROUNDS"); do
+  read -r pr _ < <(run "http://127.0.0.1:$PG_PORT/plain")
+  line="plain $pr"
+  for l in "${LANGS[@]}"; do
+    read -r fr _ < <(run "http://127.0.0.1:$PG_PORT/ffi/$l")
+    line="$line $l $fr"
+  done
+  echo "$line" >> "$work/res"
+done
+python3 - "$work/res" <<'PY'
+import sys, statistics
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+cols = {}
+for r in rows:
+    for k, v in zip(r[0::2], r[1::2]):
+        cols.setdefault(k, []).append(float(v))
+med = {k: statistics.median(v) for k, v in cols.items()}
+targets = {"go": 0.9, "rust": 0.9, "python": 0.6, "java": 0.75, "node": 0.6}
+print(f"{'route':8} {'req/s':>10} {'ratio':>7} {'target':>7}")
+print(f"{'plain':8} {med['plain']:>10.0f} {1:>7.2f}")
+for k in ["go", "rust", "python", "java", "node"]:
+    ratio = med[k] / med["plain"]
+    print(f"{k:8} {med[k]:>10.0f} {ratio:>7.2f} {targets[k]:>7.2f} {'ok' if ratio >= targets[k] else 'MISSED'}")
+PY
