@@ -58,20 +58,39 @@ async fn node_sdk_handlers_errors_reload_and_concurrency() {
     assert_eq!(call(p, "b", "x").await, "true b:x nil\n");
     assert_eq!(call(p, "async", "y").await, "true async:y nil\n");
     assert_eq!(call(p, "rc", "y").await, "false 5 five\n");
-    assert_eq!(call(p, "json", "abc").await, "true {\"len\":3,\"ok\":true} nil\n");
+    assert_eq!(
+        call(p, "json", "abc").await,
+        "true {\"len\":3,\"ok\":true} nil\n"
+    );
     assert_eq!(call(p, "task", "t").await, "true true false t nil\n");
     assert_eq!(call(p, "gc", "g").await, "true g:2000 nil\n");
     let r = call(p, "raise", "q").await;
-    assert!(r.starts_with("false 1 TypeError: bad request q") && r.contains("pgtest.js"), "{r}");
+    assert!(
+        r.starts_with("false 1 TypeError: bad request q") && r.contains("pgtest.js"),
+        "{r}"
+    );
     let r = call(p, "reject", "q").await;
     assert!(r.starts_with("false 1 RangeError: async q"), "{r}");
     assert_eq!(call(p, "echo", "still").await, "true still nil\n");
     assert_eq!(call(p, "fail", "x").await, "load failed: 3\n");
     assert_eq!(call(p, "boom", "x").await, "load failed: 1\n");
-    assert!(gw.stderr().contains("Error: init exploded"), "{}", gw.stderr());
+    assert!(
+        gw.stderr().contains("Error: init exploded"),
+        "{}",
+        gw.stderr()
+    );
     assert_eq!(call(p, "nomod", "x").await, "load failed: 1\n");
-    assert!(gw.stderr().contains("Cannot find module './no_such_module_here'"), "{}", gw.stderr());
-    assert_eq!(gw.stderr().matches("environment started").count(), 1, "one environment");
+    assert!(
+        gw.stderr()
+            .contains("Cannot find module './no_such_module_here'"),
+        "{}",
+        gw.stderr()
+    );
+    assert_eq!(
+        gw.stderr().matches("environment started").count(),
+        1,
+        "one environment"
+    );
     assert!(
         !gw.stderr().contains("replaced polygate's handler"),
         "Node started without its signal handling: {}",
@@ -120,7 +139,12 @@ async fn node_sdk_handlers_errors_reload_and_concurrency() {
     }
 
     gw.signal("TERM");
-    assert_eq!(gw.wait_exit(Duration::from_secs(15)), Some(0), "{}", gw.stderr());
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

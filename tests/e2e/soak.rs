@@ -148,12 +148,25 @@ return ngx.exit(200)"#,
     gw.signal(sig);
     for t in inflight {
         let r = t.await.unwrap();
-        assert_eq!((r.status, r.body.as_str()), (200, "done\n"), "{}", gw.stderr());
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "done\n"),
+            "{}",
+            gw.stderr()
+        );
     }
     let code = gw.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{}", gw.stderr());
-    assert!(t0.elapsed() < Duration::from_secs(10), "exit took {:?}", t0.elapsed());
-    eprintln!("soak with {sig}: {total} requests in {} s, exit 0 after {:?}", soak_secs(), t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        t0.elapsed()
+    );
+    eprintln!(
+        "soak with {sig}: {total} requests in {} s, exit 0 after {:?}",
+        soak_secs(),
+        t0.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
