@@ -69,6 +69,8 @@ fi
 step "cargo doc";           RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps -q
 step "validate examples"
 cargo build -q -p polygate
+# examples/languages.yaml finds the loaders through these
+export POLYGATE_LIB_DIR="$CARGO_TARGET_DIR/debug" POLYGATE_NODE_LIB_DIR="$CARGO_TARGET_DIR/node"
 for f in examples/*.yaml examples/*.json; do
   [ -e "$f" ] || continue
   "$CARGO_TARGET_DIR/debug/polygate" validate -c "$f"

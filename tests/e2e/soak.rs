@@ -90,7 +90,7 @@ return ngx.exit(200)"#,
     );
     let mut gw = Gateway::start_env(
         &format!(
-            "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\", \"{}\", \"{}\"]\n  timeouts: {{graceful_shutdown: 10}}\n{routes}",
+            "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\", \"{}\", \"{}\"]\n  timeouts: {{graceful_shutdown: 10}}\n  lua: {{time_limit: 2}}\n{routes}",
             py.display(),
             java.display(),
             node.display()
@@ -117,19 +117,27 @@ return ngx.exit(200)"#,
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     let id = ids[(c + n) % ids.len()];
                     let req = format!("c{c}n{n}");
-                    let r = match conn.get(&format!("/{id}?req={req}")).await {
-                        r if r.status == 200 => r,
-                        r => panic!("{id} {req}: {} {}", r.status, r.body),
-                    };
-                    assert_eq!(r.body, expected(id, &req), "{id} {req}");
+                    let r = conn.get(&format!("/{id}?req={req}")).await;
+                    if r.status != 200 || r.body != expected(id, &req) {
+                        stop.store(true, Ordering::Relaxed);
+                        return Err(format!("{id} {req}: {} {:?}", r.status, r.body));
+                    }
                     n += 1;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
+                Ok(())
             })
         })
         .collect();
     for c in clients {
-        c.await.unwrap();
+        if let Err(e) = c.await.unwrap() {
+            let err = gw.stderr();
+            let tail: Vec<&str> = err.lines().rev().take(40).collect();
+            panic!(
+                "{e}\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
     let total = done.load(Ordering::Relaxed);
     assert!(total > 1000, "only {total} requests in {} s", soak_secs());
