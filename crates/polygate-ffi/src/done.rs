@@ -44,10 +44,12 @@ impl DoneQueue {
                 v.push(queue.clone());
             }
         }
-        if !self.flush_pending.swap(true, Ordering::AcqRel)
-            && let Some(w) = self.flusher.lock().clone()
-        {
-            w.wake(); // same thread: a local wake-up
+        if !self.flush_pending.swap(true, Ordering::AcqRel) {
+            // the lock is released before waking (a wake-up may switch threads)
+            let w = self.flusher.lock().clone();
+            if let Some(w) = w {
+                w.wake(); // same thread: a local wake-up
+            }
         }
         true
     }
@@ -58,10 +60,14 @@ impl DoneQueue {
             return false;
         }
         self.tasks.lock().push(task);
-        if !self.notified.swap(true, Ordering::AcqRel)
-            && let Some(w) = self.drainer.lock().clone()
-        {
-            w.wake();
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            // never wake while holding the lock: the wake-up makes the worker runnable, and on
+            // a busy CPU it may run at once and block on this very lock (measured: a spin and
+            // a sched_yield per call with every thread on one CPU)
+            let w = self.drainer.lock().clone();
+            if let Some(w) = w {
+                w.wake();
+            }
         }
         true
     }

@@ -254,48 +254,123 @@ impl PluginFactory for FfiFactory {
     }
 }
 
-/// Serialises the request description.
+/// Serialises the request description (the JSON of [`RequestDoc`], written directly: header
+/// names sorted, a repeated header as a list), with room for the NUL the host appends.
 pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
-    let mut headers: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
-    for (k, v) in &ctx.headers {
-        let v = serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
-        match headers.get_mut(k.as_str()) {
-            None => {
-                headers.insert(k.as_str(), v);
+    fn string(out: &mut Vec<u8>, s: &str) {
+        // serde_json escapes exactly as the derived serializer did
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+    fn field(out: &mut Vec<u8>, name: &str, first: &mut bool) {
+        if !*first {
+            out.push(b',');
+        }
+        *first = false;
+        out.push(b'"');
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+    }
+    let mut out = Vec::with_capacity(
+        256 + ctx.request_uri.len() * 2
+            + ctx.headers.len() * 48
+            + ctx.body.as_ref().map_or(0, |b| b.len() * 4 / 3 + 4),
+    );
+    out.push(b'{');
+    let mut first = true;
+    field(&mut out, "method", &mut first);
+    string(&mut out, ctx.method.as_str());
+    field(&mut out, "uri", &mut first);
+    string(&mut out, &ctx.request_uri);
+    field(&mut out, "path", &mut first);
+    string(&mut out, &ctx.path);
+    if let Some(q) = ctx.query.as_deref() {
+        field(&mut out, "query", &mut first);
+        string(&mut out, q);
+    }
+    field(&mut out, "headers", &mut first);
+    let mut names: Vec<&str> = ctx.headers.keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    out.push(b'{');
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        string(&mut out, name);
+        out.push(b':');
+        let mut vals = ctx.headers.get_all(*name).iter();
+        let one = |out: &mut Vec<u8>, v: &HeaderValue| match v.to_str() {
+            Ok(t) => string(out, t),
+            Err(_) => string(out, &String::from_utf8_lossy(v.as_bytes())),
+        };
+        let (first_val, second) = (vals.next(), vals.next());
+        match (first_val, second) {
+            (Some(v), None) => one(&mut out, v),
+            (Some(a), Some(b)) => {
+                out.push(b'[');
+                one(&mut out, a);
+                out.push(b',');
+                one(&mut out, b);
+                for v in vals {
+                    out.push(b',');
+                    one(&mut out, v);
+                }
+                out.push(b']');
             }
-            Some(serde_json::Value::Array(a)) => a.push(v),
-            Some(prev) => {
-                let first = prev.take();
-                *prev = serde_json::Value::Array(vec![first, v]);
+            (None, _) => out.extend_from_slice(b"null"),
+        }
+    }
+    out.push(b'}');
+    field(&mut out, "client_ip", &mut first);
+    out.push(b'"');
+    {
+        use std::io::Write as _;
+        let _ = write!(out, "{}", ctx.client_addr.ip());
+    }
+    out.push(b'"');
+    field(&mut out, "client_port", &mut first);
+    out.extend_from_slice(itoa(u64::from(ctx.client_addr.port())).as_bytes());
+    for (name, v) in [
+        ("route_id", ctx.route_id.as_deref()),
+        ("service_id", ctx.service_id.as_deref()),
+        (
+            "consumer",
+            ctx.consumer.as_ref().map(|c| c.username.as_str()),
+        ),
+    ] {
+        if let Some(v) = v {
+            field(&mut out, name, &mut first);
+            string(&mut out, v);
+        }
+    }
+    if let Some(st) = ctx.status {
+        field(&mut out, "status", &mut first);
+        out.extend_from_slice(itoa(u64::from(st.as_u16())).as_bytes());
+    }
+    if let Some(b) = &ctx.body {
+        match std::str::from_utf8(b) {
+            Ok(t) => {
+                field(&mut out, "body", &mut first);
+                string(&mut out, t);
+            }
+            Err(_) => {
+                field(&mut out, "body_base64", &mut first);
+                out.push(b'"');
+                out.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(b)
+                        .as_bytes(),
+                );
+                out.push(b'"');
             }
         }
     }
-    let (body, body_base64) = match &ctx.body {
-        Some(b) => match std::str::from_utf8(b) {
-            Ok(s) => (Some(s), None),
-            Err(_) => (
-                None,
-                Some(base64::engine::general_purpose::STANDARD.encode(b)),
-            ),
-        },
-        None => (None, None),
-    };
-    let doc = RequestDoc {
-        method: ctx.method.as_str(),
-        uri: &ctx.request_uri,
-        path: &ctx.path,
-        query: ctx.query.as_deref(),
-        headers,
-        client_ip: ctx.client_addr.ip().to_string(),
-        client_port: ctx.client_addr.port(),
-        route_id: ctx.route_id.as_deref(),
-        service_id: ctx.service_id.as_deref(),
-        consumer: ctx.consumer.as_ref().map(|c| c.username.as_str()),
-        status: ctx.status.map(|s| s.as_u16()),
-        body,
-        body_base64,
-    };
-    serde_json::to_vec(&doc).unwrap_or_default()
+    out.push(b'}');
+    out.reserve(1);
+    out
+}
+
+fn itoa(n: u64) -> String {
+    n.to_string()
 }
 
 impl Ffi {
@@ -349,7 +424,7 @@ impl Ffi {
             Err(e) => return self.fail(e.to_string()),
         };
         let req = describe(ctx);
-        let (rc, body) = match rt.call(Some(&req), Some(self.timeout)).await {
+        let (rc, body) = match rt.call_vec(Some(req), Some(self.timeout)).await {
             Ok(a) => a,
             Err(e) => return self.fail(e.to_string()),
         };
@@ -499,6 +574,99 @@ impl Plugin for Ffi {
                     Err(e) => tracing::warn!("ffi {} (log phase): {e}", rt.key),
                 }
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, Method, Version};
+    use polygate_core::ConsumerIndex;
+
+    /// The request description as the derived serializer writes it (what `describe` replaced).
+    fn reference(ctx: &RequestCtx) -> serde_json::Value {
+        let mut headers: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+        for (k, v) in &ctx.headers {
+            let v = serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
+            match headers.get_mut(k.as_str()) {
+                None => {
+                    headers.insert(k.as_str(), v);
+                }
+                Some(serde_json::Value::Array(a)) => a.push(v),
+                Some(prev) => {
+                    let first = prev.take();
+                    *prev = serde_json::Value::Array(vec![first, v]);
+                }
+            }
+        }
+        let (body, body_base64) = match &ctx.body {
+            Some(b) => match std::str::from_utf8(b) {
+                Ok(s) => (Some(s), None),
+                Err(_) => (
+                    None,
+                    Some(base64::engine::general_purpose::STANDARD.encode(b)),
+                ),
+            },
+            None => (None, None),
+        };
+        serde_json::to_value(RequestDoc {
+            method: ctx.method.as_str(),
+            uri: &ctx.request_uri,
+            path: &ctx.path,
+            query: ctx.query.as_deref(),
+            headers,
+            client_ip: ctx.client_addr.ip().to_string(),
+            client_port: ctx.client_addr.port(),
+            route_id: ctx.route_id.as_deref(),
+            service_id: ctx.service_id.as_deref(),
+            consumer: ctx.consumer.as_ref().map(|c| c.username.as_str()),
+            status: ctx.status.map(|s| s.as_u16()),
+            body,
+            body_base64,
+        })
+        .unwrap()
+    }
+
+    fn ctx(uri: &str, body: Option<&[u8]>) -> RequestCtx {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("example.com"));
+        h.append("x-multi", HeaderValue::from_static("a"));
+        h.append("x-multi", HeaderValue::from_static("b \"quoted\" \\ back"));
+        h.append("x-multi", HeaderValue::from_static("c"));
+        h.insert("x-bin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        let mut c = RequestCtx::new(
+            Method::POST,
+            uri,
+            h,
+            Version::HTTP_11,
+            "[::1]:5555".parse().unwrap(),
+            "127.0.0.1:9080".parse().unwrap(),
+            Arc::new(ConsumerIndex::default()),
+        );
+        c.body = body.map(Bytes::copy_from_slice);
+        c.route_id = Some("r1".into());
+        c
+    }
+
+    #[test]
+    fn describe_writes_what_the_derived_serializer_wrote() {
+        for (uri, body) in [
+            ("/a/b?x=1&y=%22", Some(&b"{\"json\": \"\\u00e9\\n\"}"[..])),
+            ("/plain", None),
+            ("/bin", Some(&b"\xff\xfe\x00binary"[..])),
+            ("/empty?", Some(&b""[..])),
+        ] {
+            let mut c = ctx(uri, body);
+            if uri == "/plain" {
+                c.status = Some(StatusCode::NOT_FOUND);
+                c.service_id = Some("svc \u{1f600}".into());
+            }
+            let ours = describe(&c);
+            assert!(ours.capacity() > ours.len(), "room left for the NUL");
+            let parsed: serde_json::Value = serde_json::from_slice(&ours).unwrap();
+            assert_eq!(parsed, reference(&c), "{}", String::from_utf8_lossy(&ours));
         }
     }
 }

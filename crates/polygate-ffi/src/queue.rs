@@ -34,7 +34,7 @@ const ANSWERED: u8 = 2;
 /// One request to a runtime.
 pub struct Task {
     /// Request bytes followed by a NUL (legacy runtimes rely on it); `None` for a nil request.
-    req: Option<Box<[u8]>>,
+    req: Option<Vec<u8>>,
     state: AtomicU8,
     cancelled: AtomicBool,
     deadline: Option<Instant>,
@@ -89,7 +89,8 @@ impl Task {
 
     /// Wakes the waiting future (on the worker thread, from the done queue; or directly).
     pub(crate) fn wake(&self) {
-        if let Some(w) = self.waker.lock().take() {
+        let w = self.waker.lock().take();
+        if let Some(w) = w {
             w.wake();
         }
     }
@@ -146,6 +147,13 @@ fn default_spin() -> std::time::Duration {
     })
 }
 
+/// A copy of `r` with room for the NUL the queue appends.
+fn with_nul_room(r: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(r.len() + 1);
+    v.extend_from_slice(r);
+    v
+}
+
 /// Why a post failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PostError {
@@ -199,11 +207,20 @@ impl TaskQueue {
         deadline: Option<Instant>,
         done: Option<Arc<DoneQueue>>,
     ) -> Result<Arc<Task>, PostError> {
-        let req = req.map(|r| {
-            let mut v = Vec::with_capacity(r.len() + 1);
-            v.extend_from_slice(r);
+        self.post_quiet_vec(req.map(with_nul_room), deadline, done)
+    }
+
+    /// [`TaskQueue::post_quiet`] taking the request's bytes as they are (the NUL is appended in
+    /// place when the vector has room for it).
+    pub fn post_quiet_vec(
+        self: &Arc<Self>,
+        req: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+        done: Option<Arc<DoneQueue>>,
+    ) -> Result<Arc<Task>, PostError> {
+        let req = req.map(|mut v| {
             v.push(0);
-            v.into_boxed_slice()
+            v
         });
         let task = Arc::new(Task {
             req,

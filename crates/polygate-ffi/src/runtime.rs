@@ -138,6 +138,23 @@ impl Runtime {
         req: Option<&[u8]>,
         timeout: Option<Duration>,
     ) -> Result<Answer, CallError> {
+        self.call_vec(
+            req.map(|r| {
+                let mut v = Vec::with_capacity(r.len() + 1);
+                v.extend_from_slice(r);
+                v
+            }),
+            timeout,
+        )
+        .await
+    }
+
+    /// [`Runtime::call`] with a request the host may keep as it is (no copy).
+    pub async fn call_vec(
+        &self,
+        req: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+    ) -> Result<Answer, CallError> {
         if self.unloaded.load(Ordering::Acquire) {
             return Err(CallError::Finished);
         }
@@ -150,7 +167,7 @@ impl Runtime {
         let done = crate::done::current();
         let task = self
             .queue
-            .post_quiet(req, deadline, done.clone())
+            .post_quiet_vec(req, deadline, done.clone())
             .map_err(|e| match e {
                 PostError::QueueFull => {
                     tracing::error!(
