@@ -118,6 +118,30 @@ fn loader() -> &'static Loader {
     })
 }
 
+/// Bounds the process's exit: once `main` returns, library destructors and `atexit` handlers
+/// run (an interpreter's finalisation, a JVM's or Node's teardown). If they have not finished
+/// after `after`, the process ends with `code` without them (logged), so a runtime that hangs
+/// in its teardown cannot keep the gateway from exiting.
+pub fn exit_watchdog(code: i32, after: std::time::Duration) {
+    let _ = thread::Builder::new()
+        .name("polygate-exit".into())
+        .spawn(move || {
+            thread::sleep(after);
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "polygate: runtimes still tearing down {after:?} after the gateway stopped; exiting without them"
+            );
+            exit_now(code);
+        });
+}
+
+#[allow(unsafe_code, reason = "_exit")]
+fn exit_now(code: i32) {
+    // SAFETY: _exit ends the process at once; nothing runs after it
+    unsafe { libc::_exit(code) }
+}
+
 /// Queues `job` on the loading thread (runs it at once when called from that thread).
 pub fn submit(job: impl FnOnce() + Send + 'static) {
     let l = loader();

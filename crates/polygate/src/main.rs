@@ -77,7 +77,13 @@ fn main() -> ExitCode {
         // the main thread becomes the FFI loading thread (every dlopen and libffi_init runs
         // there, and the process exits from it, as an nginx worker does); the gateway runs on a
         // thread of its own
-        return polygate_ffi::loader::run_main(move || run(cli));
+        let code = polygate_ffi::loader::run_main(move || run(cli));
+        // library destructors run after main returns, on this thread; bound them
+        polygate_ffi::loader::exit_watchdog(
+            i32::from(code == ExitCode::FAILURE),
+            std::time::Duration::from_secs(5),
+        );
+        return code;
     }
     run(cli)
 }
