@@ -57,6 +57,7 @@ async fn java_sdk_handlers_errors_reload_and_concurrency() {
         ("boom", "pgtest.Runtimes,boom".into()),
         ("task", "pgtest.Runtimes,task".into()),
         ("gc", "pgtest.Runtimes,gc".into()),
+        ("npe", "pgtest.Runtimes,npe".into()),
         ("example", "example.Echo,init".into()),
         ("reload", "Reloadme?,init".into()),
         ("noclass", "no.such.Klass,init".into()),
@@ -79,6 +80,10 @@ async fn java_sdk_handlers_errors_reload_and_concurrency() {
     assert_eq!(call(p, "rc", "y").await, "false 5 five\n");
     assert_eq!(call(p, "task", "t").await, "true true false t nil\n");
     assert_eq!(call(p, "gc", "g").await, "true 200:g nil\n");
+    // the JVM's own SIGSEGV handling (implicit null checks in compiled code) keeps working
+    for _ in 0..3 {
+        assert_eq!(call(p, "npe", "n").await, "true npe 100000 nil\n");
+    }
     let r = call(p, "raise", "q").await;
     assert!(
         r.starts_with("false 1 java.lang.IllegalArgumentException: bad request q")

@@ -69,6 +69,33 @@ public final class Runtimes {
                 .getBytes(StandardCharsets.UTF_8));
     }
 
+    private static final class Box {
+        int value;
+    }
+
+    private static int read(Box b) {
+        return b.value; // compiled with an implicit null check: a SIGSEGV the JVM handles
+    }
+
+    /**
+     * Dereferences null in a hot loop: once JIT-compiled, each NullPointerException starts as a
+     * SIGSEGV the JVM's own handler turns into the exception (polygate must leave it alone).
+     */
+    public static int npe(String cfg, long tq) {
+        return Runtime.serve(tq, t -> {
+            Box[] boxes = {new Box(), null};
+            int caught = 0;
+            for (int i = 0; i < 200_000; i++) {
+                try {
+                    read(boxes[i & 1]);
+                } catch (NullPointerException e) {
+                    caught++;
+                }
+            }
+            return ("npe " + caught).getBytes(StandardCharsets.UTF_8);
+        });
+    }
+
     /** Allocates enough per call to keep the garbage collector busy. */
     public static int gc(String cfg, long tq) {
         return Runtime.serve(tq, t -> {
