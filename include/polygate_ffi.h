@@ -45,7 +45,7 @@ void ngx_http_lua_ffi_respond(void *tsk, int rc, char *rsp, int rsp_len);
 /* ---- Part 2: polygate extensions ---------------------------------------------------------- */
 
 #define POLYGATE_FFI_ABI_MAJOR 1
-#define POLYGATE_FFI_ABI_MINOR 0
+#define POLYGATE_FFI_ABI_MINOR 1
 
 /* (major << 16) | minor. */
 uint32_t polygate_ffi_abi_version(void);
@@ -64,6 +64,17 @@ int polygate_ffi_task_is_cancelled(void *tsk);
 
 /* Milliseconds before the caller gives up, or -1 when the call has no deadline. */
 int64_t polygate_ffi_task_remaining_ms(void *tsk);
+
+/* ABI 1.1. Takes up to `max` queued tasks without blocking: returns how many, 0 when none is
+ * queued (the queue's descriptor becomes readable when one is), -1 once the runtime was unloaded
+ * (never touch `tq` again). For runtimes with an event loop of their own. */
+int polygate_ffi_task_try_poll_n(void *tq, void **out, int max);
+
+/* ABI 1.1. A descriptor that becomes readable when tasks are queued after try_poll_n returned 0,
+ * and when the runtime is unloaded; -1 on error. The host owns it: wait on it (epoll, Go's
+ * netpoller, libuv), reading it resets it (try_poll_n does too); never write or close it (dup it for a wrapper that
+ * closes). */
+int polygate_ffi_task_queue_fd(void *tq);
 
 /* Writes into polygate's log. level: 0 error, 1 warn, 2 info, 3 debug. len < 0: NUL-terminated. */
 void polygate_ffi_log(int level, const char *msg, int len);

@@ -39,11 +39,15 @@ typedef int (*pg_poll_n_fn)(void *, void **, int);
 typedef void (*pg_respond2_fn)(void *, int, char *, size_t, void (*)(void *));
 typedef int (*pg_cancelled_fn)(void *);
 typedef int64_t (*pg_remaining_fn)(void *);
+typedef int (*pg_try_poll_n_fn)(void *, void **, int);
+typedef int (*pg_queue_fd_fn)(void *);
 
 static pg_poll_n_fn pg_poll_n_p;
 static pg_respond2_fn pg_respond2_p;
 static pg_cancelled_fn pg_cancelled_p;
 static pg_remaining_fn pg_remaining_p;
+static pg_try_poll_n_fn pg_try_poll_n_p;
+static pg_queue_fd_fn pg_queue_fd_p;
 
 // Looks up polygate's extensions; 0 when the host does not have them (e.g. OpenResty).
 static int pg_detect(void) {
@@ -53,8 +57,17 @@ static int pg_detect(void) {
 	pg_cancelled_p = (pg_cancelled_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_is_cancelled");
 	pg_remaining_p = (pg_remaining_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_remaining_ms");
 	if (!v || !pg_poll_n_p || !pg_respond2_p || !pg_cancelled_p || !pg_remaining_p) return 0;
-	return (v() >> 16) == 1;
+	if ((v() >> 16) != 1) return 0;
+	// ABI 1.1: a non-blocking poll and a readiness descriptor (optional)
+	if ((v() & 0xffff) >= 1) {
+		pg_try_poll_n_p = (pg_try_poll_n_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_try_poll_n");
+		pg_queue_fd_p = (pg_queue_fd_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_queue_fd");
+	}
+	return 1;
 }
+static int pg_has_fd(void) { return pg_try_poll_n_p != NULL && pg_queue_fd_p != NULL; }
+static int pg_try_poll_n(void *tq, void **out, int max) { return pg_try_poll_n_p(tq, out, max); }
+static int pg_queue_fd(void *tq) { return pg_queue_fd_p(tq); }
 static int pg_poll_n(void *tq, void **out, int max) { return pg_poll_n_p(tq, out, max); }
 static int pg_cancelled(void *t) { return pg_cancelled_p(t); }
 static int64_t pg_remaining(void *t) { return pg_remaining_p(t); }
@@ -76,6 +89,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 	"unsafe"
 )
@@ -295,23 +309,93 @@ func (t task) cancelled() bool {
 	return ext && C.pg_cancelled(t.p) != 0
 }
 
-func poll(tq unsafe.Pointer, batch int) []task {
-	if ext {
-		out := (*C.void)(C.malloc(C.size_t(batch) * C.size_t(unsafe.Sizeof(uintptr(0)))))
-		defer C.free(unsafe.Pointer(out))
-		n := int(C.pg_poll_n(tq, (*unsafe.Pointer)(unsafe.Pointer(out)), C.int(batch)))
-		ptrs := unsafe.Slice((*unsafe.Pointer)(unsafe.Pointer(out)), batch)
-		tasks := make([]task, n)
-		for i := 0; i < n; i++ {
-			tasks[i] = task{ptrs[i]}
+// poller takes tasks from a queue: with polygate 1.1 it waits for them in Go's netpoller on
+// the queue's descriptor (no thread blocked in a cgo call, so the Go scheduler keeps its P and
+// starts no other thread); with polygate 1.0 it blocks in poll_n; elsewhere in task_poll.
+type poller struct {
+	tq    unsafe.Pointer
+	batch int
+	buf   unsafe.Pointer // room for batch task pointers (C memory, reused)
+	rc    syscall.RawConn
+	file  *os.File
+}
+
+func newPoller(tq unsafe.Pointer, batch int) *poller {
+	p := &poller{tq: tq, batch: batch}
+	if !ext {
+		return p
+	}
+	p.buf = C.malloc(C.size_t(batch) * C.size_t(unsafe.Sizeof(uintptr(0))))
+	if C.pg_has_fd() == 1 {
+		if fd := int(C.pg_queue_fd(tq)); fd >= 0 {
+			// the host owns fd; the File owns a duplicate (non-blocking like the original,
+			// so the netpoller takes it)
+			if dup, err := syscall.Dup(fd); err == nil {
+				syscall.CloseOnExec(dup)
+				f := os.NewFile(uintptr(dup), "polygate-queue")
+				if rc, err := f.SyscallConn(); err == nil {
+					p.rc, p.file = rc, f
+				} else {
+					f.Close()
+				}
+			}
 		}
-		return tasks
 	}
-	p := C.ngx_http_lua_ffi_task_poll(tq)
-	if p == nil {
-		return nil
+	return p
+}
+
+func (p *poller) close() {
+	if p.file != nil {
+		p.file.Close()
 	}
-	return []task{{p}}
+	if p.buf != nil {
+		C.free(p.buf)
+	}
+}
+
+func (p *poller) take(n int) []task {
+	ptrs := unsafe.Slice((*unsafe.Pointer)(p.buf), p.batch)
+	tasks := make([]task, n)
+	for i := 0; i < n; i++ {
+		tasks[i] = task{ptrs[i]}
+	}
+	return tasks
+}
+
+// next waits for tasks; empty once the runtime was unloaded.
+func (p *poller) next() []task {
+	if !ext {
+		t := C.ngx_http_lua_ffi_task_poll(p.tq)
+		if t == nil {
+			return nil
+		}
+		return []task{{t}}
+	}
+	if p.rc == nil {
+		n := int(C.pg_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
+		return p.take(n)
+	}
+	for {
+		n := int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
+		if n < 0 {
+			return nil
+		}
+		if n > 0 {
+			return p.take(n)
+		}
+		// nothing queued: park until the descriptor is readable (the host signals it on the
+		// next post or at unload); try_poll_n resets it
+		err := p.rc.Read(func(fd uintptr) bool {
+			var b [8]byte
+			_, err := syscall.Read(int(fd), b[:])
+			return err != syscall.EAGAIN
+		})
+		if err != nil {
+			// the descriptor failed: fall back to the blocking poll
+			p.file.Close()
+			p.rc, p.file = nil, nil
+		}
+	}
 }
 
 // handlers holds the one handler a runtime was built with.
@@ -322,8 +406,10 @@ type handlers struct {
 }
 
 func pollLoop(tq unsafe.Pointer, h handlers, opts Options) {
+	p := newPoller(tq, opts.Batch)
+	defer p.close()
 	for {
-		tasks := poll(tq, opts.Batch)
+		tasks := p.next()
 		if len(tasks) == 0 {
 			return // unloaded: never touch tq again
 		}

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use crate::queue::{Task, TaskQueue};
 
 /// Major and minor version of the polygate extensions (`major << 16 | minor`).
-pub const ABI_VERSION: u32 = 1 << 16;
+pub const ABI_VERSION: u32 = 1 << 16 | 1;
 
 /// Runs `f`, turning a panic into `default` (and a log line).
 fn boundary<T>(name: &str, default: T, f: impl FnOnce() -> T) -> T {
@@ -232,6 +232,60 @@ pub unsafe extern "C" fn polygate_ffi_task_poll_n(
     })
 }
 
+/// `int polygate_ffi_task_try_poll_n(void *tq, void **out, int max)` (ABI 1.1): takes up to
+/// `max` queued tasks without blocking. Returns how many; 0 when none is queued (the queue's
+/// descriptor, [`polygate_ffi_task_queue_fd`], becomes readable when one is); -1 once the
+/// runtime was unloaded (never touch `tq` again).
+///
+/// # Safety
+/// `tq` must be a queue handle; `out` must have room for `max` pointers.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_task_try_poll_n(
+    tq: *mut c_void,
+    out: *mut *mut c_void,
+    max: c_int,
+) -> c_int {
+    boundary("polygate_ffi_task_try_poll_n", -1, || {
+        if out.is_null() || max <= 0 {
+            return -1;
+        }
+        // SAFETY: per this function's contract
+        let Some(q) = (unsafe { queue_ref(tq) }) else {
+            return -1;
+        };
+        match q.try_poll_many(max as usize) {
+            Ok(tasks) => {
+                let n = tasks.len();
+                for (i, t) in tasks.into_iter().enumerate() {
+                    // SAFETY: i < n <= max, and the caller provided room for max pointers
+                    unsafe { *out.add(i) = Arc::into_raw(t) as *mut c_void };
+                }
+                n as c_int
+            }
+            Err(()) => -1,
+        }
+    })
+}
+
+/// `int polygate_ffi_task_queue_fd(void *tq)` (ABI 1.1): a descriptor that becomes readable when
+/// tasks are queued after [`polygate_ffi_task_try_poll_n`] returned 0, and when the runtime is
+/// unloaded; -1 on error. Owned by the host: wait on it (epoll, Go's netpoller, libuv), never
+/// read, write or close it (`dup` it for a wrapper that closes). Valid until try_poll returns
+/// -1.
+///
+/// # Safety
+/// `tq` must be a queue handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_task_queue_fd(tq: *mut c_void) -> c_int {
+    boundary("polygate_ffi_task_queue_fd", -1, || {
+        // SAFETY: per this function's contract
+        let Some(q) = (unsafe { queue_ref(tq) }) else {
+            return -1;
+        };
+        q.event_fd().unwrap_or(-1)
+    })
+}
+
 /// `void polygate_ffi_respond2(void *tsk, int rc, char *rsp, size_t len, void (*free_fn)(void *))`:
 /// answers with an exact length (0 = empty, no strlen). `free_fn` releases `rsp` (NULL = libc
 /// `free`), so runtimes with their own allocator need not use malloc.
@@ -329,7 +383,7 @@ fn log_line(level: c_int, text: &str) {
 
 /// Addresses of every export. The binary calls this so the linker keeps the functions, and
 /// exports them with `--export-dynamic-symbol` so `dlopen`ed runtimes resolve them.
-pub fn exported_symbols() -> [(&'static str, usize); 9] {
+pub fn exported_symbols() -> [(&'static str, usize); 11] {
     [
         (
             "ngx_http_lua_ffi_task_poll",
@@ -364,5 +418,13 @@ pub fn exported_symbols() -> [(&'static str, usize); 9] {
             polygate_ffi_task_remaining_ms as *const () as usize,
         ),
         ("polygate_ffi_log", polygate_ffi_log as *const () as usize),
+        (
+            "polygate_ffi_task_try_poll_n",
+            polygate_ffi_task_try_poll_n as *const () as usize,
+        ),
+        (
+            "polygate_ffi_task_queue_fd",
+            polygate_ffi_task_queue_fd as *const () as usize,
+        ),
     ]
 }

@@ -24,6 +24,7 @@ pub mod abi;
 pub mod done;
 pub mod elf;
 pub mod loader;
+pub mod notify;
 pub mod plugin;
 pub mod queue;
 pub mod runtime;

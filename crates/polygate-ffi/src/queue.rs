@@ -126,6 +126,11 @@ pub struct TaskQueue {
     queued_hint: AtomicUsize,
     /// How long an idle poller spins before sleeping (0 on a single CPU).
     spin: std::time::Duration,
+    /// The readiness descriptor, once a runtime asked for it.
+    notify_fd: std::sync::OnceLock<crate::notify::EventFd>,
+    /// A poller found the queue empty through [`TaskQueue::try_poll_many`] and waits on the
+    /// descriptor: the next wake-up signals it.
+    fd_armed: AtomicBool,
 }
 
 /// Spin budget of idle pollers, `POLYGATE_FFI_SPIN_US` microseconds (default 0: off). A short
@@ -178,6 +183,8 @@ impl TaskQueue {
             outstanding: AtomicUsize::new(0),
             queued_hint: AtomicUsize::new(0),
             spin: default_spin(),
+            notify_fd: std::sync::OnceLock::new(),
+            fd_armed: AtomicBool::new(false),
         })
     }
 
@@ -194,9 +201,55 @@ impl TaskQueue {
         Ok(t)
     }
 
-    /// Wakes one waiting poller (nothing to do when none waits).
+    /// Wakes one waiting poller (nothing to do when none waits), and signals the readiness
+    /// descriptor when a poller waits on it.
     pub fn wake_poller(&self) {
         self.cond.notify_one();
+        if self.fd_armed.load(Ordering::Acquire)
+            && self.fd_armed.swap(false, Ordering::AcqRel)
+            && let Some(fd) = self.notify_fd.get()
+        {
+            fd.signal();
+        }
+    }
+
+    /// The queue's readiness descriptor (created on first use): readable once tasks are queued
+    /// after [`TaskQueue::try_poll_many`] found none, and once the queue is finished.
+    pub fn event_fd(&self) -> std::io::Result<std::os::fd::RawFd> {
+        if let Some(fd) = self.notify_fd.get() {
+            return Ok(fd.raw());
+        }
+        let fd = crate::notify::EventFd::new()?;
+        let _ = self.notify_fd.set(fd);
+        Ok(self.notify_fd.get().map_or(-1, crate::notify::EventFd::raw))
+    }
+
+    /// Takes up to `max` queued tasks without blocking. `Ok(empty)` when none is queued: the
+    /// readiness descriptor is then signalled by the next post (or by [`TaskQueue::finish`]);
+    /// `Err(())` once the queue is finished and drained.
+    #[allow(clippy::result_unit_err, reason = "one reason only: finished")]
+    pub fn try_poll_many(&self, max: usize) -> Result<Vec<Arc<Task>>, ()> {
+        let mut out = Vec::new();
+        let mut st = self.state.lock();
+        if let Some(fd) = self.notify_fd.get() {
+            // consumed: the caller looks at the queue now
+            fd.drain();
+        }
+        while out.len() < max.max(1) {
+            let Some(t) = self.next_ready(&mut st) else {
+                break;
+            };
+            out.push(t);
+        }
+        if out.is_empty() {
+            if st.finished {
+                self.cond.notify_all();
+                return Err(());
+            }
+            // armed under the queue's lock: a post after this sees it when it wakes pollers
+            self.fd_armed.store(true, Ordering::Release);
+        }
+        Ok(out)
     }
 
     /// Queues a request without waking a poller: the caller wakes one later
@@ -251,6 +304,10 @@ impl TaskQueue {
     pub fn finish(&self) {
         self.state.lock().finished = true;
         self.cond.notify_all();
+        if let Some(fd) = self.notify_fd.get() {
+            self.fd_armed.store(false, Ordering::Release);
+            fd.signal();
+        }
     }
 
     /// Whether [`TaskQueue::finish`] was called.

@@ -335,3 +335,43 @@ async fn extensions_batch_poll_two_pollers_and_cancellation() {
     assert_eq!(unsafe { seen() }, 1);
     assert_eq!(rt.outstanding(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_waiting_on_the_queue_descriptor() {
+    // ABI 1.1: epoll on polygate_ffi_task_queue_fd + polygate_ffi_task_try_poll_n
+    let lib = build("fd_runtime");
+    let rt = host().load(lib.to_str().unwrap(), None, &opts()).unwrap();
+    // sequential calls: each finds the runtime parked on the descriptor
+    for i in 0..200u32 {
+        let req = format!("seq-{i}");
+        let (rc, body) = rt
+            .call(Some(req.as_bytes()), Some(Duration::from_secs(10)))
+            .await
+            .unwrap();
+        assert_eq!((rc, body.as_deref()), (0, Some(req.as_bytes())));
+    }
+    // concurrent calls: batches taken without blocking
+    let calls: Vec<_> = (0..2_000u32)
+        .map(|i| {
+            let rt = rt.clone();
+            tokio::spawn(async move {
+                let req = format!("c-{i}");
+                let (rc, body) = rt
+                    .call(Some(req.as_bytes()), Some(Duration::from_secs(20)))
+                    .await
+                    .unwrap();
+                assert_eq!((rc, body.as_deref()), (0, Some(req.as_bytes())));
+            })
+        })
+        .collect();
+    for c in calls {
+        c.await.unwrap();
+    }
+    // unload: the parked runtime is woken and sees -1
+    rt.unload();
+    assert_eq!(
+        rt.call(Some(b"x"), None).await.err(),
+        Some(CallError::Finished)
+    );
+    assert_eq!((rt.outstanding(), rt.queued()), (0, 0));
+}
