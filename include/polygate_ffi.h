@@ -70,11 +70,6 @@ int64_t polygate_ffi_task_remaining_ms(void *tsk);
  * (never touch `tq` again). For runtimes with an event loop of their own. */
 int polygate_ffi_task_try_poll_n(void *tq, void **out, int max);
 
-/* ABI 1.1. Waits at most `timeout_us` microseconds (capped at 1 s) for tasks, takes up to
- * `max`: returns how many, 0 on timeout (the descriptor then becomes readable when a task is
- * queued), -1 once unloaded. */
-int polygate_ffi_task_poll_n_timeout(void *tq, void **out, int max, int timeout_us);
-
 /* ABI 1.1. A descriptor that becomes readable when tasks are queued after try_poll_n returned 0,
  * and when the runtime is unloaded; -1 on error. The host owns it: wait on it (epoll, Go's
  * netpoller, libuv), reading it resets it (try_poll_n does too); never write or close it (dup it for a wrapper that

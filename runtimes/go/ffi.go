@@ -41,7 +41,6 @@ typedef int (*pg_cancelled_fn)(void *);
 typedef int64_t (*pg_remaining_fn)(void *);
 typedef int (*pg_try_poll_n_fn)(void *, void **, int);
 typedef int (*pg_queue_fd_fn)(void *);
-typedef int (*pg_poll_n_timeout_fn)(void *, void **, int, int);
 
 static pg_poll_n_fn pg_poll_n_p;
 static pg_respond2_fn pg_respond2_p;
@@ -49,7 +48,6 @@ static pg_cancelled_fn pg_cancelled_p;
 static pg_remaining_fn pg_remaining_p;
 static pg_try_poll_n_fn pg_try_poll_n_p;
 static pg_queue_fd_fn pg_queue_fd_p;
-static pg_poll_n_timeout_fn pg_poll_n_timeout_p;
 
 // Looks up polygate's extensions; 0 when the host does not have them (e.g. OpenResty).
 static int pg_detect(void) {
@@ -64,12 +62,10 @@ static int pg_detect(void) {
 	if ((v() & 0xffff) >= 1) {
 		pg_try_poll_n_p = (pg_try_poll_n_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_try_poll_n");
 		pg_queue_fd_p = (pg_queue_fd_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_queue_fd");
-		pg_poll_n_timeout_p = (pg_poll_n_timeout_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_poll_n_timeout");
 	}
 	return 1;
 }
-static int pg_has_fd(void) { return pg_try_poll_n_p != NULL && pg_queue_fd_p != NULL && pg_poll_n_timeout_p != NULL; }
-static int pg_poll_n_timeout(void *tq, void **out, int max, int us) { return pg_poll_n_timeout_p(tq, out, max, us); }
+static int pg_has_fd(void) { return pg_try_poll_n_p != NULL && pg_queue_fd_p != NULL; }
 static int pg_try_poll_n(void *tq, void **out, int max) { return pg_try_poll_n_p(tq, out, max); }
 static int pg_queue_fd(void *tq) { return pg_queue_fd_p(tq); }
 static int pg_poll_n(void *tq, void **out, int max) { return pg_poll_n_p(tq, out, max); }

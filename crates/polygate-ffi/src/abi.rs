@@ -267,45 +267,6 @@ pub unsafe extern "C" fn polygate_ffi_task_try_poll_n(
     })
 }
 
-/// `int polygate_ffi_task_poll_n_timeout(void *tq, void **out, int max, int timeout_us)` (ABI
-/// 1.1): waits at most `timeout_us` microseconds (capped at one second) for tasks and takes up
-/// to `max`. Returns how many; 0 on timeout (the queue's descriptor then becomes readable when a
-/// task is queued, as after [`polygate_ffi_task_try_poll_n`]); -1 once the runtime was unloaded.
-/// A short wait here catches a sequential caller's next call without a trip through an event
-/// loop; the descriptor covers longer idle periods.
-///
-/// # Safety
-/// `tq` must be a queue handle; `out` must have room for `max` pointers.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn polygate_ffi_task_poll_n_timeout(
-    tq: *mut c_void,
-    out: *mut *mut c_void,
-    max: c_int,
-    timeout_us: c_int,
-) -> c_int {
-    boundary("polygate_ffi_task_poll_n_timeout", -1, || {
-        if out.is_null() || max <= 0 {
-            return -1;
-        }
-        // SAFETY: per this function's contract
-        let Some(q) = (unsafe { queue_ref(tq) }) else {
-            return -1;
-        };
-        let wait = std::time::Duration::from_micros(timeout_us.clamp(0, 1_000_000) as u64);
-        match q.poll_many_timeout(max as usize, wait) {
-            Ok(tasks) => {
-                let n = tasks.len();
-                for (i, t) in tasks.into_iter().enumerate() {
-                    // SAFETY: i < n <= max, and the caller provided room for max pointers
-                    unsafe { *out.add(i) = Arc::into_raw(t) as *mut c_void };
-                }
-                n as c_int
-            }
-            Err(()) => -1,
-        }
-    })
-}
-
 /// `int polygate_ffi_task_queue_fd(void *tq)` (ABI 1.1): a descriptor that becomes readable when
 /// tasks are queued after [`polygate_ffi_task_try_poll_n`] returned 0, and when the runtime is
 /// unloaded; -1 on error. Owned by the host: wait on it (epoll, Go's netpoller, libuv), never
@@ -422,7 +383,7 @@ fn log_line(level: c_int, text: &str) {
 
 /// Addresses of every export. The binary calls this so the linker keeps the functions, and
 /// exports them with `--export-dynamic-symbol` so `dlopen`ed runtimes resolve them.
-pub fn exported_symbols() -> [(&'static str, usize); 12] {
+pub fn exported_symbols() -> [(&'static str, usize); 11] {
     [
         (
             "ngx_http_lua_ffi_task_poll",
@@ -464,10 +425,6 @@ pub fn exported_symbols() -> [(&'static str, usize); 12] {
         (
             "polygate_ffi_task_queue_fd",
             polygate_ffi_task_queue_fd as *const () as usize,
-        ),
-        (
-            "polygate_ffi_task_poll_n_timeout",
-            polygate_ffi_task_poll_n_timeout as *const () as usize,
         ),
     ]
 }

@@ -224,54 +224,6 @@ impl TaskQueue {
         Ok(self.notify_fd.get().map_or(-1, crate::notify::EventFd::raw))
     }
 
-    /// Waits up to `timeout` for tasks and takes up to `max`. `Ok(empty)` on timeout: the
-    /// readiness descriptor is then armed as by [`TaskQueue::try_poll_many`]; `Err(())` once the
-    /// queue is finished and drained.
-    #[allow(clippy::result_unit_err, reason = "one reason only: finished")]
-    pub fn poll_many_timeout(
-        &self,
-        max: usize,
-        timeout: std::time::Duration,
-    ) -> Result<Vec<Arc<Task>>, ()> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        let mut st = self.state.lock();
-        if let Some(fd) = self.notify_fd.get() {
-            fd.drain();
-        }
-        loop {
-            while out.len() < max.max(1) {
-                let Some(t) = self.next_ready(&mut st) else {
-                    break;
-                };
-                out.push(t);
-            }
-            if !out.is_empty() {
-                return Ok(out);
-            }
-            if st.finished {
-                self.cond.notify_all();
-                return Err(());
-            }
-            if self.cond.wait_until(&mut st, deadline).timed_out() {
-                // one last look, then arm the descriptor under the lock
-                while out.len() < max.max(1) {
-                    let Some(t) = self.next_ready(&mut st) else {
-                        break;
-                    };
-                    out.push(t);
-                }
-                if out.is_empty() && !st.finished {
-                    self.fd_armed.store(true, Ordering::Release);
-                }
-                if out.is_empty() && st.finished {
-                    return Err(());
-                }
-                return Ok(out);
-            }
-        }
-    }
-
     /// Takes up to `max` queued tasks without blocking. `Ok(empty)` when none is queued: the
     /// readiness descriptor is then signalled by the next post (or by [`TaskQueue::finish`]);
     /// `Err(())` once the queue is finished and drained.
