@@ -70,6 +70,10 @@ int64_t polygate_ffi_task_remaining_ms(void *tsk);
  * (never touch `tq` again). For runtimes with an event loop of their own. */
 int polygate_ffi_task_try_poll_n(void *tq, void **out, int max);
 
+/* ABI 1.1. How many tasks wait to be polled, read without the queue's lock (a moment stale at
+ * worst): for a poller that spins briefly before it parks. */
+int polygate_ffi_task_queued(void *tq);
+
 /* ABI 1.1. A descriptor that becomes readable when tasks are queued after try_poll_n returned 0,
  * and when the runtime is unloaded; -1 on error. The host owns it: wait on it (epoll, Go's
  * netpoller, libuv), reading it resets it (try_poll_n does too); never write or close it (dup it for a wrapper that

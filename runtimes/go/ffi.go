@@ -41,6 +41,7 @@ typedef int (*pg_cancelled_fn)(void *);
 typedef int64_t (*pg_remaining_fn)(void *);
 typedef int (*pg_try_poll_n_fn)(void *, void **, int);
 typedef int (*pg_queue_fd_fn)(void *);
+typedef int (*pg_queued_fn)(void *);
 
 static pg_poll_n_fn pg_poll_n_p;
 static pg_respond2_fn pg_respond2_p;
@@ -48,6 +49,7 @@ static pg_cancelled_fn pg_cancelled_p;
 static pg_remaining_fn pg_remaining_p;
 static pg_try_poll_n_fn pg_try_poll_n_p;
 static pg_queue_fd_fn pg_queue_fd_p;
+static pg_queued_fn pg_queued_p;
 
 // Looks up polygate's extensions; 0 when the host does not have them (e.g. OpenResty).
 static int pg_detect(void) {
@@ -62,10 +64,12 @@ static int pg_detect(void) {
 	if ((v() & 0xffff) >= 1) {
 		pg_try_poll_n_p = (pg_try_poll_n_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_try_poll_n");
 		pg_queue_fd_p = (pg_queue_fd_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_queue_fd");
+		pg_queued_p = (pg_queued_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_queued");
 	}
 	return 1;
 }
-static int pg_has_fd(void) { return pg_try_poll_n_p != NULL && pg_queue_fd_p != NULL; }
+static int pg_has_fd(void) { return pg_try_poll_n_p != NULL && pg_queue_fd_p != NULL && pg_queued_p != NULL; }
+static int pg_queued(void *tq) { return pg_queued_p(tq); }
 static int pg_try_poll_n(void *tq, void **out, int max) { return pg_try_poll_n_p(tq, out, max); }
 static int pg_queue_fd(void *tq) { return pg_queue_fd_p(tq); }
 static int pg_poll_n(void *tq, void **out, int max) { return pg_poll_n_p(tq, out, max); }
@@ -389,11 +393,12 @@ func (p *poller) next() []task {
 			// a sequential caller's next call usually comes within microseconds: look again
 			// for a moment before parking (never on a single CPU, where it would only delay
 			// the caller)
+			// (the queued count is read without the queue's lock, which stays the callers')
 			deadline := time.Now().Add(PollSpin)
-			for n == 0 && time.Now().Before(deadline) {
+			for C.pg_queued(p.tq) == 0 && time.Now().Before(deadline) {
 				runtime.Gosched()
-				n = int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
 			}
+			n = int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
 		}
 		if n < 0 {
 			return nil

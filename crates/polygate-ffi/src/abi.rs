@@ -267,6 +267,23 @@ pub unsafe extern "C" fn polygate_ffi_task_try_poll_n(
     })
 }
 
+/// `int polygate_ffi_task_queued(void *tq)` (ABI 1.1): how many tasks wait to be polled, read
+/// without taking the queue's lock (a moment stale at worst; 0 after unload). For a poller that
+/// spins briefly before it parks: spinning on this leaves the queue's lock to the callers.
+///
+/// # Safety
+/// `tq` must be a queue handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_task_queued(tq: *mut c_void) -> c_int {
+    boundary("polygate_ffi_task_queued", 0, || {
+        // SAFETY: per this function's contract
+        let Some(q) = (unsafe { queue_ref(tq) }) else {
+            return 0;
+        };
+        q.queued_hint().min(c_int::MAX as usize) as c_int
+    })
+}
+
 /// `int polygate_ffi_task_queue_fd(void *tq)` (ABI 1.1): a descriptor that becomes readable when
 /// tasks are queued after [`polygate_ffi_task_try_poll_n`] returned 0, and when the runtime is
 /// unloaded; -1 on error. Owned by the host: wait on it (epoll, Go's netpoller, libuv), never
@@ -383,7 +400,7 @@ fn log_line(level: c_int, text: &str) {
 
 /// Addresses of every export. The binary calls this so the linker keeps the functions, and
 /// exports them with `--export-dynamic-symbol` so `dlopen`ed runtimes resolve them.
-pub fn exported_symbols() -> [(&'static str, usize); 11] {
+pub fn exported_symbols() -> [(&'static str, usize); 12] {
     [
         (
             "ngx_http_lua_ffi_task_poll",
@@ -425,6 +442,10 @@ pub fn exported_symbols() -> [(&'static str, usize); 11] {
         (
             "polygate_ffi_task_queue_fd",
             polygate_ffi_task_queue_fd as *const () as usize,
+        ),
+        (
+            "polygate_ffi_task_queued",
+            polygate_ffi_task_queued as *const () as usize,
         ),
     ]
 }

@@ -315,6 +315,12 @@ impl TaskQueue {
         self.state.lock().finished
     }
 
+    /// Tasks queued and not yet polled, read without the queue's lock (may be a moment stale):
+    /// for pollers that spin before they park.
+    pub fn queued_hint(&self) -> usize {
+        self.queued_hint.load(Ordering::Acquire)
+    }
+
     /// Tasks queued and not yet polled.
     pub fn queued(&self) -> usize {
         self.state.lock().tasks.len()

@@ -1,7 +1,7 @@
 /*
  * A runtime with an event loop of its own (ABI 1.1): it waits for tasks with epoll on the
  * queue's descriptor and takes them with polygate_ffi_task_try_poll_n, never blocking in the
- * host. Echoes each request; stops when try_poll_n returns -1 (unloaded).
+ * host; before parking it looks at polygate_ffi_task_queued for a moment. Echoes each request; stops when try_poll_n returns -1 (unloaded).
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -26,6 +26,13 @@ static void *loop(void *tq)
             break; /* unloaded: never touch tq again */
         }
         if (n == 0) {
+            /* look at the lock-free count for a moment (what a spinning poller does), then
+             * park: try_poll_n returned 0, so the descriptor is armed */
+            for (int i = 0; i < 1000 && polygate_ffi_task_queued(tq) == 0; i++) {
+            }
+            if (polygate_ffi_task_queued(tq) > 0) {
+                continue;
+            }
             struct epoll_event got;
             epoll_wait(ep, &got, 1, -1);
             continue;
