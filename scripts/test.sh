@@ -62,7 +62,7 @@ if command -v valgrind >/dev/null || { [ "$(id -u)" = 0 ] && apt-get update -qq 
   vlog="$(mktemp)"
   if bash scripts/valgrind-ffi.sh >"$vlog" 2>&1; then vstatus=0; else vstatus=$?; fi
   cat "$vlog" >> "$log"
-  grep -E "test result|ERROR|lost" "$vlog" || true
+  grep -E -A6 "test result|ERROR|lost|panicked|^failures:" "$vlog" | grep -v "^ *[0-9]*: \|^ *at " || true
   rm -f "$vlog"
   [ "$vstatus" = 0 ] || { echo "valgrind found problems (exit $vstatus)" >&2; exit 1; }
 fi
