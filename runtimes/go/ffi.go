@@ -330,6 +330,7 @@ type poller struct {
 	buf   unsafe.Pointer // room for batch task pointers (C memory, reused)
 	rc    syscall.RawConn
 	file  *os.File
+	last  int // size of the previous batch
 }
 
 func newPoller(tq unsafe.Pointer, batch int) *poller {
@@ -389,7 +390,9 @@ func (p *poller) next() []task {
 	}
 	for {
 		n := int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
-		if n == 0 && spinAllowed {
+		// spin only after a batch of one: a sequential caller; under load batches are larger
+		// and the spin would take CPU from the gateway
+		if n == 0 && spinAllowed && p.last == 1 {
 			// a sequential caller's next call usually comes within microseconds: look again
 			// for a moment before parking (never on a single CPU, where it would only delay
 			// the caller)
@@ -404,8 +407,10 @@ func (p *poller) next() []task {
 			return nil
 		}
 		if n > 0 {
+			p.last = n
 			return p.take(n)
 		}
+		p.last = 0
 		// nothing queued: park until the descriptor is readable (the host signals it on the
 		// next post or at unload); the next poll resets it
 		err := p.rc.Read(func(fd uintptr) bool {
