@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::python_rt::{call, config};
+use crate::python_rt::{call, config, thousand_concurrent_calls, unload_drains};
 use crate::support::*;
 
 fn pgtest(func: &str) -> String {
@@ -103,40 +103,8 @@ async fn node_sdk_handlers_errors_reload_and_concurrency() {
     assert_eq!(get(p, "/unload?rt=reload").await.body, "unloaded\n");
     assert_eq!(call(p, "reload", "r").await, "true v2:r nil\n");
 
-    // unload drains: calls already taken are still answered
-    let slow: Vec<_> = (0..10)
-        .map(|i| tokio::spawn(async move { (i, call(p, "slow", &format!("s{i}")).await) }))
-        .collect();
-    let started = gw
-        .eventually(Duration::from_secs(10), || async {
-            gw.stderr().matches("slow handler started").count() >= 10
-        })
-        .await;
-    assert!(started, "{}", gw.stderr());
-    assert_eq!(get(p, "/unload?rt=slow").await.body, "unloaded\n");
-    for t in slow {
-        let (i, r) = t.await.unwrap();
-        assert_eq!(r, format!("true slow:s{i} nil\n"));
-    }
-
-    // 1,000 concurrent calls: no lost or mismatched answer
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            tokio::spawn(async move {
-                let rt = if i % 2 == 0 { "echo" } else { "async" };
-                (i, rt, call(p, rt, &format!("m{i}")).await)
-            })
-        })
-        .collect();
-    for t in tasks {
-        let (i, rt, r) = t.await.unwrap();
-        let want = if rt == "echo" {
-            format!("true m{i} nil\n")
-        } else {
-            format!("true async:m{i} nil\n")
-        };
-        assert_eq!(r, want);
-    }
+    unload_drains(&gw, p).await;
+    thousand_concurrent_calls(p).await;
 
     gw.signal("TERM");
     assert_eq!(

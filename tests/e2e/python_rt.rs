@@ -48,6 +48,47 @@ routes:
     )
 }
 
+/// Unloading the runtime named `slow` (an async handler that logs "slow handler started" and
+/// answers `slow:<req>` after a while) drains: the calls it already took are still answered.
+pub(crate) async fn unload_drains(gw: &Gateway, p: u16) {
+    let slow: Vec<_> = (0..10)
+        .map(|i| tokio::spawn(async move { (i, call(p, "slow", &format!("s{i}")).await) }))
+        .collect();
+    let started = gw
+        .eventually(Duration::from_secs(10), || async {
+            gw.stderr().matches("slow handler started").count() >= 10
+        })
+        .await;
+    assert!(started, "{}", gw.stderr());
+    assert_eq!(get(p, "/unload?rt=slow").await.body, "unloaded\n");
+    for t in slow {
+        let (i, r) = t.await.unwrap();
+        assert_eq!(r, format!("true slow:s{i} nil\n"));
+    }
+}
+
+/// 1,000 concurrent calls on the runtimes named `echo` and `async` (which answers
+/// `async:<req>`): no lost or mismatched answer.
+pub(crate) async fn thousand_concurrent_calls(p: u16) {
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            tokio::spawn(async move {
+                let rt = if i % 2 == 0 { "echo" } else { "async" };
+                (i, rt, call(p, rt, &format!("m{i}")).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, rt, r) = t.await.unwrap();
+        let want = if rt == "echo" {
+            format!("true m{i} nil\n")
+        } else {
+            format!("true async:m{i} nil\n")
+        };
+        assert_eq!(r, want);
+    }
+}
+
 fn pgtest(func: &str) -> String {
     format!("{}/pgtest,{func}", libs::test_dir("python").display())
 }
@@ -162,40 +203,8 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
     assert_eq!(get(p, "/unload?rt=reload").await.body, "unloaded\n");
     assert_eq!(call(p, "reload", "r").await, "true v2:r nil\n");
 
-    // unload drains: calls already taken by the runtime are still answered
-    let slow: Vec<_> = (0..10)
-        .map(|i| tokio::spawn(async move { (i, call(p, "slow", &format!("s{i}")).await) }))
-        .collect();
-    let started = gw
-        .eventually(Duration::from_secs(10), || async {
-            gw.stderr().matches("slow handler started").count() >= 10
-        })
-        .await;
-    assert!(started, "{}", gw.stderr());
-    assert_eq!(get(p, "/unload?rt=slow").await.body, "unloaded\n");
-    for t in slow {
-        let (i, r) = t.await.unwrap();
-        assert_eq!(r, format!("true slow:s{i} nil\n"));
-    }
-
-    // 1,000 concurrent calls on a plain and an async handler: no lost or mismatched answer
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            tokio::spawn(async move {
-                let rt = if i % 2 == 0 { "echo" } else { "async" };
-                (i, rt, call(p, rt, &format!("m{i}")).await)
-            })
-        })
-        .collect();
-    for t in tasks {
-        let (i, rt, r) = t.await.unwrap();
-        let want = if rt == "echo" {
-            format!("true m{i} nil\n")
-        } else {
-            format!("true async:m{i} nil\n")
-        };
-        assert_eq!(r, want);
-    }
+    unload_drains(&gw, p).await;
+    thousand_concurrent_calls(p).await;
 
     // SIGTERM: drained, the interpreter finalised at exit (Python's atexit ran), exit 0
     assert_eq!(call(p, "exit", "e").await, "true e nil\n");

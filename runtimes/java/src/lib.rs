@@ -35,78 +35,16 @@ use jni::objects::{JByteArray, JClass, JLongArray, JString, JValue};
 use jni::sys::{jboolean, jbyteArray, jint, jlong};
 use jni::{JNIEnv, JavaVM, NativeMethod};
 
-unsafe extern "C" {
-    fn ngx_http_lua_ffi_task_poll(tq: *mut c_void) -> *mut c_void;
-    fn ngx_http_lua_ffi_get_req(tsk: *mut c_void, len: *mut c_int) -> *mut c_char;
-    fn ngx_http_lua_ffi_respond(tsk: *mut c_void, rc: c_int, rsp: *mut c_char, rsp_len: c_int);
-}
-
-type PollN = unsafe extern "C" fn(*mut c_void, *mut *mut c_void, c_int) -> c_int;
-type Respond2 = unsafe extern "C" fn(
-    *mut c_void,
-    c_int,
-    *mut c_char,
-    usize,
-    Option<unsafe extern "C" fn(*mut c_void)>,
-);
-type IsCancelled = unsafe extern "C" fn(*mut c_void) -> c_int;
-type RemainingMs = unsafe extern "C" fn(*mut c_void) -> i64;
-type Log = unsafe extern "C" fn(c_int, *const c_char, c_int);
-
-/// polygate's extensions, when the host has them (not under OpenResty).
-struct Ext {
-    poll_n: PollN,
-    respond2: Respond2,
-    cancelled: IsCancelled,
-    remaining: RemainingMs,
-    log: Log,
-}
+use polygate_ffi_sdk::host;
 
 fn sym(handle: *mut c_void, name: &CStr) -> *mut c_void {
-    // SAFETY: dlsym with a NUL-terminated name on a handle from dlopen or RTLD_DEFAULT
+    // SAFETY: dlsym with a NUL-terminated name on a handle from dlopen
     unsafe { libc::dlsym(handle, name.as_ptr()) }
-}
-
-fn ext() -> Option<&'static Ext> {
-    static EXT: OnceLock<Option<Ext>> = OnceLock::new();
-    EXT.get_or_init(|| {
-        let d = libc::RTLD_DEFAULT;
-        let v = sym(d, c"polygate_ffi_abi_version");
-        let p = [
-            sym(d, c"polygate_ffi_task_poll_n"),
-            sym(d, c"polygate_ffi_respond2"),
-            sym(d, c"polygate_ffi_task_is_cancelled"),
-            sym(d, c"polygate_ffi_task_remaining_ms"),
-            sym(d, c"polygate_ffi_log"),
-        ];
-        if v.is_null() || p.iter().any(|x| x.is_null()) {
-            return None;
-        }
-        // SAFETY: each symbol is the host function of the published type (include/polygate_ffi.h)
-        unsafe {
-            let version: unsafe extern "C" fn() -> u32 = std::mem::transmute(v);
-            if version() >> 16 != 1 {
-                return None;
-            }
-            Some(Ext {
-                poll_n: std::mem::transmute::<*mut c_void, PollN>(p[0]),
-                respond2: std::mem::transmute::<*mut c_void, Respond2>(p[1]),
-                cancelled: std::mem::transmute::<*mut c_void, IsCancelled>(p[2]),
-                remaining: std::mem::transmute::<*mut c_void, RemainingMs>(p[3]),
-                log: std::mem::transmute::<*mut c_void, Log>(p[4]),
-            })
-        }
-    })
-    .as_ref()
 }
 
 /// Writes a line to the host's log (polygate) or stderr (elsewhere).
 fn log(level: c_int, msg: &str) {
-    match ext() {
-        // SAFETY: msg is valid for len bytes for the call
-        Some(e) => unsafe { (e.log)(level, msg.as_ptr().cast(), msg.len() as c_int) },
-        None => eprintln!("ffi_java: {msg}"),
-    }
+    host::log("ffi_java", level, msg);
 }
 
 type CreateVm =
@@ -415,11 +353,7 @@ fn throw(env: &mut JNIEnv<'_>, msg: &str) {
 }
 
 extern "system" fn native_poll(_env: JNIEnv<'_>, _cls: JClass<'_>, tq: jlong) -> jlong {
-    std::panic::catch_unwind(|| {
-        // SAFETY: tq is the queue handed to the runtime's init (the ABI's contract)
-        unsafe { ngx_http_lua_ffi_task_poll(tq as *mut c_void) as jlong }
-    })
-    .unwrap_or(0)
+    std::panic::catch_unwind(|| host::poll(tq as usize) as jlong).unwrap_or(0)
 }
 
 extern "system" fn native_poll_n(
@@ -433,23 +367,10 @@ extern "system" fn native_poll_n(
         if max <= 0 {
             return Err("pollN: empty array".into());
         }
-        let max = max.min(1024);
-        let tasks: Vec<jlong> = match ext() {
-            Some(e) => {
-                let mut buf = vec![std::ptr::null_mut::<c_void>(); max as usize];
-                // SAFETY: buf has room for max pointers; tq as in poll
-                let n = unsafe { (e.poll_n)(tq as *mut c_void, buf.as_mut_ptr(), max) };
-                buf[..n.max(0) as usize]
-                    .iter()
-                    .map(|p| *p as jlong)
-                    .collect()
-            }
-            None => {
-                // SAFETY: as in poll
-                let t = unsafe { ngx_http_lua_ffi_task_poll(tq as *mut c_void) } as jlong;
-                if t == 0 { Vec::new() } else { vec![t] }
-            }
-        };
+        let tasks: Vec<jlong> = host::poll_n(tq as usize, max as usize)
+            .into_iter()
+            .map(|t| t as jlong)
+            .collect();
         env.set_long_array_region(&out, 0, &tasks)
             .map_err(|e| e.to_string())?;
         Ok(tasks.len() as jint)
@@ -470,15 +391,10 @@ extern "system" fn native_get_req(
     task: jlong,
 ) -> jbyteArray {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut len: c_int = 0;
-        // SAFETY: task is polled and unanswered (the ABI's contract with the caller)
-        let p = unsafe { ngx_http_lua_ffi_get_req(task as *mut c_void, &mut len) };
-        if p.is_null() {
-            return Ok(std::ptr::null_mut());
+        match host::request(task as usize) {
+            None => Ok(std::ptr::null_mut()),
+            Some(bytes) => env.byte_array_from_slice(bytes).map(|a| a.into_raw()),
         }
-        // SAFETY: the host's request buffer holds len bytes until the task is answered
-        let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len.max(0) as usize) };
-        env.byte_array_from_slice(bytes).map(|a| a.into_raw())
     }));
     match r {
         Ok(Ok(a)) => a,
@@ -503,40 +419,11 @@ extern "system" fn native_respond(
         } else {
             Some(env.convert_byte_array(&data).map_err(|e| e.to_string())?)
         };
-        respond(task as usize, rc, bytes.as_deref());
+        host::respond(task as usize, rc, bytes.as_deref());
         Ok(())
     }));
     if let Ok(Err(e)) = r {
         throw(&mut env, &e);
-    }
-}
-
-/// Answers a task with a malloc'd copy of `data` (the host frees it).
-fn respond(task: usize, rc: c_int, data: Option<&[u8]>) {
-    let (ptr, len) = match data {
-        None => (std::ptr::null_mut(), 0usize),
-        Some(b) => {
-            // SAFETY: malloc of at least one byte; the host frees it with free()
-            let p = unsafe { libc::malloc(b.len().max(1)) }.cast::<u8>();
-            if p.is_null() {
-                (std::ptr::null_mut(), 0)
-            } else {
-                // SAFETY: p has room for b.len() bytes (one more byte when b is empty)
-                unsafe {
-                    std::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len());
-                    if b.is_empty() {
-                        *p = 0;
-                    }
-                }
-                (p.cast::<c_char>(), b.len())
-            }
-        }
-    };
-    match ext() {
-        // SAFETY: task is polled and unanswered; ptr is NULL or malloc'd, the host's from now on
-        Some(e) => unsafe { (e.respond2)(task as *mut c_void, rc, ptr, len, None) },
-        // SAFETY: as above; lengths above 2 GiB cannot come from a Java byte[]
-        None => unsafe { ngx_http_lua_ffi_respond(task as *mut c_void, rc, ptr, len as c_int) },
     }
 }
 
@@ -545,17 +432,11 @@ extern "system" fn native_is_cancelled(
     _cls: JClass<'_>,
     task: jlong,
 ) -> jboolean {
-    // SAFETY: task is polled and unanswered
-    let c = ext().is_some_and(|e| unsafe { (e.cancelled)(task as *mut c_void) } != 0);
-    jboolean::from(c)
+    jboolean::from(host::is_cancelled(task as usize))
 }
 
 extern "system" fn native_remaining_ms(_env: JNIEnv<'_>, _cls: JClass<'_>, task: jlong) -> jlong {
-    match ext() {
-        // SAFETY: task is polled and unanswered
-        Some(e) => unsafe { (e.remaining)(task as *mut c_void) },
-        None => -1,
-    }
+    host::remaining_ms(task as usize)
 }
 
 extern "system" fn native_log(

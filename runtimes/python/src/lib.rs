@@ -29,77 +29,11 @@ use std::sync::{Mutex, Once, OnceLock};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyModule};
 
-unsafe extern "C" {
-    fn ngx_http_lua_ffi_task_poll(tq: *mut c_void) -> *mut c_void;
-    fn ngx_http_lua_ffi_get_req(tsk: *mut c_void, len: *mut c_int) -> *mut c_char;
-    fn ngx_http_lua_ffi_respond(tsk: *mut c_void, rc: c_int, rsp: *mut c_char, rsp_len: c_int);
-}
-
-type PollN = unsafe extern "C" fn(*mut c_void, *mut *mut c_void, c_int) -> c_int;
-type Respond2 = unsafe extern "C" fn(
-    *mut c_void,
-    c_int,
-    *mut c_char,
-    usize,
-    Option<unsafe extern "C" fn(*mut c_void)>,
-);
-type IsCancelled = unsafe extern "C" fn(*mut c_void) -> c_int;
-type RemainingMs = unsafe extern "C" fn(*mut c_void) -> i64;
-type Log = unsafe extern "C" fn(c_int, *const c_char, c_int);
-
-/// polygate's extensions, when the host has them (not under OpenResty).
-struct Ext {
-    poll_n: PollN,
-    respond2: Respond2,
-    cancelled: IsCancelled,
-    remaining: RemainingMs,
-    log: Log,
-}
-
-fn sym(name: &CStr) -> *mut c_void {
-    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope
-    unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
-}
-
-fn ext() -> Option<&'static Ext> {
-    static EXT: OnceLock<Option<Ext>> = OnceLock::new();
-    EXT.get_or_init(|| {
-        let v = sym(c"polygate_ffi_abi_version");
-        let names = [
-            sym(c"polygate_ffi_task_poll_n"),
-            sym(c"polygate_ffi_respond2"),
-            sym(c"polygate_ffi_task_is_cancelled"),
-            sym(c"polygate_ffi_task_remaining_ms"),
-            sym(c"polygate_ffi_log"),
-        ];
-        if v.is_null() || names.iter().any(|p| p.is_null()) {
-            return None;
-        }
-        // SAFETY: each symbol is the host function of the published type (include/polygate_ffi.h)
-        unsafe {
-            let version: unsafe extern "C" fn() -> u32 = std::mem::transmute(v);
-            if version() >> 16 != 1 {
-                return None;
-            }
-            Some(Ext {
-                poll_n: std::mem::transmute::<*mut c_void, PollN>(names[0]),
-                respond2: std::mem::transmute::<*mut c_void, Respond2>(names[1]),
-                cancelled: std::mem::transmute::<*mut c_void, IsCancelled>(names[2]),
-                remaining: std::mem::transmute::<*mut c_void, RemainingMs>(names[3]),
-                log: std::mem::transmute::<*mut c_void, Log>(names[4]),
-            })
-        }
-    })
-    .as_ref()
-}
+use polygate_ffi_sdk::host;
 
 /// Writes a line to the host's log (polygate) or stderr (elsewhere).
 fn log(level: c_int, msg: &str) {
-    match ext() {
-        // SAFETY: msg is valid for len bytes for the call
-        Some(e) => unsafe { (e.log)(level, msg.as_ptr().cast(), msg.len() as c_int) },
-        None => eprintln!("ffi_python3: {msg}"),
-    }
+    host::log("ffi_python3", level, msg);
 }
 
 /// The Python part of `polygate_ffi` (serve, the asyncio loop, Task).
@@ -343,7 +277,7 @@ fn install_module(py: Python<'_>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remaining_ms, &m)?)?;
     m.add_function(wrap_pyfunction!(cfg_str, &m)?)?;
     m.add_function(wrap_pyfunction!(host_log, &m)?)?;
-    m.add("HAS_EXTENSIONS", ext().is_some())?;
+    m.add("HAS_EXTENSIONS", host::has_extensions())?;
     let dict = m.dict();
     dict.set_item("__builtins__", py.import("builtins")?)?;
     let code =
@@ -359,8 +293,7 @@ fn install_module(py: Python<'_>) -> PyResult<()> {
 /// unloaded (never touch `tq` again then).
 #[pyfunction]
 fn poll(py: Python<'_>, tq: usize) -> usize {
-    // SAFETY: tq is the queue handed to libffi_init (the ABI's contract with the caller)
-    py.allow_threads(|| unsafe { ngx_http_lua_ffi_task_poll(tq as *mut c_void) as usize })
+    py.allow_threads(|| host::poll(tq))
 }
 
 /// `poll_n(tq, max) -> [task]`: waits (without the GIL) for tasks and takes up to `max` at once
@@ -368,37 +301,13 @@ fn poll(py: Python<'_>, tq: usize) -> usize {
 #[pyfunction]
 #[pyo3(signature = (tq, max = 32))]
 fn poll_n(py: Python<'_>, tq: usize, max: usize) -> Vec<usize> {
-    let max = max.clamp(1, 1024);
-    py.allow_threads(|| match ext() {
-        Some(e) => {
-            let mut out = vec![std::ptr::null_mut::<c_void>(); max];
-            // SAFETY: out has room for max pointers; tq as in poll
-            let n = unsafe { (e.poll_n)(tq as *mut c_void, out.as_mut_ptr(), max as c_int) };
-            out[..n.max(0) as usize]
-                .iter()
-                .map(|p| *p as usize)
-                .collect()
-        }
-        None => {
-            // SAFETY: as in poll
-            let t = unsafe { ngx_http_lua_ffi_task_poll(tq as *mut c_void) } as usize;
-            if t == 0 { Vec::new() } else { vec![t] }
-        }
-    })
+    py.allow_threads(|| host::poll_n(tq, max))
 }
 
 /// `get_req(task) -> bytes | None`: the request (None for a nil request).
 #[pyfunction]
 fn get_req(py: Python<'_>, task: usize) -> Option<Py<PyBytes>> {
-    let mut len: c_int = 0;
-    // SAFETY: task is a polled, unanswered task (the ABI's contract with the caller)
-    let p = unsafe { ngx_http_lua_ffi_get_req(task as *mut c_void, &mut len) };
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: the host's request buffer holds len bytes until the task is answered
-    let bytes = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len.max(0) as usize) };
-    Some(PyBytes::new(py, bytes).unbind())
+    host::request(task).map(|b| PyBytes::new(py, b).unbind())
 }
 
 /// `respond(task, rc, data)`: answers a task exactly once; `data` is bytes, str or None.
@@ -413,61 +322,20 @@ fn respond(task: usize, rc: i32, data: Option<&Bound<'_, PyAny>>) -> PyResult<()
             _ => d.extract::<String>()?.into_bytes(),
         }),
     };
-    let (ptr, len) = match &owned {
-        None => (std::ptr::null_mut(), 0usize),
-        Some(b) => {
-            // SAFETY: malloc of at least one byte; the host frees it with free()
-            let p = unsafe { libc::malloc(b.len().max(1)) }.cast::<u8>();
-            if p.is_null() {
-                return Err(pyo3::exceptions::PyMemoryError::new_err("malloc"));
-            }
-            // SAFETY: p has room for b.len() bytes (and one more byte when b is empty)
-            unsafe {
-                std::ptr::copy_nonoverlapping(b.as_ptr(), p, b.len());
-                if b.is_empty() {
-                    *p = 0;
-                }
-            }
-            (p.cast::<c_char>(), b.len())
-        }
-    };
-    match ext() {
-        // SAFETY: task is polled and unanswered; ptr is NULL or malloc'd, owned by the host now
-        Some(e) => unsafe { (e.respond2)(task as *mut c_void, rc, ptr, len, None) },
-        None => {
-            if len > c_int::MAX as usize {
-                // SAFETY: ptr came from malloc above
-                unsafe { libc::free(ptr.cast()) };
-                // SAFETY: as above, without a body
-                unsafe {
-                    ngx_http_lua_ffi_respond(task as *mut c_void, 1, std::ptr::null_mut(), 0)
-                };
-                return Err(pyo3::exceptions::PyValueError::new_err(
-                    "answer larger than 2 GiB",
-                ));
-            }
-            // SAFETY: as above; length 0 with a non-NULL buffer is the "\0" of the strlen rule
-            unsafe { ngx_http_lua_ffi_respond(task as *mut c_void, rc, ptr, len as c_int) }
-        }
-    }
+    host::respond(task, rc, owned.as_deref());
     Ok(())
 }
 
 /// `is_cancelled(task) -> bool`: the caller is gone (always False outside polygate).
 #[pyfunction]
 fn is_cancelled(task: usize) -> bool {
-    // SAFETY: task is polled and unanswered
-    ext().is_some_and(|e| unsafe { (e.cancelled)(task as *mut c_void) } != 0)
+    host::is_cancelled(task)
 }
 
 /// `remaining_ms(task) -> int`: milliseconds the caller still waits, -1 without a deadline.
 #[pyfunction]
 fn remaining_ms(task: usize) -> i64 {
-    match ext() {
-        // SAFETY: task is polled and unanswered
-        Some(e) => unsafe { (e.remaining)(task as *mut c_void) },
-        None => -1,
-    }
+    host::remaining_ms(task)
 }
 
 /// `cfg_str(cfg) -> str | None`: the cfg given to the init function as text (it receives the

@@ -102,51 +102,12 @@ unsafe extern "C" {
     fn ngx_http_lua_ffi_respond(tsk: *mut c_void, rc: c_int, rsp: *mut c_char, rsp_len: c_int);
 }
 
-type PollN = unsafe extern "C" fn(*mut c_void, *mut *mut c_void, c_int) -> c_int;
-type Respond2 = unsafe extern "C" fn(
-    *mut c_void,
-    c_int,
-    *mut c_char,
-    usize,
-    Option<unsafe extern "C" fn(*mut c_void)>,
-);
-type IsCancelled = unsafe extern "C" fn(*mut c_void) -> c_int;
+pub mod host;
 
-/// polygate's extensions, when the host has them.
-#[derive(Clone, Copy)]
-struct Ext {
-    poll_n: PollN,
-    respond2: Respond2,
-    is_cancelled: IsCancelled,
-}
-
-fn lookup(name: &CStr) -> *mut c_void {
-    // SAFETY: dlsym with a valid NUL-terminated name; RTLD_DEFAULT searches the global scope
-    unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) }
-}
+use host::Ext;
 
 fn extensions() -> Option<Ext> {
-    let v = lookup(c"polygate_ffi_abi_version");
-    let p = lookup(c"polygate_ffi_task_poll_n");
-    let r = lookup(c"polygate_ffi_respond2");
-    let c = lookup(c"polygate_ffi_task_is_cancelled");
-    if v.is_null() || p.is_null() || r.is_null() || c.is_null() {
-        return None;
-    }
-    // SAFETY: the symbol is the host's `uint32_t polygate_ffi_abi_version(void)`
-    let version: unsafe extern "C" fn() -> u32 = unsafe { std::mem::transmute(v) };
-    // SAFETY: calling a host function without arguments
-    if unsafe { version() } >> 16 != 1 {
-        return None;
-    }
-    // SAFETY: the symbols are the host's functions with these published signatures
-    unsafe {
-        Some(Ext {
-            poll_n: std::mem::transmute::<*mut c_void, PollN>(p),
-            respond2: std::mem::transmute::<*mut c_void, Respond2>(r),
-            is_cancelled: std::mem::transmute::<*mut c_void, IsCancelled>(c),
-        })
-    }
+    host::ext()
 }
 
 /// A task handed out by the host, answered exactly once (by [`Task::respond`] or on drop with
