@@ -76,6 +76,22 @@ pub(crate) fn ext() -> Option<Ext> {
     })
 }
 
+type Queued = unsafe extern "C" fn(*mut c_void) -> c_int;
+
+/// How many tasks wait to be polled on `tq`, read without the queue's lock (ABI 1.1; `None`
+/// when the host does not have it).
+pub fn queued(tq: usize) -> Option<usize> {
+    static QUEUED: OnceLock<Option<Queued>> = OnceLock::new();
+    let f = (*QUEUED.get_or_init(|| {
+        ext()?;
+        let p = lookup(c"polygate_ffi_task_queued");
+        // SAFETY: the host's `int polygate_ffi_task_queued(void *tq)`
+        (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, Queued>(p) })
+    }))?;
+    // SAFETY: tq is a queue handed to libffi_init
+    Some(unsafe { f(tq as *mut c_void) }.max(0) as usize)
+}
+
 /// Whether the host offers polygate's extensions.
 pub fn has_extensions() -> bool {
     ext().is_some()

@@ -273,12 +273,35 @@ where
     exit_code(started)
 }
 
+/// How long a poller that just handled a batch of one task (a sequential caller) watches the
+/// queue's lock-free count before it blocks (polygate 1.1, more than one CPU): the caller's next
+/// call then needs no futex wake-up on either side.
+const SPIN_AFTER_ONE: std::time::Duration = std::time::Duration::from_micros(20);
+
+fn spin_for_next(tq: usize) {
+    static MULTI_CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*MULTI_CPU.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)) {
+        return;
+    }
+    let until = std::time::Instant::now() + SPIN_AFTER_ONE;
+    while host::queued(tq) == Some(0) && std::time::Instant::now() < until {
+        for _ in 0..32 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 fn poll_loop<H: Handler>(queue: Queue, handler: Arc<H>, opts: Options) {
+    let mut last = 0;
     loop {
+        if last == 1 {
+            spin_for_next(queue.tq as usize);
+        }
         let tasks = queue.poll(opts.batch);
         if tasks.is_empty() {
             return;
         }
+        last = tasks.len();
         for task in tasks {
             if opts.skip_cancelled && task.is_cancelled() {
                 task.respond(1, b"cancelled");
