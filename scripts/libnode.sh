@@ -37,6 +37,6 @@ if [ -n "$missing" ]; then
       *) echo "libnode needs $m: install it" >&2; exit 1 ;;
     esac
   done
-  apt-get install -y -qq "${pkgs[@]}"
+  apt-get install -y -qq "${pkgs[@]}" || { apt-get update -qq && apt-get install -y -qq "${pkgs[@]}"; }
 fi
 share
