@@ -92,6 +92,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -314,10 +315,18 @@ func (t task) cancelled() bool {
 	return ext && C.pg_cancelled(t.p) != 0
 }
 
-// PollSpin is how long an idle poller keeps looking for tasks before it parks in Go's
-// netpoller (polygate 1.1), on machines with more than one CPU. It catches a sequential
-// caller's next call without a trip through the netpoller. 0 turns it off.
-var PollSpin = 20 * time.Microsecond
+// PollSpin is how long an idle poller keeps looking for tasks, after a batch of one task,
+// before it parks in Go's netpoller (polygate 1.1), on machines with more than one CPU. It
+// catches a sequential caller's next call without a trip through the netpoller. 0 turns it
+// off; POLYGATE_POLLER_SPIN_US sets the default.
+var PollSpin = spinFromEnv()
+
+func spinFromEnv() time.Duration {
+	if v, err := strconv.Atoi(os.Getenv("POLYGATE_POLLER_SPIN_US")); err == nil && v >= 0 {
+		return time.Duration(v) * time.Microsecond
+	}
+	return 20 * time.Microsecond
+}
 
 var spinAllowed = runtime.NumCPU() > 1
 
@@ -392,7 +401,7 @@ func (p *poller) next() []task {
 		n := int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
 		// spin only after a batch of one: a sequential caller; under load batches are larger
 		// and the spin would take CPU from the gateway
-		if n == 0 && spinAllowed && p.last == 1 {
+		if n == 0 && spinAllowed && p.last == 1 && PollSpin > 0 {
 			// a sequential caller's next call usually comes within microseconds: look again
 			// for a moment before parking (never on a single CPU, where it would only delay
 			// the caller)

@@ -275,15 +275,28 @@ where
 
 /// How long a poller that just handled a batch of one task (a sequential caller) watches the
 /// queue's lock-free count before it blocks (polygate 1.1, more than one CPU): the caller's next
-/// call then needs no futex wake-up on either side.
-const SPIN_AFTER_ONE: std::time::Duration = std::time::Duration::from_micros(20);
+/// call then needs no futex wake-up on either side. `POLYGATE_POLLER_SPIN_US` changes it (0:
+/// off); never on a single CPU.
+fn spin_after_one() -> std::time::Duration {
+    static SPIN: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        if !std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            return std::time::Duration::ZERO;
+        }
+        let us = std::env::var("POLYGATE_POLLER_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        std::time::Duration::from_micros(us)
+    })
+}
 
 fn spin_for_next(tq: usize) {
-    static MULTI_CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*MULTI_CPU.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)) {
+    let spin = spin_after_one();
+    if spin.is_zero() {
         return;
     }
-    let until = std::time::Instant::now() + SPIN_AFTER_ONE;
+    let until = std::time::Instant::now() + spin;
     while host::queued(tq) == Some(0) && std::time::Instant::now() < until {
         for _ in 0..32 {
             std::hint::spin_loop();
