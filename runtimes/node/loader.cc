@@ -131,6 +131,17 @@ std::string start_error;
 napi_threadsafe_function init_tsfn = nullptr;
 std::atomic<node::Environment *> g_env{nullptr};
 
+// `v` as text (String(v) in JavaScript); false when it cannot be converted.
+bool to_text(napi_env env, napi_value v, std::string *out) {
+  napi_value str;
+  if (napi_coerce_to_string(env, v, &str) != napi_ok) return false;
+  size_t n = 0;
+  napi_get_value_string_utf8(env, str, nullptr, 0, &n);
+  out->assign(n, '\0');
+  napi_get_value_string_utf8(env, str, out->data(), n + 1, &n);
+  return true;
+}
+
 std::string pending_exception(napi_env env) {
   bool pending = false;
   if (napi_is_exception_pending(env, &pending) != napi_ok || !pending) return "";
@@ -141,13 +152,8 @@ std::string pending_exception(napi_env env) {
   bool is_error = false;
   napi_is_error(env, exc, &is_error);
   if (is_error && napi_get_named_property(env, exc, "stack", &stack) == napi_ok) text = stack;
-  napi_value str;
-  if (napi_coerce_to_string(env, text, &str) != napi_ok) return "exception";
-  size_t n = 0;
-  napi_get_value_string_utf8(env, str, nullptr, 0, &n);
-  std::string s(n, '\0');
-  napi_get_value_string_utf8(env, str, s.data(), n + 1, &n);
-  return s;
+  std::string s;
+  return to_text(env, text, &s) ? s : "exception";
 }
 
 void finish_init(const std::shared_ptr<InitReq> &r) {
@@ -342,15 +348,11 @@ napi_value js_respond(napi_env env, napi_callback_info info) {
     napi_get_typedarray_info(env, argv[2], &tt, &len, &data, &ab, &off);
     respond(t, rc, static_cast<const char *>(data), len, true);
   } else {
-    napi_value str;
-    if (napi_coerce_to_string(env, argv[2], &str) != napi_ok) {
+    std::string s;
+    if (!to_text(env, argv[2], &s)) {
       respond(t, 1, nullptr, 0, false);
       return nullptr;
     }
-    size_t n = 0;
-    napi_get_value_string_utf8(env, str, nullptr, 0, &n);
-    std::string s(n, '\0');
-    napi_get_value_string_utf8(env, str, s.data(), n + 1, &n);
     respond(t, rc, s.data(), s.size(), true);
   }
   return nullptr;
@@ -387,16 +389,8 @@ napi_value js_log(napi_env env, napi_callback_info info) {
   napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
   int32_t level = 2;
   if (argc >= 1) napi_get_value_int32(env, argv[0], &level);
-  if (argc >= 2) {
-    napi_value str;
-    if (napi_coerce_to_string(env, argv[1], &str) == napi_ok) {
-      size_t n = 0;
-      napi_get_value_string_utf8(env, str, nullptr, 0, &n);
-      std::string s(n, '\0');
-      napi_get_value_string_utf8(env, str, s.data(), n + 1, &n);
-      log_line(level, s);
-    }
-  }
+  std::string s;
+  if (argc >= 2 && to_text(env, argv[1], &s)) log_line(level, s);
   return nullptr;
 }
 
