@@ -214,26 +214,8 @@ fn register_natives(env: &mut JNIEnv<'_>) {
 /// `cfg` is NULL or a NUL-terminated string valid for the call; `tq` is the host's queue.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn libffi_init(cfg: *mut c_char, tq: *mut c_void) -> c_int {
-    let cfg = if cfg.is_null() {
-        String::new()
-    } else {
-        // SAFETY: the host passes a NUL-terminated string valid for this call
-        unsafe { CStr::from_ptr(cfg) }
-            .to_string_lossy()
-            .into_owned()
-    };
-    let tq = tq as usize;
-    match std::panic::catch_unwind(move || init(&cfg, tq)) {
-        Ok(Ok(rc)) => rc,
-        Ok(Err(e)) => {
-            log(0, &e);
-            1
-        }
-        Err(_) => {
-            log(0, "libffi_init panicked");
-            1
-        }
-    }
+    // SAFETY: the host's cfg, as this function's contract says
+    unsafe { host::init_entry("ffi_java", cfg, tq, init) }
 }
 
 /// A parsed cfg: `class[?],method[,rest]`.

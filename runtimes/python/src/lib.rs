@@ -50,22 +50,8 @@ static INIT_LOCK: Mutex<()> = Mutex::new(());
 /// `cfg` is NULL or a NUL-terminated string valid for the call; `tq` is the host's queue.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn libffi_init(cfg: *mut c_char, tq: *mut c_void) -> c_int {
-    let cfg = if cfg.is_null() {
-        String::new()
-    } else {
-        // SAFETY: the host passes a NUL-terminated string valid for this call
-        unsafe { CStr::from_ptr(cfg) }
-            .to_string_lossy()
-            .into_owned()
-    };
-    let tq = tq as usize;
-    match std::panic::catch_unwind(move || init(&cfg, tq)) {
-        Ok(rc) => rc,
-        Err(_) => {
-            log(0, "libffi_init panicked");
-            1
-        }
-    }
+    // SAFETY: the host's cfg, as this function's contract says
+    unsafe { host::init_entry("ffi_python3", cfg, tq, init) }
 }
 
 /// A parsed cfg.
@@ -115,23 +101,12 @@ fn parse(cfg: &str) -> Result<Spec, String> {
     })
 }
 
-fn init(cfg: &str, tq: usize) -> c_int {
-    let spec = match parse(cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            log(0, &e);
-            return 1;
-        }
-    };
+fn init(cfg: &str, tq: usize) -> Result<c_int, String> {
+    let spec = parse(cfg)?;
     let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     start_interpreter();
-    Python::with_gil(|py| match run_init(py, &spec, tq) {
-        Ok(rc) => rc,
-        Err(e) => {
-            let tb = format_error(py, &e);
-            log(0, &format!("{cfg}: {tb}"));
-            1
-        }
+    Python::with_gil(|py| {
+        run_init(py, &spec, tq).map_err(|e| format!("{cfg}: {}", format_error(py, &e)))
     })
 }
 

@@ -92,6 +92,41 @@ pub fn queued(tq: usize) -> Option<usize> {
     Some(unsafe { f(tq as *mut c_void) }.max(0) as usize)
 }
 
+/// The body of a loader's `libffi_init`: hands `init` the cfg as text (empty for NULL, invalid
+/// UTF-8 replaced) and the queue's address, logs its error (prefixed in stderr with `who` when
+/// the host has no log) and answers rc 1 for an error or a panic.
+///
+/// # Safety
+///
+/// `cfg` is NULL or a NUL-terminated string valid for the call, as `libffi_init` receives it.
+pub unsafe fn init_entry(
+    who: &str,
+    cfg: *const c_char,
+    tq: *mut c_void,
+    init: impl FnOnce(&str, usize) -> Result<c_int, String> + std::panic::UnwindSafe,
+) -> c_int {
+    let cfg = if cfg.is_null() {
+        String::new()
+    } else {
+        // SAFETY: per this function's contract
+        unsafe { CStr::from_ptr(cfg) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    let tq = tq as usize;
+    match std::panic::catch_unwind(move || init(&cfg, tq)) {
+        Ok(Ok(rc)) => rc,
+        Ok(Err(e)) => {
+            log(who, 0, &e);
+            1
+        }
+        Err(_) => {
+            log(who, 0, "libffi_init panicked");
+            1
+        }
+    }
+}
+
 /// Whether the host offers polygate's extensions.
 pub fn has_extensions() -> bool {
     ext().is_some()
