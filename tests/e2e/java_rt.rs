@@ -5,11 +5,13 @@
 //! runtimes of one class, 1,000 concurrent calls, the HttpCheck example, and SIGTERM draining.
 
 use std::process::Command;
-use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::python_rt::{call, config, thousand_concurrent_calls, unload_drains};
+use crate::python_rt::{
+    call, exits_0_on_sigterm, reloads_after_an_edit, start_with_loader, thousand_concurrent_calls,
+    unload_drains,
+};
 use crate::support::*;
 
 fn compile(src_dir: &std::path::Path, out: &std::path::Path, classpath: &str) {
@@ -62,14 +64,7 @@ async fn java_sdk_handlers_errors_reload_and_concurrency() {
         ("reload", "Reloadme?,init".into()),
         ("noclass", "no.such.Klass,init".into()),
     ];
-    let mut gw = Gateway::start_env(
-        &format!(
-            "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\"]\n{}",
-            libdir.display(),
-            config("ffi_java", &cfgs)
-        ),
-        &[("CLASSPATH", &classpath)],
-    );
+    let mut gw = start_with_loader(&libdir, "ffi_java", &cfgs, &[("CLASSPATH", &classpath)]);
     let p = gw.port;
 
     assert_eq!(call(p, "echo", "hello").await, "true hello nil\n");
@@ -107,21 +102,12 @@ async fn java_sdk_handlers_errors_reload_and_concurrency() {
     assert!(!gw.stderr().contains("replaced polygate's handler"));
 
     // `?`: a fresh child-first class loader picks up the recompiled class
-    assert_eq!(call(p, "reload", "r").await, "true v1:r nil\n");
-    write_version(2);
-    assert_eq!(get(p, "/unload?rt=reload").await.body, "unloaded\n");
-    assert_eq!(call(p, "reload", "r").await, "true v2:r nil\n");
+    reloads_after_an_edit(p, write_version).await;
 
     unload_drains(&gw, p).await;
     thousand_concurrent_calls(p).await;
 
-    gw.signal("TERM");
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        gw.stderr()
-    );
+    exits_0_on_sigterm(&mut gw);
 }
 
 /// A check service: `?path=/public...` → 200 with `x-user: alice`, anything else → 403.

@@ -5,9 +5,10 @@
 //! of one module with a cfg containing commas, 1,000 concurrent calls, the transform example,
 //! and SIGTERM draining with Node loaded.
 
-use std::time::Duration;
-
-use crate::python_rt::{call, config, thousand_concurrent_calls, unload_drains};
+use crate::python_rt::{
+    call, exits_0_on_sigterm, reloads_after_an_edit, start_with_loader, thousand_concurrent_calls,
+    unload_drains,
+};
 use crate::support::*;
 
 fn pgtest(func: &str) -> String {
@@ -46,11 +47,7 @@ async fn node_sdk_handlers_errors_reload_and_concurrency() {
         ("reload", format!("{}?,init", reload_src.display())),
         ("nomod", "./no_such_module_here,init".into()),
     ];
-    let mut gw = Gateway::start(&format!(
-        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\"]\n{}",
-        libdir.display(),
-        config("ffi_nodejs", &cfgs)
-    ));
+    let mut gw = start_with_loader(&libdir, "ffi_nodejs", &cfgs, &[]);
     let p = gw.port;
 
     assert_eq!(call(p, "echo", "hello").await, "true hello nil\n");
@@ -98,21 +95,12 @@ async fn node_sdk_handlers_errors_reload_and_concurrency() {
     );
 
     // `?` evicts the module from the require cache
-    assert_eq!(call(p, "reload", "r").await, "true v1:r nil\n");
-    write_version(2);
-    assert_eq!(get(p, "/unload?rt=reload").await.body, "unloaded\n");
-    assert_eq!(call(p, "reload", "r").await, "true v2:r nil\n");
+    reloads_after_an_edit(p, write_version).await;
 
     unload_drains(&gw, p).await;
     thousand_concurrent_calls(p).await;
 
-    gw.signal("TERM");
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        gw.stderr()
-    );
+    exits_0_on_sigterm(&mut gw);
 }
 
 #[tokio::test(flavor = "multi_thread")]

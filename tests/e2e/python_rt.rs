@@ -89,6 +89,44 @@ pub(crate) async fn thousand_concurrent_calls(p: u16) {
     }
 }
 
+/// A gateway with 2 worker threads whose `/call` and `/unload` routes ([`config`]) use the
+/// loader `lib` found in `lib_dir`, with extra environment variables.
+pub(crate) fn start_with_loader(
+    lib_dir: &std::path::Path,
+    lib: &str,
+    cfgs: &[(&str, String)],
+    env: &[(&str, &str)],
+) -> Gateway {
+    Gateway::start_env(
+        &format!(
+            "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\"]\n{}",
+            lib_dir.display(),
+            config(lib, cfgs)
+        ),
+        env,
+    )
+}
+
+/// The runtime named `reload` (a cfg with `?`, answering `v<N>:<req>`) picks up its source
+/// rewritten by `write_version(2)` after an unload.
+pub(crate) async fn reloads_after_an_edit(p: u16, write_version: impl Fn(u32)) {
+    assert_eq!(call(p, "reload", "r").await, "true v1:r nil\n");
+    write_version(2);
+    assert_eq!(get(p, "/unload?rt=reload").await.body, "unloaded\n");
+    assert_eq!(call(p, "reload", "r").await, "true v2:r nil\n");
+}
+
+/// SIGTERM: the gateway drains and exits 0.
+pub(crate) fn exits_0_on_sigterm(gw: &mut Gateway) {
+    gw.signal("TERM");
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        gw.stderr()
+    );
+}
+
 fn pgtest(func: &str) -> String {
     format!("{}/pgtest,{func}", libs::test_dir("python").display())
 }
@@ -140,11 +178,7 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
         ("reload", format!("{}/reloadme?,init", reload_dir.display())),
         ("nomod", "no_such_module_here,init".to_owned()),
     ];
-    let mut gw = Gateway::start(&format!(
-        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\"]\n{}",
-        pydir.display(),
-        config("ffi_python3", &cfgs)
-    ));
+    let mut gw = start_with_loader(&pydir, "ffi_python3", &cfgs, &[]);
     let p = gw.port;
 
     assert_eq!(call(p, "echo", "hello").await, "true hello nil\n");
@@ -189,32 +223,19 @@ async fn python_sdk_handlers_errors_reload_and_concurrency() {
 
     // the lua-resty-ffi name of the same loader
     let gw2_cfg = vec![("echo", pgtest("init_echo"))];
-    let gw2 = Gateway::start(&format!(
-        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\"]\n{}",
-        pydir.display(),
-        config("resty_ffi_python", &gw2_cfg)
-    ));
+    let gw2 = start_with_loader(&pydir, "resty_ffi_python", &gw2_cfg, &[]);
     assert_eq!(call(gw2.port, "echo", "named").await, "true named nil\n");
     drop(gw2);
 
     // `?` reloads the module: edit, unload, load again
-    assert_eq!(call(p, "reload", "r").await, "true v1:r nil\n");
-    write_version(2);
-    assert_eq!(get(p, "/unload?rt=reload").await.body, "unloaded\n");
-    assert_eq!(call(p, "reload", "r").await, "true v2:r nil\n");
+    reloads_after_an_edit(p, write_version).await;
 
     unload_drains(&gw, p).await;
     thousand_concurrent_calls(p).await;
 
     // SIGTERM: drained, the interpreter finalised at exit (Python's atexit ran), exit 0
     assert_eq!(call(p, "exit", "e").await, "true e nil\n");
-    gw.signal("TERM");
-    assert_eq!(
-        gw.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        gw.stderr()
-    );
+    exits_0_on_sigterm(&mut gw);
     assert_eq!(
         std::fs::read_to_string(&marker).ok().as_deref(),
         Some("finalized"),
