@@ -11,7 +11,7 @@
 //! loading thread on its first load, living until the process exits.
 //!
 //! Jobs queue in order; nothing a worker thread locks is held while a job runs, and a worker
-//! never blocks on a job except where a caller asks for it ([`run_blocking`]).
+//! never blocks on a job except where a caller asks for it (`Slot::wait_blocking`).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
@@ -155,27 +155,9 @@ pub fn submit(job: impl FnOnce() + Send + 'static) {
     }
 }
 
-/// Runs `f` on the loading thread and waits for its result (blocks the calling thread: for
-/// start-up and tools, never for a worker thread serving requests).
-pub fn run_blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Option<R> {
-    if on_loading_thread() {
-        return Some(f());
-    }
-    let (tx, rx) = mpsc::sync_channel(1);
-    submit(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv().ok()
-}
-
 /// Whether the calling thread is the loading thread.
 pub fn on_loading_thread() -> bool {
     LOADER
         .get()
         .is_some_and(|l| l.thread == thread::current().id())
-}
-
-/// The loading thread's id (starting the fallback thread if none exists yet).
-pub fn loading_thread() -> ThreadId {
-    loader().thread
 }

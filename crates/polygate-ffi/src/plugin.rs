@@ -257,6 +257,7 @@ impl PluginFactory for FfiFactory {
 /// Serialises the request description (the JSON of [`RequestDoc`], written directly: header
 /// names sorted, a repeated header as a list), with room for the NUL the host appends.
 pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
+    use std::io::Write as _;
     fn string(out: &mut Vec<u8>, s: &str) {
         // serde_json escapes exactly as the derived serializer did
         let _ = serde_json::to_writer(&mut *out, s);
@@ -322,13 +323,10 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     out.push(b'}');
     field(&mut out, "client_ip", &mut first);
     out.push(b'"');
-    {
-        use std::io::Write as _;
-        let _ = write!(out, "{}", ctx.client_addr.ip());
-    }
+    let _ = write!(out, "{}", ctx.client_addr.ip());
     out.push(b'"');
     field(&mut out, "client_port", &mut first);
-    out.extend_from_slice(itoa(u64::from(ctx.client_addr.port())).as_bytes());
+    let _ = write!(out, "{}", ctx.client_addr.port());
     for (name, v) in [
         ("route_id", ctx.route_id.as_deref()),
         ("service_id", ctx.service_id.as_deref()),
@@ -344,7 +342,7 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     }
     if let Some(st) = ctx.status {
         field(&mut out, "status", &mut first);
-        out.extend_from_slice(itoa(u64::from(st.as_u16())).as_bytes());
+        let _ = write!(out, "{}", st.as_u16());
     }
     if let Some(b) = &ctx.body {
         match std::str::from_utf8(b) {
@@ -367,10 +365,6 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     out.push(b'}');
     out.reserve(1);
     out
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 impl Ffi {

@@ -513,19 +513,10 @@ impl FfiHost {
         slot
     }
 
-    /// Loads a runtime (or returns the one already loaded for `lib&cfg`), waiting for it
-    /// asynchronously; `libffi_init(cfg, tq)` runs once per key for the whole process, on the
-    /// loading thread.
-    pub async fn load_async(
-        &self,
-        lib: &str,
-        cfg: Option<&str>,
-        opts: &LoadOptions,
-    ) -> Result<Arc<Runtime>, LoadError> {
-        self.slot(lib, cfg, opts).wait().await
-    }
-
-    /// [`FfiHost::load_async`] for callers that may block (start-up, tests, tools).
+    /// Loads a runtime (or returns the one already loaded for `lib&cfg`), blocking the calling
+    /// thread until `libffi_init` (once per key for the whole process, on the loading thread)
+    /// returned: for start-up, tests and tools. Requests use [`FfiHost::slot`] and wait
+    /// asynchronously.
     pub fn load(
         &self,
         lib: &str,

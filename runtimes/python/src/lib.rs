@@ -24,7 +24,7 @@
 )]
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
-use std::sync::{Mutex, Once, OnceLock};
+use std::sync::{Mutex, Once};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyModule};
@@ -39,8 +39,6 @@ fn log(level: c_int, msg: &str) {
 /// The Python part of `polygate_ffi` (serve, the asyncio loop, Task).
 const SDK: &str = include_str!("sdk.py");
 
-/// Whether this loader started the interpreter (then it also finalises it).
-static OWNS_INTERPRETER: OnceLock<bool> = OnceLock::new();
 static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// `libffi_init(cfg, tq)`: see the crate documentation for the cfg grammar.
@@ -124,7 +122,6 @@ fn start_interpreter() {
             // SAFETY: registers a function of this (pinned) library to run at exit
             unsafe { libc::atexit(finalize) };
         }
-        let _ = OWNS_INTERPRETER.set(!running);
         Python::with_gil(|py| {
             if let Err(e) = install_module(py) {
                 let tb = format_error(py, &e);
