@@ -235,12 +235,7 @@ impl TaskQueue {
             // consumed: the caller looks at the queue now
             fd.drain();
         }
-        while out.len() < max.max(1) {
-            let Some(t) = self.next_ready(&mut st) else {
-                break;
-            };
-            out.push(t);
-        }
+        self.take_ready(&mut st, max, &mut out);
         if out.is_empty() {
             if st.finished {
                 self.cond.notify_all();
@@ -359,6 +354,16 @@ impl TaskQueue {
         None
     }
 
+    /// Moves up to `max` (at least one) ready tasks into `out`.
+    fn take_ready(&self, st: &mut State, max: usize, out: &mut Vec<Arc<Task>>) {
+        while out.len() < max.max(1) {
+            let Some(t) = self.next_ready(st) else {
+                break;
+            };
+            out.push(t);
+        }
+    }
+
     /// Blocks until a task is available (skipping cancelled ones) or the queue is finished and
     /// drained (`None`).
     pub fn poll(&self) -> Option<Arc<Task>> {
@@ -384,12 +389,7 @@ impl TaskQueue {
         self.spin_for_work();
         let mut st = self.state.lock();
         loop {
-            while out.len() < max.max(1) {
-                let Some(t) = self.next_ready(&mut st) else {
-                    break;
-                };
-                out.push(t);
-            }
+            self.take_ready(&mut st, max, &mut out);
             if !out.is_empty() {
                 return out;
             }
