@@ -159,7 +159,7 @@ async fn a_failed_init_is_not_cached_and_unload_leaves_the_cache_at_once() {
 async fn drains_after_a_runtime_took_the_signals(cfg: &str, sig: &str) {
     let lib = libs::c("threadbound");
     let mut gw = Gateway::start(&format!(
-        "{}\n  - id: slow\n    uri: /slow\n    plugins:\n      lua:\n        access: |\n          ngx.log(ngx.WARN, \"slow request started\")\n          ngx.sleep(1)\n          ngx.say(\"done\")\n          return ngx.exit(200)\n",
+        "{}{SLOW_ROUTE}",
         routes(&lib.display().to_string())
     ));
     let p = gw.port;
@@ -175,25 +175,7 @@ async fn drains_after_a_runtime_took_the_signals(cfg: &str, sig: &str) {
         "{}",
         gw.stderr()
     );
-    let inflight = tokio::spawn(async move { get(p, "/slow").await });
-    assert!(
-        gw.eventually(Duration::from_secs(5), || async {
-            gw.stderr().contains("slow request started")
-        })
-        .await,
-        "{}",
-        gw.stderr()
-    );
-    gw.signal(sig);
-    let r = inflight.await.unwrap();
-    assert_eq!(
-        (r.status, r.body.as_str()),
-        (200, "done\n"),
-        "{}",
-        gw.stderr()
-    );
-    let code = gw.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{}", gw.stderr());
+    stop_drains(&mut gw, sig, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -81,13 +81,7 @@ for i = 1, 1000 do t[i] = {i = i, s = tostring(i) .. "x"} end
 ngx.say("lua ", ngx.var.arg_req, " ", #t)
 return ngx.exit(200)"#,
     );
-    routes += &route(
-        "slow",
-        r#"ngx.log(ngx.WARN, "slow request started")
-ngx.sleep(1)
-ngx.say("done")
-return ngx.exit(200)"#,
-    );
+    routes += SLOW_ROUTE;
     let mut gw = Gateway::start_env(
         &format!(
             "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\", \"{}\", \"{}\"]\n  timeouts: {{graceful_shutdown: 10}}\n  lua: {{time_limit: 2}}\n{routes}",
@@ -143,37 +137,11 @@ return ngx.exit(200)"#,
     assert!(total > 1000, "only {total} requests in {} s", soak_secs());
 
     // requests in flight when the signal comes are drained
-    let inflight: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(async move { get(p, "/slow").await }))
-        .collect();
-    let started = gw
-        .eventually(Duration::from_secs(5), || async {
-            gw.stderr().matches("slow request started").count() >= 4
-        })
-        .await;
-    assert!(started, "{}", gw.stderr());
-    let t0 = Instant::now();
-    gw.signal(sig);
-    for t in inflight {
-        let r = t.await.unwrap();
-        assert_eq!(
-            (r.status, r.body.as_str()),
-            (200, "done\n"),
-            "{}",
-            gw.stderr()
-        );
-    }
-    let code = gw.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{}", gw.stderr());
-    assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "exit took {:?}",
-        t0.elapsed()
-    );
+    let took = stop_drains(&mut gw, sig, 4).await;
     eprintln!(
         "soak with {sig}: {total} requests in {} s, exit 0 after {:?}",
         soak_secs(),
-        t0.elapsed()
+        took
     );
 }
 

@@ -271,6 +271,42 @@ pub mod tempdir {
     }
 }
 
+/// A route `/slow` (a YAML list item for `routes:`) whose Lua handler logs "slow request
+/// started", sleeps 1 s and answers "done": a request in flight for [`stop_drains`].
+pub const SLOW_ROUTE: &str = "  - id: slow\n    uri: /slow\n    plugins:\n      lua:\n        access: |\n          ngx.log(ngx.WARN, \"slow request started\")\n          ngx.sleep(1)\n          ngx.say(\"done\")\n          return ngx.exit(200)\n";
+
+/// Sends `sig` while `n` requests to [`SLOW_ROUTE`] are in flight: each is answered, and the
+/// gateway exits 0 within 10 s. Returns how long the exit took after the signal.
+pub async fn stop_drains(gw: &mut Gateway, sig: &str, n: usize) -> Duration {
+    let p = gw.port;
+    let before = gw.stderr().matches("slow request started").count();
+    let inflight: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { get(p, "/slow").await }))
+        .collect();
+    let started = gw
+        .eventually(Duration::from_secs(5), || async {
+            gw.stderr().matches("slow request started").count() >= before + n
+        })
+        .await;
+    assert!(started, "{}", gw.stderr());
+    let t0 = Instant::now();
+    gw.signal(sig);
+    for t in inflight {
+        let r = t.await.unwrap();
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "done\n"),
+            "{}",
+            gw.stderr()
+        );
+    }
+    let code = gw.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{}", gw.stderr());
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    took
+}
+
 /// Adds a `gateway:` section listening on `port` (unless the text has one) and the `#END` marker.
 pub fn with_gateway(port: u16, resources: &str) -> String {
     let gw = if resources.contains("gateway:") {
