@@ -1,5 +1,12 @@
 # Shared by the bench scripts (sourced).
 
+# need_tools TOOL...: stops with the package to install when a tool is missing.
+need_tools() {
+  for t in "$@"; do
+    command -v "$t" >/dev/null || { echo "needs $t (apt-get install -y $t)" >&2; exit 1; }
+  done
+}
+
 # bench_workdir: makes $work (a temporary directory) and $pids (processes started into it);
 # both are cleaned up when the script exits.
 bench_workdir() {

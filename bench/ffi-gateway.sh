@@ -9,9 +9,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-3}"
 UP_PORT="${UP_PORT:-18080}"; PG_PORT="${PG_PORT:-18083}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
-command -v nginx >/dev/null || { echo "needs nginx (apt-get install -y nginx)" >&2; exit 1; }
-command -v wrk >/dev/null || { echo "needs wrk (apt-get install -y wrk)" >&2; exit 1; }
 source "$root/bench/common.sh"
+need_tools nginx wrk
 bench_workdir
 
 (cd "$root" && cargo build --release -q -p polygate)
