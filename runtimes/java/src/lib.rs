@@ -444,6 +444,7 @@ mod tests {
 
     #[test]
     fn cfg_grammar() {
+        // lua-resty-ffi examples/java/nginx.conf: ngx.load_ffi("ffi_java", "demo.echo.App?,init,")
         let s = parse("demo.echo.App?,init,").unwrap();
         assert_eq!(
             (

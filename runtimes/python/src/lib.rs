@@ -341,6 +341,7 @@ mod tests {
 
     #[test]
     fn cfg_grammar() {
+        // lua-resty-ffi examples/python/nginx.conf: ngx.load_ffi("resty_ffi_python", "ffi.echo?,init")
         let s = parse("ffi.echo?,init").unwrap();
         assert_eq!(
             (s.module.as_str(), s.reload, s.func.as_str()),
