@@ -15,7 +15,9 @@ use polygate_model::{ConfigErrors, PluginMap};
 use polygate_router::Expr;
 
 use crate::ctx::{RequestCtx, ResponseHead};
-use crate::plugin::{Flow, Phase, PhaseResult, Plugin, PluginKind, PluginRegistry, PluginResponse};
+use crate::plugin::{
+    Flow, Phase, PhaseResult, Plugin, PluginError, PluginKind, PluginRegistry, PluginResponse,
+};
 
 /// One configured plugin with its `_meta`.
 pub struct PluginInstance {
@@ -152,6 +154,8 @@ pub struct PluginChain {
     pub has_body_filter: bool,
     /// Largest request body any instance wants buffered ([`Plugin::wants_body`]).
     pub wants_body: Option<usize>,
+    /// Whether any instance's `header_filter` may wait ([`Plugin::has_async_header_filter`]).
+    pub async_header_filter: bool,
 }
 
 impl PluginChain {
@@ -174,14 +178,7 @@ impl PluginChain {
                 .cmp(&a.priority)
                 .then_with(|| a.name.cmp(&b.name))
         });
-        let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
-        let wants_body = wants_body(&instances);
-        PluginChain {
-            instances,
-            names,
-            has_body_filter,
-            wants_body,
-        }
+        PluginChain::with_flags(instances, names)
     }
 
     /// A chain from instances (e.g. all global rules' plugins, where duplicates all run).
@@ -193,13 +190,20 @@ impl PluginChain {
                 .then_with(|| a.name.cmp(&b.name))
         });
         let names = instances.iter().map(|i| i.name.clone()).collect();
+        PluginChain::with_flags(instances, names)
+    }
+
+    /// A chain of sorted instances, with the flags computed from them.
+    fn with_flags(instances: Vec<Arc<PluginInstance>>, names: Vec<Arc<str>>) -> PluginChain {
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
-        let wants_body = wants_body(&instances);
+        let async_header_filter = instances.iter().any(|i| i.plugin.has_async_header_filter());
+        let wants_body = instances.iter().filter_map(|i| i.plugin.wants_body()).max();
         PluginChain {
             instances,
             names,
             has_body_filter,
             wants_body,
+            async_header_filter,
         }
     }
 
@@ -240,23 +244,9 @@ impl PluginChain {
                 .cmp(&a.priority)
                 .then_with(|| a.name.cmp(&b.name))
         });
-        let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
         let names = instances.iter().map(|i| i.name.clone()).collect();
-        let wants_body = wants_body(&instances);
-        (
-            PluginChain {
-                instances,
-                names,
-                has_body_filter,
-                wants_body,
-            },
-            added,
-        )
+        (PluginChain::with_flags(instances, names), added)
     }
-}
-
-fn wants_body(instances: &[Arc<PluginInstance>]) -> Option<usize> {
-    instances.iter().filter_map(|i| i.plugin.wants_body()).max()
 }
 
 /// Runs one request phase (`rewrite`, `access` or `before_proxy`) over `instances`.
@@ -315,6 +305,40 @@ pub fn run_header_filter(
         }
         inst.plugin.header_filter(ctx, resp);
     }
+}
+
+/// Runs `header_filter` over `instances`, awaiting the plugins whose filter may wait
+/// ([`Plugin::header_filter_async`]). A plugin answering with a response replaces the one
+/// being sent (its status, headers and body); the plugins after it still see the new head.
+pub async fn run_header_filter_async(
+    instances: &[Arc<PluginInstance>],
+    ctx: &mut RequestCtx,
+    resp: &mut ResponseHead,
+) -> Result<(), PluginError> {
+    for inst in instances {
+        if let Some(f) = &inst.filter
+            && !f.eval(ctx)
+        {
+            continue;
+        }
+        if !inst.plugin.has_async_header_filter() {
+            inst.plugin.header_filter(ctx, resp);
+            continue;
+        }
+        let replaced = match inst.plugin.header_filter_async(ctx, resp) {
+            Flow::Continue => None,
+            Flow::Respond(r) => Some(r),
+            Flow::Fail(e) => return Err(e),
+            Flow::Pending(fut) => fut.await?,
+        };
+        if let Some(r) = replaced {
+            resp.status = r.status;
+            resp.headers = r.headers;
+            resp.headers.remove(http::header::CONTENT_LENGTH);
+            ctx.body_override = Some(r.body);
+        }
+    }
+    Ok(())
 }
 
 /// Runs `body_filter` over `instances` for one chunk.

@@ -7,13 +7,17 @@
 //! - [`consumer`]: consumers indexed by credential.
 //! - [`path`]: request path normalisation (`$uri`) and escaping for the upstream.
 //! - [`error`]: gateway errors and their mapping to responses.
+//! - [`callout`]: HTTP callouts plugins make through the gateway's upstream client.
+//! - [`exporters`]: metrics plugins add to the Prometheus endpoint.
 //! - [`worker`]: which worker thread is running.
 #![forbid(unsafe_code)]
 
+pub mod callout;
 pub mod chain;
 pub mod consumer;
 pub mod ctx;
 pub mod error;
+pub mod exporters;
 pub mod path;
 pub mod plugin;
 pub mod worker;

@@ -117,6 +117,26 @@ pub trait Plugin: Send + Sync + 'static {
     /// [`RequestCtx::body_override`]. Also runs for responses made by plugins and errors.
     fn header_filter(&self, _ctx: &mut RequestCtx, _resp: &mut ResponseHead) {}
 
+    /// Whether this plugin's response-header work may wait: the gateway then calls
+    /// [`Plugin::header_filter_async`] instead of [`Plugin::header_filter`] (chains without
+    /// such a plugin keep the synchronous path).
+    fn has_async_header_filter(&self) -> bool {
+        false
+    }
+
+    /// `header_filter` for plugins that may wait (a proxy-wasm filter pausing on response
+    /// headers to make a callout). A response (`Respond`, or `Some` from the future) replaces
+    /// the one being sent: its status, headers and body. The default runs
+    /// [`Plugin::header_filter`].
+    fn header_filter_async<'a>(
+        &'a self,
+        ctx: &'a mut RequestCtx,
+        resp: &'a mut ResponseHead,
+    ) -> Flow<'a> {
+        self.header_filter(ctx, resp);
+        Flow::Continue
+    }
+
     /// The request body this plugin needs to see, at most this many bytes. When any plugin of a
     /// chain asks, the gateway reads the body before `rewrite` into [`RequestCtx::body`]
     /// (a longer body is refused with 413) and forwards the buffered copy.
@@ -259,10 +279,24 @@ pub fn preparing_with<R>(gw: Arc<polygate_model::GatewaySection>, f: impl FnOnce
 /// settings. Never run for a rejected configuration nor by `polygate validate`.
 pub type CommitHook = Arc<dyn Fn(&polygate_model::ConfigFile) + Send + Sync>;
 
+/// Finds factories for plugins declared by the configuration itself (proxy-wasm plugins of
+/// `gateway.wasm.plugins`): called with a name no registered factory has, while a
+/// configuration is prepared ([`preparing`] gives its `gateway:` section).
+pub type FactoryProvider = Arc<dyn Fn(&str) -> Option<Arc<dyn PluginFactory>> + Send + Sync>;
+
+/// Checks a candidate configuration as a whole before its resources are built (proxy-wasm
+/// modules named by `gateway.wasm.plugins`): errors reject the configuration. Runs while the
+/// configuration is prepared, also for `polygate validate`.
+pub type ConfigValidator = Arc<
+    dyn Fn(&polygate_model::ConfigFile) -> Result<(), polygate_model::ConfigErrors> + Send + Sync,
+>;
+
 /// The plugins this process knows, by name.
 #[derive(Default, Clone)]
 pub struct PluginRegistry {
     factories: std::collections::HashMap<String, Arc<dyn PluginFactory>>,
+    providers: Vec<FactoryProvider>,
+    validators: Vec<ConfigValidator>,
     hooks: Vec<CommitHook>,
     after_hooks: Vec<CommitHook>,
     check_only: bool,
@@ -322,9 +356,42 @@ impl PluginRegistry {
         self.check_only
     }
 
-    /// The factory for `name`.
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn PluginFactory>> {
-        self.factories.get(name)
+    /// Adds a whole-configuration check ([`ConfigValidator`]).
+    pub fn add_validator(&mut self, v: ConfigValidator) {
+        self.validators.push(v);
+    }
+
+    /// Runs every [`ConfigValidator`], collecting their errors.
+    pub fn validate_config(
+        &self,
+        cfg: &polygate_model::ConfigFile,
+    ) -> Result<(), polygate_model::ConfigErrors> {
+        let mut all = polygate_model::ConfigErrors::default();
+        for v in &self.validators {
+            if let Err(e) = v(cfg) {
+                all.0.extend(e.0);
+            }
+        }
+        if all.0.is_empty() { Ok(()) } else { Err(all) }
+    }
+
+    /// Adds a provider of factories for configuration-declared plugins.
+    pub fn add_provider(&mut self, p: FactoryProvider) {
+        self.providers.push(p);
+    }
+
+    /// The factory for `name`: a registered one, else one a provider finds.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn PluginFactory>> {
+        if let Some(f) = self.factories.get(name) {
+            return Some(f.clone());
+        }
+        self.providers.iter().find_map(|p| p(name))
+    }
+
+    /// Whether a factory of this name is registered (not from a provider): names a
+    /// configuration may not declare again.
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.factories.contains_key(name)
     }
 
     /// Names of all registered plugins, sorted.

@@ -178,6 +178,81 @@ pub struct GatewaySection {
     /// true).
     #[serde(default = "dtrue")]
     pub merge_slashes: bool,
+    /// proxy-wasm filters: the plugins they provide and the limits they run under.
+    #[serde(default)]
+    pub wasm: WasmConfig,
+}
+
+/// `gateway.wasm`: proxy-wasm plugins, as APISIX's `wasm.plugins` in `config.yaml`, and the
+/// limits every filter runs under. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmConfig {
+    /// The plugins: each is then configured on routes, services, plugin configs, consumers
+    /// and global rules by its name, `{conf: "..."}`.
+    #[serde(default)]
+    pub plugins: Vec<WasmPluginDecl>,
+    /// CPU time one callback may take, in seconds (default 0.1; 0: no limit). A callback
+    /// past it is stopped: that request fails with 500 and the filter's instance is rebuilt.
+    #[serde(default = "default_wasm_time")]
+    pub time_limit: f64,
+    /// Linear memory one filter instance may grow to (default 64m, at most 4g).
+    #[serde(default = "default_wasm_memory")]
+    pub memory_limit: ByteSize,
+    /// Largest body a filter may hold back by pausing its body callback (default 8m); past
+    /// it a request body is refused with 413 and a response fails with 500.
+    #[serde(default = "default_wasm_body")]
+    pub body_limit: ByteSize,
+}
+
+impl Default for WasmConfig {
+    fn default() -> Self {
+        WasmConfig {
+            plugins: Vec::new(),
+            time_limit: default_wasm_time(),
+            memory_limit: default_wasm_memory(),
+            body_limit: default_wasm_body(),
+        }
+    }
+}
+
+fn default_wasm_time() -> f64 {
+    0.1
+}
+fn default_wasm_memory() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_wasm_body() -> ByteSize {
+    ByteSize(8 << 20)
+}
+
+/// One proxy-wasm plugin (APISIX's `wasm.plugins[]` entry, plus polygate's optional VM
+/// settings).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmPluginDecl {
+    /// Plugin name, used in `plugins:` maps; must not be a built-in plugin's name.
+    pub name: String,
+    /// Path of the `.wasm` (or `.wat`) module, relative to the working directory.
+    pub file: String,
+    /// Priority (higher runs first), as for any plugin.
+    pub priority: i32,
+    /// Phase in which `proxy_on_request_headers` runs: `access` (default) or `rewrite`
+    /// (APISIX's `http_request_phase`).
+    #[serde(default = "default_wasm_phase")]
+    pub http_request_phase: String,
+    /// The VM id (`plugin_vm_id`; shared data and queues are per VM id). Default: empty, as
+    /// Envoy's.
+    #[serde(default)]
+    pub vm_id: String,
+    /// The VM configuration handed to `proxy_on_vm_start` (a string, or an object sent as
+    /// JSON).
+    #[serde(default)]
+    pub vm_config: Option<serde_json::Value>,
+}
+
+fn default_wasm_phase() -> String {
+    "access".into()
 }
 
 /// `gateway.lua`: the embedded LuaJIT's settings. Every field has a default.
@@ -303,6 +378,7 @@ impl Default for GatewaySection {
             ffi_lib_path: Vec::new(),
             lua: LuaConfig::default(),
             merge_slashes: true,
+            wasm: WasmConfig::default(),
         }
     }
 }

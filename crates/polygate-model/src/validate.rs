@@ -270,6 +270,53 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
     if !positive(gw.watch_interval) {
         errs.push("gateway.watch_interval", POSITIVE_SECS);
     }
+    validate_wasm(&gw.wasm, errs);
+}
+
+fn validate_wasm(w: &crate::types::WasmConfig, errs: &mut ConfigErrors) {
+    non_negative_secs(w.time_limit, "gateway.wasm.time_limit", errs);
+    if w.memory_limit.0 < 64 << 10 || w.memory_limit.0 > 4 << 30 {
+        errs.push(
+            "gateway.wasm.memory_limit",
+            "must be between 64k (one wasm page) and 4g",
+        );
+    }
+    if w.body_limit.0 == 0 {
+        errs.push("gateway.wasm.body_limit", "must be positive");
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, p) in w.plugins.iter().enumerate() {
+        let base = format!("gateway.wasm.plugins[{i}]");
+        let ok_name = !p.name.is_empty()
+            && p.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !ok_name {
+            errs.push(
+                format!("{base}.name"),
+                "plugin names use letters, digits, _ and -",
+            );
+        } else if !seen.insert(p.name.as_str()) {
+            errs.push(
+                format!("{base}.name"),
+                format!("duplicate wasm plugin {:?}", p.name),
+            );
+        }
+        if p.file.is_empty() {
+            errs.push(format!("{base}.file"), "must not be empty");
+        }
+        if !matches!(p.http_request_phase.as_str(), "access" | "rewrite") {
+            errs.push(
+                format!("{base}.http_request_phase"),
+                "must be \"access\" or \"rewrite\"",
+            );
+        }
+        if let Some(v) = &p.vm_config
+            && !(v.is_string() || v.is_object())
+        {
+            errs.push(format!("{base}.vm_config"), "must be a string or an object");
+        }
+    }
 }
 
 fn validate_apisix(a: &crate::types::ApisixSection, errs: &mut ConfigErrors) {

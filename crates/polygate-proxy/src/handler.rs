@@ -11,7 +11,9 @@ use http::{Method, Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use polygate_config::Pipeline;
-use polygate_core::chain::{run_body_filter, run_header_filter, run_log, run_phase};
+use polygate_core::chain::{
+    run_body_filter, run_header_filter, run_header_filter_async, run_log, run_phase,
+};
 use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx, ResponseHead};
 use polygate_router::{Entry, MatchInput};
 use smallvec::SmallVec;
@@ -280,7 +282,7 @@ pub async fn handle(
         // what follows a head we refused cannot be trusted to be framed as the head says
         r.headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return finish_local(shared, snap, ctx, None, None, r, None);
+        return finish_local(shared, snap, ctx, None, None, r, None).await;
     }
 
     let found = {
@@ -297,7 +299,7 @@ pub async fn handle(
     };
     let Some((entry, params)) = found else {
         let r = GatewayError::RouteNotFound.into_response();
-        return finish_local(shared, snap, ctx, None, None, r, None);
+        return finish_local(shared, snap, ctx, None, None, r, None).await;
     };
     ctx.route_id = Some(entry.data.id.clone());
     ctx.service_id = entry.data.service_id.clone();
@@ -308,7 +310,7 @@ pub async fn handle(
     let upstream_id = entry.data.upstream.as_ref().map(|u| u.id.clone());
     match outcome {
         Ok(Outcome::Local(r)) => {
-            finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id)
+            finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id).await
         }
         Err(e) => {
             match &e {
@@ -319,7 +321,7 @@ pub async fn handle(
                 _ => tracing::warn!(route = %entry.data.id, uri = %ctx.request_uri, "{e}"),
             }
             let r = e.into_response();
-            finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id)
+            finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id).await
         }
         Ok(Outcome::Upstream {
             head: h1head,
@@ -334,7 +336,13 @@ pub async fn handle(
                 headers: h1head.headers,
             };
             let chain = merged.as_ref().unwrap_or(&entry.data.chain);
-            response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
+            if let Err(e) = response_head(shared, &snap, Some(chain), &mut ctx, &mut head).await {
+                // the upstream's answer is dropped: the client gets the error instead
+                drop(body);
+                tracing::error!(route = %entry.data.id, "{e}");
+                let r = GatewayError::Plugin(e).into_response();
+                return finish_failed(shared, snap, ctx, Some(entry), merged, r, upstream_id);
+            }
             let override_body = ctx.body_override.take();
             let body_filters = snap.global.has_body_filter || chain.has_body_filter;
             if body_filters || override_body.is_some() {
@@ -363,21 +371,32 @@ pub async fn handle(
 
 /// Work every response head gets: the Server header, `header_filter` of the global rules and
 /// the serving chain (only when a route matched: `chain` is `None` otherwise), the status for
-/// the log phase and `vars`, and the counters.
-fn response_head(
+/// the log phase and `vars`, and the counters. Chains whose header filters may wait are
+/// awaited; the others run synchronously. An error leaves the head as it was (the caller
+/// answers with the error).
+async fn response_head(
     shared: &Shared,
     snap: &Snapshot,
     chain: Option<&PluginChain>,
     ctx: &mut RequestCtx,
     head: &mut ResponseHead,
-) {
+) -> Result<(), polygate_core::PluginError> {
     head.headers.insert(header::SERVER, SERVER.clone());
     if let Some(c) = chain {
-        run_header_filter(&snap.global.instances, ctx, head);
-        run_header_filter(&c.instances, ctx, head);
+        if snap.global.async_header_filter {
+            run_header_filter_async(&snap.global.instances, ctx, head).await?;
+        } else {
+            run_header_filter(&snap.global.instances, ctx, head);
+        }
+        if c.async_header_filter {
+            run_header_filter_async(&c.instances, ctx, head).await?;
+        } else {
+            run_header_filter(&c.instances, ctx, head);
+        }
     }
     ctx.status = Some(head.status);
     shared.metrics.record(head.status);
+    Ok(())
 }
 
 fn into_response(head: ResponseHead, body: RespBody) -> Response<RespBody> {
@@ -387,7 +406,7 @@ fn into_response(head: ResponseHead, body: RespBody) -> Response<RespBody> {
     resp
 }
 
-fn finish_local(
+async fn finish_local(
     shared: &Arc<Shared>,
     snap: Arc<Snapshot>,
     mut ctx: RequestCtx,
@@ -401,8 +420,50 @@ fn finish_local(
         headers: r.headers,
     };
     let chain = active_chain(&merged, &entry);
-    response_head(shared, &snap, chain, &mut ctx, &mut head);
+    if let Err(e) = response_head(shared, &snap, chain, &mut ctx, &mut head).await {
+        tracing::error!("{e}");
+        let r = GatewayError::Plugin(e).into_response();
+        return finish_failed(shared, snap, ctx, entry, merged, r, upstream_id);
+    }
     let body = ctx.body_override.take().unwrap_or(r.body);
+    finish_with(shared, snap, ctx, entry, merged, head, body, upstream_id)
+}
+
+/// The response for a header filter that failed: no filter runs again on it.
+fn finish_failed(
+    shared: &Arc<Shared>,
+    snap: Arc<Snapshot>,
+    mut ctx: RequestCtx,
+    entry: Option<Arc<Entry<RouteData>>>,
+    merged: Option<PluginChain>,
+    r: PluginResponse,
+    upstream_id: Option<Arc<str>>,
+) -> Response<RespBody> {
+    let mut head = ResponseHead {
+        status: r.status,
+        headers: r.headers,
+    };
+    head.headers.insert(header::SERVER, SERVER.clone());
+    ctx.status = Some(head.status);
+    ctx.body_override = None;
+    shared.metrics.record(head.status);
+    finish_with(shared, snap, ctx, entry, merged, head, r.body, upstream_id)
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts of one finished request, moved into its end-of-request hook"
+)]
+fn finish_with(
+    shared: &Arc<Shared>,
+    snap: Arc<Snapshot>,
+    ctx: RequestCtx,
+    entry: Option<Arc<Entry<RouteData>>>,
+    merged: Option<PluginChain>,
+    mut head: ResponseHead,
+    body: Bytes,
+    upstream_id: Option<Arc<str>>,
+) -> Response<RespBody> {
     head.headers.remove(header::CONTENT_LENGTH);
     let fin = Box::new(Fin {
         ctx,

@@ -15,6 +15,7 @@
 
 pub mod accesslog;
 pub mod body;
+pub mod callout;
 pub mod h1;
 pub mod handler;
 pub mod io;

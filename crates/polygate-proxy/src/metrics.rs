@@ -98,6 +98,7 @@ impl Metrics {
             "gauge",
             config_version,
         );
+        polygate_core::exporters::export_metrics(&mut s);
         s
     }
 }

@@ -92,8 +92,13 @@ pub fn start(
     let (doc, baseline) = read(source)?;
     let pipeline = Pipeline::new(DataPlane::new(registry)?, strict);
     let applied = pipeline.apply(&doc, &source.name())?;
+    let config = Arc::new(pipeline);
+    // plugins' callouts go through this data plane's upstreams
+    polygate_core::callout::set_callouts(Arc::new(crate::callout::ProxyCallouts::new(
+        config.clone(),
+    )));
     Ok(Started {
-        config: Arc::new(pipeline),
+        config,
         applied,
         baseline,
     })

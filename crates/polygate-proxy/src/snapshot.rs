@@ -88,6 +88,11 @@ impl Snapshot {
         }
     }
 
+    /// The upstream with this id.
+    pub fn upstream(&self, id: &str) -> Option<&Arc<UpstreamRt>> {
+        self.upstreams.get(id).map(|(_, rt)| rt)
+    }
+
     /// Whether `ip` is in `apisix.trusted_addresses`.
     pub fn is_trusted(&self, ip: std::net::IpAddr) -> bool {
         let ip = match ip {
@@ -121,6 +126,7 @@ impl Snapshot {
                 return Err(ConfigErrors(fatal));
             }
         }
+        registry.validate_config(cfg)?;
         let mut errs = ConfigErrors::default();
 
         // upstreams: keep the runtime (and its balancer state) when the definition is unchanged

@@ -94,6 +94,8 @@ fn run(cli: Cli) -> ExitCode {
     let mut registry = polygate_plugins::registry();
     registry.register(std::sync::Arc::new(polygate_ffi::plugin::FfiFactory));
     polygate_lua::register(&mut registry);
+    // after every built-in plugin: their names are not available to wasm plugins
+    polygate_wasm::register(&mut registry);
     registry.add_commit_hook(std::sync::Arc::new(|cfg| {
         let dirs = cfg
             .gateway
