@@ -17,3 +17,4 @@ mod routing;
 mod security;
 mod soak;
 mod upstream_http;
+mod wasm;

@@ -560,6 +560,32 @@ pub mod libs {
         );
     }
 
+    /// A WAT fixture of `tests/wasm/wat` (polygate loads `.wat` files as they are).
+    pub fn wat(name: &str) -> PathBuf {
+        let p = repo().join("tests/wasm/wat").join(format!("{name}.wat"));
+        assert!(p.exists(), "{} is missing", p.display());
+        p
+    }
+
+    /// A filter built from source by `scripts/wasm-filters.sh` (AssemblyScript, from npm):
+    /// `as_filter` or `as_sdk_add_header`.
+    pub fn wasm(name: &str) -> PathBuf {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .parent()
+            .unwrap()
+            .join("wasm-filters");
+        once("wasm-filters", || {
+            run(
+                Command::new("bash")
+                    .arg(repo().join("scripts/wasm-filters.sh"))
+                    .arg(&dir),
+                "scripts/wasm-filters.sh",
+            );
+            dir.clone()
+        });
+        dir.join(format!("{name}.wasm"))
+    }
+
     /// `examples/go/<pkg>` built with `go build -buildmode=c-shared` as `libffi_go_<pkg>.so`.
     pub fn go(pkg: &str) -> PathBuf {
         once(&format!("go:{pkg}"), || {

@@ -286,9 +286,11 @@ pub type FactoryProvider = Arc<dyn Fn(&str) -> Option<Arc<dyn PluginFactory>> + 
 
 /// Checks a candidate configuration as a whole before its resources are built (proxy-wasm
 /// modules named by `gateway.wasm.plugins`): errors reject the configuration. Runs while the
-/// configuration is prepared, also for `polygate validate`.
+/// configuration is prepared, also for `polygate validate`. Returns a fingerprint of what it
+/// prepared: when it differs from the served configuration's, no compiled route is reused
+/// (their plugins may refer to what changed, a new module say).
 pub type ConfigValidator = Arc<
-    dyn Fn(&polygate_model::ConfigFile) -> Result<(), polygate_model::ConfigErrors> + Send + Sync,
+    dyn Fn(&polygate_model::ConfigFile) -> Result<u64, polygate_model::ConfigErrors> + Send + Sync,
 >;
 
 /// The plugins this process knows, by name.
@@ -361,18 +363,21 @@ impl PluginRegistry {
         self.validators.push(v);
     }
 
-    /// Runs every [`ConfigValidator`], collecting their errors.
+    /// Runs every [`ConfigValidator`], collecting their errors; returns their fingerprints
+    /// combined.
     pub fn validate_config(
         &self,
         cfg: &polygate_model::ConfigFile,
-    ) -> Result<(), polygate_model::ConfigErrors> {
+    ) -> Result<u64, polygate_model::ConfigErrors> {
         let mut all = polygate_model::ConfigErrors::default();
+        let mut fp = 0u64;
         for v in &self.validators {
-            if let Err(e) = v(cfg) {
-                all.0.extend(e.0);
+            match v(cfg) {
+                Ok(f) => fp = fp.rotate_left(17) ^ f,
+                Err(e) => all.0.extend(e.0),
             }
         }
-        if all.0.is_empty() { Ok(()) } else { Err(all) }
+        if all.0.is_empty() { Ok(fp) } else { Err(all) }
     }
 
     /// Adds a provider of factories for configuration-declared plugins.

@@ -65,6 +65,8 @@ pub struct Snapshot {
     pub plugin_metadata: HashMap<String, serde_json::Map<String, serde_json::Value>>,
     upstreams: HashMap<String, (Arc<Upstream>, Arc<UpstreamRt>)>,
     fingerprints: HashMap<String, Arc<Fingerprint>>,
+    /// Fingerprint of what the registry's validators prepared (`validate_config`).
+    prepared: u64,
     /// Counts reloads (1 = first load).
     pub version: u64,
 }
@@ -126,7 +128,7 @@ impl Snapshot {
                 return Err(ConfigErrors(fatal));
             }
         }
-        registry.validate_config(cfg)?;
+        let prepared = registry.validate_config(cfg)?;
         let mut errs = ConfigErrors::default();
 
         // upstreams: keep the runtime (and its balancer state) when the definition is unchanged
@@ -219,8 +221,9 @@ impl Snapshot {
             Some("radixtree_uri_with_parameter") => RouterMode::UriWithParameter,
             _ => RouterMode::HostUri,
         };
-        // a change of router mode recompiles every route
-        let prev = prev.filter(|p| p.mode == mode);
+        // a change of router mode, or of what validators prepared (wasm modules), recompiles
+        // every route
+        let prev = prev.filter(|p| p.mode == mode && p.prepared == prepared);
         let mut fingerprints = HashMap::new();
         let mut changed: Vec<Entry<RouteData>> = Vec::new();
         let mut kept = 0usize;
@@ -390,6 +393,7 @@ impl Snapshot {
             plugin_metadata,
             upstreams,
             fingerprints,
+            prepared,
             version: prev.map_or(1, |p| p.version + 1),
         })
     }

@@ -199,11 +199,12 @@ thread_local! {
 }
 
 /// Checks and loads every plugin of `gateway.wasm.plugins`, with errors at their key paths;
-/// `builtin` tells names a declared plugin may not take.
+/// `builtin` tells names a declared plugin may not take. Returns a fingerprint of the
+/// definitions (see [`polygate_core::plugin::ConfigValidator`]).
 pub fn prepare(
     cfg: &polygate_model::ConfigFile,
     builtin: &dyn Fn(&str) -> bool,
-) -> Result<(), ConfigErrors> {
+) -> Result<u64, ConfigErrors> {
     let mut errs = ConfigErrors::default();
     let mut defs = HashMap::new();
     if let Some(gw) = &cfg.gateway {
@@ -224,8 +225,14 @@ pub fn prepare(
             }
         }
     }
+    // the definitions' ids: a new module (or new settings) is a new definition
+    let mut ids: Vec<u64> = defs.values().map(|d: &Arc<PluginDef>| d.id).collect();
+    ids.sort_unstable();
+    let fp = ids.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, id| {
+        (h ^ id).wrapping_mul(0x0000_0100_0000_01b3)
+    });
     PREPARED.with(|p| *p.borrow_mut() = defs);
-    if errs.0.is_empty() { Ok(()) } else { Err(errs) }
+    if errs.0.is_empty() { Ok(fp) } else { Err(errs) }
 }
 
 /// The factory of a plugin declared by the configuration being prepared on this thread.
@@ -293,6 +300,8 @@ struct StreamRef {
     plugin: usize,
     generation: u64,
     id: u32,
+    /// A callback of this stream failed (the request got a 500): later phases skip it.
+    failed: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -340,17 +349,46 @@ impl WasmPlugin {
         self.err(e.to_string())
     }
 
+    /// This plugin's stream context of the request, unless it failed.
     fn stream(&self, ctx: &RequestCtx) -> Option<StreamRef> {
         let key = self.key();
         ctx.extensions
             .get::<Streams>()
             .and_then(|s| s.0.iter().find(|r| r.plugin == key).copied())
+            .filter(|r| !r.failed)
+    }
+
+    /// Marks this plugin's stream of the request as failed (ending it in the filter when its
+    /// instance is still there) and passes the error on.
+    fn failed(&self, ctx: &mut RequestCtx, e: PluginError) -> PluginError {
+        let key = self.key();
+        let mut ended = None;
+        if let Some(s) = ctx.extensions.get_mut::<Streams>() {
+            for r in s.0.iter_mut().filter(|r| r.plugin == key && !r.failed) {
+                r.failed = true;
+                ended = Some(*r);
+            }
+        }
+        if let Some(s) = ended {
+            let _ = vm::with_vm_id(self.def.id, |vm| {
+                if vm.generation == s.generation {
+                    vm.finish_stream(s.id, ctx)?;
+                }
+                Ok(())
+            });
+        }
+        e
     }
 
     /// This request's stream context, created (with the root context) on first use.
-    fn open(&self, ctx: &mut RequestCtx) -> Result<StreamRef, PluginError> {
-        if let Some(s) = self.stream(ctx) {
-            return Ok(s);
+    fn open(&self, ctx: &mut RequestCtx) -> Result<Option<StreamRef>, PluginError> {
+        let key = self.key();
+        if let Some(s) = ctx
+            .extensions
+            .get::<Streams>()
+            .and_then(|s| s.0.iter().find(|r| r.plugin == key))
+        {
+            return Ok((!s.failed).then_some(*s));
         }
         let (id, generation) = vm::with_vm(&self.def, |vm| {
             let root = vm.root_for(&self.conf)?;
@@ -362,6 +400,7 @@ impl WasmPlugin {
             plugin: self.key(),
             generation,
             id,
+            failed: false,
         };
         match ctx.extensions.get_mut::<Streams>() {
             Some(s) => s.0.push(r),
@@ -369,7 +408,7 @@ impl WasmPlugin {
                 ctx.extensions.insert(Streams(vec![r]));
             }
         }
-        Ok(r)
+        Ok(Some(r))
     }
 
     /// Runs `f` on the instance that holds stream `s`; an instance rebuilt since (after a
@@ -554,15 +593,19 @@ impl WasmPlugin {
 
     fn request<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
         let s = match self.open(ctx) {
-            Ok(s) => s,
+            Ok(Some(s)) => s,
+            Ok(None) => return Flow::Continue,
             Err(e) => return Flow::Fail(e),
         };
         let mut stage = Stage::RequestHeaders;
         match self.advance(ctx, None, s, &mut stage) {
-            Err(e) => Flow::Fail(e),
+            Err(e) => Flow::Fail(self.failed(ctx, e)),
             Ok(Step::Done(None)) => Flow::Continue,
             Ok(Step::Done(Some(r))) => Flow::Respond(r),
-            Ok(Step::Wait(calls)) => Flow::Pending(Box::pin(self.wait(ctx, None, s, stage, calls))),
+            Ok(Step::Wait(calls)) => Flow::Pending(Box::pin(async move {
+                let r = self.wait(ctx, None, s, stage, calls).await;
+                r.map_err(|e| self.failed(ctx, e))
+            })),
         }
     }
 }
@@ -619,17 +662,19 @@ impl Plugin for WasmPlugin {
         resp: &'a mut ResponseHead,
     ) -> Flow<'a> {
         let s = match self.open(ctx) {
-            Ok(s) => s,
+            Ok(Some(s)) => s,
+            Ok(None) => return Flow::Continue,
             Err(e) => return Flow::Fail(e),
         };
         let mut stage = Stage::ResponseHeaders;
         match self.advance(ctx, Some(&mut *resp), s, &mut stage) {
-            Err(e) => Flow::Fail(e),
+            Err(e) => Flow::Fail(self.failed(ctx, e)),
             Ok(Step::Done(None)) => Flow::Continue,
             Ok(Step::Done(Some(r))) => Flow::Respond(r),
-            Ok(Step::Wait(calls)) => {
-                Flow::Pending(Box::pin(self.wait(ctx, Some(resp), s, stage, calls)))
-            }
+            Ok(Step::Wait(calls)) => Flow::Pending(Box::pin(async move {
+                let r = self.wait(ctx, Some(resp), s, stage, calls).await;
+                r.map_err(|e| self.failed(ctx, e))
+            })),
         }
     }
 

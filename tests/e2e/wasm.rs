@@ -1,0 +1,595 @@
+//! proxy-wasm filters through the real gateway: WAT fixtures (tests/wasm/wat), polygate's
+//! SDK-free AssemblyScript filter and the add-header filter on the published AssemblyScript
+//! SDK (both built from npm by scripts/wasm-filters.sh). Behaviour follows Envoy
+//! (proxy-wasm-cpp-host); each test names the part of the ABI it covers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::*;
+
+/// The service the filters call out to: `/check` answers 200 `alice` for `x-token: good`
+/// and 403 otherwise, `/stamp` answers `stamped`, `/a` and `/b` answer `A` and `B` after
+/// 150 ms. Counts requests in flight at once.
+struct Service {
+    addr: std::net::SocketAddr,
+    max_in_flight: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Service {
+    async fn start() -> Service {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let max = Arc::new(AtomicUsize::new(0));
+        let now = Arc::new(AtomicUsize::new(0));
+        let m = max.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let (m, now) = (m.clone(), now.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (m, now) = (m.clone(), now.clone());
+                        async move {
+                            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                            m.fetch_max(n, Ordering::SeqCst);
+                            let token = req.headers().get("x-token").map(|v| v.as_bytes().to_vec());
+                            let (status, body) = match req.uri().path() {
+                                "/check" if token.as_deref() == Some(b"good") => (200, "alice"),
+                                "/check" => (403, "no"),
+                                "/stamp" => (200, "stamped"),
+                                "/a" | "/b" => {
+                                    tokio::time::sleep(Duration::from_millis(150)).await;
+                                    (200, if req.uri().path() == "/a" { "A" } else { "B" })
+                                }
+                                _ => (404, "?"),
+                            };
+                            now.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Service {
+            addr,
+            max_in_flight: max,
+            task,
+        }
+    }
+}
+
+/// An upstream that answers every request with a chunked body sent in three chunks, 30 ms
+/// apart: `hello`, ` wasm`, ` world`.
+async fn chunked_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+                    .await;
+                for part in ["hello", " wasm", " world"] {
+                    let _ = s
+                        .write_all(format!("{:x}\r\n{part}\r\n", part.len()).as_bytes())
+                        .await;
+                    let _ = s.flush().await;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                let _ = s.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `parts` as a chunked request body, 20 ms apart; returns the whole raw response.
+async fn chunked_request(port: u16, path: &str, parts: &[&str]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(
+        format!("POST {path} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for p in parts {
+        s.write_all(format!("{:x}\r\n{p}\r\n", p.len()).as_bytes())
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The body of a raw chunked HTTP/1.1 response.
+fn dechunk(raw: &str) -> String {
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = &tail[n + 2..];
+    }
+    out
+}
+
+fn gateway_section(workers: usize, extra: &str, plugins: &[(&str, String, i32)]) -> String {
+    let mut s = format!(
+        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: {workers}\n  watch_interval: 0.2\n{extra}  wasm:\n    plugins:\n"
+    );
+    for (name, file, prio) in plugins {
+        s.push_str(&format!(
+            "      - {{name: {name}, file: \"{file}\", priority: {prio}}}\n"
+        ));
+    }
+    s
+}
+
+/// Headers added and removed both ways, a local 403 from request headers, properties
+/// (`plugin_name`), the plugin configuration (`proxy_on_configure`), the log phase; and the
+/// published AssemblyScript SDK's add-header filter next to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn headers_local_reply_properties_and_the_assemblyscript_sdk() {
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: r, uri: /h/*, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{wasm_headers: {{conf: \"hello-conf\"}}, as_sdk_add_header: {{conf: {{greeting: hi}}}}}}}}\n",
+        gateway_section(
+            2,
+            "",
+            &[
+                (
+                    "wasm_headers",
+                    libs::wat("headers").display().to_string(),
+                    7999
+                ),
+                (
+                    "as_sdk_add_header",
+                    libs::wasm("as_sdk_add_header").display().to_string(),
+                    7998
+                ),
+            ]
+        ),
+        u.node()
+    ));
+    for _ in 0..4 {
+        // several requests: both worker threads' instances
+        let r = get_h(gw.port, "/h/x", &[("x-remove-me", "1")]).await;
+        assert_eq!(r.status, 200, "{}", gw.stderr());
+        assert_eq!(r.seen_header("x-wasm-req").as_deref(), Some("added"));
+        assert_eq!(r.seen_header("x-remove-me"), None);
+        assert_eq!(
+            r.seen_header("x-wasm-plugin").as_deref(),
+            Some("wasm_headers")
+        );
+        assert_eq!(r.seen_header("x-wasm-conf").as_deref(), Some("hello-conf"));
+        assert_eq!(r.header("x-wasm-resp"), Some("added"));
+        assert_eq!(r.header("x-upstream"), None, "removed from the response");
+        // an object `conf` reaches the filter as JSON (APISIX's wasm plugin schema)
+        assert_eq!(r.header("x-as-sdk"), Some(r#"{"greeting":"hi"}"#));
+    }
+    let hits = u.hits();
+    let r = get_h(gw.port, "/h/x", &[("x-deny", "1")]).await;
+    assert_eq!((r.status, r.body.as_str()), (403, "denied by wasm"));
+    assert_eq!(r.header("x-wasm-deny"), Some("yes"));
+    assert_eq!(u.hits(), hits, "a local reply never reaches the upstream");
+    assert!(
+        gw.stderr().contains("headers filter log phase"),
+        "{}",
+        gw.stderr()
+    );
+    assert!(!gw.stderr().contains("ERROR"), "{}", gw.stderr());
+}
+
+/// Host function statuses with good and bad arguments (proxy-wasm-cpp-host's statuses):
+/// see tests/wasm/wat/statuses.wat for the list.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostcall_statuses_follow_cpp_host() {
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: r, uri: /s, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{statuses: {{conf: x}}}}}}\n",
+        gateway_section(
+            1,
+            "",
+            &[("statuses", libs::wat("statuses").display().to_string(), 1)]
+        ),
+        u.node()
+    ));
+    let r = get(gw.port, "/s").await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
+    assert_eq!(
+        r.seen_header("x-statuses").as_deref(),
+        Some("6211222112<2001202")
+    );
+}
+
+/// ABI 0.1.0: two-argument header callbacks, `proxy_get_configuration`, `malloc`.
+#[tokio::test(flavor = "multi_thread")]
+async fn abi_0_1_0_modules_run() {
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: r, uri: /v, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{v010: {{conf: old-abi}}}}}}\n",
+        gateway_section(
+            1,
+            "",
+            &[("v010", libs::wat("v010").display().to_string(), 1)]
+        ),
+        u.node()
+    ));
+    let r = get(gw.port, "/v").await;
+    assert_eq!(r.seen_header("x-v010").as_deref(), Some("old-abi"));
+}
+
+/// Pause on request headers for an auth callout and resume with its result; pause on
+/// response headers for a second callout; a refusal as a local 401; a callout to a dead
+/// upstream delivered to the filter as a failure (Envoy: `on_http_call_response(token, 0, 0,
+/// 0)`), answered 503 by the filter; two callouts in flight at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn callouts_pause_and_resume_on_both_sides() {
+    let u = Upstream::start("u").await;
+    let svc = Service::start().await;
+    let filter = libs::wasm("as_filter").display().to_string();
+    let gw = Gateway::start(&format!(
+        "{}upstreams:\n  - {{id: u, nodes: {{\"{u}\": 1}}}}\n  - {{id: auth_svc, nodes: {{\"{s}\": 1}}}}\nroutes:\n  - {{id: auth, uri: /auth/*, upstream_id: u, plugins: {{as_filter: {{conf: \"mode=auth;upstream=auth_svc\"}}}}}}\n  - {{id: dead, uri: /dead/*, upstream_id: u, plugins: {{as_filter: {{conf: \"mode=auth;upstream=127.0.0.1:1\"}}}}}}\n  - {{id: two, uri: /two/*, upstream_id: u, plugins: {{as_filter: {{conf: \"mode=two;upstream={s}\"}}}}}}\n",
+        gateway_section(2, "", &[("as_filter", filter, 1000)]),
+        u = u.node(),
+        s = svc.addr,
+    ));
+    let p = gw.port;
+    let r = get_h(p, "/auth/x", &[("x-token", "good")]).await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
+    assert_eq!(r.seen_header("x-auth-user").as_deref(), Some("alice"));
+    assert_eq!(
+        r.header("x-stamp"),
+        Some("stamped"),
+        "response-side callout"
+    );
+
+    let hits = u.hits();
+    let r = get_h(p, "/auth/x", &[("x-token", "bad")]).await;
+    assert_eq!((r.status, r.body.as_str()), (401, "unauthorized\n"));
+    assert_eq!(u.hits(), hits, "refused before the upstream");
+
+    let r = get(p, "/dead/x").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "callout failed\n"));
+
+    let r = get(p, "/two/x").await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
+    assert_eq!(r.seen_header("x-call-a").as_deref(), Some("A"));
+    assert_eq!(r.seen_header("x-call-b").as_deref(), Some("B"));
+    assert!(
+        svc.max_in_flight.load(Ordering::SeqCst) >= 2,
+        "both callouts were in flight at once"
+    );
+    assert!(!gw.stderr().contains("ERROR"), "{}", gw.stderr());
+}
+
+/// Request and response bodies rewritten by a filter that pauses until the whole body is
+/// there (cumulative `body_size`, then `end_of_stream`): both sent in several chunks.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_rewritten_across_chunks() {
+    let u = Upstream::start("u").await;
+    let (chunked, _task) = chunked_upstream().await;
+    let filter = libs::wasm("as_filter").display().to_string();
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: req, uri: /req/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{as_filter: {{conf: \"mode=body\"}}}}}}\n  - {{id: resp, uri: /resp/*, upstream: {{nodes: {{\"{chunked}\": 1}}}}, plugins: {{as_filter: {{conf: \"mode=body\"}}}}}}\n",
+        gateway_section(2, "", &[("as_filter", filter, 1000)]),
+        u = u.node(),
+    ));
+    let raw = chunked_request(gw.port, "/req/x", &["hello ", "from ", "three chunks"]).await;
+    let body = dechunk(&raw);
+    let seen: serde_json::Value =
+        serde_json::from_str(body.split("\n-- rewritten").next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {raw}"));
+    assert_eq!(seen["body"], "HELLO FROM THREE CHUNKS", "{raw}");
+    assert!(body.ends_with("\n-- rewritten by as_filter"), "{raw}");
+
+    let r = get(gw.port, "/resp/x").await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
+    assert_eq!(r.body, "hello wasm world\n-- rewritten by as_filter");
+}
+
+/// Ticks (`proxy_set_tick_period_milliseconds`), shared data with compare-and-swap across
+/// requests and both worker threads, and a counter on the metrics endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn tick_shared_data_across_threads_and_a_metric() {
+    let u = Upstream::start("u").await;
+    let mport = free_port();
+    let filter = libs::wasm("as_filter").display().to_string();
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: r, uri: /t/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{as_filter: {{conf: \"tick=1\"}}}}}}\n",
+        gateway_section(
+            2,
+            &format!("  metrics: {{addr: \"127.0.0.1:{mport}\"}}\n"),
+            &[("as_filter", filter, 1000)]
+        ),
+        u = u.node(),
+    ));
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let r = get(gw.port, "/t/x").await;
+        assert_eq!(r.status, 200, "{}", gw.stderr());
+        seen.push(r.seen_header("x-hits").unwrap().parse::<u32>().unwrap());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        (1..=10).collect::<Vec<_>>(),
+        "one counter for every instance"
+    );
+    let ticked = gw
+        .eventually(Duration::from_secs(5), || async {
+            get(gw.port, "/t/x").await.header("x-ticked") == Some("yes")
+        })
+        .await;
+    assert!(ticked, "the tick ran");
+    let m = get(mport, "/metrics").await;
+    assert!(
+        m.body.contains("# TYPE as_filter_requests_total counter"),
+        "{}",
+        m.body
+    );
+    let n: u64 = m
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("as_filter_requests_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n >= 11, "{}", m.body);
+}
+
+/// A trap fails that request with 500 and the instance is rebuilt (the next request is
+/// served by a fresh one); an endless loop is stopped by the CPU limit; growing memory past
+/// `memory_limit` is refused. The gateway lives on.
+#[tokio::test(flavor = "multi_thread")]
+async fn traps_cpu_limit_and_memory_cap() {
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: r, uri: /t, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{trap: {{conf: x}}}}}}\n",
+        gateway_section(
+            1,
+            "",
+            &[("trap", libs::wat("trap").display().to_string(), 1)]
+        )
+        .replace("  wasm:\n", "  wasm:\n    time_limit: 0.05\n"),
+        u.node()
+    ));
+    let p = gw.port;
+    assert_eq!(get(p, "/t").await.header("x-served"), Some("1"));
+    assert_eq!(get(p, "/t").await.header("x-served"), Some("2"));
+    let r = get_h(p, "/t", &[("x-trap", "1")]).await;
+    assert_eq!(r.status, 500);
+    let r = get(p, "/t").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-served"),
+        Some("1"),
+        "a fresh instance after the trap"
+    );
+
+    let t0 = Instant::now();
+    let r = get_h(p, "/t", &[("x-loop", "1")]).await;
+    assert_eq!(r.status, 500);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the loop was stopped"
+    );
+    assert!(gw.stderr().contains("CPU time limit"), "{}", gw.stderr());
+    assert_eq!(get(p, "/t").await.status, 200);
+
+    let r = get_h(p, "/t", &[("x-grow", "1")]).await;
+    assert_eq!(r.status, 500, "growing past the memory cap is refused");
+    assert_eq!(get(p, "/t").await.status, 200);
+    assert!(gw.stderr().contains("unreachable"), "{}", gw.stderr());
+}
+
+fn validate_wasm(file: &str, route_plugins: &str) -> (i32, String) {
+    let text = format!(
+        "gateway:\n  wasm:\n    plugins:\n      - {{name: f, file: \"{file}\", priority: 1}}\nroutes:\n  - {{id: r, uri: /x, upstream: {{nodes: {{\"127.0.0.1:1\": 1}}}}, plugins: {route_plugins}}}\n#END\n"
+    );
+    validate(&text, "yaml")
+}
+
+/// Modules refused at load with a clear error naming the key path: no ABI marker, an ABI
+/// version this host does not implement, an import no released ABI has, no memory export,
+/// a missing file; a name taken by a built-in plugin; APISIX's `conf` schema.
+#[test]
+fn bad_modules_and_configurations_are_refused_at_load() {
+    let cases = [
+        ("no_abi", "no proxy_abi_version_* marker"),
+        ("future_abi", "proxy_abi_version_0_3_0"),
+        ("unknown_import", "env.proxy_dispatch_http_call"),
+        ("no_memory", "exports no memory"),
+    ];
+    for (name, want) in cases {
+        let (code, out) = validate_wasm(&libs::wat(name).display().to_string(), "{f: {conf: x}}");
+        assert_eq!(code, 1, "{name}: {out}");
+        assert!(
+            out.contains("gateway.wasm.plugins[0].file"),
+            "{name}: {out}"
+        );
+        assert!(out.contains(want), "{name}: {out}");
+    }
+    let (code, out) = validate_wasm("/nonexistent/f.wasm", "{f: {conf: x}}");
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot read"), "{out}");
+
+    let good = libs::wat("headers").display().to_string();
+    let (code, out) = validate_wasm(&good, "{f: {}}");
+    assert_eq!(code, 1);
+    assert!(out.contains("routes[0].plugins.f.conf: required"), "{out}");
+    let (code, out) = validate_wasm(&good, "{f: {conf: \"\"}}");
+    assert_eq!(code, 1);
+    assert!(out.contains("routes[0].plugins.f.conf"), "{out}");
+    assert_eq!(validate_wasm(&good, "{f: {conf: {a: 1}}}").0, 0);
+
+    let text = format!(
+        "gateway:\n  wasm:\n    plugins:\n      - {{name: key-auth, file: \"{good}\", priority: 1}}\n#END\n"
+    );
+    let (code, out) = validate(&text, "yaml");
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("gateway.wasm.plugins[0].name") && out.contains("built-in"),
+        "{out}"
+    );
+}
+
+/// A configuration reload that swaps the module under load: no request fails, and the new
+/// module serves once committed. A reload with a broken module is refused and the running
+/// one keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_swaps_the_module_under_load() {
+    let u = Upstream::start("u").await;
+    let dir = tempdir::Dir::new();
+    let original = std::fs::read_to_string(libs::wat("headers")).unwrap();
+    let a = dir.path().join("a.wat");
+    let b = dir.path().join("b.wat");
+    std::fs::write(&a, &original).unwrap();
+    // same length: the data segment offsets stay valid
+    std::fs::write(&b, original.replace("\"added\"", "\"swapd\"")).unwrap();
+    let config = |file: &std::path::Path| {
+        format!(
+            "{}routes:\n  - {{id: r, uri: /h/*, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{f: {{conf: c}}}}}}\n",
+            gateway_section(2, "", &[("f", file.display().to_string(), 1)]),
+            u.node()
+        )
+    };
+    let gw = Gateway::start(&config(&a));
+    let port = gw.port;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) && n < 5000 {
+                n += 1;
+                let r = get(port, "/h/x").await;
+                if r.status != 200 {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.write_config(&format!("{}#END\n", config(&b)));
+    let swapped = gw
+        .eventually(Duration::from_secs(10), || async {
+            get(port, "/h/x").await.header("x-wasm-resp") == Some("swapd")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // a broken module: refused, the swapped one keeps serving
+    gw.write_config(&format!("{}#END\n", config(&libs::wat("no_abi"))));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert!(swapped, "{}", gw.stderr());
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "{}", gw.stderr());
+    assert_eq!(get(port, "/h/x").await.header("x-wasm-resp"), Some("swapd"));
+    assert!(
+        gw.stderr().contains("gateway.wasm.plugins[0].file"),
+        "{}",
+        gw.stderr()
+    );
+}
+
+/// One process: a Go FFI runtime and a Lua handler under load while a filter traps again
+/// and again (wasmtime's signal handlers next to Go's): no crash, every Go and Lua request
+/// answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn trapping_filter_next_to_go_and_lua_under_load() {
+    let u = Upstream::start("u").await;
+    let go = libs::go("echo");
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: t, uri: /t, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{trap: {{conf: x}}}}}}\n  - {{id: go, uri: /go/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{ffi: {{lib: \"{go}\", cfg: action}}}}}}\n  - {{id: lua, uri: /lua, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{lua: {{access: \"ngx.req.set_header('x-lua', tostring(#ngx.var.uri))\"}}}}}}\n",
+        gateway_section(
+            2,
+            "",
+            &[("trap", libs::wat("trap").display().to_string(), 1)]
+        ),
+        u = u.node(),
+        go = go.display(),
+    ));
+    let port = gw.port;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        tasks.push(tokio::spawn(async move {
+            let mut bad = 0;
+            for _ in 0..150 {
+                let r = match i % 3 {
+                    0 => get_h(port, "/t", &[("x-trap", "1")]).await,
+                    1 => get(port, "/go/x").await,
+                    _ => get(port, "/lua").await,
+                };
+                let want = if i % 3 == 0 { 500 } else { 200 };
+                if r.status != want {
+                    bad += 1;
+                }
+            }
+            bad
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 0, "{}", gw.stderr());
+    }
+    assert_eq!(get(port, "/t").await.status, 200, "the filter serves again");
+    assert_eq!(
+        get(port, "/go/x").await.seen_header("x-go-echo").as_deref(),
+        Some("/go/x")
+    );
+}

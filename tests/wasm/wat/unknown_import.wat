@@ -1,0 +1,5 @@
+;; Imports a function of an old vNEXT draft that no released ABI has: refused at load.
+(module
+  (import "env" "proxy_dispatch_http_call" (func (param i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1")))

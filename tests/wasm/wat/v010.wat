@@ -1,0 +1,20 @@
+;; ABI 0.1.0: two-argument header callbacks and proxy_get_configuration; adds the plugin
+;; configuration to the request as `x-v010`.
+(module
+  (import "env" "proxy_get_configuration" (func $conf (param i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 8192))
+  (func (export "proxy_abi_version_0_1_0"))
+  (func (export "malloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $heap))
+    (global.set $heap (i32.add (global.get $heap) (local.get $n)))
+    (local.get $p))
+  (data (i32.const 1024) "x-v010")
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (result i32)
+    (drop (call $conf (i32.const 2000) (i32.const 2004)))
+    (drop (call $add (i32.const 0) (i32.const 1024) (i32.const 6)
+      (i32.load (i32.const 2000)) (i32.load (i32.const 2004))))
+    (i32.const 0))
+)
