@@ -339,6 +339,32 @@ async fn bodies_rewritten_across_chunks() {
     assert_eq!(r.body, "hello wasm world\n-- rewritten by as_filter");
 }
 
+/// Pause on the response body for a callout: the body is held (the upstream's three
+/// chunks), the callout's answer is appended to it in `proxy_on_http_call_response`, and
+/// the body goes on when the filter continues the response.
+#[tokio::test(flavor = "multi_thread")]
+async fn response_body_waits_for_a_callout() {
+    let svc = Service::start().await;
+    let (chunked, _task) = chunked_upstream().await;
+    let filter = libs::wasm("as_filter").display().to_string();
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: r, uri: /r/*, upstream: {{nodes: {{\"{chunked}\": 1}}}}, plugins: {{as_filter: {{conf: \"mode=bodycall;upstream={s}\"}}}}}}\n",
+        gateway_section(2, "", &[("as_filter", filter, 1000)]),
+        s = svc.addr,
+    ));
+    for _ in 0..3 {
+        let r = get(gw.port, "/r/x").await;
+        assert_eq!(r.status, 200, "{}", gw.stderr());
+        assert_eq!(
+            r.body,
+            "hello wasm world\n-- stamped: stamped",
+            "{}",
+            gw.stderr()
+        );
+    }
+    assert!(!gw.stderr().contains("ERROR"), "{}", gw.stderr());
+}
+
 /// Ticks (`proxy_set_tick_period_milliseconds`), shared data with compare-and-swap across
 /// requests and both worker threads, and a counter on the metrics endpoint.
 #[tokio::test(flavor = "multi_thread")]

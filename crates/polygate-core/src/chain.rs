@@ -16,7 +16,8 @@ use polygate_router::Expr;
 
 use crate::ctx::{RequestCtx, ResponseHead};
 use crate::plugin::{
-    Flow, Phase, PhaseResult, Plugin, PluginError, PluginKind, PluginRegistry, PluginResponse,
+    BodyWait, Flow, Phase, PhaseResult, Plugin, PluginError, PluginKind, PluginRegistry,
+    PluginResponse,
 };
 
 /// One configured plugin with its `_meta`.
@@ -359,6 +360,36 @@ pub fn run_body_filter(
         }
         inst.plugin.body_filter(ctx, chunk, eof);
     }
+}
+
+/// Runs `body_filter` over `instances[start..]` for one chunk, stopping at the first plugin
+/// that waits ([`Plugin::body_filter_async`]): returns the index to resume at and what to
+/// wait for.
+pub fn run_body_filter_from(
+    instances: &[Arc<PluginInstance>],
+    start: usize,
+    ctx: &mut RequestCtx,
+    chunk: &mut Bytes,
+    eof: bool,
+) -> Option<(usize, BodyWait)> {
+    for (i, inst) in instances.iter().enumerate().skip(start) {
+        if !inst.plugin.has_body_filter() {
+            continue;
+        }
+        if let Some(f) = &inst.filter
+            && !f.eval(ctx)
+        {
+            continue;
+        }
+        if !inst.plugin.has_async_body_filter() {
+            inst.plugin.body_filter(ctx, chunk, eof);
+            continue;
+        }
+        if let Some(w) = inst.plugin.body_filter_async(ctx, chunk, eof) {
+            return Some((i + 1, w));
+        }
+    }
+    None
 }
 
 /// Runs `log` over `instances` (`_meta.filter` applies here too).

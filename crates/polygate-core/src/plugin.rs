@@ -76,6 +76,11 @@ pub type PhaseResult = Result<Option<PluginResponse>, PluginError>;
 /// A boxed phase future borrowing the plugin and the request context.
 pub type PhaseFuture<'a> = Pin<Box<dyn Future<Output = PhaseResult> + Send + 'a>>;
 
+/// What a body filter that waits gives back: a future resolving to the bytes to pass on
+/// (the plugins after it then see them). It owns what it needs: the response body is sent on
+/// while the request's context is elsewhere.
+pub type BodyWait = Pin<Box<dyn Future<Output = Result<Bytes, PluginError>> + Send + 'static>>;
+
 /// The outcome of `rewrite`, `access` and `before_proxy`.
 ///
 /// Synchronous plugins answer `Continue` or `Respond` without allocating; plugins that wait
@@ -151,6 +156,26 @@ pub trait Plugin: Send + Sync + 'static {
 
     /// `body_filter` phase, once per chunk; `eof` marks the last call.
     fn body_filter(&self, _ctx: &mut RequestCtx, _chunk: &mut Bytes, _eof: bool) {}
+
+    /// Whether this plugin's body filter may wait: the gateway then calls
+    /// [`Plugin::body_filter_async`] instead of [`Plugin::body_filter`].
+    fn has_async_body_filter(&self) -> bool {
+        false
+    }
+
+    /// `body_filter` for plugins that may wait (a proxy-wasm filter pausing on the response
+    /// body for a callout). `Some` holds this chunk back until the future resolves to the
+    /// bytes to pass on; the response body is not read further meanwhile. The default runs
+    /// [`Plugin::body_filter`].
+    fn body_filter_async(
+        &self,
+        ctx: &mut RequestCtx,
+        chunk: &mut Bytes,
+        eof: bool,
+    ) -> Option<BodyWait> {
+        self.body_filter(ctx, chunk, eof);
+        None
+    }
 
     /// `log` phase, after the response was sent (or the client went away).
     fn log(&self, _ctx: &RequestCtx) {}

@@ -8,6 +8,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use polygate_core::plugin::BodyWait;
 
 use crate::h1::H1Body;
 
@@ -57,12 +58,25 @@ impl Body for ReqBody {
     }
 }
 
+/// A body filter waiting: the chunk goes on when `wait` resolves, through the filters from
+/// `at` on.
+pub struct ChunkWait {
+    /// Index of the next filter to run (as [`Finish::resume`] counts them).
+    pub at: usize,
+    /// What the waiting filter will pass on.
+    pub wait: BodyWait,
+}
+
 /// Hooks run while the response body streams and when it ends.
 pub trait Finish: Send {
     /// Whether [`Finish::on_chunk`] must be called (body filters present).
     fn filters_body(&self) -> bool;
-    /// Runs body filters on one chunk.
-    fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool);
+    /// Runs body filters on one chunk; `Some` when one of them waits.
+    fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool) -> Option<ChunkWait> {
+        self.resume(0, chunk, eof)
+    }
+    /// Runs the body filters from index `at` on (after one waited).
+    fn resume(&mut self, at: usize, chunk: &mut Bytes, eof: bool) -> Option<ChunkWait>;
     /// Called once when the body ended (`complete`) or was abandoned.
     fn finish(self: Box<Self>, body_bytes: u64, complete: bool);
 }
@@ -78,6 +92,8 @@ pub struct RespBody {
     fin: Option<Box<dyn Finish>>,
     filtering: bool,
     sent: u64,
+    /// A body filter holding a chunk back (and whether it was the last one).
+    waiting: Option<(ChunkWait, bool)>,
 }
 
 impl RespBody {
@@ -93,6 +109,7 @@ impl RespBody {
             fin,
             filtering,
             sent: 0,
+            waiting: None,
         }
     }
 
@@ -104,6 +121,7 @@ impl RespBody {
             fin,
             filtering,
             sent: 0,
+            waiting: None,
         }
     }
 
@@ -124,6 +142,57 @@ impl Drop for RespBody {
     }
 }
 
+impl RespBody {
+    /// Runs the body filters over `data`: the chunk to send now (`Ready`), or `None` when a
+    /// filter holds it back (`self.waiting` is set; poll again).
+    fn filter(&mut self, mut data: Bytes, eof: bool) -> Option<Bytes> {
+        if let Some(f) = self.fin.as_mut()
+            && let Some(w) = f.on_chunk(&mut data, eof)
+        {
+            self.waiting = Some((w, eof));
+            return None;
+        }
+        Some(data)
+    }
+
+    /// Polls a waiting filter: the chunk it passes on, through the filters after it.
+    fn poll_waiting(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<(Bytes, bool)>, BoxError>> {
+        let Some((w, eof)) = self.waiting.as_mut() else {
+            return Poll::Ready(Ok(None));
+        };
+        let eof = *eof;
+        let mut data = match ready!(w.wait.as_mut().poll(cx)) {
+            Ok(d) => d,
+            Err(e) => {
+                self.waiting = None;
+                return Poll::Ready(Err(e.into()));
+            }
+        };
+        let at = w.at;
+        self.waiting = None;
+        if let Some(f) = self.fin.as_mut()
+            && let Some(next) = f.resume(at, &mut data, eof)
+        {
+            self.waiting = Some((next, eof));
+            // the next filter's future is polled on the caller's next round
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(Some((data, eof))))
+    }
+
+    fn emit(&mut self, data: Bytes, eof: bool) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if eof {
+            self.filtering = false;
+        }
+        self.sent += data.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+}
+
 impl Body for RespBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -133,13 +202,24 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if this.waiting.is_some() {
+            match ready!(this.poll_waiting(cx)) {
+                Err(e) => {
+                    this.done(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Some((data, eof))) => return this.emit(data, eof),
+                Ok(None) => {}
+            }
+        }
         match &mut this.kind {
             Kind::Full(b) => match b.take() {
-                Some(mut data) => {
-                    if this.filtering
-                        && let Some(f) = this.fin.as_mut()
-                    {
-                        f.on_chunk(&mut data, true);
+                Some(data) => {
+                    if this.filtering {
+                        let Some(data) = this.filter(data, true) else {
+                            return Pin::new(this).poll_frame(cx);
+                        };
+                        return this.emit(data, true);
                     }
                     this.sent += data.len() as u64;
                     Poll::Ready(Some(Ok(Frame::data(data))))
@@ -151,15 +231,13 @@ impl Body for RespBody {
             },
             Kind::Upstream(u) => match ready!(Pin::new(&mut *u).poll_frame(cx)) {
                 None => {
-                    if this.filtering
-                        && let Some(f) = this.fin.as_mut()
-                    {
-                        let mut last = Bytes::new();
-                        f.on_chunk(&mut last, true);
+                    if this.filtering {
                         this.filtering = false;
+                        let Some(last) = this.filter(Bytes::new(), true) else {
+                            return Pin::new(this).poll_frame(cx);
+                        };
                         if !last.is_empty() {
-                            this.sent += last.len() as u64;
-                            return Poll::Ready(Some(Ok(Frame::data(last))));
+                            return this.emit(last, true);
                         }
                     }
                     this.done(true);
@@ -170,15 +248,13 @@ impl Body for RespBody {
                     Poll::Ready(Some(Err(e)))
                 }
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(mut data) => {
+                    Ok(data) => {
                         let eof = u.is_end_stream();
-                        if this.filtering
-                            && let Some(f) = this.fin.as_mut()
-                        {
-                            f.on_chunk(&mut data, eof);
-                            if eof {
-                                this.filtering = false;
-                            }
+                        if this.filtering {
+                            let Some(data) = this.filter(data, eof) else {
+                                return Pin::new(this).poll_frame(cx);
+                            };
+                            return this.emit(data, eof);
                         }
                         this.sent += data.len() as u64;
                         Poll::Ready(Some(Ok(Frame::data(data))))
@@ -190,6 +266,9 @@ impl Body for RespBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.waiting.is_some() {
+            return false;
+        }
         match &self.kind {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(u) => !self.filtering && u.is_end_stream(),

@@ -12,14 +12,14 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use polygate_config::Pipeline;
 use polygate_core::chain::{
-    run_body_filter, run_header_filter, run_header_filter_async, run_log, run_phase,
+    run_body_filter_from, run_header_filter, run_header_filter_async, run_log, run_phase,
 };
 use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx, ResponseHead};
 use polygate_router::{Entry, MatchInput};
 use smallvec::SmallVec;
 
 use crate::accesslog::{AccessLog, AccessRecord};
-use crate::body::{Finish, ReqBody, RespBody};
+use crate::body::{ChunkWait, Finish, ReqBody, RespBody};
 use crate::h1::{self, H1Body, H1Conn, H1Error};
 use crate::metrics::Metrics;
 use crate::plane::DataPlane;
@@ -89,12 +89,31 @@ impl Finish for Fin {
         self.snap.global.has_body_filter || self.chain().is_some_and(|c| c.has_body_filter)
     }
 
-    fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool) {
-        run_body_filter(&self.snap.global.instances, &mut self.ctx, chunk, eof);
-        // disjoint field borrows: no copy of the chain per chunk
-        if let Some(c) = active_chain(&self.merged, &self.entry) {
-            run_body_filter(&c.instances, &mut self.ctx, chunk, eof);
+    /// Filters are counted across the global rules' instances, then the serving chain's.
+    fn resume(&mut self, at: usize, chunk: &mut Bytes, eof: bool) -> Option<ChunkWait> {
+        let global = &self.snap.global.instances;
+        if at < global.len()
+            && let Some((next, wait)) = run_body_filter_from(global, at, &mut self.ctx, chunk, eof)
+        {
+            return Some(ChunkWait { at: next, wait });
         }
+        let off = global.len();
+        // disjoint field borrows: no copy of the chain per chunk
+        if let Some(c) = active_chain(&self.merged, &self.entry)
+            && let Some((next, wait)) = run_body_filter_from(
+                &c.instances,
+                at.saturating_sub(off),
+                &mut self.ctx,
+                chunk,
+                eof,
+            )
+        {
+            return Some(ChunkWait {
+                at: off + next,
+                wait,
+            });
+        }
+        None
     }
 
     fn finish(self: Box<Self>, body_bytes: u64, complete: bool) {

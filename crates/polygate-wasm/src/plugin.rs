@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use polygate_core::plugin::{Flow, Plugin, PluginError, PluginFactory, PluginResponse};
+use polygate_core::plugin::{BodyWait, Flow, Plugin, PluginError, PluginFactory, PluginResponse};
 use polygate_core::{ConfError, Phase, RequestCtx, ResponseHead};
 use polygate_model::{ConfigErrors, WasmConfig, WasmPluginDecl};
 use wasmtime::InstancePre;
@@ -566,7 +566,7 @@ impl WasmPlugin {
                 tracing::debug!(wasm = %self.def.name, token, "callout failed: {e}");
             }
             let out = self.on_vm(s, |vm| {
-                vm.deliver(root, token, res, Some(ctx), resp.as_deref_mut())?;
+                vm.deliver(root, token, res, Some(ctx), resp.as_deref_mut(), true)?;
                 Ok(Self::outcome(vm, s.id, 0, side))
             })?;
             if let Some(l) = out.local {
@@ -610,6 +610,93 @@ impl WasmPlugin {
     }
 }
 
+enum BodyStep {
+    /// The filter does not look at this body (any more).
+    Pass,
+    /// Send these bytes.
+    Emit(Vec<u8>),
+    /// Held back until these callouts let the filter continue.
+    Wait(Vec<PendingCall>),
+}
+
+/// A response body held back by a filter paused with callouts in flight: each answer is
+/// delivered; when the filter continues the response, the held body goes on.
+async fn wait_body(
+    def: Arc<PluginDef>,
+    generation: u64,
+    id: u32,
+    calls: Vec<PendingCall>,
+    eof: bool,
+) -> Result<Bytes, PluginError> {
+    let err = |m: &str| PluginError {
+        plugin: def.name.to_string(),
+        message: m.to_owned(),
+    };
+    let client = polygate_core::callout::callouts().ok_or_else(|| err("no callout client"))?;
+    let mut set: tokio::task::JoinSet<(u32, u32, CallResult)> = tokio::task::JoinSet::new();
+    let launch = |set: &mut tokio::task::JoinSet<_>, calls: Vec<PendingCall>| {
+        for c in calls {
+            let fut = client.call(c.req);
+            let (root, token) = (c.root, c.token);
+            set.spawn(async move { (root, token, fut.await) });
+        }
+    };
+    launch(&mut set, calls);
+    while let Some(j) = set.join_next().await {
+        let (root, token, res) = j.map_err(|e| err(&format!("callout task: {e}")))?;
+        let r = vm::with_vm_id(def.id, |vm| {
+            if vm.generation != generation || !vm.has_stream(id) {
+                return Ok(None);
+            }
+            // the held body is the response body buffer while the answer is handled (Envoy
+            // gives the buffered body to callbacks outside the body callback too)
+            let held = vm
+                .state()
+                .streams
+                .get_mut(&id)
+                .map(|st| std::mem::take(&mut st.resp_body))
+                .unwrap_or_default();
+            vm.state().body = Some((crate::abi::buffer::HTTP_RESPONSE_BODY, held));
+            let r = vm.deliver(root, token, res, None, None, true);
+            let back = vm.state().body.take().map(|(_, b)| b).unwrap_or_default();
+            if let Some(st) = vm.state().streams.get_mut(&id) {
+                st.resp_body = back;
+            }
+            r?;
+            let o = WasmPlugin::outcome(vm, id, 0, 1);
+            let held = if o.continued {
+                vm.state().streams.get_mut(&id).map(|st| {
+                    if eof {
+                        st.resp_body_done = true;
+                    }
+                    std::mem::take(&mut st.resp_body)
+                })
+            } else {
+                None
+            };
+            Ok(Some((o, held)))
+        });
+        let (o, held) = match r {
+            Some(Ok(Some(v))) => v,
+            Some(Err(e)) => return Err(err(&e.to_string())),
+            _ => return Err(err("the filter instance was rebuilt")),
+        };
+        if o.local.is_some() {
+            tracing::warn!(wasm = %def.name, "a local response from a callout answer is ignored: the response has started");
+        }
+        launch(&mut set, o.calls);
+        if let Some(body) = held {
+            if !set.is_empty() {
+                tokio::spawn(deliver_rest(def.id, generation, set));
+            }
+            return Ok(Bytes::from(body));
+        }
+    }
+    Err(err(
+        "the filter paused the response body and no callout in flight can resume it",
+    ))
+}
+
 /// Delivers the answers of callouts a stream no longer waits for.
 async fn deliver_rest(
     def: u64,
@@ -620,7 +707,7 @@ async fn deliver_rest(
         let Ok((root, token, res)) = j else { continue };
         let _ = vm::with_vm_id(def, |vm| {
             if vm.generation == generation {
-                vm.deliver(root, token, res, None, None)?;
+                vm.deliver(root, token, res, None, None, false)?;
             }
             Ok(())
         });
@@ -682,55 +769,89 @@ impl Plugin for WasmPlugin {
         self.def.exports.response_body
     }
 
-    /// Each chunk goes through `proxy_on_response_body`; a paused callback holds the chunks
-    /// back and is called again with the cumulative body, up to `body_limit` (past it the
-    /// held body is sent and the filter sees no more of this response).
+    fn has_async_body_filter(&self) -> bool {
+        self.def.exports.response_body
+    }
+
     fn body_filter(&self, ctx: &mut RequestCtx, chunk: &mut Bytes, eof: bool) {
-        let Some(s) = self.stream(ctx) else { return };
+        // only reached when called directly: the gateway uses the async form
+        drop(self.body_filter_async(ctx, chunk, eof));
+    }
+
+    /// Each chunk goes through `proxy_on_response_body`. A paused callback holds the chunks
+    /// back and is called again with the cumulative body, up to `body_limit` (past it the
+    /// held body is sent and the filter sees no more of this response); paused with
+    /// callouts in flight, the body waits until the filter continues the response.
+    fn body_filter_async(
+        &self,
+        ctx: &mut RequestCtx,
+        chunk: &mut Bytes,
+        eof: bool,
+    ) -> Option<BodyWait> {
+        let s = self.stream(ctx)?;
         let limit = self.def.body_limit;
         let name = self.def.name.clone();
         let r = vm::with_vm_id(self.def.id, |vm| {
             if vm.generation != s.generation {
-                return Ok(None);
+                return Ok(BodyStep::Pass);
             }
             let Some(st) = vm.state().streams.get_mut(&s.id) else {
-                return Ok(None);
+                return Ok(BodyStep::Pass);
             };
             if st.resp_body_done {
-                return Ok(None);
+                return Ok(BodyStep::Pass);
             }
             let mut body = std::mem::take(&mut st.resp_body);
             body.extend_from_slice(chunk);
             let (action, out) = vm.response_body(s.id, ctx, body, eof)?;
-            vm.spawn_pending();
+            let o = Self::outcome(vm, s.id, action, 1);
             let Some(st) = vm.state().streams.get_mut(&s.id) else {
-                return Ok(Some(out));
+                return Ok(BodyStep::Emit(out));
             };
-            if st.local.take().is_some() {
+            if o.local.is_some() {
                 tracing::warn!(wasm = %name, "a local response from the response body is ignored: the response has started");
             }
-            if action != 0 && !eof {
-                if out.len() > limit {
-                    tracing::warn!(wasm = %name, limit, "response body held back past body_limit: sent as it is, the filter sees no more of it");
-                    st.resp_body_done = true;
-                    return Ok(Some(out));
+            if o.action != 0 && !o.continued {
+                if !o.calls.is_empty() {
+                    st.resp_body = out;
+                    return Ok(BodyStep::Wait(o.calls));
                 }
-                st.resp_body = out;
-                return Ok(Some(Vec::new()));
+                if !eof {
+                    if out.len() > limit {
+                        tracing::warn!(wasm = %name, limit, "response body held back past body_limit: sent as it is, the filter sees no more of it");
+                        st.resp_body_done = true;
+                        return Ok(BodyStep::Emit(out));
+                    }
+                    st.resp_body = out;
+                    return Ok(BodyStep::Emit(Vec::new()));
+                }
             }
             if eof {
                 st.resp_body_done = true;
             }
-            Ok(Some(out))
+            vm.state().calls.extend(o.calls);
+            vm.spawn_pending();
+            Ok(BodyStep::Emit(out))
         });
         match r {
-            Some(Ok(Some(out))) => *chunk = Bytes::from(out),
-            Some(Ok(None)) | None => {}
+            Some(Ok(BodyStep::Emit(out))) => *chunk = Bytes::from(out),
+            Some(Ok(BodyStep::Pass)) | None => {}
+            Some(Ok(BodyStep::Wait(calls))) => {
+                *chunk = Bytes::new();
+                return Some(Box::pin(wait_body(
+                    self.def.clone(),
+                    s.generation,
+                    s.id,
+                    calls,
+                    eof,
+                )));
+            }
             Some(Err(_)) => {
                 // logged by with_vm_id; the response has started: it ends here
                 *chunk = Bytes::new();
             }
         }
+        None
     }
 
     fn log(&self, ctx: &RequestCtx) {

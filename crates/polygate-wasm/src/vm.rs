@@ -379,6 +379,8 @@ impl Vm {
 
     /// `proxy_on_http_call_response` on `root` for `token`, with the request of the stream
     /// that waits for it (if any) in view. A failed call is reported as `(token, 0, 0, 0)`.
+    /// `driven`: a stream's driver waits for this answer and takes the callouts it starts;
+    /// otherwise they run on their own.
     pub fn deliver(
         &mut self,
         root: u32,
@@ -386,6 +388,7 @@ impl Vm {
         result: CallResult,
         req: Option<&mut RequestCtx>,
         resp: Option<&mut ResponseHead>,
+        driven: bool,
     ) -> Result<(), VmError> {
         let Some(f) = self.cb.http_call_response.clone() else {
             return Ok(());
@@ -398,7 +401,6 @@ impl Vm {
             ),
             Err(_) => (0, 0, 0),
         };
-        let driven = req.is_some();
         let view = match req {
             Some(r) => View::of(r, resp),
             None => View::default(),
@@ -597,7 +599,7 @@ fn spawn_calls(def: u64, generation: u64, calls: Vec<PendingCall>) {
             let res = fut.await;
             let _ = with_vm_id(def, |vm| {
                 if vm.generation == generation {
-                    vm.deliver(c.root, c.token, res, None, None)?;
+                    vm.deliver(c.root, c.token, res, None, None, false)?;
                 }
                 Ok(())
             });

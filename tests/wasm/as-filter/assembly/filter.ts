@@ -10,6 +10,8 @@
 //                         answered, with `x-call-a` / `x-call-b` holding their bodies.
 //   mode=body             request body: held back until complete, then upper-cased;
 //                         response body: held back until complete, then a trailer line added.
+//   mode=bodycall;upstream=U  response body: held back until complete, then paused for a
+//                         callout GET /stamp to U whose answer is appended to the body.
 //   tick=1                a 50 ms tick sets shared data `as_filter.tick` to "yes".
 //
 // Every request also counts itself in shared data `as_filter.hits` (compare-and-swap loop)
@@ -294,7 +296,16 @@ export function proxy_on_response_headers(id: i32, n: i32, eos: i32): i32 {
 }
 
 export function proxy_on_response_body(id: i32, size: i32, eos: i32): i32 {
-  if (confOf(id).mode != "body") return 0;
+  const conf = confOf(id);
+  if (conf.mode == "bodycall") {
+    if (eos == 0) return 1;
+    const t = call(conf.upstream, "/stamp", "");
+    if (t == 0) return 0;
+    tokens.set(t, id);
+    tokenKind.set(t, "bodystamp");
+    return 1;
+  }
+  if (conf.mode != "body") return 0;
   if (eos == 0) return 1;
   const tail = bytes("\n-- rewritten by as_filter");
   proxy_set_buffer_bytes(RESPONSE_BODY, size, 0, changetype<usize>(tail), tail.byteLength);
@@ -311,7 +322,7 @@ export function proxy_on_http_call_response(root: i32, token: u32, nh: i32, bs: 
   const s = streams.get(id);
   if (nh == 0) {
     // a failed callout arrives with no headers
-    if (kind == "stamp") {
+    if (kind == "stamp" || kind == "bodystamp") {
       proxy_continue_stream(1);
     } else {
       localReply(503, "callout failed\n");
@@ -327,6 +338,11 @@ export function proxy_on_http_call_response(root: i32, token: u32, nh: i32, bs: 
     } else {
       localReply(401, "unauthorized\n");
     }
+  } else if (kind == "bodystamp") {
+    // the held response body is the buffer here: append past its end
+    const tail = bytes("\n-- stamped: " + body);
+    proxy_set_buffer_bytes(RESPONSE_BODY, 0x7fffffff, 0, changetype<usize>(tail), tail.byteLength);
+    proxy_continue_stream(1);
   } else if (kind == "stamp") {
     addHeader(RESPONSE_HEADERS, "x-stamp", body);
     proxy_continue_stream(1);
