@@ -339,6 +339,40 @@ async fn bodies_rewritten_across_chunks() {
     assert_eq!(r.body, "hello wasm world\n-- rewritten by as_filter");
 }
 
+/// `request_body: stream`: the request body goes through the filter chunk by chunk as it
+/// goes upstream (each chunk bracketed by the filter); a filter pausing on a streamed body
+/// holds the chunks back and sees the cumulative body (all of it at the end).
+#[tokio::test(flavor = "multi_thread")]
+async fn request_bodies_streamed_chunk_by_chunk() {
+    let u = Upstream::start("u").await;
+    let filter = libs::wasm("as_filter").display().to_string();
+    let mut gw_section = gateway_section(2, "", &[]);
+    gw_section.push_str(&format!(
+        "      - {{name: as_stream, file: \"{filter}\", priority: 1000, request_body: stream}}\n"
+    ));
+    let gw = Gateway::start(&format!(
+        "{gw_section}routes:\n  - {{id: s, uri: /s/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{as_stream: {{conf: \"mode=stream\"}}}}}}\n  - {{id: h, uri: /h/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{as_stream: {{conf: \"mode=body\"}}}}}}\n",
+        u = u.node(),
+    ));
+    let raw = chunked_request(gw.port, "/s/x", &["hello ", "from ", "three chunks"]).await;
+    let seen: serde_json::Value =
+        serde_json::from_str(&dechunk(&raw)).unwrap_or_else(|e| panic!("{e}: {raw}"));
+    let body = seen["body"].as_str().unwrap();
+    assert_eq!(
+        body.replace(['[', ']'], ""),
+        "HELLO FROM THREE CHUNKS",
+        "{raw}"
+    );
+    assert!(body.matches('[').count() >= 2, "seen in pieces: {body}");
+    let raw = chunked_request(gw.port, "/h/x", &["hello ", "from ", "three chunks"]).await;
+    let body = dechunk(&raw);
+    let seen: serde_json::Value =
+        serde_json::from_str(body.split("\n-- rewritten").next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {raw}"));
+    assert_eq!(seen["body"], "HELLO FROM THREE CHUNKS", "{raw}");
+    assert!(!gw.stderr().contains("ERROR"), "{}", gw.stderr());
+}
+
 /// Pause on the response body for a callout: the body is held (the upstream's three
 /// chunks), the callout's answer is appended to it in `proxy_on_http_call_response`, and
 /// the body goes on when the filter continues the response.

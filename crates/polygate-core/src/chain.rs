@@ -157,6 +157,9 @@ pub struct PluginChain {
     pub wants_body: Option<usize>,
     /// Whether any instance's `header_filter` may wait ([`Plugin::has_async_header_filter`]).
     pub async_header_filter: bool,
+    /// Whether any instance filters streamed request bodies
+    /// ([`Plugin::has_request_body_filter`]).
+    pub request_body_filter: bool,
 }
 
 impl PluginChain {
@@ -199,12 +202,14 @@ impl PluginChain {
         let has_body_filter = instances.iter().any(|i| i.plugin.has_body_filter());
         let async_header_filter = instances.iter().any(|i| i.plugin.has_async_header_filter());
         let wants_body = instances.iter().filter_map(|i| i.plugin.wants_body()).max();
+        let request_body_filter = instances.iter().any(|i| i.plugin.has_request_body_filter());
         PluginChain {
             instances,
             names,
             has_body_filter,
             wants_body,
             async_header_filter,
+            request_body_filter,
         }
     }
 
@@ -390,6 +395,28 @@ pub fn run_body_filter_from(
         }
     }
     None
+}
+
+/// The request body filters of `instances` for this request ([`Plugin::request_body_filter`]),
+/// in chain order, appended to `out`.
+pub fn request_body_filters(
+    instances: &[Arc<PluginInstance>],
+    ctx: &mut RequestCtx,
+    out: &mut Vec<Box<dyn crate::plugin::ChunkFilter>>,
+) {
+    for inst in instances {
+        if !inst.plugin.has_request_body_filter() {
+            continue;
+        }
+        if let Some(f) = &inst.filter
+            && !f.eval(ctx)
+        {
+            continue;
+        }
+        if let Some(f) = inst.plugin.request_body_filter(ctx) {
+            out.push(f);
+        }
+    }
 }
 
 /// Runs `log` over `instances` (`_meta.filter` applies here too).

@@ -81,6 +81,15 @@ pub type PhaseFuture<'a> = Pin<Box<dyn Future<Output = PhaseResult> + Send + 'a>
 /// while the request's context is elsewhere.
 pub type BodyWait = Pin<Box<dyn Future<Output = Result<Bytes, PluginError>> + Send + 'static>>;
 
+/// A filter over a request body as it streams to the upstream, made per request by
+/// [`Plugin::request_body_filter`].
+pub trait ChunkFilter: Send {
+    /// One chunk (`eof` marks the last call, whose chunk may be empty). The filter may change
+    /// the chunk, or hold it back: `Some` waits for the future, which resolves to the bytes to
+    /// pass on; the body is not read further meanwhile. An error fails the request.
+    fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool) -> Result<Option<BodyWait>, PluginError>;
+}
+
 /// The outcome of `rewrite`, `access` and `before_proxy`.
 ///
 /// Synchronous plugins answer `Continue` or `Respond` without allocating; plugins that wait
@@ -146,6 +155,19 @@ pub trait Plugin: Send + Sync + 'static {
     /// chain asks, the gateway reads the body before `rewrite` into [`RequestCtx::body`]
     /// (a longer body is refused with 413) and forwards the buffered copy.
     fn wants_body(&self) -> Option<usize> {
+        None
+    }
+
+    /// Whether this plugin filters request bodies as they stream
+    /// ([`Plugin::request_body_filter`]).
+    fn has_request_body_filter(&self) -> bool {
+        false
+    }
+
+    /// A filter for this request's body as it streams to the upstream (chunk by chunk,
+    /// instead of buffering it as [`Plugin::wants_body`] does), made after the `access`
+    /// phase; `None` when this request needs none. The body then goes upstream chunked.
+    fn request_body_filter(&self, _ctx: &mut RequestCtx) -> Option<Box<dyn ChunkFilter>> {
         None
     }
 

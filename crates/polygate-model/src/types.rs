@@ -249,6 +249,16 @@ pub struct WasmPluginDecl {
     /// JSON).
     #[serde(default)]
     pub vm_config: Option<serde_json::Value>,
+    /// How `proxy_on_request_body` sees the request body: `buffer` (default; read whole,
+    /// up to `body_limit`, before the request callbacks, as APISIX's wasm host does: the
+    /// filter may pause for callouts and answer locally) or `stream` (chunk by chunk as it
+    /// goes upstream; a paused callback holds chunks back).
+    #[serde(default = "default_wasm_request_body")]
+    pub request_body: String,
+}
+
+fn default_wasm_request_body() -> String {
+    "buffer".into()
 }
 
 fn default_wasm_phase() -> String {

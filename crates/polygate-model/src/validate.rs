@@ -311,6 +311,12 @@ fn validate_wasm(w: &crate::types::WasmConfig, errs: &mut ConfigErrors) {
                 "must be \"access\" or \"rewrite\"",
             );
         }
+        if !matches!(p.request_body.as_str(), "buffer" | "stream") {
+            errs.push(
+                format!("{base}.request_body"),
+                "must be \"buffer\" or \"stream\"",
+            );
+        }
         if let Some(v) = &p.vm_config
             && !(v.is_string() || v.is_object())
         {

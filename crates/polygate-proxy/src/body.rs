@@ -8,7 +8,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use polygate_core::plugin::BodyWait;
+use polygate_core::plugin::{BodyWait, ChunkFilter};
 
 use crate::h1::H1Body;
 
@@ -23,6 +23,115 @@ pub enum ReqBody {
     Full(Option<Bytes>),
     /// The client's body, streamed.
     Stream(Incoming),
+    /// The client's body, streamed through plugins' request body filters.
+    Filtered(Box<FilteredBody>),
+}
+
+/// A plugin's request body filter failed: the upstream request is abandoned.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FilterFailed(pub polygate_core::PluginError);
+
+/// The client's body passing through request body filters chunk by chunk, in chain order; a
+/// filter may hold a chunk back until its future resolves.
+pub struct FilteredBody {
+    inner: Incoming,
+    filters: Vec<Box<dyn ChunkFilter>>,
+    /// A filter holding a chunk back: the index after it, its future, and whether the chunk
+    /// was the last.
+    waiting: Option<(usize, BodyWait, bool)>,
+    done: bool,
+}
+
+impl FilteredBody {
+    /// `inner` through `filters`.
+    pub fn new(inner: Incoming, filters: Vec<Box<dyn ChunkFilter>>) -> FilteredBody {
+        FilteredBody {
+            inner,
+            filters,
+            waiting: None,
+            done: false,
+        }
+    }
+
+    /// Runs the filters from `at` on; `Ok(None)` when one holds the chunk back.
+    fn run(&mut self, at: usize, mut chunk: Bytes, eof: bool) -> Result<Option<Bytes>, BoxError> {
+        for i in at..self.filters.len() {
+            match self.filters[i].on_chunk(&mut chunk, eof) {
+                Err(e) => return Err(Box::new(FilterFailed(e))),
+                Ok(Some(w)) => {
+                    self.waiting = Some((i + 1, w, eof));
+                    return Ok(None);
+                }
+                Ok(None) => {}
+            }
+        }
+        Ok(Some(chunk))
+    }
+}
+
+impl Body for FilteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let (data, eof) = if let Some((at, w, eof)) = this.waiting.as_mut() {
+                let (at, eof) = (*at, *eof);
+                let data = match ready!(w.as_mut().poll(cx)) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        this.waiting = None;
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Box::new(FilterFailed(e)))));
+                    }
+                };
+                this.waiting = None;
+                match this.run(at, data, eof) {
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                    Ok(None) => continue,
+                    Ok(Some(d)) => (d, eof),
+                }
+            } else {
+                if this.done {
+                    return Poll::Ready(None);
+                }
+                let (chunk, eof) = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                    None => (Bytes::new(), true),
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => {
+                            let eof = this.inner.is_end_stream();
+                            (d, eof)
+                        }
+                        Err(_) => continue,
+                    },
+                };
+                match this.run(0, chunk, eof) {
+                    Err(e) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Ok(None) => continue,
+                    Ok(Some(d)) => (d, eof),
+                }
+            };
+            if eof {
+                this.done = true;
+            }
+            if !data.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.waiting.is_none()
+    }
 }
 
 impl Body for ReqBody {
@@ -37,6 +146,7 @@ impl Body for ReqBody {
             ReqBody::Empty => Poll::Ready(None),
             ReqBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ReqBody::Stream(s) => Pin::new(s).poll_frame(cx).map_err(|e| e.into()),
+            ReqBody::Filtered(f) => Pin::new(&mut **f).poll_frame(cx),
         }
     }
 
@@ -45,6 +155,7 @@ impl Body for ReqBody {
             ReqBody::Empty => true,
             ReqBody::Full(b) => b.is_none(),
             ReqBody::Stream(s) => s.is_end_stream(),
+            ReqBody::Filtered(f) => f.is_end_stream(),
         }
     }
 
@@ -54,6 +165,7 @@ impl Body for ReqBody {
             ReqBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ReqBody::Full(None) => SizeHint::with_exact(0),
             ReqBody::Stream(s) => s.size_hint(),
+            ReqBody::Filtered(_) => SizeHint::default(),
         }
     }
 }

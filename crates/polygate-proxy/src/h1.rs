@@ -202,6 +202,10 @@ pub fn encode_head(
         ReqBody::Full(Some(b)) => {
             let _ = write!(out, "content-length: {}\r\n", b.len());
         }
+        ReqBody::Filtered(_) => {
+            out.put_slice(b"transfer-encoding: chunked\r\n");
+            chunked = true;
+        }
         ReqBody::Stream(s) => match s.size_hint().exact() {
             Some(n) => {
                 let _ = write!(out, "content-length: {n}\r\n");
@@ -245,6 +249,9 @@ pub enum H1Error {
     /// One write to the upstream waited longer than the send timeout.
     #[error("upstream send timed out")]
     SendTimeout,
+    /// A plugin's request body filter failed: the upstream got a truncated request.
+    #[error("{0}")]
+    Filter(polygate_core::PluginError),
 }
 
 /// How the response body is delimited.
@@ -321,9 +328,9 @@ impl H1Conn {
                 out.put_slice(&b);
                 self.write(&out, send_to).await?;
             }
-            ReqBody::Stream(incoming) => {
+            body @ (ReqBody::Stream(_) | ReqBody::Filtered(_)) => {
                 self.write(head, send_to).await?;
-                let mut body = incoming;
+                let mut body = body;
                 loop {
                     let frame = match tokio::time::timeout(body_to, body.frame()).await {
                         Err(_) => return Err(H1Error::ClientTimeout),
@@ -331,7 +338,9 @@ impl H1Conn {
                         Ok(Some(f)) => f,
                     };
                     let frame = frame.map_err(|e| {
-                        use std::error::Error as _;
+                        if let Some(f) = e.downcast_ref::<crate::body::FilterFailed>() {
+                            return H1Error::Filter(f.0.clone());
+                        }
                         H1Error::ClientBody(match e.source() {
                             Some(cause) => format!("{e}: {cause}"),
                             None => e.to_string(),

@@ -12,14 +12,15 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use polygate_config::Pipeline;
 use polygate_core::chain::{
-    run_body_filter_from, run_header_filter, run_header_filter_async, run_log, run_phase,
+    request_body_filters, run_body_filter_from, run_header_filter, run_header_filter_async,
+    run_log, run_phase,
 };
 use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx, ResponseHead};
 use polygate_router::{Entry, MatchInput};
 use smallvec::SmallVec;
 
 use crate::accesslog::{AccessLog, AccessRecord};
-use crate::body::{ChunkWait, Finish, ReqBody, RespBody};
+use crate::body::{ChunkWait, FilteredBody, Finish, ReqBody, RespBody};
 use crate::h1::{self, H1Body, H1Conn, H1Error};
 use crate::metrics::Metrics;
 use crate::plane::DataPlane;
@@ -605,7 +606,21 @@ async fn proxy(
     let (replayable, mut body) = match (&buffered, body) {
         (Some(_), _) | (None, None) => (true, None),
         (None, Some(b)) if b.is_end_stream() => (true, None),
-        (None, Some(b)) => (false, Some(ReqBody::Stream(b))),
+        (None, Some(b)) => {
+            let mut filters = Vec::new();
+            if snap.global.request_body_filter {
+                request_body_filters(&snap.global.instances, ctx, &mut filters);
+            }
+            if chain.request_body_filter {
+                request_body_filters(&chain.instances, ctx, &mut filters);
+            }
+            if filters.is_empty() {
+                (false, Some(ReqBody::Stream(b)))
+            } else {
+                let f = FilteredBody::new(b, filters);
+                (false, Some(ReqBody::Filtered(Box::new(f))))
+            }
+        }
     };
     let replay = || match &buffered {
         Some(b) => ReqBody::Full(Some(b.clone())),
@@ -799,6 +814,7 @@ async fn exchange(
             Exchange::Stale { sent }
         }
         H1Error::ClientBody(m) => Exchange::Failed(GatewayError::BadRequest(m)),
+        H1Error::Filter(p) => Exchange::Failed(GatewayError::Plugin(p)),
         H1Error::ClientTimeout => Exchange::Failed(GatewayError::ClientTimeout),
         other => Exchange::Failed(GatewayError::Upstream {
             addr: key.to_owned(),

@@ -61,6 +61,8 @@ pub struct PluginDef {
     pub body_limit: usize,
     /// Stream callbacks present.
     pub exports: Exports,
+    /// `request_body: stream`: request bodies go through the filter chunk by chunk.
+    pub stream_request_body: bool,
 }
 
 #[derive(PartialEq, Eq, Hash)]
@@ -72,6 +74,7 @@ struct DefKey {
     vm_config: Bytes,
     priority: i32,
     phase: String,
+    request_body: String,
     limits: (u64, usize, usize),
 }
 
@@ -135,6 +138,7 @@ pub fn load_def(decl: &WasmPluginDecl, cfg: &WasmConfig) -> Result<Arc<PluginDef
         vm_config: vm_config.clone(),
         priority: decl.priority,
         phase: decl.http_request_phase.clone(),
+        request_body: decl.request_body.clone(),
         limits: (
             time_ticks,
             cfg.memory_limit.0 as usize,
@@ -179,6 +183,7 @@ pub fn load_def(decl: &WasmPluginDecl, cfg: &WasmConfig) -> Result<Arc<PluginDef
         memory_limit: cfg.memory_limit.0 as usize,
         body_limit: cfg.body_limit.0 as usize,
         exports,
+        stream_request_body: decl.request_body == "stream",
     });
     tracing::debug!(
         wasm = %decl.name,
@@ -467,7 +472,17 @@ impl WasmPlugin {
                     if !self.def.exports.request_headers {
                         continue;
                     }
-                    let eos = ctx.body.as_ref().is_none_or(|b| b.is_empty());
+                    let eos = match &ctx.body {
+                        Some(b) => b.is_empty(),
+                        // not read yet: a body is announced by its framing headers
+                        None => {
+                            !ctx.headers.contains_key(http::header::TRANSFER_ENCODING)
+                                && ctx
+                                    .headers
+                                    .get(http::header::CONTENT_LENGTH)
+                                    .is_none_or(|v| v.as_bytes() == b"0")
+                        }
+                    };
                     self.on_vm(s, |vm| {
                         let a = vm.request_headers(s.id, ctx, eos)?;
                         Ok(Self::outcome(vm, s.id, a, 0))
@@ -619,12 +634,14 @@ enum BodyStep {
     Wait(Vec<PendingCall>),
 }
 
-/// A response body held back by a filter paused with callouts in flight: each answer is
-/// delivered; when the filter continues the response, the held body goes on.
+/// A body held back by a filter paused with callouts in flight (side 0 request, 1
+/// response): each answer is delivered; when the filter continues that side, the held body
+/// goes on.
 async fn wait_body(
     def: Arc<PluginDef>,
     generation: u64,
     id: u32,
+    side: usize,
     calls: Vec<PendingCall>,
     eof: bool,
 ) -> Result<Bytes, PluginError> {
@@ -641,6 +658,11 @@ async fn wait_body(
             set.spawn(async move { (root, token, fut.await) });
         }
     };
+    let buffer_type = if side == 1 {
+        crate::abi::buffer::HTTP_RESPONSE_BODY
+    } else {
+        crate::abi::buffer::HTTP_REQUEST_BODY
+    };
     launch(&mut set, calls);
     while let Some(j) = set.join_next().await {
         let (root, token, res) = j.map_err(|e| err(&format!("callout task: {e}")))?;
@@ -648,28 +670,28 @@ async fn wait_body(
             if vm.generation != generation || !vm.has_stream(id) {
                 return Ok(None);
             }
-            // the held body is the response body buffer while the answer is handled (Envoy
-            // gives the buffered body to callbacks outside the body callback too)
+            // the held body is the body buffer while the answer is handled (Envoy gives the
+            // buffered body to callbacks outside the body callback too)
             let held = vm
                 .state()
                 .streams
                 .get_mut(&id)
-                .map(|st| std::mem::take(&mut st.resp_body))
+                .map(|st| std::mem::take(st.held(side)))
                 .unwrap_or_default();
-            vm.state().body = Some((crate::abi::buffer::HTTP_RESPONSE_BODY, held));
+            vm.state().body = Some((buffer_type, held));
             let r = vm.deliver(root, token, res, None, None, true);
             let back = vm.state().body.take().map(|(_, b)| b).unwrap_or_default();
             if let Some(st) = vm.state().streams.get_mut(&id) {
-                st.resp_body = back;
+                *st.held(side) = back;
             }
             r?;
-            let o = WasmPlugin::outcome(vm, id, 0, 1);
+            let o = WasmPlugin::outcome(vm, id, 0, side);
             let held = if o.continued {
                 vm.state().streams.get_mut(&id).map(|st| {
-                    if eof {
+                    if eof && side == 1 {
                         st.resp_body_done = true;
                     }
-                    std::mem::take(&mut st.resp_body)
+                    std::mem::take(st.held(side))
                 })
             } else {
                 None
@@ -682,7 +704,15 @@ async fn wait_body(
             _ => return Err(err("the filter instance was rebuilt")),
         };
         if o.local.is_some() {
+            if side == 0 {
+                return Err(err(
+                    "a local response from a streamed request body: the upstream request has started",
+                ));
+            }
             tracing::warn!(wasm = %def.name, "a local response from a callout answer is ignored: the response has started");
+        }
+        if o.closed {
+            return Err(err("the filter closed the stream"));
         }
         launch(&mut set, o.calls);
         if let Some(body) = held {
@@ -693,8 +723,104 @@ async fn wait_body(
         }
     }
     Err(err(
-        "the filter paused the response body and no callout in flight can resume it",
+        "the filter paused the body and no callout in flight can resume it",
     ))
+}
+
+/// A request body streamed through a filter chunk by chunk (`request_body: stream`).
+struct StreamedBody {
+    def: Arc<PluginDef>,
+    s: StreamRef,
+    done: bool,
+}
+
+impl polygate_core::plugin::ChunkFilter for StreamedBody {
+    fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool) -> Result<Option<BodyWait>, PluginError> {
+        if self.done {
+            return Ok(None);
+        }
+        let (s, limit) = (self.s, self.def.body_limit);
+        let err = |m: String| PluginError {
+            plugin: self.def.name.to_string(),
+            message: m,
+        };
+        let r = vm::with_vm_id(self.def.id, |vm| {
+            if vm.generation != s.generation {
+                return Ok(None);
+            }
+            let Some(st) = vm.state().streams.get_mut(&s.id) else {
+                return Ok(None);
+            };
+            let mut body = std::mem::take(&mut st.req_body);
+            body.extend_from_slice(chunk);
+            let (action, out) = vm.body(s.id, 0, None, body, eof)?;
+            let o = WasmPlugin::outcome(vm, s.id, action, 0);
+            Ok(Some((o, out)))
+        });
+        let (o, out) = match r {
+            None | Some(Ok(None)) => return Err(err("the filter instance was rebuilt".into())),
+            Some(Err(e)) => return Err(err(e.to_string())),
+            Some(Ok(Some(v))) => v,
+        };
+        if o.local.is_some() {
+            return Err(err(
+                "a local response from a streamed request body: the upstream request has started"
+                    .into(),
+            ));
+        }
+        if o.closed {
+            return Err(err("the filter closed the stream".into()));
+        }
+        let hold = |out: Vec<u8>| {
+            vm::with_vm_id(self.def.id, |vm| {
+                if let Some(st) = vm.state().streams.get_mut(&s.id) {
+                    st.req_body = out;
+                }
+                Ok(())
+            })
+        };
+        if o.action != 0 && !o.continued {
+            if !o.calls.is_empty() {
+                hold(out);
+                *chunk = Bytes::new();
+                if eof {
+                    self.done = true;
+                }
+                return Ok(Some(Box::pin(wait_body(
+                    self.def.clone(),
+                    s.generation,
+                    s.id,
+                    0,
+                    o.calls,
+                    eof,
+                ))));
+            }
+            if !eof {
+                if out.len() > limit {
+                    return Err(err(format!(
+                        "request body held back past body_limit ({limit} bytes)"
+                    )));
+                }
+                hold(out);
+                *chunk = Bytes::new();
+                return Ok(None);
+            }
+        }
+        if !o.calls.is_empty() {
+            let _ = vm::with_vm_id(self.def.id, |vm| {
+                if vm.generation == s.generation {
+                    vm.state().calls.extend(o.calls);
+                    vm.spawn_pending();
+                }
+                Ok(())
+            });
+        }
+        if eof {
+            self.done = true;
+        }
+        *chunk = Bytes::from(out);
+        Ok(None)
+    }
 }
 
 /// Delivers the answers of callouts a stream no longer waits for.
@@ -736,7 +862,24 @@ impl Plugin for WasmPlugin {
     }
 
     fn wants_body(&self) -> Option<usize> {
-        self.def.exports.request_body.then_some(self.def.body_limit)
+        (self.def.exports.request_body && !self.def.stream_request_body)
+            .then_some(self.def.body_limit)
+    }
+
+    fn has_request_body_filter(&self) -> bool {
+        self.def.exports.request_body && self.def.stream_request_body
+    }
+
+    fn request_body_filter(
+        &self,
+        ctx: &mut RequestCtx,
+    ) -> Option<Box<dyn polygate_core::plugin::ChunkFilter>> {
+        let s = self.stream(ctx)?;
+        Some(Box::new(StreamedBody {
+            def: self.def.clone(),
+            s,
+            done: false,
+        }))
     }
 
     fn has_async_header_filter(&self) -> bool {
@@ -803,7 +946,7 @@ impl Plugin for WasmPlugin {
             }
             let mut body = std::mem::take(&mut st.resp_body);
             body.extend_from_slice(chunk);
-            let (action, out) = vm.response_body(s.id, ctx, body, eof)?;
+            let (action, out) = vm.body(s.id, 1, Some(ctx), body, eof)?;
             let o = Self::outcome(vm, s.id, action, 1);
             let Some(st) = vm.state().streams.get_mut(&s.id) else {
                 return Ok(BodyStep::Emit(out));
@@ -842,6 +985,7 @@ impl Plugin for WasmPlugin {
                     self.def.clone(),
                     s.generation,
                     s.id,
+                    1,
                     calls,
                     eof,
                 )));

@@ -50,6 +50,19 @@ pub struct StreamData {
     /// The response body callbacks are over (the last chunk went through, or buffering
     /// overflowed).
     pub resp_body_done: bool,
+    /// A streamed request body held back by a paused `proxy_on_request_body`.
+    pub req_body: Vec<u8>,
+}
+
+impl StreamData {
+    /// The body held back on one side (0 request, 1 response).
+    pub fn held(&mut self, side: usize) -> &mut Vec<u8> {
+        if side == 1 {
+            &mut self.resp_body
+        } else {
+            &mut self.req_body
+        }
+    }
 }
 
 /// A callout the guest started during a callback.

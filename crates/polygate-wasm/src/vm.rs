@@ -350,23 +350,32 @@ impl Vm {
         })
     }
 
-    /// `proxy_on_response_body` over `body` (the chunks held back so far plus this one);
+    /// `proxy_on_response_body` (side 1) or `proxy_on_request_body` (side 0) over `body`
+    /// (the chunks held back so far plus this one), with `req` in view when there is one;
     /// returns the action and the body as the filter left it.
-    pub fn response_body(
+    pub fn body(
         &mut self,
         id: u32,
-        req: &mut RequestCtx,
+        side: usize,
+        req: Option<&mut RequestCtx>,
         body: Vec<u8>,
         eof: bool,
     ) -> Result<(i32, Vec<u8>), VmError> {
-        let Some(f) = self.cb.response_body.clone() else {
+        let (f, t) = if side == 1 {
+            (self.cb.response_body.clone(), buffer::HTTP_RESPONSE_BODY)
+        } else {
+            (self.cb.request_body.clone(), buffer::HTTP_REQUEST_BODY)
+        };
+        let Some(f) = f else {
             return Ok((0, body));
         };
         let len = body.len() as i32;
-        self.store.data_mut().body = Some((buffer::HTTP_RESPONSE_BODY, body));
-        let r = self.with_view(id, View::of(req, None), |vm| {
-            vm.call(&f, (id as i32, len, i32::from(eof)))
-        });
+        self.store.data_mut().body = Some((t, body));
+        let view = match req {
+            Some(r) => View::of(r, None),
+            None => View::default(),
+        };
+        let r = self.with_view(id, view, |vm| vm.call(&f, (id as i32, len, i32::from(eof))));
         let out = self
             .store
             .data_mut()

@@ -10,6 +10,8 @@
 //                         answered, with `x-call-a` / `x-call-b` holding their bodies.
 //   mode=body             request body: held back until complete, then upper-cased;
 //                         response body: held back until complete, then a trailer line added.
+//   mode=stream           request body: every chunk upper-cased and bracketed as it passes
+//                         (`[CHUNK]`), to show chunk-by-chunk streaming.
 //   mode=bodycall;upstream=U  response body: held back until complete, then paused for a
 //                         callout GET /stamp to U whose answer is appended to the body.
 //   tick=1                a 50 ms tick sets shared data `as_filter.tick` to "yes".
@@ -270,6 +272,13 @@ export function proxy_on_request_headers(id: i32, n: i32, eos: i32): i32 {
 }
 
 export function proxy_on_request_body(id: i32, size: i32, eos: i32): i32 {
+  if (confOf(id).mode == "stream") {
+    if (size == 0) return 0;
+    const chunk = String.UTF8.decode(buffer(REQUEST_BODY, size));
+    const out = bytes("[" + chunk.toUpperCase() + "]");
+    proxy_set_buffer_bytes(REQUEST_BODY, 0, size, changetype<usize>(out), out.byteLength);
+    return 0;
+  }
   if (confOf(id).mode != "body") return 0;
   if (eos == 0) return 1;
   const body = buffer(REQUEST_BODY, size);
