@@ -400,14 +400,15 @@ async fn response_body_waits_for_a_callout() {
 }
 
 /// Ticks (`proxy_set_tick_period_milliseconds`), shared data with compare-and-swap across
-/// requests and both worker threads, and a counter on the metrics endpoint.
+/// requests and both worker threads, a shared queue with `proxy_on_queue_ready`, and a
+/// counter on the metrics endpoint.
 #[tokio::test(flavor = "multi_thread")]
 async fn tick_shared_data_across_threads_and_a_metric() {
     let u = Upstream::start("u").await;
     let mport = free_port();
     let filter = libs::wasm("as_filter").display().to_string();
     let gw = Gateway::start(&format!(
-        "{}routes:\n  - {{id: r, uri: /t/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{as_filter: {{conf: \"tick=1\"}}}}}}\n",
+        "{}routes:\n  - {{id: r, uri: /t/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{as_filter: {{conf: \"tick=1\"}}}}}}\n  - {{id: q, uri: /q/*, upstream: {{nodes: {{\"{u}\": 1}}}}, plugins: {{as_filter: {{conf: \"queue=1\"}}}}}}\n",
         gateway_section(
             2,
             &format!("  metrics: {{addr: \"127.0.0.1:{mport}\"}}\n"),
@@ -433,6 +434,16 @@ async fn tick_shared_data_across_threads_and_a_metric() {
         })
         .await;
     assert!(ticked, "the tick ran");
+    // a shared queue: each request's path is enqueued, its owner handles it in
+    // proxy_on_queue_ready (on whichever worker registered it last)
+    let r = get(gw.port, "/q/first-item").await;
+    assert_eq!(r.status, 200);
+    let queued = gw
+        .eventually(Duration::from_secs(5), || async {
+            get(gw.port, "/t/y").await.header("x-last-queued") == Some("/q/first-item")
+        })
+        .await;
+    assert!(queued, "{}", gw.stderr());
     let m = get(mport, "/metrics").await;
     assert!(
         m.body.contains("# TYPE as_filter_requests_total counter"),
@@ -632,7 +643,10 @@ async fn trapping_filter_next_to_go_and_lua_under_load() {
             let mut bad = 0;
             for _ in 0..150 {
                 let r = match i % 3 {
-                    0 => get_h(port, "/t", &[("x-trap", "1")]).await,
+                    // `unreachable` (SIGILL) and an out-of-bounds load (SIGSEGV), both caught
+                    // by wasmtime's handlers next to Go's
+                    0 if i % 2 == 0 => get_h(port, "/t", &[("x-trap", "1")]).await,
+                    0 => get_h(port, "/t", &[("x-oob", "1")]).await,
                     1 => get(port, "/go/x").await,
                     _ => get(port, "/lua").await,
                 };

@@ -1,4 +1,5 @@
-;; A filter that traps on demand: `x-trap` -> `unreachable` in request headers; `x-loop` -> an
+;; A filter that traps on demand: `x-trap` -> `unreachable` in request headers; `x-oob` -> a
+;; load outside its memory (a fault caught by wasmtime's signal handler); `x-loop` -> an
 ;; endless loop (stopped by the CPU limit); `x-grow` -> grows memory by 2000 pages (125 MiB,
 ;; past the default 64m cap) and traps when refused. Every response gets `x-served: <n>`, the
 ;; number of requests this instance served (a rebuilt instance starts again at 1).
@@ -18,11 +19,14 @@
   (data (i32.const 1040) "x-loop")
   (data (i32.const 1056) "x-grow")
   (data (i32.const 1072) "x-served")
+  (data (i32.const 1088) "x-oob")
   (func $has (param $k i32) (param $n i32) (result i32)
     (i32.eqz (call $get (i32.const 0) (local.get $k) (local.get $n) (i32.const 2000) (i32.const 2004))))
   (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
     (global.set $served (i32.add (global.get $served) (i32.const 1)))
     (if (call $has (i32.const 1024) (i32.const 6)) (then unreachable))
+    (if (call $has (i32.const 1088) (i32.const 5))
+      (then (drop (i32.load (i32.const 0x7ffffff0)))))
     (if (call $has (i32.const 1040) (i32.const 6)) (then (loop $forever (br $forever))))
     (if (call $has (i32.const 1056) (i32.const 6))
       (then (if (i32.eq (memory.grow (i32.const 2000)) (i32.const -1)) (then unreachable))))

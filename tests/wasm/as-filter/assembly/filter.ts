@@ -15,6 +15,10 @@
 //   mode=bodycall;upstream=U  response body: held back until complete, then paused for a
 //                         callout GET /stamp to U whose answer is appended to the body.
 //   tick=1                a 50 ms tick sets shared data `as_filter.tick` to "yes".
+//   queue=1               every request's path goes into the shared queue `as_filter.q`; the
+//                         queue's owner (the last root context that registered it) moves
+//                         each item to shared data `as_filter.last` in proxy_on_queue_ready;
+//                         responses carry it as `x-last-queued`.
 //
 // Every request also counts itself in shared data `as_filter.hits` (compare-and-swap loop)
 // and in the counter metric `as_filter_requests_total`, and the response gets `x-hits` and,
@@ -51,6 +55,12 @@ declare function proxy_set_shared_data(kp: usize, kn: usize, vp: usize, vn: usiz
 declare function proxy_define_metric(t: i32, np: usize, nn: usize, ret: usize): i32;
 @external("env", "proxy_increment_metric")
 declare function proxy_increment_metric(id: i32, delta: i64): i32;
+@external("env", "proxy_register_shared_queue")
+declare function proxy_register_shared_queue(np: usize, nn: usize, ret: usize): i32;
+@external("env", "proxy_enqueue_shared_queue")
+declare function proxy_enqueue_shared_queue(id: u32, vp: usize, vn: usize): i32;
+@external("env", "proxy_dequeue_shared_queue")
+declare function proxy_dequeue_shared_queue(id: u32, rp: usize, rn: usize): i32;
 @external("env", "proxy_set_tick_period_milliseconds")
 declare function proxy_set_tick_period_milliseconds(ms: i32): i32;
 
@@ -183,7 +193,9 @@ class Conf {
   mode: string = "";
   upstream: string = "";
   tick: bool = false;
+  queue: bool = false;
 }
+let queueId: u32 = 0;
 const confs = new Map<i32, Conf>();
 let metric: i32 = 0;
 
@@ -196,6 +208,7 @@ function parse(text: string): Conf {
     if (kv[0] == "mode") c.mode = kv[1];
     else if (kv[0] == "upstream") c.upstream = kv[1];
     else if (kv[0] == "tick") c.tick = kv[1] == "1";
+    else if (kv[0] == "queue") c.queue = kv[1] == "1";
   }
   return c;
 }
@@ -210,7 +223,19 @@ export function proxy_on_configure(root: i32, size: i32): i32 {
     }
   }
   if (conf.tick) proxy_set_tick_period_milliseconds(50);
+  if (conf.queue) {
+    const q = bytes("as_filter.q");
+    if (proxy_register_shared_queue(changetype<usize>(q), q.byteLength, RET) == 0) {
+      queueId = load<u32>(RET);
+    }
+  }
   return 1;
+}
+
+export function proxy_on_queue_ready(root: i32, id: u32): void {
+  while (proxy_dequeue_shared_queue(id, RET, RET + 4) == 0) {
+    sharedSet("as_filter.last", String.UTF8.decodeUnsafe(retPtr(), retLen()), 0);
+  }
 }
 
 export function proxy_on_tick(root: i32): void {
@@ -246,6 +271,13 @@ export function proxy_on_request_headers(id: i32, n: i32, eos: i32): i32 {
   addHeader(REQUEST_HEADERS, "x-hits", hits.toString());
   const conf = confOf(id);
   const s = streams.get(id);
+  if (conf.queue && queueId != 0) {
+    const path = getHeader(REQUEST_HEADERS, ":path");
+    if (path != null) {
+      const v = bytes(path!);
+      proxy_enqueue_shared_queue(queueId, changetype<usize>(v), v.byteLength);
+    }
+  }
   if (conf.mode == "auth") {
     const tokenHeader = getHeader(REQUEST_HEADERS, "x-token");
     const t = call(conf.upstream, "/check", tokenHeader == null ? "" : tokenHeader!);
@@ -293,6 +325,8 @@ export function proxy_on_response_headers(id: i32, n: i32, eos: i32): i32 {
   if (hits != null) addHeader(RESPONSE_HEADERS, "x-hits", hits!);
   const ticked = sharedGet("as_filter.tick");
   if (ticked != null) addHeader(RESPONSE_HEADERS, "x-ticked", ticked!);
+  const last = sharedGet("as_filter.last");
+  if (last != null) addHeader(RESPONSE_HEADERS, "x-last-queued", last!);
   const conf = confOf(id);
   if (conf.mode == "auth") {
     const t = call(conf.upstream, "/stamp", "");
