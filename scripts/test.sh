@@ -49,10 +49,12 @@ if ! "$POLYGATE_TEST_PYVENV/bin/python" -c "import jsonschema" 2>/dev/null; then
   python3 -m venv "$POLYGATE_TEST_PYVENV"
   "$POLYGATE_TEST_PYVENV/bin/pip" install -q jsonschema
 fi
+step "proxy-wasm test filters: AssemblyScript from npm (scripts/wasm-filters.sh)"
+bash scripts/wasm-filters.sh "$CARGO_TARGET_DIR/wasm-filters"
 step "cargo test"
 log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
-step "one process, every runtime: ${POLYGATE_SOAK_SECS:-60} s of load with Go, Rust, Python, Java, Node.js and Lua, then SIGTERM / SIGINT"
+step "one process, every runtime: ${POLYGATE_SOAK_SECS:-60} s of load with Go, Rust, Python, Java, Node.js, Lua and a trapping wasm filter, then SIGTERM / SIGINT"
 cargo test -q -p polygate --test e2e soak -- --ignored --test-threads=1 --nocapture 2>&1 | tee -a "$log" | grep -E -A4 "soak with|test result|panicked|FAILED" | grep -v "^ *[0-9]*: \|^ *at " || true
 grep -q "^test result: ok. 2 passed" <(grep "^test result" "$log" | tail -1) || { echo "the soak tests failed" >&2; exit 1; }
 passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")

@@ -82,12 +82,21 @@ ngx.say("lua ", ngx.var.arg_req, " ", #t)
 return ngx.exit(200)"#,
     );
     routes += SLOW_ROUTE;
+    // a proxy-wasm filter that traps (unreachable, out-of-bounds loads) on demand: wasmtime's
+    // signal handlers next to Go's, the JVM's and Node's
+    let up = Upstream::start("u").await;
+    routes += &format!(
+        "  - {{id: wasm, uri: /wasm, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{trap: {{conf: x}}}}}}\n",
+        up.node()
+    );
+    let trap = libs::wat("trap");
     let mut gw = Gateway::start_env(
         &format!(
-            "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\", \"{}\", \"{}\"]\n  timeouts: {{graceful_shutdown: 10}}\n  lua: {{time_limit: 2}}\n{routes}",
+            "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  ffi_lib_path: [\"{}\", \"{}\", \"{}\"]\n  timeouts: {{graceful_shutdown: 10}}\n  lua: {{time_limit: 2}}\n  wasm: {{plugins: [{{name: trap, file: \"{}\", priority: 1}}]}}\n{routes}",
             py.display(),
             java.display(),
-            node.display()
+            node.display(),
+            trap.display()
         ),
         &[("CLASSPATH", &cp)],
     );
@@ -123,6 +132,27 @@ return ngx.exit(200)"#,
             })
         })
         .collect();
+    let traps = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let (h, want) = match n % 3 {
+                    0 => ("x-trap", 500),
+                    1 => ("x-oob", 500),
+                    _ => ("x-none", 200),
+                };
+                let r = get_h(p, "/wasm", &[(h, "1")]).await;
+                if r.status != want {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(format!("wasm {h}: {} {:?}", r.status, r.body));
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+    };
+    let trapped = traps.await.unwrap();
     for c in clients {
         if let Err(e) = c.await.unwrap() {
             let err = gw.stderr();
@@ -135,6 +165,8 @@ return ngx.exit(200)"#,
     }
     let total = done.load(Ordering::Relaxed);
     assert!(total > 1000, "only {total} requests in {} s", soak_secs());
+    let trapped = trapped.unwrap_or_else(|e| panic!("{e}\n{}", gw.stderr()));
+    assert!(trapped > 30, "only {trapped} wasm requests");
 
     // requests in flight when the signal comes are drained
     let took = stop_drains(&mut gw, sig, 4).await;
