@@ -78,8 +78,42 @@ fn give(c: &mut C<'_>, data: &[u8], ret_ptr: i32, ret_len: i32) -> R {
     Ok(status::OK)
 }
 
-fn lower(k: &[u8]) -> Vec<u8> {
-    k.to_ascii_lowercase()
+fn lower(k: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if k.iter().any(u8::is_ascii_uppercase) {
+        std::borrow::Cow::Owned(k.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(k)
+    }
+}
+
+/// Runs `f` on the guest bytes `ptr..ptr+len` and the host state together (no copy).
+fn with_bytes<T>(
+    c: &mut C<'_>,
+    ptr: i32,
+    len: i32,
+    f: impl FnOnce(&[u8], &mut HostState) -> T,
+) -> Result<T, i32> {
+    let mem = c.data().memory.ok_or(status::INTERNAL_FAILURE)?;
+    let (a, b) = span(ptr, len).ok_or(status::INVALID_MEMORY_ACCESS)?;
+    let (data, state) = mem.data_and_store_mut(c);
+    let bytes = data.get(a..b).ok_or(status::INVALID_MEMORY_ACCESS)?;
+    Ok(f(bytes, state))
+}
+
+/// Like [`with_bytes`] for two guest byte ranges.
+fn with_two<T>(
+    c: &mut C<'_>,
+    (p1, n1): (i32, i32),
+    (p2, n2): (i32, i32),
+    f: impl FnOnce(&[u8], &[u8], &mut HostState) -> T,
+) -> Result<T, i32> {
+    let mem = c.data().memory.ok_or(status::INTERNAL_FAILURE)?;
+    let (a1, b1) = span(p1, n1).ok_or(status::INVALID_MEMORY_ACCESS)?;
+    let (a2, b2) = span(p2, n2).ok_or(status::INVALID_MEMORY_ACCESS)?;
+    let (data, state) = mem.data_and_store_mut(c);
+    let x = data.get(a1..b1).ok_or(status::INVALID_MEMORY_ACCESS)?;
+    let y = data.get(a2..b2).ok_or(status::INVALID_MEMORY_ACCESS)?;
+    Ok(f(x, y, state))
 }
 
 /// The serialised pairs of a map, pseudo-headers first.
@@ -159,23 +193,24 @@ fn joined(h: &HeaderMap, key: &[u8]) -> Option<Vec<u8>> {
 
 fn map_value(s: &mut HostState, map_type: i32, key: &[u8]) -> Result<Option<Vec<u8>>, i32> {
     let key = lower(key);
+    let key: &[u8] = &key;
     match map_type {
         map::HTTP_REQUEST_HEADERS => {
             let r = s.view.req().ok_or(status::BAD_ARGUMENT)?;
             if key.first() == Some(&b':') {
                 return Ok(request_pseudo(r)
                     .into_iter()
-                    .find(|(k, _)| k.as_bytes() == key.as_slice())
+                    .find(|(k, _)| k.as_bytes() == key)
                     .map(|(_, v)| v));
             }
-            Ok(joined(&r.headers, &key))
+            Ok(joined(&r.headers, key))
         }
         map::HTTP_RESPONSE_HEADERS => {
             let r = s.view.resp().ok_or(status::BAD_ARGUMENT)?;
             if key == b":status" {
                 return Ok(Some(r.status.as_str().as_bytes().to_vec()));
             }
-            Ok(joined(&r.headers, &key))
+            Ok(joined(&r.headers, key))
         }
         map::HTTP_REQUEST_TRAILERS | map::HTTP_RESPONSE_TRAILERS => {
             if s.view.req().is_none() {
@@ -187,12 +222,12 @@ fn map_value(s: &mut HostState, map_type: i32, key: &[u8]) -> Result<Option<Vec<
             let call = s.call.clone().ok_or(status::BAD_ARGUMENT)?;
             let Ok(resp) = &*call else { return Ok(None) };
             if map_type == map::HTTP_CALL_RESPONSE_TRAILERS {
-                return Ok(joined(&resp.trailers, &key));
+                return Ok(joined(&resp.trailers, key));
             }
             if key == b":status" {
                 return Ok(Some(resp.status.as_str().as_bytes().to_vec()));
             }
-            Ok(joined(&resp.headers, &key))
+            Ok(joined(&resp.headers, key))
         }
         _ => Err(status::BAD_ARGUMENT),
     }
@@ -270,11 +305,12 @@ fn edit_headers(h: &mut HeaderMap, key: &[u8], value: &[u8], edit: Edit) -> Resu
 
 fn edit_map(s: &mut HostState, map_type: i32, key: &[u8], value: &[u8], edit: Edit) -> i32 {
     let key = lower(key);
+    let key: &[u8] = &key;
     let r = match map_type {
         map::HTTP_REQUEST_HEADERS => match s.view.req_mut() {
             None => Err(status::BAD_ARGUMENT),
-            Some(r) if key.first() == Some(&b':') => edit_request_pseudo(r, &key, value, edit),
-            Some(r) => edit_headers(&mut r.headers, &key, value, edit),
+            Some(r) if key.first() == Some(&b':') => edit_request_pseudo(r, key, value, edit),
+            Some(r) => edit_headers(&mut r.headers, key, value, edit),
         },
         map::HTTP_RESPONSE_HEADERS => match s.view.resp() {
             None => Err(status::BAD_ARGUMENT),
@@ -289,7 +325,7 @@ fn edit_map(s: &mut HostState, map_type: i32, key: &[u8], value: &[u8], edit: Ed
                     .ok_or(status::BAD_ARGUMENT),
             },
             Some(_) if key.first() == Some(&b':') => Err(status::BAD_ARGUMENT),
-            Some(r) => edit_headers(&mut r.headers, &key, value, edit),
+            Some(r) => edit_headers(&mut r.headers, key, value, edit),
         },
         _ => Err(status::BAD_ARGUMENT),
     };
@@ -333,7 +369,7 @@ fn set_pairs(s: &mut HostState, map_type: i32, data: &[u8]) -> i32 {
             };
             r.headers = fresh;
             for (k, v) in &pseudo {
-                if k == b":status" && edit_map(s, map_type, k, v, Edit::Replace) != status::OK {
+                if **k == *b":status" && edit_map(s, map_type, k, v, Edit::Replace) != status::OK {
                     return status::BAD_ARGUMENT;
                 }
             }
@@ -627,8 +663,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kn: i32, rp: i32, rn: i32| -> R {
             not_starting!(c);
-            let key = tri!(read(&mut c, kp, kn));
-            match tri!(map_value(c.data_mut(), t, &key)) {
+            match tri!(tri!(with_bytes(&mut c, kp, kn, |k, s| map_value(s, t, k)))) {
                 Some(v) => give(&mut c, &v, rp, rn),
                 None => Ok(status::NOT_FOUND),
             }
@@ -643,9 +678,9 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             name,
             move |mut c: C<'_>, t: i32, kp: i32, kn: i32, vp: i32, vn: i32| -> R {
                 not_starting!(c);
-                let key = tri!(read(&mut c, kp, kn));
-                let value = tri!(read(&mut c, vp, vn));
-                Ok(edit_map(c.data_mut(), t, &key, &value, edit))
+                Ok(tri!(with_two(&mut c, (kp, kn), (vp, vn), |k, v, s| {
+                    edit_map(s, t, k, v, edit)
+                })))
             },
         )?;
     }
@@ -654,8 +689,13 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_remove_header_map_value",
         |mut c: C<'_>, t: i32, kp: i32, kn: i32| -> R {
             not_starting!(c);
-            let key = tri!(read(&mut c, kp, kn));
-            Ok(edit_map(c.data_mut(), t, &key, b"", Edit::Remove))
+            Ok(tri!(with_bytes(&mut c, kp, kn, |k, s| edit_map(
+                s,
+                t,
+                k,
+                b"",
+                Edit::Remove
+            ))))
         },
     )?;
     // ---- stream control
@@ -1034,7 +1074,7 @@ fn callout_request(
     let mut headers = HeaderMap::new();
     for (k, v) in pairs {
         let k = lower(k);
-        match k.as_slice() {
+        match &*k {
             b":method" => method = Some(Method::from_bytes(v).map_err(|_| status::BAD_ARGUMENT)?),
             b":path" => {
                 path = Some(String::from_utf8(v.to_vec()).map_err(|_| status::BAD_ARGUMENT)?)

@@ -251,6 +251,13 @@ pub struct WasmFactory {
     def: Arc<PluginDef>,
 }
 
+impl WasmFactory {
+    /// The factory of `def` (the gateway finds factories through [`factory`]).
+    pub fn new(def: Arc<PluginDef>) -> WasmFactory {
+        WasmFactory { def }
+    }
+}
+
 impl PluginFactory for WasmFactory {
     fn name(&self) -> &str {
         &self.def.name

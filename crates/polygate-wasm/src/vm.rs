@@ -624,21 +624,22 @@ pub fn with_vm<T>(
 ) -> Result<T, VmError> {
     VMS.with(|m| {
         let mut m = m.borrow_mut();
-        if !m.contains_key(&def.id) {
-            // instances of plugins no configuration uses any more
-            m.retain(|_, vm| Arc::strong_count(&vm.store.data().def) > 1);
-            match Vm::new(def) {
-                Ok(vm) => {
-                    m.insert(def.id, vm);
-                }
-                Err(e) => {
-                    tracing::error!(wasm = %def.name, "{e}");
-                    return Err(e);
-                }
+        if let Some(vm) = m.get_mut(&def.id) {
+            let r = f(vm);
+            if let Err(e) = &r {
+                tracing::error!(wasm = %def.name, "{e}; the instance is rebuilt for the next request");
+                m.remove(&def.id);
             }
+            return r;
         }
-        let Some(vm) = m.get_mut(&def.id) else {
-            return Err(VmError::Start("instance missing".into()));
+        // instances of plugins no configuration uses any more
+        m.retain(|_, vm| Arc::strong_count(&vm.store.data().def) > 1);
+        let vm = match Vm::new(def) {
+            Ok(vm) => m.entry(def.id).or_insert(vm),
+            Err(e) => {
+                tracing::error!(wasm = %def.name, "{e}");
+                return Err(e);
+            }
         };
         let r = f(vm);
         if let Err(e) = &r {
