@@ -231,6 +231,41 @@ async fn headers_local_reply_properties_and_the_assemblyscript_sdk() {
     assert!(!gw.stderr().contains("ERROR"), "{}", gw.stderr());
 }
 
+/// Header map pairs read and set whole, properties (Envoy's names, an 8-byte integer, an nginx
+/// variable), the VM configuration in `proxy_on_vm_start`, `proxy_close_stream`.
+#[tokio::test(flavor = "multi_thread")]
+async fn pairs_properties_vm_config_and_close() {
+    let u = Upstream::start("u").await;
+    let filter = libs::wasm("as_filter").display().to_string();
+    let mut section = gateway_section(2, "", &[]);
+    section.push_str(&format!(
+        "      - {{name: as_filter, file: \"{filter}\", priority: 1000, vm_config: {{who: vm}}}}\n"
+    ));
+    let gw = Gateway::start(&format!(
+        "{section}upstreams: [{{id: u, nodes: {{\"{}\": 1}}}}]\nroutes:\n  - {{id: p, uri: /p/*, upstream_id: u, plugins: {{as_filter: {{conf: \"mode=pairs\"}}}}}}\n",
+        u.node()
+    ));
+    let r = get(gw.port, "/p/x?q=1").await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
+    let props = r.seen_header("x-props").unwrap();
+    let parts: Vec<&str> = props.split('|').collect();
+    assert_eq!(parts[..4], ["GET", "/p/x", "p", "u"], "{props}");
+    assert!(parts[4].parse::<u16>().unwrap() > 0, "{props}");
+    assert_eq!(parts[5], "127.0.0.1", "{props}");
+    let n: usize = r.seen_header("x-pairs-count").unwrap().parse().unwrap();
+    assert!(n >= 6, "pseudo-headers, the client's and the filter's: {n}");
+    assert_eq!(r.header("x-pairs-set"), Some("yes"));
+    assert_eq!(
+        r.header("x-upstream"),
+        Some("u"),
+        "the other headers set back"
+    );
+    assert_eq!(r.header("x-vm-config"), Some(r#"{"who":"vm"}"#));
+    let r = get_h(gw.port, "/p/x", &[("x-close", "1")]).await;
+    assert_eq!(r.status, 500);
+    assert!(gw.stderr().contains("closed the stream"), "{}", gw.stderr());
+}
+
 /// Host function statuses with good and bad arguments (proxy-wasm-cpp-host's statuses):
 /// see tests/wasm/wat/statuses.wat for the list.
 #[tokio::test(flavor = "multi_thread")]

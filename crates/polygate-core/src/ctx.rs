@@ -56,6 +56,8 @@ pub struct RequestCtx {
     pub route_id: Option<Arc<str>>,
     /// Matched route's service id.
     pub service_id: Option<Arc<str>>,
+    /// Id of the upstream serving the matched route (`route:<id>` for an inline one).
+    pub upstream_id: Option<Arc<str>>,
     /// URI parameters captured by the route (`/user/:id`).
     pub uri_params: Vec<(Arc<str>, String)>,
     /// The identified consumer (set by an auth plugin).
@@ -117,6 +119,7 @@ impl RequestCtx {
             host,
             route_id: None,
             service_id: None,
+            upstream_id: None,
             uri_params: Vec::new(),
             consumer: None,
             consumers,

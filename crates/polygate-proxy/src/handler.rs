@@ -323,6 +323,7 @@ pub async fn handle(
     };
     ctx.route_id = Some(entry.data.id.clone());
     ctx.service_id = entry.data.service_id.clone();
+    ctx.upstream_id = entry.data.upstream.as_ref().map(|u| u.id.clone());
     ctx.uri_params = params;
 
     let mut merged: Option<PluginChain> = None;

@@ -93,6 +93,7 @@ pub fn get(s: &mut HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"connection", b"mtls"] => Some(vec![0]),
         [b"route_name"] => r.route_id.as_deref().map(|v| v.as_bytes().to_vec()),
         [b"service_name"] => r.service_id.as_deref().map(|v| v.as_bytes().to_vec()),
+        [b"cluster_name"] => r.upstream_id.as_deref().map(|v| v.as_bytes().to_vec()),
         [b"consumer_name"] => r.consumer.as_ref().map(|c| c.username.as_bytes().to_vec()),
         // APISIX's wasm host: any nginx variable by name
         [name] => {

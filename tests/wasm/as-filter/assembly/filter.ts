@@ -20,6 +20,16 @@
 //                         each item to shared data `as_filter.last` in proxy_on_queue_ready;
 //                         responses carry it as `x-last-queued`.
 //
+//   mode=pairs            request: `x-pairs-count` holds the number of request header pairs
+//                         (`proxy_get_header_map_pairs`); response: the whole header map is
+//                         read and set back with `x-pairs-set: yes` added
+//                         (`proxy_set_header_map_pairs`).
+//
+// Any request with `x-close` is closed by the filter (`proxy_close_stream`). Every request
+// gets `x-props` upstream: request.method|request.url_path|route_name|cluster_name|
+// source.port (an 8-byte integer)|remote_addr (an nginx variable). The VM configuration
+// (`proxy_on_vm_start`) is kept in shared data and sent back as `x-vm-config`.
+//
 // Every request also counts itself in shared data `as_filter.hits` (compare-and-swap loop)
 // and in the counter metric `as_filter_requests_total`, and the response gets `x-hits` and,
 // once the tick ran, `x-ticked`.
@@ -61,6 +71,16 @@ declare function proxy_register_shared_queue(np: usize, nn: usize, ret: usize): 
 declare function proxy_enqueue_shared_queue(id: u32, vp: usize, vn: usize): i32;
 @external("env", "proxy_dequeue_shared_queue")
 declare function proxy_dequeue_shared_queue(id: u32, rp: usize, rn: usize): i32;
+@external("env", "proxy_get_property")
+declare function proxy_get_property(pp: usize, pn: usize, rp: usize, rn: usize): i32;
+@external("env", "proxy_get_header_map_pairs")
+declare function proxy_get_header_map_pairs(m: i32, rp: usize, rn: usize): i32;
+@external("env", "proxy_set_header_map_pairs")
+declare function proxy_set_header_map_pairs(m: i32, p: usize, n: usize): i32;
+@external("env", "proxy_close_stream")
+declare function proxy_close_stream(t: i32): i32;
+@external("env", "proxy_get_status")
+declare function proxy_get_status(rcode: usize, rp: usize, rn: usize): i32;
 @external("env", "proxy_set_tick_period_milliseconds")
 declare function proxy_set_tick_period_milliseconds(ms: i32): i32;
 
@@ -71,6 +91,7 @@ const REQUEST_BODY = 0;
 const RESPONSE_BODY = 1;
 const CALL_RESPONSE_BODY = 4;
 const PLUGIN_CONFIGURATION = 7;
+const VM_CONFIGURATION = 6;
 
 export function proxy_abi_version_0_2_1(): void {}
 
@@ -188,6 +209,42 @@ function bumpHits(): i32 {
   return -1;
 }
 
+/// A property (path segments joined by NUL) as bytes, or null.
+function prop(path: string): ArrayBuffer | null {
+  const p = bytes(path.replaceAll("/", "\0"));
+  if (proxy_get_property(changetype<usize>(p), p.byteLength, RET, RET + 4) != 0) return null;
+  const out = new ArrayBuffer(<i32>retLen());
+  memory.copy(changetype<usize>(out), retPtr(), retLen());
+  return out;
+}
+
+function propText(path: string): string {
+  const b = prop(path);
+  return b == null ? "-" : String.UTF8.decode(b!);
+}
+
+/// The pairs of a serialised header map.
+function decodePairs(p: usize, n: usize): string[] {
+  const out = new Array<string>();
+  if (n < 4) return out;
+  const count = load<u32>(p);
+  let data = p + 4 + count * 8;
+  for (let i: u32 = 0; i < count; i++) {
+    const kl = load<u32>(p + 4 + i * 8);
+    const vl = load<u32>(p + 8 + i * 8);
+    out.push(String.UTF8.decodeUnsafe(data, kl));
+    data += kl + 1;
+    out.push(String.UTF8.decodeUnsafe(data, vl));
+    data += vl + 1;
+  }
+  return out;
+}
+
+export function proxy_on_vm_start(root: i32, size: i32): i32 {
+  sharedSet("as_filter.vm_config", String.UTF8.decode(buffer(VM_CONFIGURATION, size)), 0);
+  return 1;
+}
+
 // ---- configuration (one root context per plugin configuration)
 class Conf {
   mode: string = "";
@@ -271,6 +328,22 @@ export function proxy_on_request_headers(id: i32, n: i32, eos: i32): i32 {
   addHeader(REQUEST_HEADERS, "x-hits", hits.toString());
   const conf = confOf(id);
   const s = streams.get(id);
+  const port = prop("source/port");
+  const portText = port == null ? "-" : load<i64>(changetype<usize>(port!)).toString();
+  addHeader(
+    REQUEST_HEADERS,
+    "x-props",
+    propText("request/method") + "|" + propText("request/url_path") + "|" +
+      propText("route_name") + "|" + propText("cluster_name") + "|" + portText + "|" +
+      propText("remote_addr"),
+  );
+  if (getHeader(REQUEST_HEADERS, "x-close") != null) {
+    proxy_close_stream(0);
+    return 0;
+  }
+  if (conf.mode == "pairs" && proxy_get_header_map_pairs(REQUEST_HEADERS, RET, RET + 4) == 0) {
+    addHeader(REQUEST_HEADERS, "x-pairs-count", (decodePairs(retPtr(), retLen()).length / 2).toString());
+  }
   if (conf.queue && queueId != 0) {
     const path = getHeader(REQUEST_HEADERS, ":path");
     if (path != null) {
@@ -327,7 +400,16 @@ export function proxy_on_response_headers(id: i32, n: i32, eos: i32): i32 {
   if (ticked != null) addHeader(RESPONSE_HEADERS, "x-ticked", ticked!);
   const last = sharedGet("as_filter.last");
   if (last != null) addHeader(RESPONSE_HEADERS, "x-last-queued", last!);
+  const vmConfig = sharedGet("as_filter.vm_config");
+  if (vmConfig != null) addHeader(RESPONSE_HEADERS, "x-vm-config", vmConfig!);
   const conf = confOf(id);
+  if (conf.mode == "pairs" && proxy_get_header_map_pairs(RESPONSE_HEADERS, RET, RET + 4) == 0) {
+    const kv = decodePairs(retPtr(), retLen());
+    kv.push("x-pairs-set");
+    kv.push("yes");
+    const m = pairs(kv);
+    proxy_set_header_map_pairs(RESPONSE_HEADERS, changetype<usize>(m), m.byteLength);
+  }
   if (conf.mode == "auth") {
     const t = call(conf.upstream, "/stamp", "");
     if (t == 0) return 0;
@@ -374,8 +456,11 @@ export function proxy_on_http_call_response(root: i32, token: u32, nh: i32, bs: 
   }
   const body = String.UTF8.decode(buffer(CALL_RESPONSE_BODY, bs));
   const status = getHeader(CALL_RESPONSE_HEADERS, ":status");
+  // proxy_get_status gives the same code
+  let code: u32 = 0;
+  if (proxy_get_status(RET + 12, RET, RET + 4) == 0) code = load<u32>(RET + 12);
   if (kind == "check") {
-    if (status != null && status! == "200") {
+    if (status != null && status! == "200" && code == 200) {
       addHeader(REQUEST_HEADERS, "x-auth-user", body);
       proxy_continue_stream(0);
     } else {
