@@ -60,3 +60,41 @@ wrk_run() {
   if grep -q "Non-2xx" "$out"; then echo "warning: non-2xx responses: $(grep Non-2xx "$out")" >&2; fi
   echo "$rps $p99"
 }
+
+# nginx_proxy_conf DIR WORKERS PORT UP_PORT [EXTRA_LOCATIONS]: writes DIR/proxy.conf, an nginx
+# proxying `location /` (plus EXTRA_LOCATIONS) to the keepalive upstream on UP_PORT.
+nginx_proxy_conf() {
+  local dir="$1" workers="$2" port="$3" up="$4" extra="${5:-}"
+  cat > "$dir/proxy.conf" <<NGX
+worker_processes $workers; daemon off; pid $dir/px.pid; error_log $dir/px.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$up; keepalive 256; }
+  server { listen 127.0.0.1:$port reuseport;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    $extra } }
+NGX
+}
+
+# wrk_rounds TARGET...: each TARGET is "name port/path". A 2 s warm-up of each, then $ROUNDS
+# interleaved rounds of wrk_run over all of them, printed as a table; each round's
+# "rps p99 rps p99 ..." line is appended to $work/results (read by the scripts' summaries).
+wrk_rounds() {
+  local targets=("$@") t r line rps p99 name path
+  for t in "${targets[@]}"; do
+    read -r name path <<< "$t"
+    wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$path" >/dev/null
+  done
+  printf "%-6s %-17s %12s %10s\n" round target "req/s" "p99(ms)"
+  : > "$work/results"
+  for r in $(seq "$ROUNDS"); do
+    line=""
+    for t in "${targets[@]}"; do
+      read -r name path <<< "$t"
+      read -r rps p99 < <(wrk_run "$work/wrk.out" "http://127.0.0.1:$path")
+      printf "%-6s %-17s %12s %10s\n" "$r" "$name" "$rps" "$p99"
+      line="$line $rps $p99"
+    done
+    echo "$line" >> "$work/results"
+  done
+}

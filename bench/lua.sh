@@ -65,22 +65,7 @@ for url in "http://127.0.0.1:$NGX_PORT/lua" "http://127.0.0.1:$PG_PORT/lua"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' "$url")
   [ "$code" = 200 ] || { echo "$url answered $code"; cat "$work/pg.err" "$work/px.err"; exit 1; }
 done
-for t in "$NGX_PORT/plain" "$NGX_PORT/lua" "$PG_PORT/plain" "$PG_PORT/lua"; do
-  wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$t" >/dev/null
-done
-
-printf "%-6s %-14s %12s %10s\n" round target "req/s" "p99(ms)"
-: > "$work/results"
-for r in $(seq "$ROUNDS"); do
-  line=""
-  for t in "nginx $NGX_PORT/plain" "nginx+lua $NGX_PORT/lua" "polygate $PG_PORT/plain" "polygate+lua $PG_PORT/lua"; do
-    set -- $t
-    read -r rps p99 < <(wrk_run "$work/wrk.out" "http://127.0.0.1:$2")
-    printf "%-6s %-14s %12s %10s\n" "$r" "$1" "$rps" "$p99"
-    line="$line $rps $p99"
-  done
-  echo "$line" >> "$work/results"
-done
+wrk_rounds "nginx $NGX_PORT/plain" "nginx+lua $NGX_PORT/lua" "polygate $PG_PORT/plain" "polygate+lua $PG_PORT/lua"
 python3 - "$work/results" "$WORKERS" "$CONNS" <<'PY'
 import sys, statistics
 rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]

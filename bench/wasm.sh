@@ -36,14 +36,7 @@ source "$here/common.sh"
 bench_workdir
 
 upstream_conf "$work" "$UP_PORT"
-cat > "$work/proxy.conf" <<NGX
-worker_processes $WORKERS; daemon off; pid $work/px.pid; error_log $work/px.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }
-  server { listen 127.0.0.1:$NGX_PORT reuseport;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-NGX
+nginx_proxy_conf "$work" "$WORKERS" "$NGX_PORT" "$UP_PORT"
 { polygate_conf_head "$PG_PORT" "$WORKERS" "$UP_PORT" | sed "s|^upstreams:|  wasm:\n    plugins:\n      - {name: add_header, file: \"$root/examples/wasm/add_header.wat\", priority: 7999}\n      - {name: as_sdk_add_header, file: \"$CARGO_TARGET_DIR/wasm-filters/as_sdk_add_header.wasm\", priority: 7998}\nupstreams:|"
   cat <<YAML; } > "$work/polygate.yaml"
   - {id: rr, uri: /rr, upstream_id: up, plugins: {response-rewrite: {headers: {set: {x-wasm: bench}}}}}
@@ -62,20 +55,7 @@ for p in rr wat as; do
   [ -n "$h" ] || { echo "/$p added no header"; cat "$work/pg.err"; exit 1; }
 done
 targets=("nginx $NGX_PORT/" "polygate $PG_PORT/plain" "response-rewrite $PG_PORT/rr" "wasm-wat $PG_PORT/wat" "wasm-as-sdk $PG_PORT/as")
-for t in "${targets[@]}"; do set -- $t; wrk -t1 -c"$CONNS" -d2s "http://127.0.0.1:$2" >/dev/null; done
-
-printf "%-6s %-17s %12s %10s\n" round target "req/s" "p99(ms)"
-: > "$work/results"
-for r in $(seq "$ROUNDS"); do
-  line=""
-  for t in "${targets[@]}"; do
-    set -- $t
-    read -r rps p99 < <(wrk_run "$work/wrk.out" "http://127.0.0.1:$2")
-    printf "%-6s %-17s %12s %10s\n" "$r" "$1" "$rps" "$p99"
-    line="$line $rps $p99"
-  done
-  echo "$line" >> "$work/results"
-done
+wrk_rounds "${targets[@]}"
 python3 - "$work/results" "$WORKERS" "$CONNS" <<'PY'
 import sys, statistics
 rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]

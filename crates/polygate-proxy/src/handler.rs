@@ -357,7 +357,11 @@ pub async fn handle(
                 headers: h1head.headers,
             };
             let chain = merged.as_ref().unwrap_or(&entry.data.chain);
-            if let Err(e) = response_head(shared, &snap, Some(chain), &mut ctx, &mut head).await {
+            if !waits(&snap, Some(chain)) {
+                response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
+            } else if let Err(e) =
+                response_head_waiting(shared, &snap, Some(chain), &mut ctx, &mut head).await
+            {
                 // the upstream's answer is dropped: the client gets the error instead
                 drop(body);
                 tracing::error!(route = %entry.data.id, "{e}");
@@ -392,10 +396,32 @@ pub async fn handle(
 
 /// Work every response head gets: the Server header, `header_filter` of the global rules and
 /// the serving chain (only when a route matched: `chain` is `None` otherwise), the status for
-/// the log phase and `vars`, and the counters. Chains whose header filters may wait are
-/// awaited; the others run synchronously. An error leaves the head as it was (the caller
-/// answers with the error).
-async fn response_head(
+/// the log phase and `vars`, and the counters. For chains whose header filters never wait
+/// ([`waits`] is false); see [`response_head_waiting`] for the others.
+fn response_head(
+    shared: &Shared,
+    snap: &Snapshot,
+    chain: Option<&PluginChain>,
+    ctx: &mut RequestCtx,
+    head: &mut ResponseHead,
+) {
+    head.headers.insert(header::SERVER, SERVER.clone());
+    if let Some(c) = chain {
+        run_header_filter(&snap.global.instances, ctx, head);
+        run_header_filter(&c.instances, ctx, head);
+    }
+    ctx.status = Some(head.status);
+    shared.metrics.record(head.status);
+}
+
+/// Whether a header filter of the global rules or of `chain` may wait.
+fn waits(snap: &Snapshot, chain: Option<&PluginChain>) -> bool {
+    chain.is_some_and(|c| c.async_header_filter || snap.global.async_header_filter)
+}
+
+/// [`response_head`] for chains whose header filters may wait. An error leaves the head as it
+/// was (the caller answers with the error).
+async fn response_head_waiting(
     shared: &Shared,
     snap: &Snapshot,
     chain: Option<&PluginChain>,
@@ -404,20 +430,26 @@ async fn response_head(
 ) -> Result<(), polygate_core::PluginError> {
     head.headers.insert(header::SERVER, SERVER.clone());
     if let Some(c) = chain {
-        if snap.global.async_header_filter {
-            run_header_filter_async(&snap.global.instances, ctx, head).await?;
-        } else {
-            run_header_filter(&snap.global.instances, ctx, head);
-        }
-        if c.async_header_filter {
-            run_header_filter_async(&c.instances, ctx, head).await?;
-        } else {
-            run_header_filter(&c.instances, ctx, head);
-        }
+        header_filters(&snap.global, ctx, head).await?;
+        header_filters(c, ctx, head).await?;
     }
     ctx.status = Some(head.status);
     shared.metrics.record(head.status);
     Ok(())
+}
+
+/// A chain's header filters: awaited when one of them may wait, else synchronously.
+async fn header_filters(
+    chain: &PluginChain,
+    ctx: &mut RequestCtx,
+    head: &mut ResponseHead,
+) -> Result<(), polygate_core::PluginError> {
+    if chain.async_header_filter {
+        run_header_filter_async(&chain.instances, ctx, head).await
+    } else {
+        run_header_filter(&chain.instances, ctx, head);
+        Ok(())
+    }
 }
 
 fn into_response(head: ResponseHead, body: RespBody) -> Response<RespBody> {
@@ -441,7 +473,9 @@ async fn finish_local(
         headers: r.headers,
     };
     let chain = active_chain(&merged, &entry);
-    if let Err(e) = response_head(shared, &snap, chain, &mut ctx, &mut head).await {
+    if !waits(&snap, chain) {
+        response_head(shared, &snap, chain, &mut ctx, &mut head);
+    } else if let Err(e) = response_head_waiting(shared, &snap, chain, &mut ctx, &mut head).await {
         tracing::error!("{e}");
         let r = GatewayError::Plugin(e).into_response();
         return finish_failed(shared, snap, ctx, entry, merged, r, upstream_id);

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 use polygate_core::callout::CalloutRequest;
-use wasmtime::{Caller, Linker, Module};
+use wasmtime::{Caller, FuncType, Linker, Module, Val, ValType};
 
 use crate::abi::{buffer, decode_pairs, encode_pairs, map, status, stream};
 use crate::error::LoadError;
@@ -864,47 +864,21 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     // gRPC callouts need gRPC upstreams (not there yet): answered UNIMPLEMENTED
-    l.func_wrap(
-        "env",
-        "proxy_grpc_call",
-        |_c: C<'_>,
-         _a: i32,
-         _b: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _j: i32,
-         _k: i32,
-         _t: i32,
-         _r: i32|
-         -> R { Ok(status::UNIMPLEMENTED) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_stream",
-        |_c: C<'_>,
-         _a: i32,
-         _b: i32,
-         _d: i32,
-         _e: i32,
-         _f: i32,
-         _g: i32,
-         _h: i32,
-         _i: i32,
-         _r: i32|
-         -> R { Ok(status::UNIMPLEMENTED) },
-    )?;
-    l.func_wrap(
-        "env",
-        "proxy_grpc_send",
-        |_c: C<'_>, _id: i32, _p: i32, _n: i32, _end: i32| -> R { Ok(status::UNIMPLEMENTED) },
-    )?;
-    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
-        l.func_wrap("env", name, |_c: C<'_>, _id: i32| -> R {
-            Ok(status::UNIMPLEMENTED)
+    for (name, params) in [
+        ("proxy_grpc_call", 12),
+        ("proxy_grpc_stream", 9),
+        ("proxy_grpc_send", 4),
+        ("proxy_grpc_cancel", 1),
+        ("proxy_grpc_close", 1),
+    ] {
+        let ty = FuncType::new(
+            l.engine(),
+            std::iter::repeat_n(ValType::I32, params),
+            [ValType::I32],
+        );
+        l.func_new("env", name, ty, |_c, _args, results| {
+            results[0] = Val::I32(status::UNIMPLEMENTED);
+            Ok(())
         })?;
     }
     // ---- shared data and queues

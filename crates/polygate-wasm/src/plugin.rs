@@ -10,6 +10,7 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use polygate_core::callout::Callouts;
 use polygate_core::plugin::{BodyWait, Flow, Plugin, PluginError, PluginFactory, PluginResponse};
 use polygate_core::{ConfError, Phase, RequestCtx, ResponseHead};
 use polygate_model::{ConfigErrors, WasmConfig, WasmPluginDecl};
@@ -568,15 +569,8 @@ impl WasmPlugin {
         let side = usize::from(resp.is_some());
         let client =
             polygate_core::callout::callouts().ok_or_else(|| self.err("no callout client"))?;
-        let mut set: tokio::task::JoinSet<(u32, u32, CallResult)> = tokio::task::JoinSet::new();
-        let launch = |set: &mut tokio::task::JoinSet<_>, calls: Vec<PendingCall>| {
-            for c in calls {
-                let fut = client.call(c.req);
-                let (root, token) = (c.root, c.token);
-                set.spawn(async move { (root, token, fut.await) });
-            }
-        };
-        launch(&mut set, calls);
+        let mut set = Calls::new();
+        launch(&mut set, client, calls);
         loop {
             let Some(joined) = set.join_next().await else {
                 return Err(
@@ -598,7 +592,7 @@ impl WasmPlugin {
             if out.closed {
                 return Err(self.err("the filter closed the stream"));
             }
-            launch(&mut set, out.calls);
+            launch(&mut set, client, out.calls);
             if out.continued {
                 // callouts still in flight answer the filter later, without this request
                 let rest = std::mem::take(&mut set);
@@ -607,7 +601,7 @@ impl WasmPlugin {
                 }
                 match self.advance(ctx, resp.as_deref_mut(), s, &mut stage)? {
                     Step::Done(r) => return Ok(r),
-                    Step::Wait(calls) => launch(&mut set, calls),
+                    Step::Wait(calls) => launch(&mut set, client, calls),
                 }
             }
         }
@@ -657,20 +651,13 @@ async fn wait_body(
         message: m.to_owned(),
     };
     let client = polygate_core::callout::callouts().ok_or_else(|| err("no callout client"))?;
-    let mut set: tokio::task::JoinSet<(u32, u32, CallResult)> = tokio::task::JoinSet::new();
-    let launch = |set: &mut tokio::task::JoinSet<_>, calls: Vec<PendingCall>| {
-        for c in calls {
-            let fut = client.call(c.req);
-            let (root, token) = (c.root, c.token);
-            set.spawn(async move { (root, token, fut.await) });
-        }
-    };
+    let mut set = Calls::new();
     let buffer_type = if side == 1 {
         crate::abi::buffer::HTTP_RESPONSE_BODY
     } else {
         crate::abi::buffer::HTTP_REQUEST_BODY
     };
-    launch(&mut set, calls);
+    launch(&mut set, client, calls);
     while let Some(j) = set.join_next().await {
         let (root, token, res) = j.map_err(|e| err(&format!("callout task: {e}")))?;
         let r = vm::with_vm_id(def.id, |vm| {
@@ -721,7 +708,7 @@ async fn wait_body(
         if o.closed {
             return Err(err("the filter closed the stream"));
         }
-        launch(&mut set, o.calls);
+        launch(&mut set, client, o.calls);
         if let Some(body) = held {
             if !set.is_empty() {
                 tokio::spawn(deliver_rest(def.id, generation, set));
@@ -830,12 +817,20 @@ impl polygate_core::plugin::ChunkFilter for StreamedBody {
     }
 }
 
+/// Callouts in flight: each resolves to (root context, token, answer).
+type Calls = tokio::task::JoinSet<(u32, u32, CallResult)>;
+
+/// Starts `calls` in `set`.
+fn launch(set: &mut Calls, client: &Arc<dyn Callouts>, calls: Vec<PendingCall>) {
+    for c in calls {
+        let fut = client.call(c.req);
+        let (root, token) = (c.root, c.token);
+        set.spawn(async move { (root, token, fut.await) });
+    }
+}
+
 /// Delivers the answers of callouts a stream no longer waits for.
-async fn deliver_rest(
-    def: u64,
-    generation: u64,
-    mut set: tokio::task::JoinSet<(u32, u32, CallResult)>,
-) {
+async fn deliver_rest(def: u64, generation: u64, mut set: Calls) {
     while let Some(j) = set.join_next().await {
         let Ok((root, token, res)) = j else { continue };
         let _ = vm::with_vm_id(def, |vm| {
