@@ -548,8 +548,8 @@ fn validate_wasm(file: &str, route_plugins: &str) -> (i32, String) {
 }
 
 /// Modules refused at load with a clear error naming the key path: no ABI marker, an ABI
-/// version this host does not implement, an import no released ABI has, no memory export,
-/// a missing file; a name taken by a built-in plugin; APISIX's `conf` schema.
+/// version this host does not implement, an import no released ABI has, no memory export, no
+/// allocator export (as proxy-wasm-cpp-host), a missing file; a name taken by a built-in plugin; APISIX's `conf` schema.
 #[test]
 fn bad_modules_and_configurations_are_refused_at_load() {
     let cases = [
@@ -557,6 +557,7 @@ fn bad_modules_and_configurations_are_refused_at_load() {
         ("future_abi", "proxy_abi_version_0_3_0"),
         ("unknown_import", "env.proxy_dispatch_http_call"),
         ("no_memory", "exports no memory"),
+        ("no_alloc", "exports no allocator"),
     ];
     for (name, want) in cases {
         let (code, out) = validate_wasm(&libs::wat(name).display().to_string(), "{f: {conf: x}}");

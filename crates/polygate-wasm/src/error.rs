@@ -30,6 +30,9 @@ pub enum LoadError {
     /// No exported memory.
     #[error("the module exports no memory named \"memory\"")]
     NoMemory,
+    /// Neither `proxy_on_memory_allocate` nor `malloc` is exported.
+    #[error("the module exports no allocator (proxy_on_memory_allocate or malloc)")]
+    NoAllocator,
     /// An import no released ABI has.
     #[error("the module imports {0}, which this host does not provide")]
     UnknownImport(String),
