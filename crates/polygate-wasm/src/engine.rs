@@ -119,10 +119,9 @@ pub fn compile(bytes: &[u8]) -> Result<Arc<CompiledModule>, LoadError> {
         return Err(LoadError::NoMemory);
     }
     // as proxy-wasm-cpp-host, which refuses a module it cannot hand data to
-    if !module
-        .exports()
-        .any(|e| matches!(e.name(), "proxy_on_memory_allocate" | "malloc") && e.ty().func().is_some())
-    {
+    if !module.exports().any(|e| {
+        matches!(e.name(), "proxy_on_memory_allocate" | "malloc") && e.ty().func().is_some()
+    }) {
         return Err(LoadError::NoAllocator);
     }
     let c = Arc::new(CompiledModule { module, abi, hash });
