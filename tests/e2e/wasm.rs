@@ -408,6 +408,74 @@ async fn request_bodies_streamed_chunk_by_chunk() {
     assert!(!gw.stderr().contains("ERROR"), "{}", gw.stderr());
 }
 
+/// Trailer fields both ways (`proxy_on_request_trailers` with `request_body: stream`,
+/// `proxy_on_response_trailers`): the filter reads and adds fields; the client's trailers go
+/// upstream after the last chunk, the upstream's reach a client that sent `TE: trailers`.
+#[tokio::test(flavor = "multi_thread")]
+async fn trailers_both_ways() {
+    // answers with the raw request it received as a chunked body, and a trailer field
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let _task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut got = Vec::new();
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                    let text = String::from_utf8_lossy(&got);
+                    if let Some((_, body)) = text.split_once("\r\n\r\n")
+                        && (body.starts_with("0\r\n") || body.contains("\r\n0\r\n"))
+                        && body.ends_with("\r\n\r\n")
+                    {
+                        break;
+                    }
+                }
+                let echo = String::from_utf8_lossy(&got).into_owned();
+                let out = format!(
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\nconnection: close\r\n\r\n{:x}\r\n{echo}\r\n0\r\nx-checksum: abc\r\n\r\n",
+                    echo.len()
+                );
+                let _ = s.write_all(out.as_bytes()).await;
+            });
+        }
+    });
+    let filter = libs::wasm("as_filter").display().to_string();
+    let mut section = gateway_section(2, "", &[]);
+    section.push_str(&format!(
+        "      - {{name: as_stream, file: \"{filter}\", priority: 1000, request_body: stream}}\n"
+    ));
+    let gw = Gateway::start(&format!(
+        "{section}routes:\n  - {{id: t, uri: /t/*, upstream: {{nodes: {{\"{up}\": 1}}}}, plugins: {{as_stream: {{conf: \"mode=trailers\"}}}}}}\n"
+    ));
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    s.write_all(b"POST /t/x HTTP/1.1\r\nhost: x\r\nte: trailers\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-req-trailer: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let raw = String::from_utf8_lossy(&out).to_lowercase();
+    assert!(raw.starts_with("http/1.1 200"), "{raw}\n{}", gw.stderr());
+    // what the upstream received: the body, then the client's trailer and the filter's
+    assert!(raw.contains("hello"), "{raw}");
+    assert!(raw.contains("x-req-trailer: 1"), "{raw}");
+    assert!(raw.contains("x-wasm-req-trailer: seen-1"), "{raw}");
+    // the response's trailer section, after the last chunk
+    let tail = raw.rsplit("\r\n0\r\n").next().unwrap();
+    assert!(tail.contains("x-checksum: abc"), "{raw}");
+    assert!(tail.contains("x-wasm-trailer: seen-abc"), "{raw}");
+    assert!(!gw.stderr().contains("ERROR"), "{}", gw.stderr());
+}
+
 /// Pause on the response body for a callout: the body is held (the upstream's three
 /// chunks), the callout's answer is appended to it in `proxy_on_http_call_response`, and
 /// the body goes on when the filter continues the response.

@@ -419,6 +419,25 @@ pub fn request_body_filters(
     }
 }
 
+/// Runs `response_trailers` over `instances`.
+pub fn run_trailers_filter(
+    instances: &[Arc<PluginInstance>],
+    ctx: &mut RequestCtx,
+    trailers: &mut http::HeaderMap,
+) {
+    for inst in instances {
+        if !inst.plugin.has_trailers_filter() {
+            continue;
+        }
+        if let Some(f) = &inst.filter
+            && !f.eval(ctx)
+        {
+            continue;
+        }
+        inst.plugin.response_trailers(ctx, trailers);
+    }
+}
+
 /// Runs `log` over `instances` (`_meta.filter` applies here too).
 pub fn run_log(instances: &[Arc<PluginInstance>], ctx: &RequestCtx) {
     for inst in instances {

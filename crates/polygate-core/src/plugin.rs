@@ -88,6 +88,12 @@ pub trait ChunkFilter: Send {
     /// the chunk, or hold it back: `Some` waits for the future, which resolves to the bytes to
     /// pass on; the body is not read further meanwhile. An error fails the request.
     fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool) -> Result<Option<BodyWait>, PluginError>;
+
+    /// The body's trailer fields (a chunked body's trailer section), before they go upstream;
+    /// called before the last `on_chunk`.
+    fn on_trailers(&mut self, _trailers: &mut HeaderMap) -> Result<(), PluginError> {
+        Ok(())
+    }
 }
 
 /// The outcome of `rewrite`, `access` and `before_proxy`.
@@ -170,6 +176,16 @@ pub trait Plugin: Send + Sync + 'static {
     fn request_body_filter(&self, _ctx: &mut RequestCtx) -> Option<Box<dyn ChunkFilter>> {
         None
     }
+
+    /// Whether [`Plugin::response_trailers`] does anything.
+    fn has_trailers_filter(&self) -> bool {
+        false
+    }
+
+    /// The upstream response's trailer fields (a chunked body's trailer section), before they
+    /// go to the client (which gets them when it sent `TE: trailers`); called before the last
+    /// `body_filter` call.
+    fn response_trailers(&self, _ctx: &mut RequestCtx, _trailers: &mut HeaderMap) {}
 
     /// Whether [`Plugin::body_filter`] does anything (the proxy skips the body hook otherwise).
     fn has_body_filter(&self) -> bool {

@@ -41,6 +41,8 @@ pub struct FilteredBody {
     /// was the last.
     waiting: Option<(usize, BodyWait, bool)>,
     done: bool,
+    /// The client's trailer fields, sent after the last chunk.
+    trailers: Option<http::HeaderMap>,
 }
 
 impl FilteredBody {
@@ -51,6 +53,7 @@ impl FilteredBody {
             filters,
             waiting: None,
             done: false,
+            trailers: None,
         }
     }
 
@@ -98,17 +101,28 @@ impl Body for FilteredBody {
                 }
             } else {
                 if this.done {
-                    return Poll::Ready(None);
+                    return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
                 let (chunk, eof) = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                     None => (Bytes::new(), true),
                     Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                     Some(Ok(f)) => match f.into_data() {
-                        Ok(d) => {
-                            let eof = this.inner.is_end_stream();
-                            (d, eof)
+                        // a trailers frame ends the body: its last chunk is empty
+                        Ok(d) if !this.inner.is_end_stream() => (d, false),
+                        Ok(d) => (d, true),
+                        Err(f) => {
+                            let Ok(mut t) = f.into_trailers() else {
+                                continue;
+                            };
+                            for filter in &mut this.filters {
+                                if let Err(e) = filter.on_trailers(&mut t) {
+                                    this.done = true;
+                                    return Poll::Ready(Some(Err(Box::new(FilterFailed(e)))));
+                                }
+                            }
+                            this.trailers = Some(t);
+                            continue;
                         }
-                        Err(_) => continue,
                     },
                 };
                 match this.run(0, chunk, eof) {
@@ -130,7 +144,7 @@ impl Body for FilteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.waiting.is_none()
+        self.done && self.waiting.is_none() && self.trailers.is_none()
     }
 }
 
@@ -189,6 +203,8 @@ pub trait Finish: Send {
     }
     /// Runs the body filters from index `at` on (after one waited).
     fn resume(&mut self, at: usize, chunk: &mut Bytes, eof: bool) -> Option<ChunkWait>;
+    /// Runs the trailer filters on the upstream's trailer fields.
+    fn on_trailers(&mut self, _trailers: &mut http::HeaderMap) {}
     /// Called once when the body ended (`complete`) or was abandoned.
     fn finish(self: Box<Self>, body_bytes: u64, complete: bool);
 }
@@ -206,6 +222,8 @@ pub struct RespBody {
     sent: u64,
     /// A body filter holding a chunk back (and whether it was the last one).
     waiting: Option<(ChunkWait, bool)>,
+    /// Trailer fields to send after the body filters' last chunk.
+    trailers: Option<http::HeaderMap>,
 }
 
 impl RespBody {
@@ -222,6 +240,7 @@ impl RespBody {
             filtering,
             sent: 0,
             waiting: None,
+            trailers: None,
         }
     }
 
@@ -234,6 +253,7 @@ impl RespBody {
             filtering,
             sent: 0,
             waiting: None,
+            trailers: None,
         }
     }
 
@@ -324,6 +344,9 @@ impl Body for RespBody {
                 Ok(None) => {}
             }
         }
+        if let Some(t) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
         match &mut this.kind {
             Kind::Full(b) => match b.take() {
                 Some(data) => {
@@ -371,14 +394,34 @@ impl Body for RespBody {
                         this.sent += data.len() as u64;
                         Poll::Ready(Some(Ok(Frame::data(data))))
                     }
-                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                    Err(frame) => {
+                        let Ok(mut t) = frame.into_trailers() else {
+                            return Pin::new(this).poll_frame(cx);
+                        };
+                        if let Some(f) = this.fin.as_mut() {
+                            f.on_trailers(&mut t);
+                        }
+                        this.trailers = Some(t);
+                        if this.filtering {
+                            // the body filters' last call comes before the trailers
+                            this.filtering = false;
+                            let Some(last) = this.filter(Bytes::new(), true) else {
+                                return Pin::new(this).poll_frame(cx);
+                            };
+                            if !last.is_empty() {
+                                this.sent += last.len() as u64;
+                                return Poll::Ready(Some(Ok(Frame::data(last))));
+                            }
+                        }
+                        Pin::new(this).poll_frame(cx)
+                    }
                 },
             },
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        if self.waiting.is_some() {
+        if self.waiting.is_some() || self.trailers.is_some() {
             return false;
         }
         match &self.kind {

@@ -62,12 +62,12 @@ pub fn valid_target(t: &str) -> bool {
     !t.is_empty() && t.bytes().all(|b| b > 0x20 && b != 0x7f)
 }
 
-/// Whether a header is hop-by-hop (never forwarded).
+/// Whether a header is hop-by-hop (never forwarded). `Trailer` is not: it names the trailer
+/// fields that follow a chunked body, which polygate forwards (RFC 9110 section 6.6.2).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == header::CONNECTION
         || *name == header::TRANSFER_ENCODING
         || *name == header::TE
-        || *name == header::TRAILER
         || *name == header::UPGRADE
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection"
@@ -331,6 +331,7 @@ impl H1Conn {
             body @ (ReqBody::Stream(_) | ReqBody::Filtered(_)) => {
                 self.write(head, send_to).await?;
                 let mut body = body;
+                let mut trailers = None;
                 loop {
                     let frame = match tokio::time::timeout(body_to, body.frame()).await {
                         Err(_) => return Err(H1Error::ClientTimeout),
@@ -346,8 +347,12 @@ impl H1Conn {
                             None => e.to_string(),
                         })
                     })?;
-                    let Ok(data) = frame.into_data() else {
-                        continue;
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(f) => {
+                            trailers = f.into_trailers().ok();
+                            continue;
+                        }
                     };
                     if data.is_empty() {
                         continue;
@@ -363,7 +368,18 @@ impl H1Conn {
                     }
                 }
                 if chunked {
-                    self.write(b"0\r\n\r\n", send_to).await?;
+                    // the client's trailer fields go on, as a chunked body's trailer section
+                    let mut out = BytesMut::from(&b"0\r\n"[..]);
+                    for (k, v) in trailers.iter().flatten() {
+                        if !TRAILER_DENY.contains(&k.as_str()) {
+                            out.put_slice(k.as_str().as_bytes());
+                            out.put_slice(b": ");
+                            out.put_slice(v.as_bytes());
+                            out.put_slice(b"\r\n");
+                        }
+                    }
+                    out.put_slice(b"\r\n");
+                    self.write(&out, send_to).await?;
                 }
             }
         }
@@ -539,6 +555,8 @@ pub struct H1Body {
     release: Option<PoolReturn>,
     read_timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// Trailer fields of a chunked body, passed on after the last chunk.
+    trailers: HeaderMap,
 }
 
 impl H1Body {
@@ -552,6 +570,7 @@ impl H1Body {
             release: Some(release),
             read_timeout,
             sleep: None,
+            trailers: HeaderMap::new(),
         };
         if matches!(b.framing, Framing::Done) {
             b.finish();
@@ -656,7 +675,7 @@ impl Body for H1Body {
                     let Some(conn) = this.conn.as_mut() else {
                         return Poll::Ready(None);
                     };
-                    match step_chunked(&mut conn.buf, state)? {
+                    match step_chunked(&mut conn.buf, state, Some(&mut this.trailers))? {
                         Step::Data(data, next) => {
                             this.framing = Framing::Chunked(next);
                             return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -664,6 +683,10 @@ impl Body for H1Body {
                         Step::Next(next) => this.framing = Framing::Chunked(next),
                         Step::End => {
                             this.finish();
+                            if !this.trailers.is_empty() {
+                                let t = std::mem::take(&mut this.trailers);
+                                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                            }
                             return Poll::Ready(None);
                         }
                         Step::NeedMore => {
@@ -711,7 +734,7 @@ pub fn fuzz_response(data: &[u8]) {
     if let Framing::Chunked(mut state) = head.framing {
         // at most one step per input byte and a few more: the decoder always progresses
         for _ in 0..=data.len() + 4 {
-            match step_chunked(&mut buf, state) {
+            match step_chunked(&mut buf, state, None) {
                 Ok(Step::Data(_, n) | Step::Next(n)) => state = n,
                 Ok(Step::End | Step::NeedMore) | Err(_) => return,
             }
@@ -764,7 +787,7 @@ impl ChunkScan {
     pub fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, InvalidChunked> {
         self.buf.extend_from_slice(data);
         loop {
-            match step_chunked(&mut self.buf, self.state).map_err(|_| InvalidChunked)? {
+            match step_chunked(&mut self.buf, self.state, None).map_err(|_| InvalidChunked)? {
                 Step::Data(_, next) | Step::Next(next) => self.state = next,
                 Step::NeedMore => return Ok(None),
                 Step::End => return Ok(Some(data.len() - self.buf.len())),
@@ -784,9 +807,50 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")
 }
 
+/// Trailer fields never passed on: framing, routing, hop-by-hop and fields a recipient must
+/// not take from a trailer section (RFC 9110 section 6.5.1).
+pub const TRAILER_DENY: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "trailer",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "content-type",
+    "content-encoding",
+    "content-range",
+    "set-cookie",
+    "authorization",
+    "proxy-authorization",
+    "cache-control",
+    "expect",
+];
+
+/// Adds one trailer field line to `t` when it is a valid field that may be a trailer (others
+/// are dropped, as nginx drops every trailer); at most [`MAX_HEADERS`] fields.
+fn keep_trailer(t: &mut HeaderMap, line: &[u8]) {
+    let Some(colon) = line.iter().position(|b| *b == b':') else {
+        return;
+    };
+    let value = line[colon + 1..].trim_ascii();
+    let (Ok(name), Ok(value)) = (
+        HeaderName::from_bytes(&line[..colon]),
+        HeaderValue::from_bytes(value),
+    ) else {
+        return;
+    };
+    if t.len() < MAX_HEADERS && !TRAILER_DENY.contains(&name.as_str()) {
+        t.append(name, value);
+    }
+}
+
 fn step_chunked(
     buf: &mut BytesMut,
     state: ChunkState,
+    trailers: Option<&mut HeaderMap>,
 ) -> Result<Step, Box<dyn std::error::Error + Send + Sync>> {
     match state {
         ChunkState::Size => {
@@ -847,12 +911,14 @@ fn step_chunked(
                 }
                 return Ok(Step::NeedMore);
             };
-            buf.advance(end + 2);
+            let line = buf.split_to(end + 2);
             if end == 0 {
-                Ok(Step::End)
-            } else {
-                Ok(Step::Next(ChunkState::Trailers))
+                return Ok(Step::End);
             }
+            if let Some(t) = trailers {
+                keep_trailer(t, &line[..end]);
+            }
+            Ok(Step::Next(ChunkState::Trailers))
         }
     }
 }
@@ -1090,7 +1156,7 @@ mod tests {
             let mut state = ChunkState::Size;
             let mut out = Vec::new();
             loop {
-                match step_chunked(&mut buf, state) {
+                match step_chunked(&mut buf, state, None) {
                     Ok(Step::Data(d, n)) => {
                         out.extend_from_slice(&d);
                         state = n;
@@ -1129,7 +1195,7 @@ mod tests {
         let mut state = ChunkState::Size;
         let mut out = Vec::new();
         loop {
-            match step_chunked(&mut buf, state).unwrap() {
+            match step_chunked(&mut buf, state, None).unwrap() {
                 Step::Data(d, n) => {
                     out.extend_from_slice(&d);
                     state = n;

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use polygate_config::Pipeline;
 use polygate_core::chain::{
     request_body_filters, run_body_filter_from, run_header_filter, run_header_filter_async,
-    run_log, run_phase,
+    run_log, run_phase, run_trailers_filter,
 };
 use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx, ResponseHead};
 use polygate_router::{Entry, MatchInput};
@@ -88,6 +88,13 @@ impl Fin {
 impl Finish for Fin {
     fn filters_body(&self) -> bool {
         self.snap.global.has_body_filter || self.chain().is_some_and(|c| c.has_body_filter)
+    }
+
+    fn on_trailers(&mut self, trailers: &mut http::HeaderMap) {
+        run_trailers_filter(&self.snap.global.instances, &mut self.ctx, trailers);
+        if let Some(c) = active_chain(&self.merged, &self.entry) {
+            run_trailers_filter(&c.instances, &mut self.ctx, trailers);
+        }
     }
 
     /// Filters are counted across the global rules' instances, then the serving chain's.

@@ -133,9 +133,12 @@ fn map_pairs(s: &mut HostState, map_type: i32) -> Result<Vec<u8>, i32> {
             push_headers(&mut pairs, &r.headers);
         }
         map::HTTP_REQUEST_TRAILERS | map::HTTP_RESPONSE_TRAILERS => {
-            // trailers of proxied HTTP/1.1 messages are not kept: an empty map
-            if s.view.req().is_none() {
-                return Err(status::BAD_ARGUMENT);
+            // outside a trailers callback: an empty map while there is a request
+            let has_req = s.view.req().is_some();
+            match s.view.trailers(map_type) {
+                Some(t) => push_headers(&mut pairs, t),
+                None if has_req => {}
+                None => return Err(status::BAD_ARGUMENT),
             }
         }
         map::HTTP_CALL_RESPONSE_HEADERS | map::HTTP_CALL_RESPONSE_TRAILERS => {
@@ -213,10 +216,12 @@ fn map_value(s: &mut HostState, map_type: i32, key: &[u8]) -> Result<Option<Vec<
             Ok(joined(&r.headers, key))
         }
         map::HTTP_REQUEST_TRAILERS | map::HTTP_RESPONSE_TRAILERS => {
-            if s.view.req().is_none() {
-                return Err(status::BAD_ARGUMENT);
+            let has_req = s.view.req().is_some();
+            match s.view.trailers(map_type) {
+                Some(t) => Ok(joined(t, key)),
+                None if has_req => Ok(None),
+                None => Err(status::BAD_ARGUMENT),
             }
-            Ok(None)
         }
         map::HTTP_CALL_RESPONSE_HEADERS | map::HTTP_CALL_RESPONSE_TRAILERS => {
             let call = s.call.clone().ok_or(status::BAD_ARGUMENT)?;
@@ -327,6 +332,13 @@ fn edit_map(s: &mut HostState, map_type: i32, key: &[u8], value: &[u8], edit: Ed
             Some(_) if key.first() == Some(&b':') => Err(status::BAD_ARGUMENT),
             Some(r) => edit_headers(&mut r.headers, key, value, edit),
         },
+        map::HTTP_REQUEST_TRAILERS | map::HTTP_RESPONSE_TRAILERS => {
+            match s.view.trailers(map_type) {
+                Some(_) if key.first() == Some(&b':') => Err(status::BAD_ARGUMENT),
+                Some(t) => edit_headers(t, key, value, edit),
+                None => Err(status::BAD_ARGUMENT),
+            }
+        }
         _ => Err(status::BAD_ARGUMENT),
     };
     match r {
@@ -373,6 +385,15 @@ fn set_pairs(s: &mut HostState, map_type: i32, data: &[u8]) -> i32 {
                     return status::BAD_ARGUMENT;
                 }
             }
+        }
+        map::HTTP_REQUEST_TRAILERS | map::HTTP_RESPONSE_TRAILERS => {
+            let Some(t) = s.view.trailers(map_type) else {
+                return status::BAD_ARGUMENT;
+            };
+            if !pseudo.is_empty() {
+                return status::BAD_ARGUMENT;
+            }
+            *t = fresh;
         }
         _ => return status::BAD_ARGUMENT,
     }

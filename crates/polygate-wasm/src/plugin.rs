@@ -32,6 +32,10 @@ pub struct Exports {
     pub response_headers: bool,
     /// `proxy_on_response_body`.
     pub response_body: bool,
+    /// `proxy_on_request_trailers`.
+    pub request_trailers: bool,
+    /// `proxy_on_response_trailers`.
+    pub response_trailers: bool,
 }
 
 /// A declared wasm plugin, ready to instantiate.
@@ -165,6 +169,8 @@ pub fn load_def(decl: &WasmPluginDecl, cfg: &WasmConfig) -> Result<Arc<PluginDef
         request_body: has("proxy_on_request_body"),
         response_headers: has("proxy_on_response_headers"),
         response_body: has("proxy_on_response_body"),
+        request_trailers: has("proxy_on_request_trailers"),
+        response_trailers: has("proxy_on_response_trailers"),
     };
     let def = Arc::new(PluginDef {
         id: NEXT_DEF.fetch_add(1, Ordering::Relaxed),
@@ -729,6 +735,23 @@ struct StreamedBody {
 }
 
 impl polygate_core::plugin::ChunkFilter for StreamedBody {
+    fn on_trailers(&mut self, trailers: &mut http::HeaderMap) -> Result<(), PluginError> {
+        let s = self.s;
+        match vm::with_vm_id(self.def.id, |vm| {
+            if vm.generation == s.generation && vm.has_stream(s.id) {
+                vm.trailers(s.id, 0, None, trailers)?;
+                vm.spawn_pending();
+            }
+            Ok(())
+        }) {
+            Some(Err(e)) => Err(PluginError {
+                plugin: self.def.name.to_string(),
+                message: e.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn on_chunk(&mut self, chunk: &mut Bytes, eof: bool) -> Result<Option<BodyWait>, PluginError> {
         if self.done {
             return Ok(None);
@@ -869,7 +892,25 @@ impl Plugin for WasmPlugin {
     }
 
     fn has_request_body_filter(&self) -> bool {
-        self.def.exports.request_body && self.def.stream_request_body
+        (self.def.exports.request_body || self.def.exports.request_trailers)
+            && self.def.stream_request_body
+    }
+
+    fn has_trailers_filter(&self) -> bool {
+        self.def.exports.response_trailers
+    }
+
+    /// `proxy_on_response_trailers` with the upstream's trailer fields (a pause is not
+    /// honoured: the body has been sent).
+    fn response_trailers(&self, ctx: &mut RequestCtx, trailers: &mut http::HeaderMap) {
+        let Some(s) = self.stream(ctx) else { return };
+        let _ = vm::with_vm_id(self.def.id, |vm| {
+            if vm.generation == s.generation && vm.has_stream(s.id) {
+                vm.trailers(s.id, 1, Some(ctx), trailers)?;
+                vm.spawn_pending();
+            }
+            Ok(())
+        });
     }
 
     fn request_body_filter(

@@ -87,6 +87,9 @@ pub struct View {
     /// `req` came from a shared borrow (the log phase): never written through.
     read_only: bool,
     resp: *mut ResponseHead,
+    /// Trailer fields of the current trailers callback, and their map type.
+    trailers: *mut HeaderMap,
+    trailers_map: i32,
 }
 
 impl Default for View {
@@ -95,6 +98,8 @@ impl Default for View {
             req: std::ptr::null_mut(),
             read_only: true,
             resp: std::ptr::null_mut(),
+            trailers: std::ptr::null_mut(),
+            trailers_map: -1,
         }
     }
 }
@@ -106,6 +111,7 @@ impl View {
             req: req as *mut _,
             read_only: false,
             resp: resp.map_or(std::ptr::null_mut(), |r| r as *mut _),
+            ..View::default()
         }
     }
 
@@ -114,8 +120,26 @@ impl View {
         View {
             req: req as *const RequestCtx as *mut RequestCtx,
             read_only: true,
-            resp: std::ptr::null_mut(),
+            ..View::default()
         }
+    }
+
+    /// This view with trailer fields as map `map_type` (request or response trailers).
+    pub fn with_trailers(mut self, map_type: i32, t: &mut HeaderMap) -> View {
+        self.trailers = t as *mut _;
+        self.trailers_map = map_type;
+        self
+    }
+
+    /// The trailer fields, when the current callback has those of `map_type`.
+    #[allow(unsafe_code)]
+    pub fn trailers(&mut self, map_type: i32) -> Option<&mut HeaderMap> {
+        if map_type != self.trailers_map {
+            return None;
+        }
+        // SAFETY: as for `req_mut`: made by `with_trailers` from an exclusive borrow held
+        // across the guest call and cleared before it ends.
+        unsafe { self.trailers.as_mut() }
     }
 
     /// The request, if the current callback has one.

@@ -52,6 +52,8 @@ struct Callbacks {
     response_headers_01: Option<F2R>,
     request_body: Option<F3R>,
     response_body: Option<F3R>,
+    request_trailers: Option<F2R>,
+    response_trailers: Option<F2R>,
     http_call_response: Option<F5>,
     done: Option<F1R>,
     log: Option<F1>,
@@ -176,6 +178,8 @@ impl Vm {
             },
             request_body: get!("proxy_on_request_body"),
             response_body: get!("proxy_on_response_body"),
+            request_trailers: get!("proxy_on_request_trailers"),
+            response_trailers: get!("proxy_on_response_trailers"),
             http_call_response: get!("proxy_on_http_call_response"),
             done: get!("proxy_on_done"),
             log: get!("proxy_on_log"),
@@ -384,6 +388,38 @@ impl Vm {
             .map(|(_, b)| b)
             .unwrap_or_default();
         r.map(|a| (a, out))
+    }
+
+    /// `proxy_on_request_trailers` (side 0) or `proxy_on_response_trailers` (side 1) with
+    /// `trailers` as the trailer map (and `req` in view when there is one); returns the action.
+    pub fn trailers(
+        &mut self,
+        id: u32,
+        side: usize,
+        req: Option<&mut RequestCtx>,
+        trailers: &mut http::HeaderMap,
+    ) -> Result<i32, VmError> {
+        let (f, map_type) = if side == 1 {
+            (
+                self.cb.response_trailers.clone(),
+                crate::abi::map::HTTP_RESPONSE_TRAILERS,
+            )
+        } else {
+            (
+                self.cb.request_trailers.clone(),
+                crate::abi::map::HTTP_REQUEST_TRAILERS,
+            )
+        };
+        let Some(f) = f else {
+            return Ok(0);
+        };
+        let n = trailers.len() as i32;
+        let view = match req {
+            Some(r) => View::of(r, None),
+            None => View::default(),
+        }
+        .with_trailers(map_type, trailers);
+        self.with_view(id, view, |vm| vm.call(&f, (id as i32, n)))
     }
 
     /// `proxy_on_http_call_response` on `root` for `token`, with the request of the stream

@@ -20,6 +20,9 @@
 //                         each item to shared data `as_filter.last` in proxy_on_queue_ready;
 //                         responses carry it as `x-last-queued`.
 //
+//   mode=trailers         trailer fields: `x-wasm-req-trailer: seen-<x-req-trailer>` added to
+//                         the request's (with `request_body: stream`), `x-wasm-trailer:
+//                         seen-<x-checksum>` to the response's.
 //   mode=pairs            request: `x-pairs-count` holds the number of request header pairs
 //                         (`proxy_get_header_map_pairs`); response: the whole header map is
 //                         read and set back with `x-pairs-set: yes` added
@@ -403,6 +406,10 @@ export function proxy_on_response_headers(id: i32, n: i32, eos: i32): i32 {
   const vmConfig = sharedGet("as_filter.vm_config");
   if (vmConfig != null) addHeader(RESPONSE_HEADERS, "x-vm-config", vmConfig!);
   const conf = confOf(id);
+  if (conf.mode == "trailers") {
+    // a trailer field reaches an HTTP/1.1 client only when the Trailer header names it
+    addHeader(RESPONSE_HEADERS, "trailer", "x-wasm-trailer");
+  }
   if (conf.mode == "pairs" && proxy_get_header_map_pairs(RESPONSE_HEADERS, RET, RET + 4) == 0) {
     const kv = decodePairs(retPtr(), retLen());
     kv.push("x-pairs-set");
@@ -434,6 +441,20 @@ export function proxy_on_response_body(id: i32, size: i32, eos: i32): i32 {
   if (eos == 0) return 1;
   const tail = bytes("\n-- rewritten by as_filter");
   proxy_set_buffer_bytes(RESPONSE_BODY, size, 0, changetype<usize>(tail), tail.byteLength);
+  return 0;
+}
+
+export function proxy_on_request_trailers(id: i32, n: i32): i32 {
+  if (confOf(id).mode != "trailers") return 0;
+  const t = getHeader(1, "x-req-trailer");
+  addHeader(1, "x-wasm-req-trailer", t == null ? "none" : "seen-" + t!);
+  return 0;
+}
+
+export function proxy_on_response_trailers(id: i32, n: i32): i32 {
+  if (confOf(id).mode != "trailers") return 0;
+  const sum = getHeader(3, "x-checksum");
+  addHeader(3, "x-wasm-trailer", sum == null ? "none" : "seen-" + sum!);
   return 0;
 }
 
