@@ -209,6 +209,10 @@ pub trait Finish: Send {
     fn finish(self: Box<Self>, body_bytes: u64, complete: bool);
 }
 
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the upstream variant is the common one: boxing it would allocate per response"
+)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream(H1Body),
