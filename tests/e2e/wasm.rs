@@ -455,7 +455,7 @@ async fn trailers_both_ways() {
         "{section}routes:\n  - {{id: t, uri: /t/*, upstream: {{nodes: {{\"{up}\": 1}}}}, plugins: {{as_stream: {{conf: \"mode=trailers\"}}}}}}\n"
     ));
     let mut s = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
-    s.write_all(b"POST /t/x HTTP/1.1\r\nhost: x\r\nte: trailers\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-req-trailer: 1\r\n\r\n")
+    s.write_all(b"POST /t/x HTTP/1.1\r\nhost: x\r\nte: trailers\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-req-trailer: 1\r\nx-consumer-username: admin\r\nx-forwarded-for: 6.6.6.6\r\ncontent-length: 3\r\n\r\n")
         .await
         .unwrap();
     let mut out = Vec::new();
@@ -469,6 +469,10 @@ async fn trailers_both_ways() {
     assert!(raw.contains("hello"), "{raw}");
     assert!(raw.contains("x-req-trailer: 1"), "{raw}");
     assert!(raw.contains("x-wasm-req-trailer: seen-1"), "{raw}");
+    // identity, forwarding and framing fields never go upstream as trailers
+    assert!(!raw.contains("admin"), "{raw}");
+    assert!(!raw.contains("6.6.6.6"), "{raw}");
+    assert!(!raw.contains("content-length: 3"), "{raw}");
     // the response's trailer section, after the last chunk
     let tail = raw.rsplit("\r\n0\r\n").next().unwrap();
     assert!(tail.contains("x-checksum: abc"), "{raw}");

@@ -371,7 +371,7 @@ impl H1Conn {
                     // the client's trailer fields go on, as a chunked body's trailer section
                     let mut out = BytesMut::from(&b"0\r\n"[..]);
                     for (k, v) in trailers.iter().flatten() {
-                        if !TRAILER_DENY.contains(&k.as_str()) {
+                        if request_trailer_allowed(k) {
                             out.put_slice(k.as_str().as_bytes());
                             out.put_slice(b": ");
                             out.put_slice(v.as_bytes());
@@ -828,6 +828,18 @@ pub const TRAILER_DENY: &[&str] = &[
     "cache-control",
     "expect",
 ];
+
+/// Whether a client's trailer field may go upstream: not one of [`TRAILER_DENY`], and not a
+/// field that only the gateway sets in request headers (identity and forwarding headers): an
+/// upstream that merges trailers into headers must not take those from a client.
+pub fn request_trailer_allowed(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    !TRAILER_DENY.contains(&n)
+        && !crate::handler::IDENTITY_HEADERS.contains(&n)
+        && !n.starts_with("x-forwarded-")
+        && n != "x-real-ip"
+        && n != "forwarded"
+}
 
 /// Adds one trailer field line to `t` when it is a valid field that may be a trailer (others
 /// are dropped, as nginx drops every trailer); at most [`MAX_HEADERS`] fields.
