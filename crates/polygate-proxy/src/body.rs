@@ -209,10 +209,6 @@ pub trait Finish: Send {
     fn finish(self: Box<Self>, body_bytes: u64, complete: bool);
 }
 
-#[allow(
-    clippy::large_enum_variant,
-    reason = "the upstream variant is the common one: boxing it would allocate per response"
-)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream(H1Body),
@@ -227,7 +223,7 @@ pub struct RespBody {
     /// A body filter holding a chunk back (and whether it was the last one).
     waiting: Option<(ChunkWait, bool)>,
     /// Trailer fields to send after the body filters' last chunk.
-    trailers: Option<http::HeaderMap>,
+    trailers: Option<Box<http::HeaderMap>>,
 }
 
 impl RespBody {
@@ -349,7 +345,7 @@ impl Body for RespBody {
             }
         }
         if let Some(t) = this.trailers.take() {
-            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            return Poll::Ready(Some(Ok(Frame::trailers(*t))));
         }
         match &mut this.kind {
             Kind::Full(b) => match b.take() {
@@ -405,7 +401,7 @@ impl Body for RespBody {
                         if let Some(f) = this.fin.as_mut() {
                             f.on_trailers(&mut t);
                         }
-                        this.trailers = Some(t);
+                        this.trailers = Some(Box::new(t));
                         if this.filtering {
                             // the body filters' last call comes before the trailers
                             this.filtering = false;

@@ -555,8 +555,9 @@ pub struct H1Body {
     release: Option<PoolReturn>,
     read_timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
-    /// Trailer fields of a chunked body, passed on after the last chunk.
-    trailers: HeaderMap,
+    /// Trailer fields of a chunked body, passed on after the last chunk (boxed: most bodies
+    /// have none, and this struct moves with every response).
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl H1Body {
@@ -570,7 +571,7 @@ impl H1Body {
             release: Some(release),
             read_timeout,
             sleep: None,
-            trailers: HeaderMap::new(),
+            trailers: None,
         };
         if matches!(b.framing, Framing::Done) {
             b.finish();
@@ -683,9 +684,8 @@ impl Body for H1Body {
                         Step::Next(next) => this.framing = Framing::Chunked(next),
                         Step::End => {
                             this.finish();
-                            if !this.trailers.is_empty() {
-                                let t = std::mem::take(&mut this.trailers);
-                                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                            if let Some(t) = this.trailers.take() {
+                                return Poll::Ready(Some(Ok(Frame::trailers(*t))));
                             }
                             return Poll::Ready(None);
                         }
@@ -843,7 +843,7 @@ pub fn request_trailer_allowed(name: &HeaderName) -> bool {
 
 /// Adds one trailer field line to `t` when it is a valid field that may be a trailer (others
 /// are dropped, as nginx drops every trailer); at most [`MAX_HEADERS`] fields.
-fn keep_trailer(t: &mut HeaderMap, line: &[u8]) {
+fn keep_trailer(t: &mut Option<Box<HeaderMap>>, line: &[u8]) {
     let Some(colon) = line.iter().position(|b| *b == b':') else {
         return;
     };
@@ -854,6 +854,7 @@ fn keep_trailer(t: &mut HeaderMap, line: &[u8]) {
     ) else {
         return;
     };
+    let t = t.get_or_insert_with(Default::default);
     if t.len() < MAX_HEADERS && !TRAILER_DENY.contains(&name.as_str()) {
         t.append(name, value);
     }
@@ -862,7 +863,7 @@ fn keep_trailer(t: &mut HeaderMap, line: &[u8]) {
 fn step_chunked(
     buf: &mut BytesMut,
     state: ChunkState,
-    trailers: Option<&mut HeaderMap>,
+    trailers: Option<&mut Option<Box<HeaderMap>>>,
 ) -> Result<Step, Box<dyn std::error::Error + Send + Sync>> {
     match state {
         ChunkState::Size => {
