@@ -266,6 +266,39 @@ async fn pairs_properties_vm_config_and_close() {
     assert!(gw.stderr().contains("closed the stream"), "{}", gw.stderr());
 }
 
+/// A reload that drops a plugin configuration ends its root context (`proxy_on_done`,
+/// `proxy_on_delete`) once no request uses it, as Envoy does when a plugin goes away; the new
+/// configuration gets a root context of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn root_contexts_of_dropped_configurations_are_deleted() {
+    let u = Upstream::start("u").await;
+    let filter = libs::wasm("as_filter").display().to_string();
+    let config = |conf: &str| {
+        format!(
+            "{}routes:\n  - {{id: r, uri: /r/*, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{as_filter: {{conf: \"{conf}\"}}}}}}\n",
+            gateway_section(1, "", &[("as_filter", filter.clone(), 1000)]),
+            u.node()
+        )
+    };
+    let gw = Gateway::start(&config("mode=none"));
+    assert_eq!(get(gw.port, "/r/x").await.status, 200);
+    gw.write_config(&format!("{}#END\n", config("mode=pairs")));
+    let swapped = gw
+        .eventually(Duration::from_secs(10), || async {
+            get(gw.port, "/r/x")
+                .await
+                .seen_header("x-pairs-count")
+                .is_some()
+        })
+        .await;
+    assert!(swapped, "{}", gw.stderr());
+    assert!(
+        gw.stderr().contains("as_filter root context 1 deleted"),
+        "{}",
+        gw.stderr()
+    );
+}
+
 /// Host function statuses with good and bad arguments (proxy-wasm-cpp-host's statuses):
 /// see tests/wasm/wat/statuses.wat for the list.
 #[tokio::test(flavor = "multi_thread")]

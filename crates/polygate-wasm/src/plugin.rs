@@ -300,6 +300,8 @@ impl PluginFactory for WasmFactory {
         Ok(Arc::new(WasmPlugin {
             def: self.def.clone(),
             conf: bytes,
+            id: NEXT_PLUGIN.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
         }))
     }
 }
@@ -308,7 +310,13 @@ impl PluginFactory for WasmFactory {
 pub struct WasmPlugin {
     def: Arc<PluginDef>,
     conf: Bytes,
+    /// Unique id: the key of this instance's root context in each filter instance.
+    id: u64,
+    /// Dropped with this plugin instance: its root contexts are then ended.
+    alive: Arc<()>,
 }
+
+static NEXT_PLUGIN: AtomicU64 = AtomicU64::new(1);
 
 /// A request's stream contexts, one per wasm plugin instance that ran.
 #[derive(Clone, Default)]
@@ -410,7 +418,7 @@ impl WasmPlugin {
             return Ok((!s.failed).then_some(*s));
         }
         let (id, generation) = vm::with_vm(&self.def, |vm| {
-            let root = vm.root_for(&self.conf)?;
+            let root = vm.root_for(self.id, &self.alive, &self.conf)?;
             let id = vm.create_stream(root)?;
             Ok((id, vm.generation))
         })

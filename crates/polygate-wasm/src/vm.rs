@@ -4,8 +4,8 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -89,7 +89,8 @@ pub struct Vm {
     cb: Callbacks,
     /// Unique per instance (a rebuilt instance gets a new one).
     pub generation: u64,
-    roots_by_conf: HashMap<Bytes, u32>,
+    /// Root contexts by plugin instance: (root id, liveness of the instance).
+    roots_by_plugin: HashMap<u64, (u32, Weak<()>)>,
     ticking: HashSet<u32>,
     deadline: u64,
 }
@@ -189,7 +190,7 @@ impl Vm {
             store,
             cb,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-            roots_by_conf: HashMap::new(),
+            roots_by_plugin: HashMap::new(),
             ticking: HashSet::new(),
             deadline,
         })
@@ -229,12 +230,14 @@ impl Vm {
         self.store.data_mut()
     }
 
-    /// The root context for a plugin configuration, created (context create, vm start,
-    /// configure) on first use.
-    pub fn root_for(&mut self, conf: &Bytes) -> Result<u32, VmError> {
-        if let Some(id) = self.roots_by_conf.get(conf) {
+    /// The root context of plugin instance `plugin` (configuration `conf`), created (context
+    /// create, vm start, configure) on first use. Root contexts of instances no configuration
+    /// holds any more, and that no request in flight uses, are ended first (done, delete).
+    pub fn root_for(&mut self, plugin: u64, alive: &Arc<()>, conf: &Bytes) -> Result<u32, VmError> {
+        if let Some((id, _)) = self.roots_by_plugin.get(&plugin) {
             return Ok(*id);
         }
+        self.end_dead_roots()?;
         let s = self.store.data_mut();
         let id = s.next_id;
         s.next_id += 1;
@@ -268,9 +271,45 @@ impl Vm {
             self.store.data_mut().roots.remove(&id);
             return Err(e);
         }
-        self.roots_by_conf.insert(conf.clone(), id);
+        self.roots_by_plugin
+            .insert(plugin, (id, Arc::downgrade(alive)));
         self.after_root_callback();
         Ok(id)
+    }
+
+    /// Ends the root contexts of dropped plugin instances that no stream uses
+    /// (`proxy_on_done`, `proxy_on_delete`), as Envoy does when a plugin goes away.
+    fn end_dead_roots(&mut self) -> Result<(), VmError> {
+        let dead: Vec<(u64, u32)> = self
+            .roots_by_plugin
+            .iter()
+            .filter(|(_, (_, w))| w.strong_count() == 0)
+            .map(|(k, (id, _))| (*k, *id))
+            .collect();
+        for (key, root) in dead {
+            if self.store.data().streams.values().any(|s| s.root == root) {
+                continue;
+            }
+            self.roots_by_plugin.remove(&key);
+            let (done, delete) = (self.cb.done.clone(), self.cb.delete.clone());
+            self.with_view(root, View::default(), |vm| {
+                if let Some(f) = &done {
+                    vm.call(f, root as i32)?;
+                }
+                if let Some(f) = &delete {
+                    vm.call(f, root as i32)?;
+                }
+                Ok(())
+            })?;
+            self.store.data_mut().roots.remove(&root);
+            self.ticking.remove(&root);
+        }
+        Ok(())
+    }
+
+    /// Root contexts alive in this instance.
+    pub fn roots(&self) -> usize {
+        self.store.data().roots.len()
     }
 
     /// A new HTTP stream context under `root`.

@@ -511,5 +511,10 @@ export function proxy_on_done(id: i32): i32 {
 }
 
 export function proxy_on_delete(id: i32): void {
+  if (confs.has(id)) {
+    // a root context: its plugin configuration is gone
+    log("as_filter root context " + id.toString() + " deleted");
+    confs.delete(id);
+  }
   streams.delete(id);
 }
