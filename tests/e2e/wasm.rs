@@ -299,6 +299,32 @@ async fn root_contexts_of_dropped_configurations_are_deleted() {
     );
 }
 
+/// `proxy_on_done` answering false defers log and delete until the filter calls `proxy_done()`
+/// (here from a callout's answer), as in Envoy.
+#[tokio::test(flavor = "multi_thread")]
+async fn done_false_waits_for_proxy_done() {
+    let u = Upstream::start("u").await;
+    let svc = Service::start().await;
+    let filter = libs::wasm("as_filter").display().to_string();
+    let gw = Gateway::start(&format!(
+        "{}routes:\n  - {{id: r, uri: /r/*, upstream: {{nodes: {{\"{}\": 1}}}}, plugins: {{as_filter: {{conf: \"mode=deferred;upstream={}\"}}}}}}\n",
+        gateway_section(1, "", &[("as_filter", filter, 1000)]),
+        u.node(),
+        svc.addr
+    ));
+    assert_eq!(get(gw.port, "/r/x").await.status, 200);
+    let ended = gw
+        .eventually(Duration::from_secs(5), || async {
+            gw.stderr().contains("as_filter log after proxy_done")
+        })
+        .await;
+    assert!(ended, "{}", gw.stderr());
+    let err = gw.stderr();
+    let done = err.find("as_filter deferred done for").unwrap();
+    let log = err.find("as_filter log after proxy_done").unwrap();
+    assert!(done < log, "log runs after proxy_done: {err}");
+}
+
 /// Host function statuses with good and bad arguments (proxy-wasm-cpp-host's statuses):
 /// see tests/wasm/wat/statuses.wat for the list.
 #[tokio::test(flavor = "multi_thread")]

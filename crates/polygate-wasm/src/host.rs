@@ -553,8 +553,13 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     l.func_wrap("env", "proxy_done", |mut c: C<'_>| -> R {
-        c.data_mut().done_called = true;
-        Ok(status::OK)
+        match c.data_mut().target_stream() {
+            Some(st) => {
+                st.done_requested = true;
+                Ok(status::OK)
+            }
+            None => Ok(status::NOT_FOUND),
+        }
     })?;
     // ---- logging and time
     l.func_wrap(

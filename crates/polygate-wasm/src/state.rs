@@ -52,6 +52,10 @@ pub struct StreamData {
     pub resp_body_done: bool,
     /// A streamed request body held back by a paused `proxy_on_request_body`.
     pub req_body: Vec<u8>,
+    /// `proxy_on_done` answered false: log and delete wait for `proxy_done()`.
+    pub awaiting_done: bool,
+    /// The filter called `proxy_done()` for this stream.
+    pub done_requested: bool,
 }
 
 impl StreamData {
@@ -209,8 +213,8 @@ pub struct HostState {
     pub queues: Vec<(u32, u32)>,
     /// Start-up functions are running: only logging and WASI basics are allowed.
     pub starting: bool,
-    /// `proxy_done` was called.
-    pub done_called: bool,
+    /// Streams waiting for `proxy_done()`, oldest first.
+    pub awaiting_done: std::collections::VecDeque<u32>,
 }
 
 impl HostState {
@@ -234,7 +238,7 @@ impl HostState {
             calls: Vec::new(),
             queues: Vec::new(),
             starting: false,
-            done_called: false,
+            awaiting_done: std::collections::VecDeque::new(),
         }
     }
 

@@ -83,6 +83,9 @@ pub const EXPORT_TYPES: &[(&str, usize, usize)] = &[
 
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
+/// Streams one instance keeps waiting for `proxy_done()` at most.
+pub const MAX_AWAITING_DONE: usize = 1024;
+
 /// A filter instance.
 pub struct Vm {
     store: Store<HostState>,
@@ -502,31 +505,82 @@ impl Vm {
         Ok(())
     }
 
-    /// The end of a stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` (the log
-    /// and delete run even when done answers false: the request is over).
+    /// The end of a stream: `proxy_on_done`, then `proxy_on_log` and `proxy_on_delete`; when
+    /// done answers false, log and delete wait until the filter calls `proxy_done()` (from a
+    /// later callback), as in Envoy. At most [`MAX_AWAITING_DONE`] streams wait per instance:
+    /// past it the oldest is ended at once.
     pub fn finish_stream(&mut self, id: u32, req: &RequestCtx) -> Result<(), VmError> {
         if !self.has_stream(id) {
             return Ok(());
         }
-        let cb = (
-            self.cb.done.clone(),
-            self.cb.log.clone(),
-            self.cb.delete.clone(),
-        );
-        let r = self.with_view(id, View::read_only(req), |vm| {
-            if let Some(f) = &cb.0 {
+        let done = self.cb.done.clone();
+        let completed = self.with_view(id, View::read_only(req), |vm| match &done {
+            Some(f) => Ok(vm.call(f, id as i32)? != 0),
+            None => Ok(true),
+        })?;
+        // callouts started by proxy_on_done (a log shipped before the stream ends, say)
+        self.spawn_pending();
+        let requested = self
+            .store
+            .data()
+            .streams
+            .get(&id)
+            .is_some_and(|st| st.done_requested);
+        if completed || requested {
+            return self.end_stream(id, View::read_only(req));
+        }
+        let s = self.store.data_mut();
+        if let Some(st) = s.streams.get_mut(&id) {
+            st.awaiting_done = true;
+        }
+        s.awaiting_done.push_back(id);
+        if s.awaiting_done.len() > MAX_AWAITING_DONE
+            && let Some(oldest) = s.awaiting_done.pop_front()
+        {
+            tracing::warn!(wasm = %s.def.name, "too many streams waiting for proxy_done: ending the oldest");
+            self.end_stream(oldest, View::default())?;
+        }
+        Ok(())
+    }
+
+    /// `proxy_on_log` and `proxy_on_delete`, then the stream is gone.
+    fn end_stream(&mut self, id: u32, view: View) -> Result<(), VmError> {
+        let (log, delete) = (self.cb.log.clone(), self.cb.delete.clone());
+        let r = self.with_view(id, view, |vm| {
+            if let Some(f) = &log {
                 vm.call(f, id as i32)?;
             }
-            if let Some(f) = &cb.1 {
-                vm.call(f, id as i32)?;
-            }
-            if let Some(f) = &cb.2 {
+            if let Some(f) = &delete {
                 vm.call(f, id as i32)?;
             }
             Ok(())
         });
-        self.store.data_mut().streams.remove(&id);
+        let s = self.store.data_mut();
+        s.streams.remove(&id);
+        s.awaiting_done.retain(|x| *x != id);
         r
+    }
+
+    /// Ends the streams whose `proxy_done()` came after their `proxy_on_done` answered false.
+    fn end_done_streams(&mut self) -> Result<(), VmError> {
+        let ready: Vec<u32> = self
+            .store
+            .data()
+            .awaiting_done
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.store
+                    .data()
+                    .streams
+                    .get(id)
+                    .is_some_and(|st| st.done_requested)
+            })
+            .collect();
+        for id in ready {
+            self.end_stream(id, View::default())?;
+        }
+        Ok(())
     }
 
     /// Drops a stream without calling the guest (its request ended before any callback).
@@ -572,6 +626,11 @@ impl Vm {
     }
 
     fn after_root_callback_keep_calls(&mut self) {
+        if !self.store.data().awaiting_done.is_empty()
+            && let Err(e) = self.end_done_streams()
+        {
+            tracing::error!(wasm = %self.store.data().def.name, "ending a stream: {e}");
+        }
         let def = self.store.data().def.clone();
         let queues = std::mem::take(&mut self.store.data_mut().queues);
         if !queues.is_empty()

@@ -20,6 +20,8 @@
 //                         each item to shared data `as_filter.last` in proxy_on_queue_ready;
 //                         responses carry it as `x-last-queued`.
 //
+//   mode=deferred;upstream=U  proxy_on_done answers false and makes a callout GET /stamp to
+//                         U; its answer calls proxy_done(), which lets log and delete run.
 //   mode=trailers         trailer fields: `x-wasm-req-trailer: seen-<x-req-trailer>` added to
 //                         the request's (with `request_body: stream`), `x-wasm-trailer:
 //                         seen-<x-checksum>` to the response's.
@@ -82,6 +84,8 @@ declare function proxy_get_header_map_pairs(m: i32, rp: usize, rn: usize): i32;
 declare function proxy_set_header_map_pairs(m: i32, p: usize, n: usize): i32;
 @external("env", "proxy_close_stream")
 declare function proxy_close_stream(t: i32): i32;
+@external("env", "proxy_done")
+declare function proxy_done(): i32;
 @external("env", "proxy_get_status")
 declare function proxy_get_status(rcode: usize, rp: usize, rn: usize): i32;
 @external("env", "proxy_set_tick_period_milliseconds")
@@ -466,6 +470,11 @@ export function proxy_on_http_call_response(root: i32, token: u32, nh: i32, bs: 
   if (!streams.has(id)) return;
   proxy_set_effective_context(id);
   const s = streams.get(id);
+  if (kind == "done") {
+    log("as_filter deferred done for " + id.toString());
+    proxy_done();
+    return;
+  }
   if (nh == 0) {
     // a failed callout arrives with no headers
     if (kind == "stamp" || kind == "bodystamp") {
@@ -507,7 +516,20 @@ export function proxy_on_http_call_response(root: i32, token: u32, nh: i32, bs: 
 }
 
 export function proxy_on_done(id: i32): i32 {
-  return 1;
+  if (!streams.has(id)) return 1;
+  const conf = confOf(id);
+  if (conf.mode != "deferred") return 1;
+  const t = call(conf.upstream, "/stamp", "");
+  if (t == 0) return 1;
+  tokens.set(t, id);
+  tokenKind.set(t, "done");
+  return 0;
+}
+
+export function proxy_on_log(id: i32): void {
+  if (streams.has(id) && confOf(id).mode == "deferred") {
+    log("as_filter log after proxy_done for " + id.toString());
+  }
 }
 
 export function proxy_on_delete(id: i32): void {
