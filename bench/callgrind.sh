@@ -7,6 +7,12 @@
 #
 #   bench/callgrind.sh                                  # this tree's release polygate
 #   bench/callgrind.sh /path/to/old/polygate ./target/release/polygate
+#
+# GATEWAY_EXTRA adds lines to polygate's `gateway:` section and ROUTE_PLUGINS sets the route's
+# plugins (a YAML flow map), to count what a plugin costs, e.g.
+#   ROUTE_PLUGINS='{response-rewrite: {headers: {set: {x-wasm: bench}}}}' bench/callgrind.sh
+#   GATEWAY_EXTRA='  wasm: {plugins: [{name: add_header, file: examples/wasm/add_header.wat, priority: 1}]}' \
+#     ROUTE_PLUGINS='{add_header: {conf: bench}}' bench/callgrind.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -90,10 +96,12 @@ gateway:
   worker_threads: 1
   access_log: {enabled: false}
   log_level: warn
+${GATEWAY_EXTRA:-}
 routes:
   - id: bench
     uri: /*
     upstream: {nodes: {"127.0.0.1:$UP_PORT": 1}, keepalive_pool: {size: 16}}
+    plugins: ${ROUTE_PLUGINS:-{\}}
 #END
 YAML
 for b in "${bins[@]}"; do

@@ -28,9 +28,15 @@ struct Shared {
 
 static ENGINE: OnceLock<Result<Shared, String>> = OnceLock::new();
 
-/// The engine; created (and the epoch thread started) on first use.
-pub fn engine() -> Result<&'static Engine, LoadError> {
-    let s = ENGINE.get_or_init(|| {
+/// How instances get their memory.
+fn config(pooled: bool) -> Config {
+    let mut cfg = Config::new();
+    cfg.epoch_interruption(true)
+        .max_wasm_stack(512 << 10)
+        // wasm faults become traps through signal handlers that chain to the handlers
+        // already installed (Go, the JVM, Node) for faults outside wasm code; see docs/wasm.md
+        .signals_based_traps(true);
+    if pooled {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(POOL_INSTANCES)
             .total_memories(POOL_INSTANCES)
@@ -41,17 +47,34 @@ pub fn engine() -> Result<&'static Engine, LoadError> {
             .table_elements(20_000)
             .max_core_instance_size(1 << 20)
             .max_unused_warm_slots(64);
-        let mut cfg = Config::new();
-        cfg.epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_reservation(MEMORY_RESERVATION)
-            .memory_guard_size(32 << 20)
-            .max_wasm_stack(512 << 10)
-            // wasm faults become traps through signal handlers that chain to the handlers
-            // already installed (Go, the JVM, Node) for faults outside wasm code; see
-            // docs/wasm.md
-            .signals_based_traps(true);
-        let engine = Engine::new(&cfg).map_err(|e| format!("{e:#}"))?;
+            .memory_guard_size(32 << 20);
+    } else {
+        // memories reserved as they grow, with explicit bounds checks
+        cfg.allocation_strategy(InstanceAllocationStrategy::OnDemand)
+            .memory_reservation(0)
+            .memory_guard_size(0);
+    }
+    cfg
+}
+
+/// The engine; created (and the epoch thread started) on first use. The pooling allocator
+/// reserves about 4 TiB of address space up front; where the process cannot (a limited
+/// address space: `ulimit -v`, valgrind, small-VA kernels), instances are allocated on
+/// demand instead (logged).
+pub fn engine() -> Result<&'static Engine, LoadError> {
+    let s = ENGINE.get_or_init(|| {
+        let engine = match Engine::new(&config(true)) {
+            Ok(e) => e,
+            Err(pool_err) => {
+                let e = Engine::new(&config(false)).map_err(|e| format!("{e:#}"))?;
+                tracing::warn!(
+                    "wasm: the pooling allocator's reservation failed ({pool_err:#}); instances are allocated on demand"
+                );
+                e
+            }
+        };
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("polygate-wasm-epoch".into())
