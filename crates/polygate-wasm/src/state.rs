@@ -13,6 +13,34 @@ use wasmtime::{Memory, StoreLimits, TypedFunc};
 
 use crate::plugin::PluginDef;
 
+/// A hasher for the small integer keys of the per-request maps (context ids, plugin ids): a
+/// multiplicative hash, much cheaper than SipHash; the keys are ours, not a client's.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// A map keyed by ids, hashed with [`IdHasher`].
+pub type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// A root context (one per plugin configuration, per instance).
 pub struct RootData {
     /// The plugin configuration (`PLUGIN_CONFIGURATION`).
@@ -200,9 +228,9 @@ pub struct HostState {
     /// The callout answer of `proxy_on_http_call_response`.
     pub call: Option<Arc<CallResult>>,
     /// Root contexts.
-    pub roots: HashMap<u32, RootData>,
+    pub roots: IdMap<u32, RootData>,
     /// Stream contexts.
-    pub streams: HashMap<u32, StreamData>,
+    pub streams: IdMap<u32, StreamData>,
     /// Next context id (roots and streams share it; never reused).
     pub next_id: u32,
     /// Next callout token.
@@ -231,8 +259,8 @@ impl HostState {
             body: None,
             config: None,
             call: None,
-            roots: HashMap::new(),
-            streams: HashMap::new(),
+            roots: IdMap::default(),
+            streams: IdMap::default(),
             next_id: 1,
             next_token: 1,
             calls: Vec::new(),

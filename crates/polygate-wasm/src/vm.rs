@@ -3,7 +3,7 @@
 //! rebuild after a trap.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use wasmtime::{Store, StoreLimitsBuilder, TypedFunc, WasmParams, WasmResults};
 use crate::abi::{AbiVersion, buffer};
 use crate::error::VmError;
 use crate::plugin::PluginDef;
-use crate::state::{CallResult, HostState, PendingCall, RootData, StreamData, View};
+use crate::state::{CallResult, HostState, IdMap, PendingCall, RootData, StreamData, View};
 
 /// Work for a thread's dispatcher task.
 #[derive(Debug)]
@@ -93,7 +93,7 @@ pub struct Vm {
     /// Unique per instance (a rebuilt instance gets a new one).
     pub generation: u64,
     /// Root contexts by plugin instance: (root id, liveness of the instance).
-    roots_by_plugin: HashMap<u64, (u32, Weak<()>)>,
+    roots_by_plugin: IdMap<u64, (u32, Weak<()>)>,
     ticking: HashSet<u32>,
     deadline: u64,
 }
@@ -193,7 +193,7 @@ impl Vm {
             store,
             cb,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
-            roots_by_plugin: HashMap::new(),
+            roots_by_plugin: IdMap::default(),
             ticking: HashSet::new(),
             deadline,
         })
@@ -670,7 +670,7 @@ impl Vm {
 }
 
 thread_local! {
-    static VMS: RefCell<HashMap<u64, Vm>> = RefCell::new(HashMap::new());
+    static VMS: RefCell<IdMap<u64, Vm>> = RefCell::new(IdMap::default());
     static DISPATCH: RefCell<Option<tokio::sync::mpsc::UnboundedSender<Event>>> =
         const { RefCell::new(None) };
 }
