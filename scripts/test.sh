@@ -56,7 +56,11 @@ log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
 step "one process, every runtime: ${POLYGATE_SOAK_SECS:-60} s of load with Go, Rust, Python, Java, Node.js, Lua and a trapping wasm filter, then SIGTERM / SIGINT"
 cargo test -q -p polygate --test e2e soak -- --ignored --test-threads=1 --nocapture 2>&1 | tee -a "$log" | grep -E -A4 "soak with|test result|panicked|FAILED" | grep -v "^ *[0-9]*: \|^ *at " || true
-grep -q "^test result: ok. 2 passed" <(grep "^test result" "$log" | tail -1) || { echo "the soak tests failed" >&2; exit 1; }
+grep -q "^test result: ok. 2 passed" <(grep "^test result" "$log" | tail -1) || {
+  # what the failing soak saw: the assertion's values and the gateway's last log lines
+  grep -E -A2 "left:|right:" "$log" | tail -20
+  sed -n '/^---- soak/,/^failures:/p' "$log" | grep -v '^{' | tail -60
+  echo "the soak tests failed" >&2; exit 1; }
 passed=$(awk '/^test result:/ {s += $4} END {print s + 0}' "$log")
 failed=$(awk '/^test result:/ {s += $6} END {print s + 0}' "$log")
 step "FFI host tests under valgrind (memory errors, leaks)"

@@ -301,7 +301,14 @@ pub async fn stop_drains(gw: &mut Gateway, sig: &str, n: usize) -> Duration {
         );
     }
     let code = gw.wait_exit(Duration::from_secs(10));
-    assert_eq!(code, Some(0), "{}", gw.stderr());
+    let err = gw.stderr();
+    let tail: Vec<&str> = err.lines().rev().take(30).collect();
+    assert_eq!(
+        code,
+        Some(0),
+        "exit status {code:?} (None: killed by a signal, or still running after 10 s); last lines:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(10), "exit took {took:?}");
     took
@@ -469,6 +476,10 @@ impl Gateway {
         let child = self.child.as_mut().unwrap();
         while Instant::now() < deadline {
             if let Some(s) = child.try_wait().unwrap() {
+                if s.code().is_none() {
+                    use std::os::unix::process::ExitStatusExt;
+                    eprintln!("the gateway was killed by signal {:?}", s.signal());
+                }
                 return s.code();
             }
             std::thread::sleep(Duration::from_millis(20));
