@@ -813,18 +813,13 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")
 }
 
-/// Trailer fields never passed on: framing, routing, hop-by-hop and fields a recipient must
-/// not take from a trailer section (RFC 9110 section 6.5.1).
-pub const TRAILER_DENY: &[&str] = &[
+/// Trailer fields never passed on besides hop-by-hop ones ([`is_hop_by_hop`]): framing,
+/// routing and fields a recipient must not take from a trailer section (RFC 9110 section
+/// 6.5.1).
+const TRAILER_DENY: &[&str] = &[
     "content-length",
-    "transfer-encoding",
     "trailer",
     "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "upgrade",
     "content-type",
     "content-encoding",
     "content-range",
@@ -835,12 +830,17 @@ pub const TRAILER_DENY: &[&str] = &[
     "expect",
 ];
 
-/// Whether a client's trailer field may go upstream: not one of [`TRAILER_DENY`], and not a
+/// Whether a field may be passed on as a trailer: not hop-by-hop, not in [`TRAILER_DENY`].
+fn trailer_allowed(name: &HeaderName) -> bool {
+    !is_hop_by_hop(name) && !TRAILER_DENY.contains(&name.as_str())
+}
+
+/// Whether a client's trailer field may go upstream: a field any trailer may be, and not a
 /// field that only the gateway sets in request headers (identity and forwarding headers): an
 /// upstream that merges trailers into headers must not take those from a client.
 pub fn request_trailer_allowed(name: &HeaderName) -> bool {
     let n = name.as_str();
-    !TRAILER_DENY.contains(&n)
+    trailer_allowed(name)
         && !crate::handler::IDENTITY_HEADERS.contains(&n)
         && !n.starts_with("x-forwarded-")
         && n != "x-real-ip"
@@ -861,7 +861,7 @@ fn keep_trailer(t: &mut Option<Box<HeaderMap>>, line: &[u8]) {
         return;
     };
     let t = t.get_or_insert_with(Default::default);
-    if t.len() < MAX_HEADERS && !TRAILER_DENY.contains(&name.as_str()) {
+    if t.len() < MAX_HEADERS && trailer_allowed(&name) {
         t.append(name, value);
     }
 }

@@ -558,16 +558,7 @@ impl WasmPlugin {
 
     /// Callouts no stage waits for: their answers still reach the filter.
     fn spawn(&self, s: StreamRef, calls: Vec<PendingCall>) {
-        if calls.is_empty() {
-            return;
-        }
-        let _ = vm::with_vm_id(self.def.id, |vm| {
-            if vm.generation == s.generation {
-                vm.state().calls.extend(calls);
-                vm.spawn_pending();
-            }
-            Ok(())
-        });
+        spawn_detached(self.def.id, s, calls);
     }
 
     /// Waits for callouts, delivering each answer, until the filter continues the stream (the
@@ -831,21 +822,27 @@ impl polygate_core::plugin::ChunkFilter for StreamedBody {
                 return Ok(None);
             }
         }
-        if !o.calls.is_empty() {
-            let _ = vm::with_vm_id(self.def.id, |vm| {
-                if vm.generation == s.generation {
-                    vm.state().calls.extend(o.calls);
-                    vm.spawn_pending();
-                }
-                Ok(())
-            });
-        }
+        spawn_detached(self.def.id, s, o.calls);
         if eof {
             self.done = true;
         }
         *chunk = Bytes::from(out);
         Ok(None)
     }
+}
+
+/// Runs callouts of stream `s` that nothing waits for, on the instance that made them (their
+/// answers still reach the filter).
+fn spawn_detached(def: u64, s: StreamRef, calls: Vec<PendingCall>) {
+    if calls.is_empty() {
+        return;
+    }
+    let _ = vm::with_vm_id(def, |vm| {
+        if vm.generation == s.generation {
+            vm.spawn_calls(calls);
+        }
+        Ok(())
+    });
 }
 
 /// Callouts in flight: each resolves to (root context, token, answer).
@@ -1023,8 +1020,7 @@ impl Plugin for WasmPlugin {
             if eof {
                 st.resp_body_done = true;
             }
-            vm.state().calls.extend(o.calls);
-            vm.spawn_pending();
+            vm.spawn_calls(o.calls);
             Ok(BodyStep::Emit(out))
         });
         match r {

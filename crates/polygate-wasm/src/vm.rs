@@ -362,18 +362,17 @@ impl Vm {
     /// `proxy_on_request_body` with the whole buffered body (`end_of_stream` set); the body
     /// as the filter left it replaces `req.body`.
     pub fn request_body(&mut self, id: u32, req: &mut RequestCtx) -> Result<i32, VmError> {
-        let Some(f) = self.cb.request_body.clone() else {
-            return Ok(0);
-        };
         let body = req.body.take().unwrap_or_default();
-        let len = body.len() as i32;
-        self.store.data_mut().body = Some((buffer::HTTP_REQUEST_BODY, body.to_vec()));
-        let r = self.with_view(id, View::of(req, None), |vm| {
-            vm.call(&f, (id as i32, len, 1))
-        });
-        let out = self.store.data_mut().body.take().map(|(_, b)| b);
-        req.body = Some(out.map(Bytes::from).unwrap_or(body));
-        r
+        match self.body(id, 0, Some(&mut *req), body.to_vec(), true) {
+            Ok((action, out)) => {
+                req.body = Some(Bytes::from(out));
+                Ok(action)
+            }
+            Err(e) => {
+                req.body = Some(body);
+                Err(e)
+            }
+        }
     }
 
     /// `proxy_on_response_headers`.
@@ -618,6 +617,12 @@ impl Vm {
         self.spawn_pending();
     }
 
+    /// Runs `calls` on their own (no stream waits for them).
+    pub fn spawn_calls(&mut self, calls: Vec<PendingCall>) {
+        self.state().calls.extend(calls);
+        self.spawn_pending();
+    }
+
     /// Runs the callouts started since the last call on their own (no stream waits).
     pub fn spawn_pending(&mut self) {
         let def = self.store.data().def.id;
@@ -758,30 +763,16 @@ pub fn with_vm<T>(
 ) -> Result<T, VmError> {
     VMS.with(|m| {
         let mut m = m.borrow_mut();
-        if let Some(vm) = m.get_mut(&def.id) {
-            let r = f(vm);
-            if let Err(e) = &r {
-                tracing::error!(wasm = %def.name, "{e}; the instance is rebuilt for the next request");
-                m.remove(&def.id);
-            }
-            return r;
+        if m.contains_key(&def.id) {
+            return Ok(());
         }
         // instances of plugins no configuration uses any more
         m.retain(|_, vm| Arc::strong_count(&vm.store.data().def) > 1);
-        let vm = match Vm::new(def) {
-            Ok(vm) => m.entry(def.id).or_insert(vm),
-            Err(e) => {
-                tracing::error!(wasm = %def.name, "{e}");
-                return Err(e);
-            }
-        };
-        let r = f(vm);
-        if let Err(e) = &r {
-            tracing::error!(wasm = %def.name, "{e}; the instance is rebuilt for the next request");
-            m.remove(&def.id);
-        }
-        r
-    })
+        let vm = Vm::new(def).inspect_err(|e| tracing::error!(wasm = %def.name, "{e}"))?;
+        m.insert(def.id, vm);
+        Ok(())
+    })?;
+    with_vm_id(def.id, f).unwrap_or_else(|| Err(VmError::Start("instance missing".into())))
 }
 
 /// Like [`with_vm`] for an instance that must exist already (tasks and later phases):
