@@ -703,14 +703,21 @@ fn bad_modules_and_configurations_are_refused_at_load() {
     assert_eq!(code, 1);
     assert!(out.contains("cannot read"), "{out}");
 
+    // APISIX's schema cases, from its t/wasm/route.t: TEST 1 (no conf: refused), TEST 2 (a
+    // number: refused), TEST 3 (an empty object: accepted), TEST 7 (an `id` beside conf)
     let good = libs::wat("headers").display().to_string();
     let (code, out) = validate_wasm(&good, "{f: {}}");
     assert_eq!(code, 1);
     assert!(out.contains("routes[0].plugins.f.conf: required"), "{out}");
+    let (code, out) = validate_wasm(&good, "{f: {conf: 123}}");
+    assert_eq!(code, 1);
+    assert!(out.contains("routes[0].plugins.f.conf"), "{out}");
     let (code, out) = validate_wasm(&good, "{f: {conf: \"\"}}");
     assert_eq!(code, 1);
     assert!(out.contains("routes[0].plugins.f.conf"), "{out}");
+    assert_eq!(validate_wasm(&good, "{f: {conf: {}}}").0, 0);
     assert_eq!(validate_wasm(&good, "{f: {conf: {a: 1}}}").0, 0);
+    assert_eq!(validate_wasm(&good, "{f: {id: log, conf: blahblah}}").0, 0);
 
     let text = format!(
         "gateway:\n  wasm:\n    plugins:\n      - {{name: key-auth, file: \"{good}\", priority: 1}}\n#END\n"
