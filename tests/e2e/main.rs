@@ -16,5 +16,7 @@ mod python_rt;
 mod routing;
 mod security;
 mod soak;
+mod tls;
 mod upstream_http;
 mod wasm;
+mod websocket;

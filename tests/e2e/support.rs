@@ -360,6 +360,27 @@ impl Gateway {
         panic!("gateway did not report its port:\n{}", self.stderr());
     }
 
+    /// Starts with an exact file text whose listeners use port 0; `port` is the first
+    /// listener's ([`Gateway::ports`] has them all).
+    pub fn start_text(text: &str) -> Gateway {
+        let mut gw = Self::spawn(text, &[]);
+        gw.port = gw.wait_listening();
+        gw.wait_ready();
+        gw
+    }
+
+    /// The bound port of every listener, in configuration order.
+    pub fn ports(&self) -> Vec<u16> {
+        self.stderr()
+            .lines()
+            .filter_map(|l| {
+                let rest = l.split("listening on ").nth(1)?;
+                let addr = rest.split_whitespace().next()?;
+                addr.rsplit(':').next()?.parse::<u16>().ok()
+            })
+            .collect()
+    }
+
     /// Starts with an exact file text.
     pub fn start_raw(port: u16, text: &str) -> Gateway {
         Self::start_args(port, text, &[])

@@ -50,6 +50,8 @@ pub struct RequestCtx {
     pub server_addr: SocketAddr,
     /// `http` or `https`.
     pub scheme: &'static str,
+    /// The client connection's TLS facts; `None` on plain connections.
+    pub tls: Option<Arc<TlsFacts>>,
     /// Host (without port) of the request, lower case.
     pub host: Option<String>,
     /// Matched route id.
@@ -116,6 +118,7 @@ impl RequestCtx {
             client_addr,
             server_addr,
             scheme: "http",
+            tls: None,
             host,
             route_id: None,
             service_id: None,
@@ -359,6 +362,14 @@ impl VarSource for RequestCtx {
             "server_port" => Cow::Owned(self.server_addr.port().to_string()),
             "host" => Cow::Borrowed(self.host.as_deref()?),
             "scheme" => Cow::Borrowed(self.scheme),
+            "https" => Cow::Borrowed(if self.tls.is_some() { "on" } else { "" }),
+            "ssl_server_name" => Cow::Borrowed(self.tls.as_ref()?.sni.as_deref()?),
+            "ssl_protocol" => Cow::Borrowed(self.tls.as_ref()?.protocol),
+            "ssl_client_verify" => Cow::Borrowed(if self.tls.as_ref()?.client_verified {
+                "SUCCESS"
+            } else {
+                "NONE"
+            }),
             "server_protocol" => Cow::Borrowed(match self.version {
                 Version::HTTP_10 => "HTTP/1.0",
                 Version::HTTP_2 => "HTTP/2.0",
@@ -423,4 +434,16 @@ mod tests {
         assert_eq!(decode_component("a%2Fb+c"), "a/b c");
         assert_eq!(decode_component("bad%zz%"), "bad%zz%");
     }
+}
+
+/// What a TLS client connection established, for `vars` (`ssl_server_name`, `ssl_protocol`,
+/// `ssl_client_verify`, `https`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFacts {
+    /// The SNI the client sent.
+    pub sni: Option<Box<str>>,
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub protocol: &'static str,
+    /// Whether the client presented a certificate that was verified.
+    pub client_verified: bool,
 }

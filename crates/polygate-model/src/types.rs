@@ -181,6 +181,81 @@ pub struct GatewaySection {
     /// proxy-wasm filters: the plugins they provide and the limits they run under.
     #[serde(default)]
     pub wasm: WasmConfig,
+    /// TLS settings beside the `ssls` resources (APISIX's `apisix.ssl` in `config.yaml`).
+    #[serde(default)]
+    pub ssl: SslSettings,
+    /// HTTP/2 limits of the client-facing listeners (TLS with ALPN `h2`, and h2c).
+    #[serde(default)]
+    pub http2: Http2Settings,
+}
+
+/// `gateway.ssl`: process-wide TLS settings. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SslSettings {
+    /// The server name used to choose a certificate for a client that sends no SNI (APISIX's
+    /// `apisix.ssl.fallback_sni`). Without it such a handshake is refused.
+    #[serde(default)]
+    pub fallback_sni: Option<String>,
+    /// CA certificates that upstream TLS certificates are verified against: `system` (default:
+    /// the system's trust store) or the path of a PEM file (APISIX's
+    /// `apisix.ssl.ssl_trusted_certificate`).
+    #[serde(default)]
+    pub ssl_trusted_certificate: Option<String>,
+    /// Offer TLS session tickets (keys rotate every 6 hours; default true). Session-id
+    /// resumption is always on.
+    #[serde(default)]
+    pub session_tickets: Option<bool>,
+}
+
+/// `gateway.http2`: limits of downstream HTTP/2 connections.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2Settings {
+    /// Concurrent streams per connection (default 128, nginx's `http2_max_concurrent_streams`).
+    #[serde(default = "default_h2_streams")]
+    pub max_concurrent_streams: u32,
+    /// Largest header list a client may send, in bytes (default 64 KiB).
+    #[serde(default = "default_h2_header_list")]
+    pub max_header_list_size: u32,
+    /// Initial flow-control window of each stream, in bytes (default 64 KiB, as nginx).
+    #[serde(default = "default_h2_window")]
+    pub initial_stream_window: u32,
+    /// Initial flow-control window of each connection, in bytes (default 1 MiB).
+    #[serde(default = "default_h2_conn_window")]
+    pub initial_connection_window: u32,
+    /// Streams a client may reset before polygate answers them (rapid-reset defence); past
+    /// this many pending resets the connection is closed with `ENHANCE_YOUR_CALM`. Default 20.
+    #[serde(default = "default_h2_resets")]
+    pub max_pending_accept_reset_streams: usize,
+}
+
+impl Default for Http2Settings {
+    fn default() -> Self {
+        Http2Settings {
+            max_concurrent_streams: default_h2_streams(),
+            max_header_list_size: default_h2_header_list(),
+            initial_stream_window: default_h2_window(),
+            initial_connection_window: default_h2_conn_window(),
+            max_pending_accept_reset_streams: default_h2_resets(),
+        }
+    }
+}
+
+fn default_h2_streams() -> u32 {
+    128
+}
+fn default_h2_header_list() -> u32 {
+    64 * 1024
+}
+fn default_h2_window() -> u32 {
+    64 * 1024
+}
+fn default_h2_conn_window() -> u32 {
+    1024 * 1024
+}
+fn default_h2_resets() -> usize {
+    20
 }
 
 /// `gateway.wasm`: proxy-wasm plugins, as APISIX's `wasm.plugins` in `config.yaml`, and the
@@ -389,6 +464,8 @@ impl Default for GatewaySection {
             lua: LuaConfig::default(),
             merge_slashes: true,
             wasm: WasmConfig::default(),
+            ssl: SslSettings::default(),
+            http2: Http2Settings::default(),
         }
     }
 }
@@ -415,10 +492,12 @@ fn default_watch_interval() -> f64 {
 pub struct ListenerConfig {
     /// `ip:port` to bind.
     pub addr: String,
-    /// Terminate TLS on this listener (certificates from `ssls`). Not served yet: rejected.
+    /// Terminate TLS on this listener, with the certificate of the `ssls` resource matching the
+    /// client's SNI (or `gateway.ssl.fallback_sni`).
     #[serde(default)]
     pub tls: bool,
-    /// Accept HTTP/2 (cleartext prior knowledge, h2c) besides HTTP/1.1.
+    /// Accept HTTP/2 besides HTTP/1.1: by ALPN `h2` on a TLS listener, by prior knowledge
+    /// (h2c) on a plain one.
     #[serde(default)]
     pub http2: bool,
 }

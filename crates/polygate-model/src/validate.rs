@@ -199,12 +199,6 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
                 format!("{:?} is not an ip:port address", l.addr),
             );
         }
-        if l.tls {
-            errs.push(
-                format!("{p}.tls"),
-                "TLS listeners are not available in this release (planned with SNI certificates from `ssls`)",
-            );
-        }
     }
     if let Some(m) = &gw.metrics
         && m.addr.parse::<std::net::SocketAddr>().is_err()

@@ -150,7 +150,7 @@ async fn exchange(
         idle_timeout: polygate_model::secs(up.keepalive.idle_timeout),
         max_uses: up.keepalive.requests.clamp(1, u32::MAX as i64) as u32,
     };
-    let mut co = pool::checkout(node, limits, connect_to)
+    let mut co = pool::checkout(node, limits, connect_to, None)
         .await
         .map_err(|e| failed(&e))?;
     let head = encode(&req).map_err(|e| CalloutError::Failed(e.to_owned()))?;

@@ -49,6 +49,9 @@ pub struct Forward<'a> {
     pub trusted: bool,
     /// An untrusted peer's `X-Forwarded-For` is dropped (`trusted_addresses` is configured).
     pub drop_xff: bool,
+    /// The client's `Upgrade` value when the route proxies WebSocket upgrades: sent on with
+    /// `Connection: upgrade`.
+    pub upgrade: Option<&'a HeaderValue>,
 }
 
 /// A request that must not be written upstream.
@@ -192,6 +195,11 @@ pub fn encode_head(
         out.put_slice(fwd.port.as_bytes());
         out.put_slice(b"\r\n");
     }
+    if let Some(u) = fwd.upgrade {
+        out.put_slice(b"connection: upgrade\r\nupgrade: ");
+        out.put_slice(u.as_bytes());
+        out.put_slice(b"\r\n");
+    }
     let mut chunked = false;
     match body {
         ReqBody::Empty | ReqBody::Full(None) => {
@@ -220,10 +228,59 @@ pub fn encode_head(
     Ok((out, chunked))
 }
 
+/// The transport of an upstream connection: plain TCP (with the non-blocking fast paths) or
+/// TLS.
+pub enum Stream {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// An upstream HTTP/1.1 connection.
 pub struct H1Conn {
-    io: TcpStream,
+    io: Stream,
     buf: BytesMut,
+    /// The request in flight asked for a protocol upgrade: a `101` answer is expected.
+    pub upgrade: bool,
 }
 
 /// Why an exchange failed.
@@ -284,27 +341,52 @@ pub struct Head {
 
 impl H1Conn {
     /// Wraps a connected stream.
-    pub fn new(io: TcpStream) -> H1Conn {
+    pub fn new(io: Stream) -> H1Conn {
         H1Conn {
             io,
             buf: BytesMut::with_capacity(8 * 1024),
+            upgrade: false,
         }
+    }
+
+    /// The transport, taken apart from the connection (a protocol upgrade: what the upstream
+    /// sent after its `101` head comes along).
+    pub fn into_parts(self) -> (Stream, BytesMut) {
+        (self.io, self.buf)
     }
 
     /// False when the peer has closed the connection (or sent unsolicited data) while it sat
     /// idle. Costs a syscall only when the event loop saw the socket become readable.
-    pub fn looks_alive(&self) -> bool {
-        let mut b = [0u8; 1];
-        match self.io.try_read(&mut b) {
-            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
-            Ok(_) => false,
+    pub fn looks_alive(&mut self) -> bool {
+        match &mut self.io {
+            Stream::Tcp(s) => {
+                let mut b = [0u8; 1];
+                match s.try_read(&mut b) {
+                    Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+                    Ok(_) => false,
+                }
+            }
+            Stream::Tls(s) => {
+                // one poll without a waker: pending means nothing arrived (no close_notify, no
+                // unsolicited record)
+                let mut b = [0u8; 1];
+                let mut rb = tokio::io::ReadBuf::new(&mut b);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                matches!(
+                    tokio::io::AsyncRead::poll_read(Pin::new(s.as_mut()), &mut cx, &mut rb),
+                    Poll::Pending
+                )
+            }
         }
     }
 
     /// Writes `head` without waiting if the socket takes it all at once (the common case for a
     /// request without a body); returns false when the caller must use [`H1Conn::send`].
     pub fn try_send_head(&mut self, head: &[u8]) -> bool {
-        matches!(self.io.try_write(head), Ok(n) if n == head.len())
+        match &self.io {
+            Stream::Tcp(s) => matches!(s.try_write(head), Ok(n) if n == head.len()),
+            Stream::Tls(_) => false,
+        }
     }
 
     /// Writes a request whose head was made by [`encode_head`]; a streamed body follows in
@@ -427,12 +509,12 @@ impl H1Conn {
     }
 
     fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, H1Error> {
-        parse_head(&mut self.buf, method)
+        parse_head(&mut self.buf, method, self.upgrade)
     }
 }
 
 /// Parses a response head at the start of `buf` (consumed when complete).
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
+fn parse_head(buf: &mut BytesMut, method: &Method, upgrade: bool) -> Result<Option<Head>, H1Error> {
     if buf.is_empty() {
         return Ok(None);
     }
@@ -509,11 +591,22 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Err
         }
         if !is_hop_by_hop(&name) {
             headers.append(name, value);
+        } else if upgrade && status == StatusCode::SWITCHING_PROTOCOLS && name == header::UPGRADE {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.append(name, value);
         }
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        // polygate never asks for an upgrade (Upgrade is hop-by-hop): a 101 is unsolicited
-        return Err(H1Error::Parse("unsolicited 101 Switching Protocols".into()));
+        if !upgrade {
+            // only a request that asked for an upgrade may get one (Upgrade is hop-by-hop)
+            return Err(H1Error::Parse("unsolicited 101 Switching Protocols".into()));
+        }
+        return Ok(Some(Head {
+            status,
+            headers,
+            framing: Framing::Done,
+            keep_alive: false,
+        }));
     }
     let no_body = *method == Method::HEAD
         || status.is_informational()
@@ -734,7 +827,7 @@ pub fn fuzz_response(data: &[u8]) {
         Method::GET
     };
     let mut buf = BytesMut::from(data.get(1..).unwrap_or_default());
-    let Ok(Some(head)) = parse_head(&mut buf, &method) else {
+    let Ok(Some(head)) = parse_head(&mut buf, &method, false) else {
         return;
     };
     if let Framing::Chunked(mut state) = head.framing {
@@ -1150,7 +1243,7 @@ mod tests {
         ];
         for (name, raw, method, want) in cases {
             let mut buf = BytesMut::from(*raw);
-            let got = match parse_head(&mut buf, method) {
+            let got = match parse_head(&mut buf, method, false) {
                 Ok(Some(h)) => Ok((
                     match h.framing {
                         Framing::Length(n) => F::Len(n),

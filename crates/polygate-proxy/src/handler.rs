@@ -152,6 +152,11 @@ pub struct ConnInfo {
     pub local_port: Box<str>,
     /// The byte-level verdicts on this connection's request heads.
     pub verdicts: crate::sniff::Verdicts,
+    /// TLS facts of the connection (`None` on plain connections).
+    pub tls: Option<Arc<polygate_core::ctx::TlsFacts>>,
+    /// With `client.skip_mtls_uri_regex` on the matched certificate: a request on a connection
+    /// without a verified client certificate must match one of these, or it gets 400.
+    pub skip_mtls: Option<regex::RegexSet>,
 }
 
 impl ConnInfo {
@@ -167,6 +172,8 @@ impl ConnInfo {
             client_ip: client.ip().to_string().into_boxed_str(),
             local_port: local.port().to_string().into_boxed_str(),
             verdicts,
+            tls: None,
+            skip_mtls: None,
         }
     }
 }
@@ -258,7 +265,10 @@ pub async fn handle(
 ) -> Response<RespBody> {
     let (client, local) = (conn.client, conn.local);
     let snap = shared.snapshot();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // a WebSocket handshake (RFC 6455 section 4.1): the client's side of the upgrade
+    let upgrade = ws_upgrade(&parts)
+        .and_then(|v| Some((v, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?)));
     let sniffed = if parts.version < http::Version::HTTP_2 {
         conn.verdicts.next()
     } else {
@@ -299,10 +309,22 @@ pub async fn handle(
         local,
         snap.consumers.clone(),
     );
-    let bad = head_check.and_then(|()| {
-        ctx.normalize_path(snap.gateway.merge_slashes)
-            .map_err(|e| GatewayError::BadRequest(e.to_string()))
-    });
+    if let Some(t) = &conn.tls {
+        ctx.scheme = "https";
+        ctx.tls = Some(t.clone());
+    }
+    let bad = head_check
+        .and_then(|()| {
+            ctx.normalize_path(snap.gateway.merge_slashes)
+                .map_err(|e| GatewayError::BadRequest(e.to_string()))
+        })
+        .and_then(|()| match (&conn.skip_mtls, &conn.tls) {
+            // nginx's answer to a request that needed a client certificate and came without
+            (Some(skip), Some(t)) if !t.client_verified && !skip.is_match(&ctx.path) => Err(
+                GatewayError::BadRequest("No required SSL certificate was sent".into()),
+            ),
+            _ => Ok(()),
+        });
     if let Err(e) = bad {
         tracing::info!(client = %client, target = %ctx.request_uri, "refused: {e}");
         let mut r = e.into_response();
@@ -332,6 +354,13 @@ pub async fn handle(
     ctx.service_id = entry.data.service_id.clone();
     ctx.upstream_id = entry.data.upstream.as_ref().map(|u| u.id.clone());
     ctx.uri_params = params;
+    let on_upgrade = match upgrade {
+        Some((v, on)) if entry.data.websocket => {
+            ctx.extensions.insert(WsUpgrade(v));
+            Some(on)
+        }
+        _ => None,
+    };
 
     let mut merged: Option<PluginChain> = None;
     let outcome = run_request(&snap, &entry, &mut ctx, &mut merged, body, conn).await;
@@ -358,6 +387,28 @@ pub async fn handle(
             guard,
             read_timeout,
         }) => {
+            if h1head.status == http::StatusCode::SWITCHING_PROTOCOLS
+                && let Some(on) = on_upgrade
+            {
+                let mut head = ResponseHead {
+                    status: h1head.status,
+                    headers: h1head.headers,
+                };
+                let chain = merged.as_ref().unwrap_or(&entry.data.chain);
+                response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
+                drop(ret);
+                tokio::spawn(tunnel(on, conn, read_timeout, guard, entry.data.id.clone()));
+                let fin = Box::new(Fin {
+                    ctx,
+                    shared: shared.clone(),
+                    snap,
+                    entry: Some(entry),
+                    merged,
+                    _guard: None,
+                    upstream_id,
+                });
+                return into_response(head, RespBody::full(Bytes::new(), Some(fin)));
+            }
             let body = H1Body::new(conn, &h1head, ret, read_timeout);
             let mut head = ResponseHead {
                 status: h1head.status,
@@ -397,6 +448,88 @@ pub async fn handle(
                 None => RespBody::upstream(body, Some(fin)),
             };
             into_response(head, body)
+        }
+    }
+}
+
+/// The client's `Upgrade` value on a route that proxies WebSocket.
+#[derive(Clone)]
+struct WsUpgrade(HeaderValue);
+
+/// The `Upgrade` value of an HTTP/1.1 WebSocket handshake request: GET, `Connection` naming
+/// `upgrade`, `Upgrade` naming `websocket`.
+fn ws_upgrade(parts: &http::request::Parts) -> Option<HeaderValue> {
+    if parts.version != http::Version::HTTP_11 || parts.method != Method::GET {
+        return None;
+    }
+    let up = parts.headers.get(header::UPGRADE)?;
+    let token = |v: &HeaderValue, want: &str| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
+    };
+    let conn_upgrade = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| token(v, "upgrade"));
+    (conn_upgrade && token(up, "websocket")).then(|| up.clone())
+}
+
+/// Both directions of an upgraded connection, byte for byte, until either side closes or
+/// nothing moves for `idle` (nginx's `proxy_read_timeout` on a WebSocket).
+async fn tunnel(
+    on: hyper::upgrade::OnUpgrade,
+    conn: crate::h1::H1Conn,
+    idle: Duration,
+    guard: ActiveGuard,
+    route: Arc<str>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _guard = guard;
+    let client = match on.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::info!(route = %route, "upgrade: {e}");
+            return;
+        }
+    };
+    let (upstream, leftover) = conn.into_parts();
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    if !leftover.is_empty() && client.write_all(&leftover).await.is_err() {
+        return;
+    }
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(upstream);
+    let (mut b1, mut b2) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut c_open, mut u_open) = (true, true);
+    while c_open || u_open {
+        tokio::select! {
+            r = cr.read(&mut b1), if c_open => match r {
+                Ok(n) if n > 0 => {
+                    if uw.write_all(&b1[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    c_open = false;
+                    let _ = uw.shutdown().await;
+                }
+            },
+            r = ur.read(&mut b2), if u_open => match r {
+                Ok(n) if n > 0 => {
+                    if cw.write_all(&b2[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    u_open = false;
+                    let _ = cw.shutdown().await;
+                }
+            },
+            _ = tokio::time::sleep(idle) => {
+                tracing::info!(route = %route, "upgraded connection idle for {idle:?}: closed");
+                break;
+            }
         }
     }
 }
@@ -628,7 +761,7 @@ async fn proxy(
     body: Option<Incoming>,
     conn: &ConnInfo,
 ) -> Result<Outcome, GatewayError> {
-    if up.scheme != "http" {
+    if up.scheme != "http" && up.scheme != "https" {
         return Err(GatewayError::UnsupportedScheme(up.scheme.clone()));
     }
     let t = route_timeout
@@ -677,6 +810,7 @@ async fn proxy(
         .map(|(_, p)| p)
         .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     let trusted = snap.is_trusted(conn.client.ip());
+    let ws = ctx.extensions.get::<WsUpgrade>().map(|w| w.0.clone());
     let fwd = h1::Forward {
         client_ip: &conn.client_ip,
         scheme: ctx.scheme,
@@ -684,6 +818,7 @@ async fn proxy(
         host: client_host.as_ref(),
         trusted,
         drop_xff: !trusted && !snap.trusted.is_empty(),
+        upgrade: ws.as_ref(),
     };
 
     let started = Instant::now();
@@ -713,14 +848,6 @@ async fn proxy(
         {
             return Ok(Outcome::Local(r));
         }
-        let mut co = match pool::checkout(node, limits, connect_to).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(upstream = %up.id, node = %node.key, "{e}");
-                last_err = Some(e);
-                continue;
-            }
-        };
         let host = match (&ctx.upstream_host, up.pass_host) {
             (Some(h), _) => Some(h),
             (None, PassHost::Node) => Some(&node.host_header),
@@ -728,6 +855,22 @@ async fn proxy(
             // an HTTP/1.0 client may send no Host: the upstream still gets one
             (None, PassHost::Pass) if client_host.is_none() => Some(&node.host_header),
             (None, PassHost::Pass) => None,
+        };
+        let sni = match &up.tls {
+            Some(_) => host
+                .or(client_host.as_ref())
+                .and_then(|h| h.to_str().ok())
+                .map_or("", polygate_core::ctx::strip_port),
+            None => "",
+        };
+        let tls = up.tls.as_deref().map(|t| (t, sni));
+        let mut co = match pool::checkout(node, limits, connect_to, tls).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(upstream = %up.id, node = %node.key, "{e}");
+                last_err = Some(e);
+                continue;
+            }
         };
         let uri = ctx.upstream_uri();
         let probe_body = if replayable {
@@ -739,6 +882,7 @@ async fn proxy(
             h1::encode_head(&method, &uri, &ctx.headers, host, &fwd, &probe_body)
                 .map_err(|e| GatewayError::InvalidUpstreamRequest(e.to_string()))?;
         let mut req_body = Some(probe_body);
+        co.conn.upgrade = ws.is_some();
         let guard = ActiveGuard::new(up.clone(), idx);
         let t0 = Instant::now();
         let may_retry_after = replayable && attempt < up.retries && is_idempotent(&method);
@@ -771,7 +915,7 @@ async fn proxy(
                         && (!sent || is_idempotent(&method)) =>
                 {
                     fresh_retry = true;
-                    match pool::connect_new(node, connect_to).await {
+                    match pool::connect_new(node, connect_to, tls).await {
                         Ok(c) => {
                             co.conn = c;
                             co.reused = false;

@@ -25,6 +25,7 @@ pub mod pool;
 pub mod server;
 pub mod snapshot;
 pub mod sniff;
+pub mod tls;
 pub mod upstream;
 
 pub use server::{ConfigSource, StartError, Started, check, serve, start};

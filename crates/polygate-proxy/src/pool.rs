@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 use polygate_core::GatewayError;
 use tokio::net::TcpStream;
 
-use crate::h1::H1Conn;
+use rustls::pki_types::ServerName;
+
+use crate::h1::{H1Conn, Stream};
+use crate::tls::UpstreamTls;
 use crate::upstream::Node;
 
 struct Idle {
@@ -108,8 +111,10 @@ pub async fn checkout(
     node: &Node,
     limits: PoolLimits,
     connect_timeout: Duration,
+    tls: Option<(&UpstreamTls, &str)>,
 ) -> Result<Checkout, GatewayError> {
-    while let Some(idle) = take_idle(&node.key) {
+    let key = pool_key(node, tls);
+    while let Some(mut idle) = take_idle(&key) {
         if !idle.conn.looks_alive() {
             continue;
         }
@@ -117,27 +122,32 @@ pub async fn checkout(
             conn: idle.conn,
             reused: true,
             ret: PoolReturn {
-                key: node.key.clone(),
+                key,
                 uses: idle.uses + 1,
                 limits,
             },
         });
     }
-    let conn = connect_new(node, connect_timeout).await?;
+    let conn = connect_new(node, connect_timeout, tls).await?;
     Ok(Checkout {
         conn,
         reused: false,
         ret: PoolReturn {
-            key: node.key.clone(),
+            key,
             uses: 1,
             limits,
         },
     })
 }
 
-/// Opens a new connection to `node` within `connect_timeout`.
-pub async fn connect_new(node: &Node, connect_timeout: Duration) -> Result<H1Conn, GatewayError> {
-    tokio::time::timeout(connect_timeout, connect(node))
+/// Opens a new connection to `node` within `connect_timeout` (the TLS handshake included);
+/// with `tls`, the name to send as SNI and verify (empty: the node's host).
+pub async fn connect_new(
+    node: &Node,
+    connect_timeout: Duration,
+    tls: Option<(&UpstreamTls, &str)>,
+) -> Result<H1Conn, GatewayError> {
+    tokio::time::timeout(connect_timeout, connect(node, tls))
         .await
         .map_err(|_| GatewayError::Timeout {
             addr: node.key.to_string(),
@@ -145,7 +155,7 @@ pub async fn connect_new(node: &Node, connect_timeout: Duration) -> Result<H1Con
         })?
 }
 
-async fn connect(node: &Node) -> Result<H1Conn, GatewayError> {
+async fn connect(node: &Node, tls: Option<(&UpstreamTls, &str)>) -> Result<H1Conn, GatewayError> {
     let err = |reason: String| GatewayError::Connect {
         addr: node.key.to_string(),
         reason,
@@ -168,5 +178,36 @@ async fn connect(node: &Node) -> Result<H1Conn, GatewayError> {
         .await
         .map_err(|e| err(e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    Ok(H1Conn::new(stream))
+    let Some((tls, sni)) = tls else {
+        return Ok(H1Conn::new(Stream::Tcp(stream)));
+    };
+    let name = server_name(sni, node)?;
+    let s = tokio_rustls::TlsConnector::from(tls.config.clone())
+        .connect(name, stream)
+        .await
+        .map_err(|e| GatewayError::Connect {
+            addr: node.key.to_string(),
+            reason: format!("TLS handshake: {e}"),
+        })?;
+    Ok(H1Conn::new(Stream::Tls(Box::new(s))))
+}
+
+/// The name a TLS upstream's certificate is checked against and that goes out as SNI: the
+/// host sent upstream (nginx's `proxy_ssl_name $upstream_host` in APISIX), or the node's.
+fn server_name(sni: &str, node: &Node) -> Result<ServerName<'static>, GatewayError> {
+    let host = if sni.is_empty() { &node.host } else { sni };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned()).map_err(|e| GatewayError::Connect {
+        addr: node.key.to_string(),
+        reason: format!("TLS server name {host:?}: {e}"),
+    })
+}
+
+/// The pool key of a connection: the node's address, plus for TLS what else makes a
+/// connection different (verification, client certificate, SNI).
+pub fn pool_key(node: &Node, tls: Option<(&UpstreamTls, &str)>) -> Arc<str> {
+    match tls {
+        None => node.key.clone(),
+        Some((t, sni)) => Arc::from(format!("{}|{sni}|{}", t.tag, node.key).as_str()),
+    }
 }

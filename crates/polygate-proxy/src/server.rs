@@ -16,7 +16,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use polygate_config::watch::read_file;
 use polygate_config::{Applied, Document, Pipeline};
 use polygate_core::PluginRegistry;
@@ -145,8 +144,8 @@ fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpListe
 fn bind_all(
     gw: &GatewaySection,
     workers: usize,
-) -> Result<Vec<Vec<(std::net::TcpListener, bool)>>, StartError> {
-    let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> =
+) -> Result<Vec<Vec<(std::net::TcpListener, Proto)>>, StartError> {
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, Proto)>> =
         (0..workers).map(|_| Vec::new()).collect();
     for l in &gw.listeners {
         let addr: SocketAddr = l
@@ -157,18 +156,31 @@ fn bind_all(
             addr: l.addr.clone(),
             source,
         };
+        let proto = Proto {
+            http2: l.http2,
+            tls: l.tls,
+        };
         let probe = bind(addr, false).map_err(err)?;
         let addr = probe.local_addr().map_err(err)?;
         if workers == 1 {
-            per_worker[0].push((probe, l.http2));
+            per_worker[0].push((probe, proto));
             continue;
         }
         drop(probe);
         for w in per_worker.iter_mut() {
-            w.push((bind(addr, true).map_err(err)?, l.http2));
+            w.push((bind(addr, true).map_err(err)?, proto));
         }
     }
     Ok(per_worker)
+}
+
+/// What a listener speaks.
+#[derive(Clone, Copy)]
+struct Proto {
+    /// HTTP/2 besides HTTP/1.1 (ALPN `h2` with TLS, prior knowledge without).
+    http2: bool,
+    /// TLS with certificates from `ssls`.
+    tls: bool,
 }
 
 /// Settings the workers need.
@@ -196,14 +208,14 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
         gw.worker_threads
     };
     let listeners = bind_all(&gw, workers)?;
-    let bound: Vec<(String, bool)> = listeners
+    let bound: Vec<(String, Proto)> = listeners
         .first()
         .map(|ls| {
             ls.iter()
-                .map(|(l, h2)| {
+                .map(|(l, p)| {
                     (
                         l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                        *h2,
+                        *p,
                     )
                 })
                 .collect()
@@ -288,8 +300,12 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
         handles.push(h);
     }
     // the bound addresses (a port 0 in the configuration shows the one the system chose)
-    for (addr, http2) in &bound {
-        tracing::info!("listening on {addr} (http2: {http2}), {workers} worker threads");
+    for (addr, p) in &bound {
+        tracing::info!(
+            "listening on {addr} (tls: {}, http2: {}), {workers} worker threads",
+            p.tls,
+            p.http2
+        );
     }
 
     main_rt.block_on(async {
@@ -372,14 +388,15 @@ async fn wait_for_signal() {
 
 async fn worker(
     id: usize,
-    listeners: Vec<(std::net::TcpListener, bool)>,
+    listeners: Vec<(std::net::TcpListener, Proto)>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
     opts: WorkerOpts,
 ) {
-    let graceful = Arc::new(GracefulShutdown::new());
+    // every connection task holds a clone of `live`: `recv` ends when the last one is gone
+    let (live, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut loops = Vec::new();
-    for (l, http2) in listeners {
+    for (l, proto) in listeners {
         let l = match TcpListener::from_std(l) {
             Ok(l) => l,
             Err(e) => {
@@ -389,10 +406,13 @@ async fn worker(
         };
         loops.push(tokio::spawn(accept_loop(
             l,
-            http2,
+            proto,
             shared.clone(),
             stop.clone(),
-            graceful.clone(),
+            Drain {
+                stop: stop.clone(),
+                live: live.clone(),
+            },
             opts,
         )));
     }
@@ -408,33 +428,113 @@ async fn worker(
         let _ = l.await;
     }
     sweeper.abort();
-    if let Ok(g) = Arc::try_unwrap(graceful)
-        && tokio::time::timeout(opts.graceful, g.shutdown())
-            .await
-            .is_err()
+    drop(live);
+    if tokio::time::timeout(opts.graceful, all_closed.recv())
+        .await
+        .is_err()
     {
         tracing::warn!("worker {id}: graceful shutdown timed out; closing remaining connections");
     }
 }
 
+/// The connection builders of one listener.
+struct Builders {
+    h1: hyper::server::conn::http1::Builder,
+    auto: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    send_timeout: Duration,
+}
+
+impl Builders {
+    fn new(opts: &WorkerOpts, h2s: &polygate_model::Http2Settings) -> Builders {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        // hyper's default of 100 header lines stays (above it hyper allocates the header index
+        // on every request); nginx's size limits are checked on the bytes (sniff.rs)
+        h1.timer(TokioTimer::new())
+            .writev(false)
+            .header_read_timeout(opts.header_timeout);
+        let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(opts.header_timeout);
+        auto.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(h2s.max_concurrent_streams)
+            .max_header_list_size(h2s.max_header_list_size)
+            .initial_stream_window_size(h2s.initial_stream_window)
+            .initial_connection_window_size(h2s.initial_connection_window)
+            .max_pending_accept_reset_streams(h2s.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(1024);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(h2s.max_concurrent_streams)
+            .max_header_list_size(h2s.max_header_list_size)
+            .initial_stream_window_size(h2s.initial_stream_window)
+            .initial_connection_window_size(h2s.initial_connection_window)
+            .max_pending_accept_reset_streams(h2s.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(1024);
+        Builders {
+            h1,
+            auto,
+            h2,
+            send_timeout: opts.send_timeout,
+        }
+    }
+
+    /// Serves one connection: `h2` only (TLS with ALPN `h2`), HTTP/1.1 only, or either by
+    /// the preface (`auto`, h2c listeners).
+    fn serve<I>(
+        &self,
+        io: I,
+        info: Arc<ConnInfo>,
+        mode: ConnMode,
+        drain: Drain,
+        shared: Arc<Shared>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let sh = shared.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let sh = sh.clone();
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) }
+        });
+        let io = TokioIo::new(crate::io::SendTimeout::new(io, self.send_timeout));
+        match mode {
+            ConnMode::H1 => spawn_connection(
+                self.h1.serve_connection(io, svc).with_upgrades(),
+                drain,
+                shared,
+            ),
+            ConnMode::H2 => spawn_connection(self.h2.serve_connection(io, svc), drain, shared),
+            ConnMode::Auto => spawn_connection(
+                self.auto
+                    .serve_connection_with_upgrades(io, svc)
+                    .into_owned(),
+                drain,
+                shared,
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum ConnMode {
+    H1,
+    H2,
+    Auto,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    http2: bool,
+    proto: Proto,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
+    drain: Drain,
     opts: WorkerOpts,
 ) {
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    // hyper's default of 100 header lines stays (above it hyper allocates the header index
-    // on every request); nginx's size limits are checked on the bytes (sniff.rs)
-    h1.timer(TokioTimer::new())
-        .writev(false)
-        .header_read_timeout(opts.header_timeout);
-    let mut auto = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    auto.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_timeout);
+    let h2s = shared.snapshot().gateway.http2;
+    let builders = Arc::new(Builders::new(&opts, &h2s));
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -449,14 +549,6 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let sh = shared.clone();
-        let (stream, verdicts) = crate::sniff::Sniffed::new(stream);
-        let info = Arc::new(ConnInfo::new(peer, local, verdicts));
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let sh = sh.clone();
-            let info = info.clone();
-            async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) }
-        });
         shared
             .metrics
             .connections_active
@@ -465,31 +557,189 @@ async fn accept_loop(
             .metrics
             .connections_total
             .fetch_add(1, Ordering::Relaxed);
-        let io = TokioIo::new(crate::io::SendTimeout::new(stream, opts.send_timeout));
-        if http2 {
-            let conn = auto.serve_connection(io, svc).into_owned();
-            spawn_connection(graceful.watch(conn), shared.clone());
-        } else {
-            let conn = h1.serve_connection(io, svc);
-            spawn_connection(graceful.watch(conn), shared.clone());
+        let drain = drain.clone();
+        if proto.tls {
+            let (sh, b) = (shared.clone(), builders.clone());
+            tokio::spawn(async move {
+                let limit = opts.header_timeout;
+                match tokio::time::timeout(limit, tls_accept(stream, peer, local, proto, &sh)).await
+                {
+                    Ok(Some((tls, info, h2))) => {
+                        let mode = if h2 { ConnMode::H2 } else { ConnMode::H1 };
+                        b.serve(tls, info, mode, drain, sh);
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(_) => tracing::info!(client = %peer, "TLS handshake timed out"),
+                }
+                drop(drain);
+                sh.metrics
+                    .connections_active
+                    .fetch_sub(1, Ordering::Relaxed);
+            });
+            continue;
         }
+        let (stream, verdicts) = crate::sniff::Sniffed::new(stream);
+        let info = Arc::new(ConnInfo::new(peer, local, verdicts));
+        let mode = if proto.http2 {
+            ConnMode::Auto
+        } else {
+            ConnMode::H1
+        };
+        builders.serve(stream, info, mode, drain, shared.clone());
     }
 }
 
-/// Drives one client connection to its end on this worker, keeping the connection gauge.
-fn spawn_connection<F, E>(conn: F, shared: Arc<Shared>)
+/// A TLS handshake: the client's hello picks the `ssls` entry (by SNI) of the snapshot current
+/// now; `None` (logged) when no certificate fits or the handshake fails.
+async fn tls_accept(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    proto: Proto,
+    shared: &Shared,
+) -> Option<(
+    crate::sniff::Sniffed<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    Arc<ConnInfo>,
+    bool,
+)> {
+    let acceptor =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+    let start = match acceptor.await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(client = %peer, "TLS handshake: {e}");
+            return None;
+        }
+    };
+    let sni = start.client_hello().server_name().map(Box::<str>::from);
+    let snap = shared.snapshot();
+    let Some(entry) = snap.tls.lookup(sni.as_deref()) else {
+        match &sni {
+            Some(s) => {
+                tracing::error!(client = %peer, "failed to find any SSL certificate by SNI: {s}")
+            }
+            None => tracing::error!(
+                client = %peer,
+                "TLS client sent no SNI and gateway.ssl.fallback_sni is not set"
+            ),
+        }
+        return None;
+    };
+    let (config, skip_mtls) = (entry.config(proto.http2), entry.skip_mtls.clone());
+    drop(snap);
+    let tls = match start.into_stream(config).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::info!(client = %peer, sni = sni.as_deref().unwrap_or(""), "TLS handshake: {e}");
+            return None;
+        }
+    };
+    let c = tls.get_ref().1;
+    let h2 = c.alpn_protocol() == Some(b"h2");
+    let facts = polygate_core::ctx::TlsFacts {
+        sni,
+        protocol: match c.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLSv1.3",
+        },
+        client_verified: c.peer_certificates().is_some_and(|p| !p.is_empty()),
+    };
+    let (tls, verdicts) = crate::sniff::Sniffed::new(tls);
+    let mut info = ConnInfo::new(peer, local, verdicts);
+    info.tls = Some(Arc::new(facts));
+    info.skip_mtls = skip_mtls;
+    Some((tls, Arc::new(info), h2))
+}
+
+/// What a connection task needs to stop gracefully: the shutdown signal, and a token whose
+/// drop tells the worker that the connection is gone.
+#[derive(Clone)]
+struct Drain {
+    stop: watch::Receiver<bool>,
+    live: tokio::sync::mpsc::Sender<()>,
+}
+
+/// A served connection that can be asked to finish its in-flight requests and close.
+trait Graceful: std::future::Future<Output = Result<(), Self::Error>> {
+    type Error: std::fmt::Display + Send;
+    fn begin_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
 where
-    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
+    S: hyper::service::HttpService<Incoming>,
+    S::ResBody: http_body::Body + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    type Error = hyper::Error;
+    fn begin_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = hyper::Error;
+    fn begin_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful
+    for hyper_util::server::conn::auto::UpgradeableConnection<'static, I, S, E>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, B>,
+{
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    fn begin_shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Drives one client connection to its end on this worker, keeping the connection gauge; on
+/// shutdown the connection finishes its in-flight requests and closes.
+fn spawn_connection<C>(conn: C, drain: Drain, shared: Arc<Shared>)
+where
+    C: Graceful + Send + 'static,
 {
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let Drain { mut stop, live } = drain;
+        let mut conn = std::pin::pin!(conn);
+        let r = if *stop.borrow() {
+            conn.as_mut().begin_shutdown();
+            conn.await
+        } else {
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.changed() => {
+                    conn.as_mut().begin_shutdown();
+                    conn.await
+                }
+            }
+        };
+        if let Err(e) = r {
             tracing::debug!("client connection: {e}");
         }
         shared
             .metrics
             .connections_active
             .fetch_sub(1, Ordering::Relaxed);
+        drop(live);
     });
 }
 

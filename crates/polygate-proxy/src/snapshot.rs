@@ -17,6 +17,7 @@ use polygate_model::{
 };
 use polygate_router::{Entry, RouteSpec, Router, RouterMode};
 
+use crate::tls::TlsStore;
 use crate::upstream::UpstreamRt;
 
 /// What a matched route carries.
@@ -34,6 +35,8 @@ pub struct RouteData {
     /// What every request gets because the route names a plugin config (503) or a service
     /// (404) that does not exist, as APISIX answers: the missing kind and the status.
     pub refuse: Option<(&'static str, http::StatusCode)>,
+    /// `enable_websocket` of the route, else of its service: upgrades are proxied.
+    pub websocket: bool,
 }
 
 /// What a compiled route depends on; equal fingerprints mean the compiled entry can be reused.
@@ -69,6 +72,9 @@ pub struct Snapshot {
     prepared: u64,
     /// Counts reloads (1 = first load).
     pub version: u64,
+    /// Server certificates by SNI, and what upstream TLS trusts.
+    pub tls: Arc<TlsStore>,
+    tls_src: Arc<(Vec<polygate_model::Ssl>, polygate_model::SslSettings)>,
 }
 
 impl Snapshot {
@@ -131,13 +137,42 @@ impl Snapshot {
         let prepared = registry.validate_config(cfg)?;
         let mut errs = ConfigErrors::default();
 
+        // certificates: rebuilt only when `ssls` or `gateway.ssl` change
+        let ssl_settings = cfg
+            .gateway
+            .as_ref()
+            .map(|g| g.ssl.clone())
+            .unwrap_or_default();
+        let tls_src = Arc::new((cfg.ssls.clone(), ssl_settings));
+        let (tls, tls_src) = match prev {
+            Some(p) if *p.tls_src == *tls_src => (p.tls.clone(), p.tls_src.clone()),
+            _ => (
+                Arc::new(TlsStore::build(&tls_src.0, &tls_src.1, &mut errs)),
+                tls_src,
+            ),
+        };
+        let tls_kept = prev.is_some_and(|p| Arc::ptr_eq(&p.tls_src, &tls_src));
+        let build_up = |id: &str, u: &Upstream, path: &str, errs: &mut ConfigErrors| {
+            let mut rt = UpstreamRt::build(id, u);
+            let alpn: &[&[u8]] = match rt.scheme.as_str() {
+                "https" => &[b"http/1.1"],
+                "grpcs" => &[b"h2"],
+                _ => return rt,
+            };
+            rt.tls = crate::tls::upstream_tls(u, &tls, alpn, path, errs);
+            rt
+        };
+
         // upstreams: keep the runtime (and its balancer state) when the definition is unchanged
         let mut upstreams = HashMap::new();
-        for u in &cfg.upstreams {
+        for (i, u) in cfg.upstreams.iter().enumerate() {
             let Some(id) = &u.id else { continue };
             let (def, rt) = match prev.and_then(|p| p.upstreams.get(&id.0)) {
-                Some((old, rt)) if **old == *u => (old.clone(), rt.clone()),
-                _ => (Arc::new(u.clone()), Arc::new(UpstreamRt::build(&id.0, u))),
+                Some((old, rt)) if **old == *u && tls_kept => (old.clone(), rt.clone()),
+                _ => (
+                    Arc::new(u.clone()),
+                    Arc::new(build_up(&id.0, u, &format!("upstreams[{i}]"), &mut errs)),
+                ),
             };
             upstreams.insert(id.0.clone(), (def, rt));
         }
@@ -181,8 +216,13 @@ impl Snapshot {
                     service_upstreams.insert(id, rt.clone());
                 }
             } else if let Some(u) = &s.upstream {
-                service_upstreams
-                    .insert(id, Arc::new(UpstreamRt::build(&format!("service:{id}"), u)));
+                let rt = build_up(
+                    &format!("service:{id}"),
+                    u,
+                    &format!("services[{i}].upstream"),
+                    &mut errs,
+                );
+                service_upstreams.insert(id, Arc::new(rt));
             }
         }
         let mut pc_plugins: HashMap<&str, InstanceMap> = HashMap::new();
@@ -287,7 +327,13 @@ impl Snapshot {
             let upstream = if let Some(uid) = &r.upstream_id {
                 upstreams.get(&uid.0).map(|(_, rt)| rt.clone())
             } else if let Some(u) = &r.upstream {
-                Some(Arc::new(UpstreamRt::build(&format!("route:{}", id.0), u)))
+                let rt = build_up(
+                    &format!("route:{}", id.0),
+                    u,
+                    &format!("{path}.upstream"),
+                    &mut errs,
+                );
+                Some(Arc::new(rt))
             } else {
                 sid.and_then(|s| service_upstreams.get(s)).cloned()
             };
@@ -333,6 +379,10 @@ impl Snapshot {
                 upstream,
                 timeout: r.timeout,
                 refuse,
+                websocket: r
+                    .enable_websocket
+                    .or(svc.and_then(|s| s.enable_websocket))
+                    .unwrap_or(false),
             };
             match Entry::compile(&spec, data) {
                 Ok(e) => changed.push(e),
@@ -395,6 +445,8 @@ impl Snapshot {
             fingerprints,
             prepared,
             version: prev.map_or(1, |p| p.version + 1),
+            tls,
+            tls_src,
         })
     }
 }

@@ -97,6 +97,8 @@ pub struct UpstreamRt {
     pub scheme: String,
     /// Keep-alive pool settings.
     pub keepalive: KeepalivePool,
+    /// The TLS client side (`scheme: https`/`grpcs`); set by the snapshot builder.
+    pub tls: Option<Arc<crate::tls::UpstreamTls>>,
 }
 
 /// CRC-32 (IEEE), the table form of zlib's and of nginx's `ngx_crc32`.
@@ -282,6 +284,7 @@ impl UpstreamRt {
                 .and_then(|h| HeaderValue::from_str(h).ok()),
             scheme,
             keepalive: u.keepalive_pool.unwrap_or_default(),
+            tls: None,
         }
     }
 
