@@ -766,9 +766,9 @@ pub struct Upstream {
     /// Timeouts.
     #[serde(default)]
     pub timeout: Option<Timeout>,
-    /// Health checks (active checks are served by a later release).
+    /// Health checks: active probes and passive observation of real traffic.
     #[serde(default)]
-    pub checks: Option<serde_json::Value>,
+    pub checks: Option<HealthChecks>,
     /// `pass` (default), `node`, `rewrite`.
     #[serde(default)]
     pub pass_host: Option<String>,
@@ -1063,4 +1063,225 @@ pub struct Ssl {
     /// Server-managed timestamp.
     #[serde(default)]
     pub update_time: Option<i64>,
+}
+
+/// `checks` of an upstream, with APISIX's fields and defaults (lua-resty-healthcheck's
+/// semantics). `passive` needs `active`, as in APISIX's schema.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthChecks {
+    /// Probes sent by the gateway.
+    #[serde(default)]
+    pub active: Option<ActiveCheck>,
+    /// Verdicts taken from proxied requests.
+    #[serde(default)]
+    pub passive: Option<PassiveCheck>,
+}
+
+/// `checks.active`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveCheck {
+    /// `http` (default), `https` or `tcp`.
+    #[serde(default = "default_check_type", rename = "type")]
+    pub check_type: String,
+    /// Seconds one probe may take (default 1).
+    #[serde(default = "d1f")]
+    pub timeout: f64,
+    /// Probes in flight at once for this upstream (default 10).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Host header (and SNI) of the probes; the node's host when absent.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Port probed instead of the node's.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Path of the probe (default `/`).
+    #[serde(default = "default_http_path")]
+    pub http_path: String,
+    /// Method of the probe (default `GET`).
+    #[serde(default = "default_http_method")]
+    pub http_method: String,
+    /// Body of the probe (default none).
+    #[serde(default)]
+    pub http_req_body: Option<String>,
+    /// Verify the node's certificate on `https` probes (default true).
+    #[serde(default = "dtrue")]
+    pub https_verify_certificate: bool,
+    /// Extra probe headers, `"Name: value"` each.
+    #[serde(default)]
+    pub req_headers: Vec<String>,
+    /// When a node counts as healthy again.
+    #[serde(default)]
+    pub healthy: ActiveHealthy,
+    /// When a node counts as unhealthy.
+    #[serde(default)]
+    pub unhealthy: ActiveUnhealthy,
+}
+
+/// `checks.active.healthy`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveHealthy {
+    /// Seconds between probes of a healthy node (default 1).
+    #[serde(default = "d1f")]
+    pub interval: f64,
+    /// Statuses that count as a success (default 200, 302).
+    #[serde(default = "default_active_ok")]
+    pub http_statuses: Vec<u16>,
+    /// Consecutive successes that make an unhealthy node healthy (default 2).
+    #[serde(default = "default_two")]
+    pub successes: u32,
+}
+
+impl Default for ActiveHealthy {
+    fn default() -> Self {
+        ActiveHealthy {
+            interval: 1.0,
+            http_statuses: default_active_ok(),
+            successes: 2,
+        }
+    }
+}
+
+/// `checks.active.unhealthy`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveUnhealthy {
+    /// Seconds between probes of an unhealthy node (default 1).
+    #[serde(default = "d1f")]
+    pub interval: f64,
+    /// Statuses that count as an HTTP failure (default 429, 404, 500–505).
+    #[serde(default = "default_active_bad")]
+    pub http_statuses: Vec<u16>,
+    /// Consecutive HTTP failures that make a node unhealthy (default 5).
+    #[serde(default = "default_five")]
+    pub http_failures: u32,
+    /// Consecutive connection failures that make a node unhealthy (default 2).
+    #[serde(default = "default_two")]
+    pub tcp_failures: u32,
+    /// Consecutive timeouts that make a node unhealthy (default 3).
+    #[serde(default = "default_three")]
+    pub timeouts: u32,
+}
+
+impl Default for ActiveUnhealthy {
+    fn default() -> Self {
+        ActiveUnhealthy {
+            interval: 1.0,
+            http_statuses: default_active_bad(),
+            http_failures: 5,
+            tcp_failures: 2,
+            timeouts: 3,
+        }
+    }
+}
+
+/// `checks.passive`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveCheck {
+    /// `http` (default), `https` or `tcp` (only connection failures and timeouts count).
+    #[serde(default = "default_check_type", rename = "type")]
+    pub check_type: String,
+    /// When a node counts as healthy again.
+    #[serde(default)]
+    pub healthy: PassiveHealthy,
+    /// When a node counts as unhealthy.
+    #[serde(default)]
+    pub unhealthy: PassiveUnhealthy,
+}
+
+/// `checks.passive.healthy`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthy {
+    /// Statuses that count as a success (default 200–208, 226, 300–308).
+    #[serde(default = "default_passive_ok")]
+    pub http_statuses: Vec<u16>,
+    /// Consecutive successes that make a node healthy (default 5).
+    #[serde(default = "default_five")]
+    pub successes: u32,
+}
+
+impl Default for PassiveHealthy {
+    fn default() -> Self {
+        PassiveHealthy {
+            http_statuses: default_passive_ok(),
+            successes: 5,
+        }
+    }
+}
+
+/// `checks.passive.unhealthy`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveUnhealthy {
+    /// Statuses that count as an HTTP failure (default 429, 500, 503).
+    #[serde(default = "default_passive_bad")]
+    pub http_statuses: Vec<u16>,
+    /// Consecutive HTTP failures that make a node unhealthy (default 5).
+    #[serde(default = "default_five")]
+    pub http_failures: u32,
+    /// Consecutive connection failures that make a node unhealthy (default 2).
+    #[serde(default = "default_two")]
+    pub tcp_failures: u32,
+    /// Consecutive timeouts that make a node unhealthy (default 7).
+    #[serde(default = "default_seven")]
+    pub timeouts: u32,
+}
+
+impl Default for PassiveUnhealthy {
+    fn default() -> Self {
+        PassiveUnhealthy {
+            http_statuses: default_passive_bad(),
+            http_failures: 5,
+            tcp_failures: 2,
+            timeouts: 7,
+        }
+    }
+}
+
+fn default_check_type() -> String {
+    "http".into()
+}
+fn d1f() -> f64 {
+    1.0
+}
+fn default_concurrency() -> u32 {
+    10
+}
+fn default_http_path() -> String {
+    "/".into()
+}
+fn default_http_method() -> String {
+    "GET".into()
+}
+fn default_two() -> u32 {
+    2
+}
+fn default_three() -> u32 {
+    3
+}
+fn default_five() -> u32 {
+    5
+}
+fn default_seven() -> u32 {
+    7
+}
+fn default_active_ok() -> Vec<u16> {
+    vec![200, 302]
+}
+fn default_active_bad() -> Vec<u16> {
+    vec![429, 404, 500, 501, 502, 503, 504, 505]
+}
+fn default_passive_ok() -> Vec<u16> {
+    vec![
+        200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304, 305, 306, 307,
+        308,
+    ]
+}
+fn default_passive_bad() -> Vec<u16> {
+    vec![429, 500, 503]
 }

@@ -687,6 +687,9 @@ pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
             format!("{s:?} must be one of {}", SCHEMES.join(", ")),
         );
     }
+    if let Some(c) = &u.checks {
+        validate_checks(c, &format!("{p}.checks"), errs);
+    }
     if let Some(k) = &u.keepalive_pool {
         if k.size < 1 {
             errs.push(format!("{p}.keepalive_pool.size"), "must be >= 1");
@@ -702,6 +705,94 @@ pub fn validate_upstream(u: &Upstream, p: &str, errs: &mut ConfigErrors) {
     }
     if let Some(n) = &u.name {
         check_len(n, 1, 256, &format!("{p}.name"), errs);
+    }
+}
+
+fn validate_checks(c: &crate::types::HealthChecks, p: &str, errs: &mut ConfigErrors) {
+    let Some(a) = &c.active else {
+        // APISIX's schema: `anyOf [{required: [active]}, {required: [active, passive]}]`
+        errs.push(
+            format!("{p}.active"),
+            "property \"active\" is required (passive checks need active ones)",
+        );
+        return;
+    };
+    let types = ["http", "https", "tcp"];
+    if !types.contains(&a.check_type.as_str()) {
+        errs.push(
+            format!("{p}.active.type"),
+            format!("{:?} must be one of http, https, tcp", a.check_type),
+        );
+    }
+    if a.timeout <= 0.0 {
+        errs.push(format!("{p}.active.timeout"), "must be > 0");
+    }
+    if a.concurrency < 1 {
+        errs.push(format!("{p}.active.concurrency"), "must be >= 1");
+    }
+    for (k, v) in [
+        ("healthy.interval", a.healthy.interval),
+        ("unhealthy.interval", a.unhealthy.interval),
+    ] {
+        if v < 1.0 {
+            errs.push(format!("{p}.active.{k}"), "must be >= 1");
+        }
+    }
+    let counts = [
+        ("active.healthy.successes", a.healthy.successes),
+        ("active.unhealthy.http_failures", a.unhealthy.http_failures),
+        ("active.unhealthy.tcp_failures", a.unhealthy.tcp_failures),
+        ("active.unhealthy.timeouts", a.unhealthy.timeouts),
+    ];
+    let mut lists = vec![
+        ("active.healthy.http_statuses", &a.healthy.http_statuses),
+        ("active.unhealthy.http_statuses", &a.unhealthy.http_statuses),
+    ];
+    let mut all_counts = counts.to_vec();
+    if let Some(ps) = &c.passive {
+        if !types.contains(&ps.check_type.as_str()) {
+            errs.push(
+                format!("{p}.passive.type"),
+                format!("{:?} must be one of http, https, tcp", ps.check_type),
+            );
+        }
+        all_counts.extend([
+            ("passive.healthy.successes", ps.healthy.successes),
+            (
+                "passive.unhealthy.http_failures",
+                ps.unhealthy.http_failures,
+            ),
+            ("passive.unhealthy.tcp_failures", ps.unhealthy.tcp_failures),
+            ("passive.unhealthy.timeouts", ps.unhealthy.timeouts),
+        ]);
+        lists.push(("passive.healthy.http_statuses", &ps.healthy.http_statuses));
+        lists.push((
+            "passive.unhealthy.http_statuses",
+            &ps.unhealthy.http_statuses,
+        ));
+    }
+    for (k, v) in all_counts {
+        if !(1..=254).contains(&v) {
+            errs.push(format!("{p}.{k}"), "must be between 1 and 254");
+        }
+    }
+    for (k, l) in lists {
+        if l.is_empty() {
+            errs.push(format!("{p}.{k}"), "expect array to have at least 1 items");
+        }
+        for (i, s) in l.iter().enumerate() {
+            if !(200..=599).contains(s) {
+                errs.push(format!("{p}.{k}[{i}]"), "must be between 200 and 599");
+            }
+        }
+    }
+    for (i, h) in a.req_headers.iter().enumerate() {
+        if !h.contains(':') {
+            errs.push(
+                format!("{p}.active.req_headers[{i}]"),
+                "must be \"Name: value\"",
+            );
+        }
     }
 }
 

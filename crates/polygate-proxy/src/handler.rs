@@ -745,6 +745,18 @@ async fn run_request(
     proxy(snap, &up, route.timeout, chain, ctx, body, conn).await
 }
 
+/// What a failed attempt tells the passive health checks.
+fn passive_verdict(e: &GatewayError) -> crate::health::Verdict {
+    use crate::health::Verdict;
+    match e {
+        GatewayError::Connect { .. }
+        | GatewayError::Resolve { .. }
+        | GatewayError::Upstream { .. } => Verdict::TcpFailure,
+        GatewayError::Timeout { .. } => Verdict::Timeout,
+        _ => Verdict::Neutral,
+    }
+}
+
 fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -867,6 +879,9 @@ async fn proxy(
         let mut co = match pool::checkout(node, limits, connect_to, tls).await {
             Ok(c) => c,
             Err(e) => {
+                if let Some(c) = &up.checks {
+                    c.passive(node, None, Some(passive_verdict(&e)));
+                }
                 tracing::warn!(upstream = %up.id, node = %node.key, "{e}");
                 last_err = Some(e);
                 continue;
@@ -933,6 +948,12 @@ async fn proxy(
                 Ok(head) => break Ok(head),
             }
         };
+        if let Some(c) = &up.checks {
+            match &result {
+                Ok(head) => c.passive(node, Some(head.status.as_u16()), None),
+                Err(e) => c.passive(node, None, Some(passive_verdict(e))),
+            }
+        }
         match result {
             Ok(head) => {
                 up.observe(idx, t0.elapsed());

@@ -18,6 +18,7 @@ pub mod body;
 pub mod callout;
 pub mod h1;
 pub mod handler;
+pub mod health;
 pub mod io;
 pub mod metrics;
 pub mod plane;

@@ -324,6 +324,7 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
             );
             tokio::spawn(metrics_server(l, shared.clone()));
         }
+        tokio::spawn(crate::health::supervise(shared.config.clone()));
         if let ConfigSource::File(path) = &source {
             let (path, config) = (path.clone(), shared.config.clone());
             let interval = polygate_model::secs(gw.watch_interval);
@@ -752,12 +753,29 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
         let svc = service_fn(move |req: Request<Incoming>| {
             let sh = sh.clone();
             async move {
-                if req.uri().path() == "/metrics" {
-                    let body = sh.metrics.render(sh.snapshot().version, sh.config.status());
+                let path = req.uri().path();
+                if path.starts_with("/v1/healthcheck") {
+                    // APISIX's control API (`/v1/healthcheck[/{routes|services|upstreams}/{id}]`)
+                    return match crate::health::control_api(&sh.snapshot(), path) {
+                        Some(body) => Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body))),
+                        None => Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(
+                                b"{\"error_msg\":\"not found\"}\n",
+                            ))),
+                    };
+                }
+                if path == "/metrics" {
+                    let snap = sh.snapshot();
+                    let mut body = sh.metrics.render(snap.version, sh.config.status());
+                    crate::health::metrics(&snap, &mut body);
                     Response::builder()
                         .header("content-type", "text/plain; version=0.0.4")
                         .body(Full::new(Bytes::from(body)))
-                } else if req.uri().path() == "/status" {
+                } else if path == "/status" {
                     Response::builder()
                         .header("content-type", "application/json")
                         .body(Full::new(Bytes::from(status_json(&sh))))

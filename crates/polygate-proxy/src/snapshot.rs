@@ -96,7 +96,22 @@ impl Snapshot {
         }
     }
 
-    /// The upstream with this id.
+    /// Every upstream the snapshot serves: named ones, and those inline in routes and
+    /// services (each once).
+    pub fn all_upstreams(&self) -> Vec<Arc<UpstreamRt>> {
+        let mut out: Vec<Arc<UpstreamRt>> =
+            self.upstreams.values().map(|(_, u)| u.clone()).collect();
+        for e in self.router.iter() {
+            if let Some(u) = &e.data.upstream
+                && !out.iter().any(|o| Arc::ptr_eq(o, u))
+            {
+                out.push(u.clone());
+            }
+        }
+        out
+    }
+
+    /// An upstream by id.
     pub fn upstream(&self, id: &str) -> Option<&Arc<UpstreamRt>> {
         self.upstreams.get(id).map(|(_, rt)| rt)
     }

@@ -516,6 +516,23 @@ impl TlsStore {
         self.entries.get(idx)
     }
 
+    /// A client configuration for `https` health probes: verified against the trust roots
+    /// unless `verify` is false; `None` when verification is asked and no roots exist.
+    pub fn probe_config(&self, verify: bool) -> Option<Arc<ClientConfig>> {
+        let b = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .ok()?;
+        let b = if verify {
+            b.with_root_certificates(self.roots.clone()?)
+        } else {
+            b.dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
+        };
+        let mut c = b.with_no_client_auth();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(Arc::new(c))
+    }
+
     /// A client certificate of a `type: client` entry (`upstream.tls.client_cert_id`).
     fn client_cert(
         &self,

@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -34,8 +34,9 @@ pub struct Node {
     pub active: AtomicUsize,
     /// Exponentially weighted response time in microseconds, as f64 bits (ewma).
     pub ewma_us: AtomicU64,
-    /// Marked down (skipped by every balancer); health checks will drive this.
-    pub down: AtomicBool,
+    /// The node's process-wide health when the upstream has `checks` (an unhealthy node is
+    /// skipped while any healthy one is left).
+    pub health: Option<Arc<crate::health::NodeHealth>>,
 }
 
 /// `pass_host` mode.
@@ -99,6 +100,8 @@ pub struct UpstreamRt {
     pub keepalive: KeepalivePool,
     /// The TLS client side (`scheme: https`/`grpcs`); set by the snapshot builder.
     pub tls: Option<Arc<crate::tls::UpstreamTls>>,
+    /// Health checks (`checks`), when configured.
+    pub checks: Option<Arc<crate::health::UpstreamChecks>>,
 }
 
 /// CRC-32 (IEEE), the table form of zlib's and of nginx's `ngx_crc32`.
@@ -225,10 +228,22 @@ impl UpstreamRt {
                     priority: n.priority,
                     active: AtomicUsize::new(0),
                     ewma_us: AtomicU64::new(0f64.to_bits()),
-                    down: AtomicBool::new(false),
+                    health: None,
                 }
             })
             .collect();
+        let checks = u
+            .checks
+            .as_ref()
+            .and_then(crate::health::UpstreamChecks::new)
+            .map(Arc::new);
+        let mut nodes = nodes;
+        if checks.is_some() {
+            let up: Arc<str> = Arc::from(id);
+            for n in &mut nodes {
+                n.health = Some(crate::health::NodeHealth::of(&up, &n.key));
+            }
+        }
         let mut prios: Vec<i64> = nodes.iter().map(|n| n.priority).collect();
         prios.sort_unstable_by(|a, b| b.cmp(a));
         prios.dedup();
@@ -285,19 +300,34 @@ impl UpstreamRt {
             scheme,
             keepalive: u.keepalive_pool.unwrap_or_default(),
             tls: None,
+            checks,
         }
     }
 
-    fn usable(&self, i: usize, tried: &[usize]) -> bool {
+    fn usable(&self, i: usize, tried: &[usize], healthy_only: bool) -> bool {
         let n = &self.nodes[i];
-        n.weight > 0 && !n.down.load(Ordering::Relaxed) && !tried.contains(&i)
+        n.weight > 0
+            && !(healthy_only && n.health.as_ref().is_some_and(|h| !h.is_healthy()))
+            && !tried.contains(&i)
     }
 
-    /// Picks a node for this request, skipping nodes already tried and nodes marked down;
+    /// Picks a node for this request, skipping nodes already tried and unhealthy nodes;
     /// lower priority tiers are used only when every node of the higher tiers is excluded.
+    /// When health checks leave no node at all, every node is a candidate again (APISIX
+    /// tries them rather than failing closed).
     pub fn pick(&self, ctx: &RequestCtx, tried: &[usize]) -> Option<usize> {
+        if self.checks.is_some()
+            && let Some(i) = self.pick_from(ctx, tried, true)
+        {
+            return Some(i);
+        }
+        self.pick_from(ctx, tried, false)
+    }
+
+    fn pick_from(&self, ctx: &RequestCtx, tried: &[usize], healthy_only: bool) -> Option<usize> {
+        let usable = |i: usize, tried: &[usize]| self.usable(i, tried, healthy_only);
         for (t, tier) in self.tiers.iter().enumerate() {
-            if !tier.iter().any(|&i| self.usable(i, tried)) {
+            if !tier.iter().any(|&i| usable(i, tried)) {
                 continue;
             }
             return match &self.lb {
@@ -307,7 +337,7 @@ impl UpstreamRt {
                     let mut total = 0i64;
                     let mut best: Option<usize> = None;
                     for &i in tier {
-                        if !self.usable(i, tried) {
+                        if !usable(i, tried) {
                             continue;
                         }
                         let w = self.nodes[i].weight as i64;
@@ -334,7 +364,7 @@ impl UpstreamRt {
                     let start = ring.partition_point(|(p, _)| *p < h) % ring.len();
                     (0..ring.len())
                         .map(|k| ring[(start + k) % ring.len()].1)
-                        .find(|&i| self.usable(i, tried))
+                        .find(|&i| usable(i, tried))
                 }
                 Lb::LeastConn(rot) => {
                     let off = rot.fetch_add(1, Ordering::Relaxed);
@@ -342,7 +372,7 @@ impl UpstreamRt {
                     let mut best: Option<usize> = None;
                     for k in 0..n {
                         let i = tier[(off + k) % n];
-                        if !self.usable(i, tried) {
+                        if !usable(i, tried) {
                             continue;
                         }
                         best = match best {
@@ -364,11 +394,8 @@ impl UpstreamRt {
                     best
                 }
                 Lb::Ewma => {
-                    let cands: Vec<usize> = tier
-                        .iter()
-                        .copied()
-                        .filter(|&i| self.usable(i, tried))
-                        .collect();
+                    let cands: Vec<usize> =
+                        tier.iter().copied().filter(|&i| usable(i, tried)).collect();
                     let score = |i: usize| {
                         let n = &self.nodes[i];
                         f64::from_bits(n.ewma_us.load(Ordering::Relaxed))
@@ -500,7 +527,7 @@ mod tests {
             priority: 0,
             active: AtomicUsize::new(0),
             ewma_us: AtomicU64::new(0f64.to_bits()),
-            down: AtomicBool::new(false),
+            health: None,
         }
     }
 
