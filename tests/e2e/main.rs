@@ -7,6 +7,7 @@ mod balance;
 mod config;
 mod ffi;
 mod ffi_loading;
+mod grpc;
 mod health;
 mod java_rt;
 mod lua;

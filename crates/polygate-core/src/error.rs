@@ -97,6 +97,16 @@ impl GatewayError {
         r
     }
 
+    /// The answer to a gRPC call polygate failed: HTTP 200, trailers-only, with the
+    /// `grpc-status` that gRPC's HTTP-to-gRPC mapping gives the HTTP status (a timeout is
+    /// `DEADLINE_EXCEEDED`) and the error as `grpc-message` (percent-encoded).
+    pub fn into_grpc_response(self) -> crate::PluginResponse {
+        let (status, _) = self.rescue();
+        let mut r = crate::PluginResponse::new(StatusCode::OK, Bytes::new());
+        r.headers = grpc_status_headers(grpc_code(status.as_u16()), &self.to_string());
+        r
+    }
+
     /// Status and body sent to the client (APISIX-style `{"error_msg": ...}`).
     pub fn rescue(&self) -> (StatusCode, Bytes) {
         let status = match self {
@@ -145,4 +155,45 @@ mod tests {
         assert_eq!(s, 404);
         assert_eq!(&b[..], b"{\"error_msg\":\"404 Route Not Found\"}\n");
     }
+}
+
+/// The gRPC status code for an HTTP status (gRPC's "HTTP to gRPC status code mapping"; 504 is
+/// `DEADLINE_EXCEEDED` since polygate answers it for its own timeouts).
+pub fn grpc_code(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 => 14,
+        504 => 4,
+        _ => 2,
+    }
+}
+
+/// `content-type: application/grpc`, `grpc-status` and `grpc-message` (percent-encoded as
+/// gRPC requires).
+pub fn grpc_status_headers(code: u32, message: &str) -> http::HeaderMap {
+    use http::{HeaderName, HeaderValue};
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        HeaderName::from_static("grpc-status"),
+        HeaderValue::from(code),
+    );
+    let mut msg = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            msg.push(b as char);
+        } else {
+            msg.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&msg) {
+        h.insert(HeaderName::from_static("grpc-message"), v);
+    }
+    h
 }

@@ -211,7 +211,44 @@ pub trait Finish: Send {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(H1Body),
+    Upstream(UpstreamBody),
+}
+
+/// A response body streamed from an upstream.
+pub enum UpstreamBody {
+    /// From an HTTP/1.1 connection.
+    H1(H1Body),
+    /// From an HTTP/2 stream (gRPC).
+    H2(crate::h2up::H2Body),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::H2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 /// The body of a response to the client.
@@ -245,7 +282,7 @@ impl RespBody {
     }
 
     /// A streamed upstream body.
-    pub fn upstream(b: H1Body, fin: Option<Box<dyn Finish>>) -> Self {
+    pub fn upstream(b: UpstreamBody, fin: Option<Box<dyn Finish>>) -> Self {
         let filtering = fin.as_ref().is_some_and(|f| f.filters_body());
         RespBody {
             kind: Kind::Upstream(b),

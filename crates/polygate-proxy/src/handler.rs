@@ -20,7 +20,7 @@ use polygate_router::{Entry, MatchInput};
 use smallvec::SmallVec;
 
 use crate::accesslog::{AccessLog, AccessRecord};
-use crate::body::{ChunkWait, FilteredBody, Finish, ReqBody, RespBody};
+use crate::body::{ChunkWait, FilteredBody, Finish, ReqBody, RespBody, UpstreamBody};
 use crate::h1::{self, H1Body, H1Conn, H1Error};
 use crate::metrics::Metrics;
 use crate::plane::DataPlane;
@@ -57,6 +57,12 @@ enum Outcome {
         read_timeout: Duration,
     },
     Local(PluginResponse),
+    /// An HTTP/2 (gRPC) upstream answered.
+    H2 {
+        resp: http::Response<hyper::body::Incoming>,
+        guard: ActiveGuard,
+        deadline: Option<tokio::time::Instant>,
+    },
 }
 
 /// End-of-request work: body filters, log phase, access log, metrics.
@@ -347,7 +353,7 @@ pub async fn handle(
             .map(|m| (m.entry.clone(), m.params))
     };
     let Some((entry, params)) = found else {
-        let r = GatewayError::RouteNotFound.into_response();
+        let r = error_response(&ctx, GatewayError::RouteNotFound);
         return finish_local(shared, snap, ctx, None, None, r, None).await;
     };
     ctx.route_id = Some(entry.data.id.clone());
@@ -377,8 +383,32 @@ pub async fn handle(
                 }
                 _ => tracing::warn!(route = %entry.data.id, uri = %ctx.request_uri, "{e}"),
             }
-            let r = e.into_response();
+            let r = error_response(&ctx, e);
             finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id).await
+        }
+        Ok(Outcome::H2 {
+            resp,
+            guard,
+            deadline,
+        }) => {
+            let (p, b) = resp.into_parts();
+            let head = ResponseHead {
+                status: p.status,
+                headers: p.headers,
+            };
+            let body = UpstreamBody::H2(crate::h2up::H2Body::new(b, deadline));
+            upstream_response(
+                shared,
+                snap,
+                ctx,
+                entry,
+                merged,
+                upstream_id,
+                head,
+                body,
+                guard,
+            )
+            .await
         }
         Ok(Outcome::Upstream {
             head: h1head,
@@ -409,46 +439,86 @@ pub async fn handle(
                 });
                 return into_response(head, RespBody::full(Bytes::new(), Some(fin)));
             }
-            let body = H1Body::new(conn, &h1head, ret, read_timeout);
-            let mut head = ResponseHead {
+            let body = UpstreamBody::H1(H1Body::new(conn, &h1head, ret, read_timeout));
+            let head = ResponseHead {
                 status: h1head.status,
                 headers: h1head.headers,
             };
-            let chain = merged.as_ref().unwrap_or(&entry.data.chain);
-            if !waits(&snap, Some(chain)) {
-                response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
-            } else if let Err(e) =
-                response_head_waiting(shared, &snap, Some(chain), &mut ctx, &mut head).await
-            {
-                // the upstream's answer is dropped: the client gets the error instead
-                drop(body);
-                tracing::error!(route = %entry.data.id, "{e}");
-                let r = GatewayError::Plugin(e).into_response();
-                return finish_failed(shared, snap, ctx, Some(entry), merged, r, upstream_id);
-            }
-            let override_body = ctx.body_override.take();
-            let body_filters = snap.global.has_body_filter || chain.has_body_filter;
-            if body_filters || override_body.is_some() {
-                head.headers.remove(header::CONTENT_LENGTH);
-            }
-            let fin = Box::new(Fin {
-                ctx,
-                shared: shared.clone(),
+            upstream_response(
+                shared,
                 snap,
-                entry: Some(entry),
+                ctx,
+                entry,
                 merged,
-                _guard: Some(guard),
                 upstream_id,
-            });
-            let body = match override_body {
-                Some(b) => {
-                    drop(body);
-                    RespBody::full(b, Some(fin))
-                }
-                None => RespBody::upstream(body, Some(fin)),
-            };
-            into_response(head, body)
+                head,
+                body,
+                guard,
+            )
+            .await
         }
+    }
+}
+
+/// The upstream's response on its way to the client: header filters (which may replace it),
+/// then the body with the end-of-request hook.
+#[allow(clippy::too_many_arguments)]
+async fn upstream_response(
+    shared: &Arc<Shared>,
+    snap: Arc<Snapshot>,
+    mut ctx: RequestCtx,
+    entry: Arc<Entry<RouteData>>,
+    merged: Option<PluginChain>,
+    upstream_id: Option<Arc<str>>,
+    mut head: ResponseHead,
+    body: UpstreamBody,
+    guard: ActiveGuard,
+) -> Response<RespBody> {
+    {
+        let chain = merged.as_ref().unwrap_or(&entry.data.chain);
+        if !waits(&snap, Some(chain)) {
+            response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
+        } else if let Err(e) =
+            response_head_waiting(shared, &snap, Some(chain), &mut ctx, &mut head).await
+        {
+            // the upstream's answer is dropped: the client gets the error instead
+            drop(body);
+            tracing::error!(route = %entry.data.id, "{e}");
+            let r = GatewayError::Plugin(e).into_response();
+            return finish_failed(shared, snap, ctx, Some(entry), merged, r, upstream_id);
+        }
+        let override_body = ctx.body_override.take();
+        let body_filters = snap.global.has_body_filter || chain.has_body_filter;
+        if body_filters || override_body.is_some() {
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
+        let fin = Box::new(Fin {
+            ctx,
+            shared: shared.clone(),
+            snap,
+            entry: Some(entry),
+            merged,
+            _guard: Some(guard),
+            upstream_id,
+        });
+        let body = match override_body {
+            Some(b) => {
+                drop(body);
+                RespBody::full(b, Some(fin))
+            }
+            None => RespBody::upstream(body, Some(fin)),
+        };
+        into_response(head, body)
+    }
+}
+
+/// The answer to a request polygate fails: gRPC-shaped (HTTP 200 with `grpc-status`) for a
+/// gRPC call over HTTP/2, APISIX's JSON error otherwise.
+fn error_response(ctx: &RequestCtx, e: GatewayError) -> PluginResponse {
+    if ctx.version == http::Version::HTTP_2 && crate::h2up::is_grpc(&ctx.headers) {
+        e.into_grpc_response()
+    } else {
+        e.into_response()
     }
 }
 
@@ -742,6 +812,9 @@ async fn run_request(
             "missing upstream configuration in Route or Service".into(),
         ));
     };
+    if up.scheme == "grpc" || up.scheme == "grpcs" {
+        return proxy_h2(snap, &up, route.timeout, chain, ctx, body, conn).await;
+    }
     proxy(snap, &up, route.timeout, chain, ctx, body, conn).await
 }
 
@@ -762,6 +835,130 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     )
+}
+
+/// An HTTP/2 upstream (`grpc`, `grpcs`): the request and response stream in both
+/// directions with their trailers; `grpc-timeout` bounds the whole call. A call is retried on
+/// another node only when nothing of it can have reached the upstream, or its body is
+/// buffered.
+async fn proxy_h2(
+    snap: &Arc<Snapshot>,
+    up: &Arc<UpstreamRt>,
+    route_timeout: Option<polygate_model::Timeout>,
+    chain: &PluginChain,
+    ctx: &mut RequestCtx,
+    body: Option<Incoming>,
+    conn: &ConnInfo,
+) -> Result<Outcome, GatewayError> {
+    let t = route_timeout
+        .or(up.timeout)
+        .unwrap_or(snap.gateway.timeouts.upstream);
+    let connect_to = polygate_model::secs(t.connect);
+    let read_to = polygate_model::secs(t.read);
+    let deadline = crate::h2up::grpc_timeout(&ctx.headers).map(|d| tokio::time::Instant::now() + d);
+    let buffered = ctx.body.clone();
+    let mut streamed = match (&buffered, body) {
+        (None, Some(b)) if !b.is_end_stream() => Some(b),
+        _ => None,
+    };
+    let replayable = streamed.is_none();
+    let global = &snap.global;
+    let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
+    let mut last_err: Option<GatewayError> = None;
+    let method = ctx.method.clone();
+    let client_host = ctx.headers.get(header::HOST).cloned();
+    loop {
+        let attempt = tried.len();
+        if attempt > 0 && attempt > up.retries {
+            break;
+        }
+        let Some(idx) = up.pick(ctx, &tried) else {
+            break;
+        };
+        tried.push(idx);
+        let node = &up.nodes[idx];
+        ctx.upstream_addr = node.addr;
+        if !global.is_empty()
+            && let Some(r) = run_phase(&global.instances, Phase::BeforeProxy, ctx).await?
+        {
+            return Ok(Outcome::Local(r));
+        }
+        if !chain.is_empty()
+            && let Some(r) = run_phase(&chain.instances, Phase::BeforeProxy, ctx).await?
+        {
+            return Ok(Outcome::Local(r));
+        }
+        let host = match (&ctx.upstream_host, up.pass_host) {
+            (Some(h), _) => Some(h.clone()),
+            (None, PassHost::Node) => Some(node.host_header.clone()),
+            (None, PassHost::Rewrite) => up.upstream_host.clone(),
+            (None, PassHost::Pass) => client_host.clone().or(Some(node.host_header.clone())),
+        };
+        let authority = host
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or(&node.key)
+            .to_owned();
+        let sni = polygate_core::ctx::strip_port(&authority).to_owned();
+        let tls = up.tls.as_deref().map(|t| (t, sni.as_str()));
+        let path = ctx.upstream_uri().to_string();
+        let fwd = crate::h2up::H2Forward {
+            scheme: if up.tls.is_some() { "https" } else { "http" },
+            authority: &authority,
+            path: &path,
+            client_ip: &conn.client_ip,
+            client_scheme: ctx.scheme,
+        };
+        let req_body = match (&buffered, streamed.take()) {
+            (Some(b), _) => ReqBody::Full(Some(b.clone())),
+            (None, Some(b)) => ReqBody::Stream(b),
+            (None, None) => ReqBody::Empty,
+        };
+        let head_to = match deadline {
+            Some(d) => read_to.min(d.saturating_duration_since(tokio::time::Instant::now())),
+            None => read_to,
+        };
+        let guard = ActiveGuard::new(up.clone(), idx);
+        let t0 = Instant::now();
+        let r = crate::h2up::exchange(
+            node,
+            tls,
+            &method,
+            &ctx.headers,
+            &fwd,
+            req_body,
+            connect_to,
+            head_to,
+        )
+        .await;
+        if let Some(c) = &up.checks {
+            match &r {
+                Ok(resp) => c.passive(node, Some(resp.status().as_u16()), None),
+                Err(e) => c.passive(node, None, Some(passive_verdict(e))),
+            }
+        }
+        match r {
+            Ok(resp) => {
+                up.observe(idx, t0.elapsed());
+                ctx.upstream_latency = Some(t0.elapsed());
+                return Ok(Outcome::H2 {
+                    resp,
+                    guard,
+                    deadline,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %up.id, node = %node.key, "{e}");
+                let connect_failed = matches!(e, GatewayError::Connect { .. });
+                let expired = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                last_err = Some(e);
+                if expired || !(replayable || connect_failed) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| GatewayError::NoUpstream(up.id.to_string())))
 }
 
 async fn proxy(

@@ -17,6 +17,7 @@ pub mod accesslog;
 pub mod body;
 pub mod callout;
 pub mod h1;
+pub mod h2up;
 pub mod handler;
 pub mod health;
 pub mod io;
