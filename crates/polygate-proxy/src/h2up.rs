@@ -91,6 +91,10 @@ pub struct H2Forward<'a> {
     pub client_ip: &'a str,
     /// `X-Forwarded-Proto`.
     pub client_scheme: &'static str,
+    /// Time to connect (TLS and HTTP/2 handshakes included).
+    pub connect_timeout: Duration,
+    /// Time for the response head to arrive.
+    pub head_timeout: Duration,
 }
 
 /// Sends one request on an HTTP/2 connection to `node`; the response head arrives within
@@ -102,9 +106,8 @@ pub async fn exchange(
     headers: &HeaderMap,
     fwd: &H2Forward<'_>,
     body: ReqBody,
-    connect_timeout: Duration,
-    head_timeout: Duration,
 ) -> Result<Response<Incoming>, GatewayError> {
+    let (connect_timeout, head_timeout) = (fwd.connect_timeout, fwd.head_timeout);
     let mut s = sender(node, tls, connect_timeout).await?;
     let uri = format!("{}://{}{}", fwd.scheme, fwd.authority, fwd.path);
     let mut req = Request::builder()

@@ -908,29 +908,20 @@ async fn proxy_h2(
             path: &path,
             client_ip: &conn.client_ip,
             client_scheme: ctx.scheme,
+            connect_timeout: connect_to,
+            head_timeout: match deadline {
+                Some(d) => read_to.min(d.saturating_duration_since(tokio::time::Instant::now())),
+                None => read_to,
+            },
         };
         let req_body = match (&buffered, streamed.take()) {
             (Some(b), _) => ReqBody::Full(Some(b.clone())),
             (None, Some(b)) => ReqBody::Stream(b),
             (None, None) => ReqBody::Empty,
         };
-        let head_to = match deadline {
-            Some(d) => read_to.min(d.saturating_duration_since(tokio::time::Instant::now())),
-            None => read_to,
-        };
         let guard = ActiveGuard::new(up.clone(), idx);
         let t0 = Instant::now();
-        let r = crate::h2up::exchange(
-            node,
-            tls,
-            &method,
-            &ctx.headers,
-            &fwd,
-            req_body,
-            connect_to,
-            head_to,
-        )
-        .await;
+        let r = crate::h2up::exchange(node, tls, &method, &ctx.headers, &fwd, req_body).await;
         if let Some(c) = &up.checks {
             match &r {
                 Ok(resp) => c.passive(node, Some(resp.status().as_u16()), None),
