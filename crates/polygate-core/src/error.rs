@@ -145,18 +145,6 @@ impl GatewayError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn route_not_found_body() {
-        let (s, b) = GatewayError::RouteNotFound.rescue();
-        assert_eq!(s, 404);
-        assert_eq!(&b[..], b"{\"error_msg\":\"404 Route Not Found\"}\n");
-    }
-}
-
 /// The gRPC status code for an HTTP status (gRPC's "HTTP to gRPC status code mapping"; 504 is
 /// `DEADLINE_EXCEEDED` since polygate answers it for its own timeouts).
 pub fn grpc_code(status: u16) -> u32 {
@@ -196,4 +184,16 @@ pub fn grpc_status_headers(code: u32, message: &str) -> http::HeaderMap {
         h.insert(HeaderName::from_static("grpc-message"), v);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_not_found_body() {
+        let (s, b) = GatewayError::RouteNotFound.rescue();
+        assert_eq!(s, 404);
+        assert_eq!(&b[..], b"{\"error_msg\":\"404 Route Not Found\"}\n");
+    }
 }
