@@ -51,6 +51,9 @@ if ! "$POLYGATE_TEST_PYVENV/bin/python" -c "import jsonschema" 2>/dev/null; then
 fi
 step "proxy-wasm test filters: AssemblyScript from npm (scripts/wasm-filters.sh)"
 bash scripts/wasm-filters.sh "$CARGO_TARGET_DIR/wasm-filters"
+step "h2spec (HTTP/2 conformance) from the Go module proxy"
+export POLYGATE_H2SPEC="$CARGO_TARGET_DIR/h2spec/h2spec"
+[ -x "$POLYGATE_H2SPEC" ] || GOBIN="$CARGO_TARGET_DIR/h2spec" go install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
 step "cargo test"
 log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"

@@ -8,6 +8,7 @@ mod config;
 mod ffi;
 mod ffi_loading;
 mod grpc;
+mod h2spec;
 mod health;
 mod java_rt;
 mod lua;

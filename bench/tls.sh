@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# TLS and HTTP/2 benchmark: polygate vs nginx side by side, same certificate (ECDSA P-256),
+# same upstream, same worker count, in one run:
+#
+#   1. HTTPS with keep-alive (wrk, HTTP/1.1 over TLS 1.3)
+#   2. new TLS handshakes per second (wrk with `Connection: close`: one full handshake,
+#      no resumption, per request)
+#   3. HTTP/2 over TLS (h2load, ALPN h2, several streams per connection)
+#
+#   bench/tls.sh
+#   WORKERS=2 CONNS=100 DURATION=15 ROUNDS=3 bench/tls.sh
+#
+# Prints requests/s (and p99 where the tool reports it) for both and polygate/nginx ratios
+# (median over rounds). Needs nginx, wrk, h2load (nghttp2-client) and openssl.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-2}"
+H2_CLIENTS="${H2_CLIENTS:-10}"; H2_STREAMS="${H2_STREAMS:-10}"
+UP_PORT="${UP_PORT:-18180}"; NGX_PORT="${NGX_PORT:-18181}"; PG_PORT="${PG_PORT:-18182}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
+
+source "$here/common.sh"
+need_tools nginx wrk h2load openssl curl
+
+echo "building polygate (release)..." >&2
+(cd "$root" && cargo build --release -q -p polygate)
+PG="$CARGO_TARGET_DIR/release/polygate"
+bench_workdir
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 \
+  -keyout "$work/key.pem" -out "$work/cert.pem" -subj "/CN=bench.test" \
+  -addext "subjectAltName=DNS:bench.test" 2>/dev/null
+
+upstream_conf "$work" "$UP_PORT"
+cat > "$work/proxy.conf" <<NGX
+worker_processes $WORKERS; daemon off; pid $work/px.pid; error_log $work/px.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive 256; }
+  server { listen 127.0.0.1:$NGX_PORT ssl http2 reuseport; server_name bench.test;
+    ssl_certificate $work/cert.pem; ssl_certificate_key $work/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NGX
+indent() { sed 's/^/      /' "$1"; }
+cat > "$work/polygate.yaml" <<YAML
+gateway:
+  listeners: [{addr: "127.0.0.1:$PG_PORT", tls: true, http2: true}]
+  worker_threads: $WORKERS
+  access_log: {enabled: false}
+  log_level: warn
+  ssl: {fallback_sni: bench.test}
+routes:
+  - id: bench
+    uri: /*
+    upstream: {nodes: {"127.0.0.1:$UP_PORT": 1}, keepalive_pool: {size: 256}}
+ssls:
+  - id: "1"
+    sni: bench.test
+    cert: |
+$(indent "$work/cert.pem")
+    key: |
+$(indent "$work/key.pem")
+#END
+YAML
+nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
+nginx -p "$work" -c "$work/proxy.conf" & pids+=($!)
+"$PG" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!)
+for port in $NGX_PORT $PG_PORT; do
+  for _ in $(seq 50); do curl -sk -o /dev/null "https://127.0.0.1:$port/" && break; sleep 0.1; done
+done
+curl -sk -o /dev/null "https://127.0.0.1:$PG_PORT/" || { echo "polygate did not start:"; cat "$work/pg.err"; exit 1; }
+
+h2_run() { # url -> "req/s"
+  h2load -D "$DURATION" -c "$H2_CLIENTS" -m "$H2_STREAMS" -t 1 "$1" > "$work/h2.out" 2>&1 || true
+  awk '/^finished in/ {gsub(",", "", $4); print $4}' "$work/h2.out"
+  if grep -q "0 succeeded" "$work/h2.out"; then echo "warning: h2load: no request succeeded" >&2; cat "$work/h2.out" >&2; fi
+}
+close_run() { # url -> "req/s p99": every request on a new connection, a full handshake each
+  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "$1" > "$work/close.out" 2>&1
+  local rps p99
+  rps=$(awk '/Requests\/sec/ {print $2}' "$work/close.out")
+  p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$work/close.out")
+  echo "$rps $p99"
+}
+ngx="https://127.0.0.1:$NGX_PORT/"; pg="https://127.0.0.1:$PG_PORT/"
+wrk -t1 -c"$CONNS" -d2s "$ngx" >/dev/null; wrk -t1 -c"$CONNS" -d2s "$pg" >/dev/null
+
+printf "%-6s %-26s %12s %10s\n" round "target" "req/s" "p99(ms)"
+: > "$work/results"
+for r in $(seq "$ROUNDS"); do
+  read -r nk nkp < <(wrk_run "$work/wrk.out" "$ngx")
+  read -r pk pkp < <(wrk_run "$work/wrk.out" "$pg")
+  read -r nc ncp < <(close_run "$ngx")
+  read -r pc pcp < <(close_run "$pg")
+  nh=$(h2_run "$ngx"); ph=$(h2_run "$pg")
+  printf "%-6s %-26s %12s %10s\n" "$r" "nginx https keep-alive" "$nk" "$nkp" "$r" "polygate https keep-alive" "$pk" "$pkp" \
+    "$r" "nginx new handshakes" "$nc" "$ncp" "$r" "polygate new handshakes" "$pc" "$pcp" \
+    "$r" "nginx h2" "$nh" "-" "$r" "polygate h2" "$ph" "-"
+  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph" >> "$work/results"
+done
+python3 - "$work/results" "$WORKERS" "$CONNS" "$H2_CLIENTS" "$H2_STREAMS" <<'PY'
+import sys, statistics
+rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]
+m=lambda i: statistics.median(r[i] for r in rows)
+print(f"\nworkers={sys.argv[2]} connections={sys.argv[3]} h2: {sys.argv[4]} clients x {sys.argv[5]} streams (median of {len(rows)} rounds)")
+for name,(n,np_,p,pp) in {"https keep-alive":(m(0),m(1),m(2),m(3)),"new TLS handshakes":(m(4),m(5),m(6),m(7))}.items():
+    print(f"{name:20s} nginx {n:9.0f} req/s p99 {np_:.2f} ms | polygate {p:9.0f} req/s p99 {pp:.2f} ms | ratio {p/n:.2f}x, p99 {pp/np_:.2f}x")
+n,p=m(8),m(9)
+print(f"{'h2 (h2load)':20s} nginx {n:9.0f} req/s             | polygate {p:9.0f} req/s             | ratio {p/n:.2f}x")
+PY
