@@ -66,7 +66,10 @@ fn h2spec_tls_and_h2c_listeners() {
     assert!(passed >= 144, "h2spec over h2c ran {passed} cases");
     assert!(
         failed == 0
-            || (failed == 1 && fails.iter().all(|f| f.contains("Sends invalid connection preface"))),
+            || (failed == 1
+                && fails
+                    .iter()
+                    .all(|f| f.contains("Sends invalid connection preface"))),
         "h2spec over h2c: unexpected failures {fails:#?}"
     );
     assert!(gw.stderr().lines().all(|l| !l.contains("panicked")));

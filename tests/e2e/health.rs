@@ -402,3 +402,66 @@ fn checks_are_validated_with_key_paths() {
     assert_ne!(code, 0);
     assert!(out.contains("htp_path"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_probes_with_and_without_verification() {
+    use crate::tls::{Pki, TlsUpstream};
+    let pki = Pki::new("probe CA");
+    let leaf = pki.issue(&["probe.test"]);
+    let a = TlsUpstream::start(&leaf, None).await;
+    let b = TlsUpstream::start(&leaf, None).await;
+    let dir = tempdir::Dir::new();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let upstream = |id: &str, verify: bool| {
+        format!(
+            "  - id: {id}\n    scheme: https\n    pass_host: rewrite\n    upstream_host: probe.test\n    nodes: [{{host: \"127.0.0.1\", port: {pa}, weight: 1}}, {{host: \"127.0.0.1\", port: {pb}, weight: 1}}]\n    checks:\n      active:\n        type: https\n        host: probe.test\n        https_verify_certificate: {verify}\n        healthy: {{interval: 1, successes: 1}}\n        unhealthy: {{interval: 1, tcp_failures: 1}}\n",
+            pa = a.port,
+            pb = b.port
+        )
+    };
+    let gw = Gateway::start_text(&format!(
+        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 1\n  metrics: {{addr: \"127.0.0.1:0\"}}\n  ssl: {{ssl_trusted_certificate: \"{}\"}}\nupstreams:\n{}{}routes:\n  - {{id: r, uri: /*, upstream_id: verified}}\n#END\n",
+        ca.display(),
+        upstream("verified", true),
+        upstream("unverified", false)
+    ));
+    let mport = metrics_port(&gw);
+    // both probe kinds see healthy nodes (the CA is trusted; the name matches)
+    let healthy =
+        |which: &'static str| {
+            let mport = mport;
+            async move {
+                let r = get(mport, &format!("/v1/healthcheck/upstreams/{which}")).await;
+                r.status == 200
+                    && r.json()["nodes"].as_array().unwrap().iter().all(|n| {
+                        n["status"] == "healthy" && n["counter"]["success"].as_u64() > Some(0)
+                    })
+            }
+        };
+    assert!(
+        gw.eventually(Duration::from_secs(6), || healthy("verified"))
+            .await,
+        "{}",
+        gw.stderr()
+    );
+    assert!(
+        gw.eventually(Duration::from_secs(6), || healthy("unverified"))
+            .await
+    );
+    assert_eq!(get(gw.port, "/x").await.status, 200);
+    // one node gone: the https probe fails to connect and takes it out
+    drop(b);
+    let out = gw
+        .eventually(Duration::from_secs(6), || async {
+            let r = get(mport, "/v1/healthcheck/upstreams/verified").await;
+            r.json()["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["status"] == "unhealthy")
+        })
+        .await;
+    assert!(out, "{}", gw.stderr());
+    assert!(spread(gw.port, 6).await.iter().all(|s| *s == 200));
+}

@@ -575,8 +575,8 @@ fn bad_certificates_name_their_key_path() {
 
 /// A TLS upstream answering `{"sni", "client_cert"}`; with `client_ca`, it requires a client
 /// certificate issued by it.
-struct TlsUpstream {
-    port: u16,
+pub struct TlsUpstream {
+    pub port: u16,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -587,7 +587,7 @@ impl Drop for TlsUpstream {
 }
 
 impl TlsUpstream {
-    async fn start(leaf: &Leaf, client_ca: Option<&str>) -> TlsUpstream {
+    pub async fn start(leaf: &Leaf, client_ca: Option<&str>) -> TlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let b = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()

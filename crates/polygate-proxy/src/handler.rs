@@ -59,7 +59,7 @@ enum Outcome {
     Local(PluginResponse),
     /// An HTTP/2 (gRPC) upstream answered.
     H2 {
-        resp: http::Response<hyper::body::Incoming>,
+        resp: Box<http::Response<hyper::body::Incoming>>,
         guard: ActiveGuard,
         deadline: Option<tokio::time::Instant>,
     },
@@ -371,9 +371,9 @@ pub async fn handle(
     let mut merged: Option<PluginChain> = None;
     let outcome = run_request(&snap, &entry, &mut ctx, &mut merged, body, conn).await;
     let upstream_id = entry.data.upstream.as_ref().map(|u| u.id.clone());
-    match outcome {
+    let (mut head, body, guard) = match outcome {
         Ok(Outcome::Local(r)) => {
-            finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id).await
+            return finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id).await;
         }
         Err(e) => {
             match &e {
@@ -384,31 +384,20 @@ pub async fn handle(
                 _ => tracing::warn!(route = %entry.data.id, uri = %ctx.request_uri, "{e}"),
             }
             let r = error_response(&ctx, e);
-            finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id).await
+            return finish_local(shared, snap, ctx, Some(entry), merged, r, upstream_id).await;
         }
         Ok(Outcome::H2 {
             resp,
             guard,
             deadline,
         }) => {
-            let (p, b) = resp.into_parts();
+            let (p, b) = (*resp).into_parts();
             let head = ResponseHead {
                 status: p.status,
                 headers: p.headers,
             };
             let body = UpstreamBody::H2(crate::h2up::H2Body::new(b, deadline));
-            upstream_response(
-                shared,
-                snap,
-                ctx,
-                entry,
-                merged,
-                upstream_id,
-                head,
-                body,
-                guard,
-            )
-            .await
+            (head, body, guard)
         }
         Ok(Outcome::Upstream {
             head: h1head,
@@ -444,72 +433,43 @@ pub async fn handle(
                 status: h1head.status,
                 headers: h1head.headers,
             };
-            upstream_response(
-                shared,
-                snap,
-                ctx,
-                entry,
-                merged,
-                upstream_id,
-                head,
-                body,
-                guard,
-            )
-            .await
+            (head, body, guard)
         }
-    }
-}
-
-/// The upstream's response on its way to the client: header filters (which may replace it),
-/// then the body with the end-of-request hook.
-#[allow(clippy::too_many_arguments)]
-async fn upstream_response(
-    shared: &Arc<Shared>,
-    snap: Arc<Snapshot>,
-    mut ctx: RequestCtx,
-    entry: Arc<Entry<RouteData>>,
-    merged: Option<PluginChain>,
-    upstream_id: Option<Arc<str>>,
-    mut head: ResponseHead,
-    body: UpstreamBody,
-    guard: ActiveGuard,
-) -> Response<RespBody> {
+    };
+    let chain = merged.as_ref().unwrap_or(&entry.data.chain);
+    if !waits(&snap, Some(chain)) {
+        response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
+    } else if let Err(e) =
+        response_head_waiting(shared, &snap, Some(chain), &mut ctx, &mut head).await
     {
-        let chain = merged.as_ref().unwrap_or(&entry.data.chain);
-        if !waits(&snap, Some(chain)) {
-            response_head(shared, &snap, Some(chain), &mut ctx, &mut head);
-        } else if let Err(e) =
-            response_head_waiting(shared, &snap, Some(chain), &mut ctx, &mut head).await
-        {
-            // the upstream's answer is dropped: the client gets the error instead
-            drop(body);
-            tracing::error!(route = %entry.data.id, "{e}");
-            let r = GatewayError::Plugin(e).into_response();
-            return finish_failed(shared, snap, ctx, Some(entry), merged, r, upstream_id);
-        }
-        let override_body = ctx.body_override.take();
-        let body_filters = snap.global.has_body_filter || chain.has_body_filter;
-        if body_filters || override_body.is_some() {
-            head.headers.remove(header::CONTENT_LENGTH);
-        }
-        let fin = Box::new(Fin {
-            ctx,
-            shared: shared.clone(),
-            snap,
-            entry: Some(entry),
-            merged,
-            _guard: Some(guard),
-            upstream_id,
-        });
-        let body = match override_body {
-            Some(b) => {
-                drop(body);
-                RespBody::full(b, Some(fin))
-            }
-            None => RespBody::upstream(body, Some(fin)),
-        };
-        into_response(head, body)
+        // the upstream's answer is dropped: the client gets the error instead
+        drop(body);
+        tracing::error!(route = %entry.data.id, "{e}");
+        let r = GatewayError::Plugin(e).into_response();
+        return finish_failed(shared, snap, ctx, Some(entry), merged, r, upstream_id);
     }
+    let override_body = ctx.body_override.take();
+    let body_filters = snap.global.has_body_filter || chain.has_body_filter;
+    if body_filters || override_body.is_some() {
+        head.headers.remove(header::CONTENT_LENGTH);
+    }
+    let fin = Box::new(Fin {
+        ctx,
+        shared: shared.clone(),
+        snap,
+        entry: Some(entry),
+        merged,
+        _guard: Some(guard),
+        upstream_id,
+    });
+    let body = match override_body {
+        Some(b) => {
+            drop(body);
+            RespBody::full(b, Some(fin))
+        }
+        None => RespBody::upstream(body, Some(fin)),
+    };
+    into_response(head, body)
 }
 
 /// The answer to a request polygate fails: gRPC-shaped (HTTP 200 with `grpc-status`) for a
@@ -933,7 +893,7 @@ async fn proxy_h2(
                 up.observe(idx, t0.elapsed());
                 ctx.upstream_latency = Some(t0.elapsed());
                 return Ok(Outcome::H2 {
-                    resp,
+                    resp: Box::new(resp),
                     guard,
                     deadline,
                 });

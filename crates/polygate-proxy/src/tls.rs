@@ -103,9 +103,11 @@ pub struct TlsStore {
     fallback_sni: Option<String>,
     /// Client certificates (`type: client` entries) by id, for upstream mTLS.
     client_certs: HashMap<String, (Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
-    /// The trust roots for upstream certificates.
-    roots: Option<Arc<RootCertStore>>,
-    trust_error: Option<String>,
+    /// Where upstream certificates' trust roots come from (`system` or a PEM file).
+    trust_source: Option<String>,
+    /// The roots, loaded on first use (the system store is read only when an upstream
+    /// verifies).
+    roots: OnceLock<Result<Arc<RootCertStore>, String>>,
 }
 
 /// The lower-case server name without a trailing dot, as APISIX normalises SNIs.
@@ -430,21 +432,13 @@ impl TlsStore {
             fallback_sni: settings.fallback_sni.as_deref().map(normalise),
             ..TlsStore::default()
         };
-        match trust_roots(settings.ssl_trusted_certificate.as_deref()) {
-            Ok(r) => store.roots = Some(r),
-            Err(e) => {
-                // a missing system store only matters to upstreams that verify
-                if settings
-                    .ssl_trusted_certificate
-                    .as_deref()
-                    .unwrap_or("system")
-                    == "system"
-                {
-                    store.trust_error = Some(e);
-                } else {
-                    errs.push("gateway.ssl.ssl_trusted_certificate", e);
-                }
-            }
+        store.trust_source = settings.ssl_trusted_certificate.clone();
+        // a configured file is read now, so a bad one is a configuration error; the system
+        // store only when an upstream needs it
+        if store.trust_source.as_deref().unwrap_or("system") != "system"
+            && let Err(e) = store.roots()
+        {
+            errs.push("gateway.ssl.ssl_trusted_certificate", e);
         }
         for (i, s) in ssls.iter().enumerate() {
             let path = format!("ssls[{i}]");
@@ -516,6 +510,13 @@ impl TlsStore {
         self.entries.get(idx)
     }
 
+    /// The trust roots for upstream certificates (loaded once).
+    fn roots(&self) -> Result<Arc<RootCertStore>, String> {
+        self.roots
+            .get_or_init(|| trust_roots(self.trust_source.as_deref()))
+            .clone()
+    }
+
     /// A client configuration for `https` health probes: verified against the trust roots
     /// unless `verify` is false; `None` when verification is asked and no roots exist.
     pub fn probe_config(&self, verify: bool) -> Option<Arc<ClientConfig>> {
@@ -523,7 +524,7 @@ impl TlsStore {
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .ok()?;
         let b = if verify {
-            b.with_root_certificates(self.roots.clone()?)
+            b.with_root_certificates(self.roots().ok()?)
         } else {
             b.dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
@@ -705,16 +706,10 @@ pub fn upstream_tls(
         }
     };
     let b = if verify {
-        match &store.roots {
-            Some(r) => b.with_root_certificates(r.clone()),
-            None => {
-                errs.push(
-                    format!("{path}.tls.verify"),
-                    store
-                        .trust_error
-                        .clone()
-                        .unwrap_or_else(|| "no trust roots".into()),
-                );
+        match store.roots() {
+            Ok(r) => b.with_root_certificates(r),
+            Err(e) => {
+                errs.push(format!("{path}.tls.verify"), e);
                 return None;
             }
         }
