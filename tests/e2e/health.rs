@@ -428,17 +428,15 @@ async fn https_probes_with_and_without_verification() {
     ));
     let mport = metrics_port(&gw);
     // both probe kinds see healthy nodes (the CA is trusted; the name matches)
-    let healthy =
-        |which: &'static str| {
-            let mport = mport;
-            async move {
-                let r = get(mport, &format!("/v1/healthcheck/upstreams/{which}")).await;
-                r.status == 200
-                    && r.json()["nodes"].as_array().unwrap().iter().all(|n| {
-                        n["status"] == "healthy" && n["counter"]["success"].as_u64() > Some(0)
-                    })
-            }
-        };
+    let healthy = |which: &'static str| async move {
+        let r = get(mport, &format!("/v1/healthcheck/upstreams/{which}")).await;
+        r.status == 200
+            && r.json()["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["status"] == "healthy" && n["counter"]["success"].as_u64() > Some(0))
+    };
     assert!(
         gw.eventually(Duration::from_secs(6), || healthy("verified"))
             .await,
