@@ -3,9 +3,11 @@
 # same upstream, same worker count, in one run:
 #
 #   1. HTTPS with keep-alive (wrk, HTTP/1.1 over TLS 1.3)
-#   2. new TLS handshakes per second (wrk with `Connection: close`: one full handshake,
-#      no resumption, per request)
-#   3. HTTP/2 over TLS (h2load, ALPN h2, several streams per connection)
+#   2. a new TLS connection per request (wrk with `Connection: close`; wrk resumes sessions,
+#      so these are mostly abbreviated handshakes, still with an ECDHE exchange in TLS 1.3)
+#   3. full TLS handshakes per second (`openssl s_time -new`, $HS_CLIENTS in parallel: no
+#      resumption, ECDHE + certificate signature every time, then one request)
+#   4. HTTP/2 over TLS (h2load, ALPN h2, several streams per connection)
 #
 #   bench/tls.sh
 #   WORKERS=2 CONNS=100 DURATION=15 ROUNDS=3 bench/tls.sh
@@ -16,7 +18,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-2}"
-H2_CLIENTS="${H2_CLIENTS:-10}"; H2_STREAMS="${H2_STREAMS:-10}"
+H2_CLIENTS="${H2_CLIENTS:-10}"; H2_STREAMS="${H2_STREAMS:-10}"; HS_CLIENTS="${HS_CLIENTS:-4}"
 UP_PORT="${UP_PORT:-18180}"; NGX_PORT="${NGX_PORT:-18181}"; PG_PORT="${PG_PORT:-18182}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
 
@@ -84,6 +86,15 @@ close_run() { # url -> "req/s p99": every request on a new connection, a full ha
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$work/close.out")
   echo "$rps $p99"
 }
+full_run() { # port -> "handshakes/s" (sum over $HS_CLIENTS parallel s_time loops)
+  local i
+  for i in $(seq "$HS_CLIENTS"); do
+    openssl s_time -connect "127.0.0.1:$1" -new -time "$DURATION" -www / > "$work/st.$i" 2>&1 &
+  done
+  wait
+  cat "$work"/st.* | awk '/connections in .* real seconds/ {n += $1; t = $4} END {if (t > 0) printf "%.0f\n", n / t; else print 0}'
+  rm -f "$work"/st.*
+}
 ngx="https://127.0.0.1:$NGX_PORT/"; pg="https://127.0.0.1:$PG_PORT/"
 wrk -t1 -c"$CONNS" -d2s "$ngx" >/dev/null; wrk -t1 -c"$CONNS" -d2s "$pg" >/dev/null
 
@@ -94,19 +105,23 @@ for r in $(seq "$ROUNDS"); do
   read -r pk pkp < <(wrk_run "$work/wrk.out" "$pg")
   read -r nc ncp < <(close_run "$ngx")
   read -r pc pcp < <(close_run "$pg")
+  nf=$(full_run "$NGX_PORT"); pf=$(full_run "$PG_PORT")
   nh=$(h2_run "$ngx"); ph=$(h2_run "$pg")
   printf "%-6s %-26s %12s %10s\n" "$r" "nginx https keep-alive" "$nk" "$nkp" "$r" "polygate https keep-alive" "$pk" "$pkp" \
-    "$r" "nginx new handshakes" "$nc" "$ncp" "$r" "polygate new handshakes" "$pc" "$pcp" \
+    "$r" "nginx new connections" "$nc" "$ncp" "$r" "polygate new connections" "$pc" "$pcp" \
+    "$r" "nginx full handshakes" "$nf" "-" "$r" "polygate full handshakes" "$pf" "-" \
     "$r" "nginx h2" "$nh" "-" "$r" "polygate h2" "$ph" "-"
-  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph" >> "$work/results"
+  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf" >> "$work/results"
 done
 python3 - "$work/results" "$WORKERS" "$CONNS" "$H2_CLIENTS" "$H2_STREAMS" <<'PY'
 import sys, statistics
 rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]
 m=lambda i: statistics.median(r[i] for r in rows)
 print(f"\nworkers={sys.argv[2]} connections={sys.argv[3]} h2: {sys.argv[4]} clients x {sys.argv[5]} streams (median of {len(rows)} rounds)")
-for name,(n,np_,p,pp) in {"https keep-alive":(m(0),m(1),m(2),m(3)),"new TLS handshakes":(m(4),m(5),m(6),m(7))}.items():
+for name,(n,np_,p,pp) in {"https keep-alive":(m(0),m(1),m(2),m(3)),"new conn. per request":(m(4),m(5),m(6),m(7))}.items():
     print(f"{name:20s} nginx {n:9.0f} req/s p99 {np_:.2f} ms | polygate {p:9.0f} req/s p99 {pp:.2f} ms | ratio {p/n:.2f}x, p99 {pp/np_:.2f}x")
+n,p=m(10),m(11)
+print(f"{'full handshakes':20s} nginx {n:9.0f} /s                | polygate {p:9.0f} /s                | ratio {p/n:.2f}x")
 n,p=m(8),m(9)
 print(f"{'h2 (h2load)':20s} nginx {n:9.0f} req/s             | polygate {p:9.0f} req/s             | ratio {p/n:.2f}x")
 PY

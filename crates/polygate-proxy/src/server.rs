@@ -566,8 +566,14 @@ async fn accept_loop(
                 match tokio::time::timeout(limit, tls_accept(stream, peer, local, proto, &sh)).await
                 {
                     Ok(Some((tls, info, h2))) => {
-                        let mode = if h2 { ConnMode::H2 } else { ConnMode::H1 };
-                        b.serve(tls, info, mode, drain, sh);
+                        if h2 {
+                            // HTTP/2 writes many small frames per flush: gathered, they go out
+                            // as one TLS record instead of one record (and one AEAD seal) each
+                            let io = tokio::io::BufWriter::with_capacity(16 * 1024, tls);
+                            b.serve(io, info, ConnMode::H2, drain, sh);
+                        } else {
+                            b.serve(tls, info, ConnMode::H1, drain, sh);
+                        }
                         return;
                     }
                     Ok(None) => {}

@@ -25,11 +25,30 @@ use rustls::{
     SignatureScheme,
 };
 
-/// The crypto provider every TLS configuration of the process uses (ring).
+/// The crypto provider every TLS configuration of the process uses (ring), with AES-128-GCM
+/// suites first: servers choose by this order (`ignore_client_order`), so a handshake hashes
+/// with SHA-256 (hardware-accelerated) rather than SHA-384, which costs a new connection
+/// about a sixth of its CPU on x86 with ring.
 pub fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
+    P.get_or_init(|| {
+        let mut p = rustls::crypto::ring::default_provider();
+        // stable: AES-128 before AES-256 before ChaCha20, in each protocol version
+        let rank = |s: &rustls::SupportedCipherSuite| {
+            let name = format!("{:?}", s.suite());
+            if name.contains("AES_128") {
+                0
+            } else if name.contains("AES_256") {
+                1
+            } else {
+                2
+            }
+        };
+        p.cipher_suites
+            .sort_by_key(|s| (u8::from(s.version() != &rustls::version::TLS13), rank(s)));
+        Arc::new(p)
+    })
+    .clone()
 }
 
 /// Session state shared by every server configuration of the process, so that a client can
@@ -402,7 +421,7 @@ fn server_entry(s: &Ssl, path: &str, errs: &mut ConfigErrors) -> Option<ServerEn
         {
             cfg.ticketer = t.clone();
         }
-        cfg.ignore_client_order = false;
+        cfg.ignore_client_order = true;
         Ok(Arc::new(cfg))
     };
     match (build(&[b"http/1.1"]), build(&[b"h2", b"http/1.1"])) {
