@@ -74,3 +74,49 @@ fn h2spec_tls_and_h2c_listeners() {
     );
     assert!(gw.stderr().lines().all(|l| !l.contains("panicked")));
 }
+
+/// The rapid-reset attack (CVE-2023-44487): a client that opens streams and resets them at
+/// once, faster than they are served. Past `gateway.http2.max_pending_accept_reset_streams`
+/// pending resets the gateway closes the connection (GOAWAY `ENHANCE_YOUR_CALM`); other
+/// clients are served throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn rapid_reset_closes_the_connection() {
+    let up = Upstream::start("u").await;
+    let gw = Gateway::start_text(&format!(
+        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\", http2: true}}]\n  worker_threads: 1\n  http2: {{max_pending_accept_reset_streams: 20}}\nroutes:\n  - id: r\n    uri: /*\n    upstream: {{nodes: [{{host: \"127.0.0.1\", port: {}, weight: 1}}]}}\n#END\n",
+        up.addr.port()
+    ));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut refused = false;
+    for _ in 0..5000 {
+        let req = http::Request::get(format!("http://127.0.0.1:{}/slow", gw.port))
+            .body(())
+            .unwrap();
+        let Ok(c) = client.clone().ready().await else {
+            refused = true;
+            break;
+        };
+        client = c;
+        match client.send_request(req, false) {
+            Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+            Err(_) => {
+                refused = true;
+                break;
+            }
+        }
+    }
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+    let reason = match ended {
+        Ok(Ok(Err(e))) => e.reason(),
+        Ok(Ok(Ok(()))) => None,
+        other => panic!("the connection was not closed: {other:?}"),
+    };
+    assert!(refused || reason.is_some());
+    assert_eq!(reason, Some(h2::Reason::ENHANCE_YOUR_CALM));
+    // the gateway goes on serving
+    assert_eq!(get(gw.port, "/after").await.status, 200);
+}
