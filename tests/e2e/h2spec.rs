@@ -75,48 +75,71 @@ fn h2spec_tls_and_h2c_listeners() {
     assert!(gw.stderr().lines().all(|l| !l.contains("panicked")));
 }
 
-/// The rapid-reset attack (CVE-2023-44487): a client that opens streams and resets them at
-/// once, faster than they are served. Past `gateway.http2.max_pending_accept_reset_streams`
-/// pending resets the gateway closes the connection (GOAWAY `ENHANCE_YOUR_CALM`); other
-/// clients are served throughout.
+/// The rapid-reset attack (CVE-2023-44487): a client that opens streams and resets them
+/// before they are served. Past `gateway.http2.max_pending_accept_reset_streams` pending
+/// resets the gateway closes the connection with GOAWAY `ENHANCE_YOUR_CALM`; other clients are
+/// served throughout. The frames are written by hand, all in one write, so the resets reach
+/// the server before it accepts the streams (an h2 client opens one stream at a time).
 #[tokio::test(flavor = "multi_thread")]
 async fn rapid_reset_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start("u").await;
     let gw = Gateway::start_text(&format!(
         "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\", http2: true}}]\n  worker_threads: 1\n  http2: {{max_pending_accept_reset_streams: 20}}\nroutes:\n  - id: r\n    uri: /*\n    upstream: {{nodes: [{{host: \"127.0.0.1\", port: {}, weight: 1}}]}}\n#END\n",
         up.addr.port()
     ));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = Vec::with_capacity(9 + payload.len());
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    // HPACK: :method GET, :scheme http, :path / (static table), :authority literal
+    let authority = b"127.0.0.1";
+    let mut block = vec![0x82, 0x86, 0x84, 0x41, authority.len() as u8];
+    block.extend_from_slice(authority);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    for i in 0..200u32 {
+        let id = 1 + 2 * i;
+        out.extend(frame(0x1, 0x5, id, &block)); // HEADERS, END_STREAM | END_HEADERS
+        out.extend(frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
         .await
         .unwrap();
-    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut refused = false;
-    for _ in 0..5000 {
-        let req = http::Request::get(format!("http://127.0.0.1:{}/slow", gw.port))
-            .body(())
-            .unwrap();
-        let Ok(c) = client.clone().ready().await else {
-            refused = true;
-            break;
+    s.write_all(&out).await.unwrap();
+    // read frames until GOAWAY (type 7): its error code follows the last stream id
+    let mut buf = Vec::new();
+    let mut goaway = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    'read: while std::time::Instant::now() < deadline {
+        let mut chunk = [0u8; 16384];
+        let n = match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut chunk))
+            .await
+        {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => break,
         };
-        client = c;
-        match client.send_request(req, false) {
-            Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
-            Err(_) => {
-                refused = true;
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+            if buf.len() < at + 9 + len {
                 break;
             }
+            if buf[at + 3] == 0x7 && len >= 8 {
+                let p = &buf[at + 9..at + 9 + len];
+                goaway = Some(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+                break 'read;
+            }
+            at += 9 + len;
         }
+        buf.drain(..at);
     }
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
-    let reason = match ended {
-        Ok(Ok(Err(e))) => e.reason(),
-        Ok(Ok(Ok(()))) => None,
-        other => panic!("the connection was not closed: {other:?}"),
-    };
-    assert!(refused || reason.is_some());
-    assert_eq!(reason, Some(h2::Reason::ENHANCE_YOUR_CALM));
+    assert_eq!(goaway, Some(0xb), "expected GOAWAY ENHANCE_YOUR_CALM (0xb)");
     // the gateway goes on serving
     assert_eq!(get(gw.port, "/after").await.status, 200);
 }
