@@ -74,6 +74,25 @@ impl tonic::server::UnaryService<Bytes> for Unary {
         Box::pin(async move {
             let m = text(req.get_ref());
             match which {
+                "headers" => {
+                    let md = req.metadata();
+                    let get = |k: &str| {
+                        md.get(k)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    let text = [
+                        "x-forwarded-for",
+                        "x-real-ip",
+                        "x-forwarded-host",
+                        "x-forwarded-proto",
+                        "forwarded",
+                    ]
+                    .map(|k| format!("{k}={}", get(k)))
+                    .join(";");
+                    Ok(Response::new(Bytes::from(text)))
+                }
                 "fail" => Err(Status::new(Code::NotFound, format!("no such thing: {m}"))),
                 _ => {
                     let mut r = Response::new(Bytes::from(format!("echo:{m}")));
@@ -152,6 +171,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Echo {
             let resp = match req.uri().path() {
                 "/test.Echo/Unary" => g.unary(Unary("echo"), req).await,
                 "/test.Echo/Fail" => g.unary(Unary("fail"), req).await,
+                "/test.Echo/Headers" => g.unary(Unary("headers"), req).await,
                 "/test.Echo/Count" => g.server_streaming(ServerStream("count"), req).await,
                 "/test.Echo/Stall" => g.server_streaming(ServerStream("stall"), req).await,
                 "/test.Echo/Chat" => g.streaming(Chat, req).await,
@@ -230,6 +250,30 @@ async fn grpc_unary_streaming_and_bidi_through_the_gateway() {
     let e = unary(&mut g, "/test.Echo/Fail", "x").await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert_eq!(e.message(), "no such thing: x");
+
+    // forwarding headers follow the HTTP/1.1 rules: a client's forged ones do not pass
+    g.ready().await.unwrap();
+    let mut req = Request::new(Bytes::from("x"));
+    for (k, v) in [
+        ("x-forwarded-host", "evil.example"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("forwarded", "for=6.6.6.6"),
+    ] {
+        req.metadata_mut().insert(k, v.parse().unwrap());
+    }
+    let r = g
+        .unary(req, path("/test.Echo/Headers"), Raw)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        text(&r),
+        format!(
+            "x-forwarded-for=127.0.0.1;x-real-ip=127.0.0.1;x-forwarded-host=127.0.0.1:{};x-forwarded-proto=http;forwarded=-",
+            gw.port
+        )
+    );
 
     // server streaming
     g.ready().await.unwrap();

@@ -91,6 +91,14 @@ pub struct H2Forward<'a> {
     pub client_ip: &'a str,
     /// `X-Forwarded-Proto`.
     pub client_scheme: &'static str,
+    /// `X-Forwarded-Port`: the port in the client's Host, else the one the request came to.
+    pub port: &'a str,
+    /// `X-Forwarded-Host`: the Host the client asked for.
+    pub host: Option<&'a HeaderValue>,
+    /// The peer is in `trusted_addresses`: its forwarding headers pass.
+    pub trusted: bool,
+    /// An untrusted peer's `X-Forwarded-For` is dropped (`trusted_addresses` is configured).
+    pub drop_xff: bool,
     /// Time to connect (TLS and HTTP/2 handshakes included).
     pub connect_timeout: Duration,
     /// Time for the response head to arrive.
@@ -118,37 +126,65 @@ pub async fn exchange(
         .map_err(|e| GatewayError::InvalidUpstreamRequest(e.to_string()))?;
     let h = req.headers_mut();
     let mut te_trailers = false;
+    // the forwarding rules of the HTTP/1.1 path (h1::encode_head): a client's forwarding
+    // headers pass only from a trusted peer
+    let mut xff: Vec<&[u8]> = Vec::new();
     for (k, v) in headers {
         if *k == header::TE {
             te_trailers |= v.as_bytes().eq_ignore_ascii_case(b"trailers");
             continue;
         }
-        if is_hop_by_hop(k)
-            || *k == header::HOST
-            || *k == header::CONTENT_LENGTH
-            || matches!(k.as_str(), "x-real-ip" | "x-forwarded-proto")
-        {
+        if is_hop_by_hop(k) || *k == header::HOST || *k == header::CONTENT_LENGTH {
             continue;
+        }
+        match k.as_str() {
+            "x-forwarded-for" => {
+                if !fwd.drop_xff {
+                    xff.push(v.as_bytes());
+                }
+                continue;
+            }
+            "x-real-ip" => continue,
+            "x-forwarded-proto" | "x-forwarded-host" | "x-forwarded-port" | "forwarded"
+                if !fwd.trusted =>
+            {
+                continue;
+            }
+            _ => {}
         }
         h.append(k.clone(), v.clone());
     }
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", fwd.client_ip),
-        None => fwd.client_ip.to_owned(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let mut joined = Vec::new();
+    for v in xff {
+        joined.extend_from_slice(v);
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(fwd.client_ip.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
         h.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
     if let Ok(v) = HeaderValue::from_str(fwd.client_ip) {
         h.insert(HeaderName::from_static("x-real-ip"), v);
     }
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(fwd.client_scheme),
-    );
+    if !h.contains_key("x-forwarded-proto") {
+        h.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static(fwd.client_scheme),
+        );
+    }
+    if !h.contains_key("x-forwarded-host")
+        && let Some(host) = fwd.host
+    {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    }
+    if !h.contains_key("x-forwarded-port")
+        && let Ok(v) = HeaderValue::from_str(fwd.port)
+    {
+        h.insert(HeaderName::from_static("x-forwarded-port"), v);
+    }
     let fut = s.send_request(req);
     match tokio::time::timeout(head_timeout, fut).await {
         Err(_) => Err(GatewayError::Timeout {
@@ -171,15 +207,20 @@ pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
     }
     let (n, unit) = v.split_at(v.len() - 1);
     let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    // at most a day: a client's 99999999H must not overflow an instant
+    const MAX: Duration = Duration::from_secs(86_400);
+    Some(
+        match unit {
+            "H" => Duration::from_secs(n.saturating_mul(3600)),
+            "M" => Duration::from_secs(n.saturating_mul(60)),
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => return None,
+        }
+        .min(MAX),
+    )
 }
 
 /// Whether a request is a gRPC call (`content-type: application/grpc[+proto|...]`).
@@ -271,6 +312,7 @@ mod tests {
             ("250m", Some(Duration::from_millis(250))),
             ("2M", Some(Duration::from_secs(120))),
             ("1H", Some(Duration::from_secs(3600))),
+            ("99999999H", Some(Duration::from_secs(86_400))),
             ("10u", Some(Duration::from_micros(10))),
             ("5n", Some(Duration::from_nanos(5))),
             ("123456789S", None),

@@ -827,6 +827,15 @@ async fn proxy_h2(
     let mut last_err: Option<GatewayError> = None;
     let method = ctx.method.clone();
     let client_host = ctx.headers.get(header::HOST).cloned();
+    let host_port = client_host
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.rsplit_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .map(str::to_owned);
+    let host_port = host_port.as_deref();
+    let trusted = snap.is_trusted(conn.client.ip());
     loop {
         let attempt = tried.len();
         if attempt > 0 && attempt > up.retries {
@@ -868,6 +877,10 @@ async fn proxy_h2(
             path: &path,
             client_ip: &conn.client_ip,
             client_scheme: ctx.scheme,
+            port: host_port.unwrap_or(&conn.local_port),
+            host: client_host.as_ref(),
+            trusted,
+            drop_xff: !trusted && !snap.trusted.is_empty(),
             connect_timeout: connect_to,
             head_timeout: match deadline {
                 Some(d) => read_to.min(d.saturating_duration_since(tokio::time::Instant::now())),

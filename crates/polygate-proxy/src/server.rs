@@ -731,7 +731,9 @@ where
             conn.as_mut().begin_shutdown();
             conn.await
         } else {
+            // biased: no random branch order to draw on every wake-up of the connection
             tokio::select! {
+                biased;
                 r = conn.as_mut() => r,
                 _ = stop.changed() => {
                     conn.as_mut().begin_shutdown();
