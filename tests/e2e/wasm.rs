@@ -841,3 +841,31 @@ async fn trapping_filter_next_to_go_and_lua_under_load() {
         Some("/go/x")
     );
 }
+
+/// A filter's callouts to an `https` upstream: TLS verified against the configured CA, the
+/// callout's `:authority` as SNI (the as_filter sends `callout`).
+#[tokio::test(flavor = "multi_thread")]
+async fn callouts_reach_https_upstreams() {
+    use crate::tls::{Pki, TlsUpstream};
+    let u = Upstream::start("u").await;
+    let pki = Pki::new("callout CA");
+    let svc = TlsUpstream::start(&pki.issue(&["callout"]), None).await;
+    let dir = tempdir::Dir::new();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let filter = libs::wasm("as_filter").display().to_string();
+    let gw = Gateway::start(&format!(
+        "{}upstreams:\n  - {{id: u, nodes: {{\"{u}\": 1}}}}\n  - {{id: tls_svc, scheme: https, nodes: {{\"127.0.0.1:{p}\": 1}}}}\nroutes:\n  - {{id: two, uri: /two/*, upstream_id: u, plugins: {{as_filter: {{conf: \"mode=two;upstream=tls_svc\"}}}}}}\n",
+        gateway_section(
+            1,
+            &format!("  ssl: {{ssl_trusted_certificate: \"{}\"}}\n", ca.display()),
+            &[("as_filter", filter, 1000)]
+        ),
+        u = u.node(),
+        p = svc.port,
+    ));
+    let r = get(gw.port, "/two/x").await;
+    assert_eq!(r.status, 200, "{}", gw.stderr());
+    let a = r.seen_header("x-call-a").unwrap_or_default();
+    assert!(a.contains("\"sni\":\"callout\""), "{a}");
+}

@@ -114,7 +114,7 @@ async fn exchange(
     defaults: polygate_model::Timeout,
 ) -> Result<CalloutResponse, CalloutError> {
     let failed = |e: &dyn std::fmt::Display| CalloutError::Failed(e.to_string());
-    if up.scheme != "http" {
+    if up.scheme != "http" && up.scheme != "https" {
         return Err(CalloutError::Failed(format!(
             "upstream scheme {:?} is not supported for callouts",
             up.scheme
@@ -150,7 +150,10 @@ async fn exchange(
         idle_timeout: polygate_model::secs(up.keepalive.idle_timeout),
         max_uses: up.keepalive.requests.clamp(1, u32::MAX as i64) as u32,
     };
-    let mut co = pool::checkout(node, limits, connect_to, None)
+    // TLS: the callout's :authority (else the node's host) is the SNI and the verified name
+    let sni = polygate_core::ctx::strip_port(&req.authority).to_owned();
+    let tls = up.tls.as_deref().map(|t| (t, sni.as_str()));
+    let mut co = pool::checkout(node, limits, connect_to, tls)
         .await
         .map_err(|e| failed(&e))?;
     let head = encode(&req).map_err(|e| CalloutError::Failed(e.to_owned()))?;
