@@ -773,7 +773,8 @@ async fn run_request(
         ));
     };
     if up.scheme == "grpc" || up.scheme == "grpcs" {
-        return proxy_h2(snap, &up, route.timeout, chain, ctx, body, conn).await;
+        // boxed: HTTP/2 state stays out of the HTTP/1.1 requests' futures
+        return Box::pin(proxy_h2(snap, &up, route.timeout, chain, ctx, body, conn)).await;
     }
     proxy(snap, &up, route.timeout, chain, ctx, body, conn).await
 }

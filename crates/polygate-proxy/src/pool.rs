@@ -182,8 +182,9 @@ async fn connect(node: &Node, tls: Option<(&UpstreamTls, &str)>) -> Result<H1Con
         return Ok(H1Conn::new(Stream::Tcp(stream)));
     };
     let name = server_name(sni, node)?;
-    let s = tokio_rustls::TlsConnector::from(tls.config.clone())
-        .connect(name, stream)
+    // boxed: the handshake's state (a whole rustls connection) would otherwise be part of
+    // every request's future, plain ones included, and be copied with it
+    let s = Box::pin(tokio_rustls::TlsConnector::from(tls.config.clone()).connect(name, stream))
         .await
         .map_err(|e| GatewayError::Connect {
             addr: node.key.to_string(),
