@@ -264,6 +264,13 @@ void call_handler(napi_env env, napi_value js_cb, void *, void *data) {
 }
 
 // binding.serve(tq, callback): a native thread polls the queue and hands batches to the loop.
+// Threads that poll a runtime's queue reach into the environment through a thread-safe
+// function. Once the environment's loop has ended (unload, or the process exiting), it is torn
+// down on its own thread: a poll thread must then leave the function alone (libuv aborts on a
+// closed handle). `env_alive` changes, and the function is used, only under `tsfn_mu`.
+std::mutex tsfn_mu;
+bool env_alive = true;
+
 napi_value js_serve(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
@@ -298,7 +305,13 @@ napi_value js_serve(napi_env env, napi_callback_info info) {
         b->tasks.push_back(t);
       }
       Batch *raw = b.release();
-      if (napi_call_threadsafe_function(tsfn, raw, napi_tsfn_blocking) != napi_ok) {
+      napi_status st = napi_closing;
+      {
+        // the queue is unbounded: the call never blocks while the lock is held
+        std::lock_guard<std::mutex> g(tsfn_mu);
+        if (env_alive) st = napi_call_threadsafe_function(tsfn, raw, napi_tsfn_blocking);
+      }
+      if (st != napi_ok) {
         for (void *t : raw->tasks) {
           const char *m = "the Node.js environment stopped";
           respond(t, 1, m, strlen(m), true);
@@ -307,7 +320,8 @@ napi_value js_serve(napi_env env, napi_callback_info info) {
       }
     }
     // unloaded: never touch the queue again
-    napi_release_threadsafe_function(tsfn, napi_tsfn_release);
+    std::lock_guard<std::mutex> g(tsfn_mu);
+    if (env_alive) napi_release_threadsafe_function(tsfn, napi_tsfn_release);
   }).detach();
   return nullptr;
 }
@@ -501,7 +515,10 @@ void set_failed(const std::string &why) {
   cv.notify_all();
 }
 
-void node_main() {
+// The Node.js process: initialisation, one environment until it is stopped, then V8 and the
+// platform torn down, all on this thread. Every local (the platform and its worker threads
+// included) is gone when it returns.
+void run_node() {
   std::vector<std::string> args = {"polygate-node"};
   if (const char *o = getenv("POLYGATE_NODE_OPTIONS")) {
     std::string s(o), cur;
@@ -554,10 +571,24 @@ void node_main() {
       }
       log_line(2, std::string("Node.js ") + NODE_VERSION_STRING + " environment started");
       node::SpinEventLoop(env).FromMaybe(1);
+      {
+        std::lock_guard<std::mutex> g(tsfn_mu);
+        env_alive = false;
+      }
       g_env.store(nullptr);
       node::Stop(env);
     }
   }
+  v8::V8::Dispose();
+  v8::V8::DisposePlatform();
+  platform.reset();
+}
+
+void node_main() {
+  run_node();
+  // only now: the exit path (stop_at_exit) goes on to the process's static destructors, which
+  // must not run while this thread still tears V8 down or joins the platform's workers (that
+  // race aborted the process at exit, about once in three under load)
   {
     std::lock_guard<std::mutex> g(mu);
     exited = true;
