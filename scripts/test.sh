@@ -13,6 +13,8 @@ export CARGO_TERM_COLOR=never
 need_pkgs=()
 command -v kill >/dev/null || need_pkgs+=(procps)
 command -v cc >/dev/null || need_pkgs+=(gcc libc6-dev)
+# the TLS tests make RSA keys and check certificates with the openssl command
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx-light)
 command -v go >/dev/null || { echo "the FFI tests build Go runtimes: install Go (go1.22+)" >&2; exit 1; }
 command -v javac >/dev/null || need_pkgs+=(openjdk-17-jdk-headless)
