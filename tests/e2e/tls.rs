@@ -288,6 +288,18 @@ async fn certificates_by_sni_exact_wildcard_and_fallback() {
     assert_eq!(st, 200);
 }
 
+/// `openssl s_client`'s report of a handshake offering only the signature algorithms
+/// `sigalgs`.
+fn s_client(port: u16, sni: &str, sigalgs: &str) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", sni, "-sigalgs", sigalgs])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test]
 async fn rsa_and_ecdsa_on_one_name_and_h2_by_alpn() {
     let up = Upstream::start("u").await;
@@ -308,39 +320,13 @@ async fn rsa_and_ecdsa_on_one_name_and_h2_by_alpn() {
     let s = connect(tls_port, Some("both.test")).await.unwrap();
     assert_eq!(peer_cert(&s), rsa.der());
 
-    // a client that only takes ECDSA signatures gets the ECDSA certificate
-    let out = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{tls_port}"),
-            "-servername",
-            "both.test",
-            "-sigalgs",
-            "ECDSA+SHA256",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    // a client that only takes ECDSA (RSA) signatures gets the ECDSA (RSA) certificate
+    let text = s_client(tls_port, "both.test", "ECDSA+SHA256");
     assert!(
         text.contains("Server public key is 256 bit"),
         "expected the ECDSA certificate:\n{text}"
     );
-    let out = std::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &format!("127.0.0.1:{tls_port}"),
-            "-servername",
-            "both.test",
-            "-sigalgs",
-            "RSA-PSS+SHA256",
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s_client(tls_port, "both.test", "RSA-PSS+SHA256");
     assert!(
         text.contains("Server public key is 2048 bit"),
         "expected the RSA certificate:\n{text}"

@@ -798,6 +798,88 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
+/// What the next attempt of a request goes to.
+enum Attempt {
+    /// This node (already recorded in `tried`).
+    Node(usize),
+    /// A `before_proxy` plugin answered.
+    Local(PluginResponse),
+    /// No retry is left (count, `retry_timeout` budget) or no node can be picked.
+    Exhausted,
+}
+
+/// Picks the node of the next attempt within the retry count and `retry_timeout` budget, then
+/// runs the `before_proxy` phase of the global rules and the chain, as both upstream clients
+/// do before each attempt.
+async fn next_attempt(
+    snap: &Snapshot,
+    up: &UpstreamRt,
+    chain: &PluginChain,
+    ctx: &mut RequestCtx,
+    tried: &mut SmallVec<[usize; 4]>,
+    started: Instant,
+) -> Result<Attempt, GatewayError> {
+    let attempt = tried.len();
+    let budget_left = up.retry_timeout.is_none_or(|rt| started.elapsed() < rt);
+    if attempt > 0 && (attempt > up.retries || !budget_left) {
+        return Ok(Attempt::Exhausted);
+    }
+    let Some(idx) = up.pick(ctx, tried) else {
+        return Ok(Attempt::Exhausted);
+    };
+    tried.push(idx);
+    ctx.upstream_addr = up.nodes[idx].addr;
+    let global = &snap.global;
+    if !global.is_empty()
+        && let Some(r) = run_phase(&global.instances, Phase::BeforeProxy, ctx).await?
+    {
+        return Ok(Attempt::Local(r));
+    }
+    if !chain.is_empty()
+        && let Some(r) = run_phase(&chain.instances, Phase::BeforeProxy, ctx).await?
+    {
+        return Ok(Attempt::Local(r));
+    }
+    Ok(Attempt::Node(idx))
+}
+
+/// The Host the upstream gets instead of the client's (`pass_host`, a plugin's
+/// `upstream_host`); `None` keeps the client's.
+fn upstream_host<'a>(
+    ctx: &'a RequestCtx,
+    up: &'a UpstreamRt,
+    node: &'a crate::upstream::Node,
+    client_host: Option<&HeaderValue>,
+) -> Option<&'a HeaderValue> {
+    match (&ctx.upstream_host, up.pass_host) {
+        (Some(h), _) => Some(h),
+        (None, PassHost::Node) => Some(&node.host_header),
+        (None, PassHost::Rewrite) => up.upstream_host.as_ref(),
+        // an HTTP/1.0 client may send no Host: the upstream still gets one
+        (None, PassHost::Pass) if client_host.is_none() => Some(&node.host_header),
+        (None, PassHost::Pass) => None,
+    }
+}
+
+/// The port in the client's Host (`X-Forwarded-Port`), when it has one.
+fn host_port(client_host: Option<&HeaderValue>) -> Option<&str> {
+    client_host
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.rsplit_once(':'))
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Counts an attempt's outcome for passive health checks (a status, or the failure).
+fn observe_passive(up: &UpstreamRt, node: &crate::upstream::Node, r: Result<u16, &GatewayError>) {
+    if let Some(c) = &up.checks {
+        match r {
+            Ok(status) => c.passive(node, Some(status), None),
+            Err(e) => c.passive(node, None, Some(passive_verdict(e))),
+        }
+    }
+}
+
 /// An HTTP/2 upstream (`grpc`, `grpcs`): the request and response stream in both
 /// directions with their trailers; `grpc-timeout` bounds the whole call. A call is retried on
 /// another node only when nothing of it can have reached the upstream, or its body is
@@ -823,47 +905,23 @@ async fn proxy_h2(
         _ => None,
     };
     let replayable = streamed.is_none();
-    let global = &snap.global;
     let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut last_err: Option<GatewayError> = None;
     let method = ctx.method.clone();
     let client_host = ctx.headers.get(header::HOST).cloned();
-    let host_port = client_host
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.rsplit_once(':'))
-        .map(|(_, p)| p)
-        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-        .map(str::to_owned);
-    let host_port = host_port.as_deref();
     let trusted = snap.is_trusted(conn.client.ip());
+    let started = Instant::now();
     loop {
-        let attempt = tried.len();
-        if attempt > 0 && attempt > up.retries {
-            break;
-        }
-        let Some(idx) = up.pick(ctx, &tried) else {
-            break;
+        let idx = match next_attempt(snap, up, chain, ctx, &mut tried, started).await? {
+            Attempt::Node(i) => i,
+            Attempt::Local(r) => return Ok(Outcome::Local(r)),
+            Attempt::Exhausted => break,
         };
-        tried.push(idx);
         let node = &up.nodes[idx];
-        ctx.upstream_addr = node.addr;
-        if !global.is_empty()
-            && let Some(r) = run_phase(&global.instances, Phase::BeforeProxy, ctx).await?
-        {
-            return Ok(Outcome::Local(r));
-        }
-        if !chain.is_empty()
-            && let Some(r) = run_phase(&chain.instances, Phase::BeforeProxy, ctx).await?
-        {
-            return Ok(Outcome::Local(r));
-        }
-        let host = match (&ctx.upstream_host, up.pass_host) {
-            (Some(h), _) => Some(h.clone()),
-            (None, PassHost::Node) => Some(node.host_header.clone()),
-            (None, PassHost::Rewrite) => up.upstream_host.clone(),
-            (None, PassHost::Pass) => client_host.clone().or(Some(node.host_header.clone())),
-        };
+        // HTTP/2 always sends an :authority: the client's Host when it is kept
+        let host = upstream_host(ctx, up, node, client_host.as_ref())
+            .or(client_host.as_ref())
+            .cloned();
         let authority = host
             .as_ref()
             .and_then(|h| h.to_str().ok())
@@ -878,7 +936,7 @@ async fn proxy_h2(
             path: &path,
             client_ip: &conn.client_ip,
             client_scheme: ctx.scheme,
-            port: host_port.unwrap_or(&conn.local_port),
+            port: host_port(client_host.as_ref()).unwrap_or(&conn.local_port),
             host: client_host.as_ref(),
             trusted,
             drop_xff: !trusted && !snap.trusted.is_empty(),
@@ -896,12 +954,7 @@ async fn proxy_h2(
         let guard = ActiveGuard::new(up.clone(), idx);
         let t0 = Instant::now();
         let r = crate::h2up::exchange(node, tls, &method, &ctx.headers, &fwd, req_body).await;
-        if let Some(c) = &up.checks {
-            match &r {
-                Ok(resp) => c.passive(node, Some(resp.status().as_u16()), None),
-                Err(e) => c.passive(node, None, Some(passive_verdict(e))),
-            }
-        }
+        observe_passive(up, node, r.as_ref().map(|resp| resp.status().as_u16()));
         match r {
             Ok(resp) => {
                 up.observe(idx, t0.elapsed());
@@ -977,18 +1030,12 @@ async fn proxy(
     };
 
     let client_host = ctx.headers.get(header::HOST).cloned();
-    let host_port = client_host
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.rsplit_once(':'))
-        .map(|(_, p)| p)
-        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     let trusted = snap.is_trusted(conn.client.ip());
     let ws = ctx.extensions.get::<WsUpgrade>().map(|w| w.0.clone());
     let fwd = h1::Forward {
         client_ip: &conn.client_ip,
         scheme: ctx.scheme,
-        port: host_port.unwrap_or(&conn.local_port),
+        port: host_port(client_host.as_ref()).unwrap_or(&conn.local_port),
         host: client_host.as_ref(),
         trusted,
         drop_xff: !trusted && !snap.trusted.is_empty(),
@@ -998,38 +1045,16 @@ async fn proxy(
     let started = Instant::now();
     let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut last_err: Option<GatewayError> = None;
-    let global = &snap.global;
     let method = ctx.method.clone();
     loop {
-        let attempt = tried.len();
-        let budget_left = up.retry_timeout.is_none_or(|rt| started.elapsed() < rt);
-        if attempt > 0 && (attempt > up.retries || !budget_left) {
-            break;
-        }
-        let Some(idx) = up.pick(ctx, &tried) else {
-            break;
+        let idx = match next_attempt(snap, up, chain, ctx, &mut tried, started).await? {
+            Attempt::Node(i) => i,
+            Attempt::Local(r) => return Ok(Outcome::Local(r)),
+            Attempt::Exhausted => break,
         };
-        tried.push(idx);
+        let attempt = tried.len() - 1;
         let node = &up.nodes[idx];
-        ctx.upstream_addr = node.addr;
-        if !global.is_empty()
-            && let Some(r) = run_phase(&global.instances, Phase::BeforeProxy, ctx).await?
-        {
-            return Ok(Outcome::Local(r));
-        }
-        if !chain.is_empty()
-            && let Some(r) = run_phase(&chain.instances, Phase::BeforeProxy, ctx).await?
-        {
-            return Ok(Outcome::Local(r));
-        }
-        let host = match (&ctx.upstream_host, up.pass_host) {
-            (Some(h), _) => Some(h),
-            (None, PassHost::Node) => Some(&node.host_header),
-            (None, PassHost::Rewrite) => up.upstream_host.as_ref(),
-            // an HTTP/1.0 client may send no Host: the upstream still gets one
-            (None, PassHost::Pass) if client_host.is_none() => Some(&node.host_header),
-            (None, PassHost::Pass) => None,
-        };
+        let host = upstream_host(ctx, up, node, client_host.as_ref());
         let sni = match &up.tls {
             Some(_) => host
                 .or(client_host.as_ref())
@@ -1041,9 +1066,7 @@ async fn proxy(
         let mut co = match pool::checkout(node, limits, connect_to, tls).await {
             Ok(c) => c,
             Err(e) => {
-                if let Some(c) = &up.checks {
-                    c.passive(node, None, Some(passive_verdict(&e)));
-                }
+                observe_passive(up, node, Err(&e));
                 tracing::warn!(upstream = %up.id, node = %node.key, "{e}");
                 last_err = Some(e);
                 continue;
@@ -1110,12 +1133,7 @@ async fn proxy(
                 Ok(head) => break Ok(head),
             }
         };
-        if let Some(c) = &up.checks {
-            match &result {
-                Ok(head) => c.passive(node, Some(head.status.as_u16()), None),
-                Err(e) => c.passive(node, None, Some(passive_verdict(e))),
-            }
-        }
+        observe_passive(up, node, result.as_ref().map(|h| h.status.as_u16()));
         match result {
             Ok(head) => {
                 up.observe(idx, t0.elapsed());

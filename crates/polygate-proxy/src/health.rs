@@ -357,16 +357,9 @@ async fn run_checker(up: Arc<UpstreamRt>, tls: Option<Arc<rustls::ClientConfig>>
 /// Every upstream of a snapshot that has health checks (named ones, and those inline in
 /// services and routes).
 pub fn checked_upstreams(snap: &Snapshot) -> Vec<Arc<UpstreamRt>> {
-    let mut out: Vec<Arc<UpstreamRt>> = Vec::new();
-    let mut push = |u: &Arc<UpstreamRt>| {
-        if u.checks.is_some() && !out.iter().any(|o| Arc::ptr_eq(o, u)) {
-            out.push(u.clone());
-        }
-    };
-    for u in snap.all_upstreams() {
-        push(&u);
-    }
-    out
+    let mut all = snap.all_upstreams();
+    all.retain(|u| u.checks.is_some());
+    all
 }
 
 /// Runs the active checkers of the served configuration: every `interval`, the checkers of

@@ -539,18 +539,30 @@ impl TlsStore {
     /// A client configuration for `https` health probes: verified against the trust roots
     /// unless `verify` is false; `None` when verification is asked and no roots exist.
     pub fn probe_config(&self, verify: bool) -> Option<Arc<ClientConfig>> {
+        let mut c = self.client_builder(verify).ok()?.with_no_client_auth();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Some(Arc::new(c))
+    }
+
+    /// A client configuration builder offering TLS 1.3 and 1.2 and verifying the server
+    /// against the trust roots, or not at all when `verify` is false. An error comes with the
+    /// key below `upstream` it concerns (`tls`, `tls.verify`).
+    fn client_builder(
+        &self,
+        verify: bool,
+    ) -> Result<
+        rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>,
+        (&'static str, String),
+    > {
         let b = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .ok()?;
-        let b = if verify {
-            b.with_root_certificates(self.roots().ok()?)
+            .map_err(|e| ("tls", e.to_string()))?;
+        Ok(if verify {
+            b.with_root_certificates(self.roots().map_err(|e| ("tls.verify", e))?)
         } else {
             b.dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
-        };
-        let mut c = b.with_no_client_auth();
-        c.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Some(Arc::new(c))
+        })
     }
 
     /// A client certificate of a `type: client` entry (`upstream.tls.client_cert_id`).
@@ -715,26 +727,12 @@ pub fn upstream_tls(
         },
         (None, None, None) => None,
     };
-    let b = match ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    {
+    let b = match store.client_builder(verify) {
         Ok(b) => b,
-        Err(e) => {
-            errs.push(format!("{path}.tls"), e.to_string());
+        Err((key, e)) => {
+            errs.push(format!("{path}.{key}"), e);
             return None;
         }
-    };
-    let b = if verify {
-        match store.roots() {
-            Ok(r) => b.with_root_certificates(r),
-            Err(e) => {
-                errs.push(format!("{path}.tls.verify"), e);
-                return None;
-            }
-        }
-    } else {
-        b.dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider())))
     };
     let mut tag = format!("v{}", u8::from(verify));
     let mut cfg = match client {
