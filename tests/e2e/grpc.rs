@@ -3,10 +3,9 @@
 //! messages carried in trailers, `grpc-timeout` enforced by the gateway, and gRPC-shaped
 //! errors when the gateway itself fails the call.
 //!
-//! Sources: APISIX `docs/en/latest/grpc-proxy.md` (`scheme: grpc` upstreams, a route serving
-//! gRPC on an HTTP/2 listener), `t/grpc_server_example` driven by `t/node/grpc-proxy*.t`
-//! (unary, streaming and an error status through the proxy); gRPC's `PROTOCOL-HTTP2.md`
-//! (trailers-only responses, `grpc-timeout` units) and `http-grpc-status-mapping.md`.
+//! Sources: APISIX `apisix/schema_def.lua` (`scheme: grpc`/`grpcs` upstreams); gRPC's
+//! `PROTOCOL-HTTP2.md` (trailers-only responses, `grpc-timeout` units) and its HTTP-to-gRPC
+//! status mapping (`http-grpc-status-mapping.md`).
 
 use std::convert::Infallible;
 use std::pin::Pin;

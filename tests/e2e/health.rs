@@ -5,10 +5,10 @@
 //! health survives a commit that changes the upstream; `/v1/healthcheck` and the metrics show
 //! it.
 //!
-//! Sources: APISIX `docs/en/latest/tutorials/health-check.md` and `t/node/healthcheck*.t`
-//! (checker fields and defaults, unhealthy nodes skipped, all-unhealthy falls back to every
-//! node), `t/node/priority-balancer/health-checker.t` (tiers with health checks),
-//! `docs/en/latest/control-api.md` (`/v1/healthcheck` shape).
+//! Sources: APISIX `apisix/schema_def.lua` (`health_checker`: the fields, their defaults and
+//! bounds, `active` required with `passive`), `docs/en/latest/control-api.md` (the
+//! `/v1/healthcheck` shape and statuses); nodes tried again when none is healthy, as
+//! `shared/reference/apisix-model.md` records of APISIX.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

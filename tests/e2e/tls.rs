@@ -5,10 +5,11 @@
 //! (verification against a configured CA, self-signed refused unless `tls.verify: false`,
 //! client certificates).
 //!
-//! Sources: APISIX `docs/en/latest/certificate.md` (single and wildcard SNI, `snis`),
-//! `t/router/radixtree-sni.t` (exact before wildcard, `*.test.com` matches one label only,
-//! `fallback_sni`), `docs/en/latest/mtls.md` (`client.ca`, `depth`), `t/node/upstream-mtls.t`
-//! (`tls.client_cert`/`client_key` towards the upstream).
+//! Sources: APISIX `apisix/ssl/router/radixtree_sni.lua` (SNIs lower-cased without a trailing
+//! dot; an exact name before `*.suffix`, which covers exactly one label; `*` for every name;
+//! several certificates per entry through `certs`/`keys`; `client.ca`/`depth` for client
+//! verification) and `apisix/schema_def.lua` (the `ssl` schema); `apisix.ssl.fallback_sni` and
+//! `ssl_trusted_certificate` are APISIX's `config.yaml` names.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,9 +3,8 @@
 //! phase (key-auth) applied before the upgrade, the idle timeout, and `wss` through a TLS
 //! listener.
 //!
-//! Sources: APISIX `docs/en/latest/admin-api.md` (`enable_websocket` on routes and services),
-//! `t/node/websocket.t` (route with `enable_websocket: true` answers 101 and echoes frames);
-//! RFC 6455 section 4 (the opening handshake).
+//! Sources: APISIX `apisix/schema_def.lua` (`enable_websocket` on routes and services); RFC
+//! 6455 section 4 (the opening handshake).
 
 use std::time::{Duration, Instant};
 
