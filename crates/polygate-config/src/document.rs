@@ -86,6 +86,9 @@ pub struct Item {
     pub id: String,
     /// The resource as written (with `id` filled in).
     pub value: Value,
+    /// Where it came from when that is not a position in a file (an etcd key): errors name
+    /// it instead of `kind[index]`.
+    pub source: Option<String>,
 }
 
 /// A parsed configuration: the `gateway:` section and the resources in file order.
@@ -166,6 +169,30 @@ fn check_depth(text: &str) -> Result<(), ConfigError> {
 }
 
 impl Document {
+    /// Rewrites the key paths of `errs` that point into an item with a [`Item::source`]
+    /// (`routes[3].uri` → `/apisix/routes/7: uri`).
+    pub fn name_paths(&self, errs: &mut ConfigErrors) {
+        for e in &mut errs.0 {
+            let Some((kind, index, rest)) = split_item_path(&e.path) else {
+                continue;
+            };
+            let Some(src) = self
+                .items
+                .iter()
+                .find(|i| i.kind == kind && i.index == index)
+                .and_then(|i| i.source.as_deref())
+            else {
+                continue;
+            };
+            let rest = rest.trim_start_matches('.');
+            e.path = if rest.is_empty() {
+                src.to_owned()
+            } else {
+                format!("{src} {rest}")
+            };
+        }
+    }
+
     /// Parses configuration text: `#END` for YAML, `${{ENV}}` substitution, the depth bound,
     /// then the resources. Whole-file problems (syntax, unknown top-level keys, a list that
     /// is not a list) are errors; problems inside one resource are left to [`Document::typed`].
@@ -236,6 +263,7 @@ impl Document {
                     index,
                     id: id.clone(),
                     value,
+                    source: None,
                 };
                 match seen.get(&(kind, id.clone())) {
                     Some(&at) => {

@@ -1,7 +1,7 @@
 //! polygate's configuration pipeline.
 //!
 //! ```text
-//! source (file; the Admin API and etcd later) ─► document: keyed resources (routes/12 ...)
+//! source (file, etcd, the Admin API's /configs) ─► document: keyed resources (routes/12 ...)
 //!     ─► prepare: build what changed into a candidate; no effect on the running process;
 //!                 an error or a panic rejects the change (or, item by item, skips the
 //!                 resources at fault, as APISIX's standalone mode does)
@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod document;
+pub mod etcd;
 pub mod pipeline;
 pub mod watch;
 

@@ -14,6 +14,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 use polygate_model::{ConfigError, ConfigErrors, ConfigFile};
 
@@ -45,6 +48,10 @@ pub struct Status {
     pub source_errors: AtomicU64,
     /// The last rejection or source failure, if the last attempt failed.
     pub last_error: Mutex<Option<String>>,
+    /// When the last configuration was committed.
+    pub last_commit: Mutex<Option<std::time::SystemTime>>,
+    /// Per kind, how many commits changed its resources (APISIX's `conf_version`).
+    pub versions: Mutex<BTreeMap<crate::Kind, u64>>,
 }
 
 /// What [`Pipeline::apply`] did.
@@ -61,6 +68,8 @@ pub struct Pipeline<T: Target> {
     target: T,
     strict: bool,
     status: Status,
+    /// The document last committed.
+    current: Mutex<Option<Arc<Document>>>,
 }
 
 /// Dangling references (`upstream_id` naming nothing): served as APISIX serves them, but
@@ -87,7 +96,13 @@ impl<T: Target> Pipeline<T> {
             target,
             strict,
             status: Status::default(),
+            current: Mutex::new(None),
         }
+    }
+
+    /// The document last committed (`None` before the first commit).
+    pub fn current(&self) -> Option<Arc<Document>> {
+        self.current.lock().clone()
     }
 
     /// The target.
@@ -178,7 +193,8 @@ impl<T: Target> Pipeline<T> {
 
     /// Prepares and commits `doc` (from `origin`, for logs). On error nothing changed.
     pub fn apply(&self, doc: &Document, origin: &str) -> Result<Applied, ConfigErrors> {
-        let outcome = self.prepare(doc).map(|(cfg, prepared, skipped)| {
+        let outcome = self.prepare(doc).map(|(cfg, prepared, mut skipped)| {
+            doc.name_paths(&mut skipped);
             let committed = catch_unwind(AssertUnwindSafe(|| self.target.commit(prepared, &cfg)));
             if let Err(panic) = committed {
                 // the swap happens first in every target: what was swapped in serves
@@ -192,6 +208,10 @@ impl<T: Target> Pipeline<T> {
                 skipped,
             }
         });
+        let outcome = outcome.map_err(|mut e| {
+            doc.name_paths(&mut e);
+            e
+        });
         match &outcome {
             Ok(a) => {
                 self.status.commits.fetch_add(1, Ordering::Relaxed);
@@ -202,6 +222,14 @@ impl<T: Target> Pipeline<T> {
                     tracing::error!("{origin}: skipped invalid resource: {e}");
                 }
                 *self.status.last_error.lock() = None;
+                *self.status.last_commit.lock() = Some(std::time::SystemTime::now());
+                let prev = self.current.lock().replace(Arc::new(doc.clone()));
+                let mut versions = self.status.versions.lock();
+                for kind in crate::Kind::ALL {
+                    if prev.as_deref().is_none_or(|p| !same_kind(p, doc, kind)) {
+                        *versions.entry(kind).or_insert(0) += 1;
+                    }
+                }
             }
             Err(errs) => self.reject(origin, errs),
         }
@@ -223,6 +251,19 @@ impl<T: Target> Pipeline<T> {
         self.status.source_errors.fetch_add(1, Ordering::Relaxed);
         tracing::error!("{origin}: {why}");
         *self.status.last_error.lock() = Some(why.to_owned());
+    }
+}
+
+/// Whether `a` and `b` hold the same resources of `kind`.
+fn same_kind(a: &Document, b: &Document, kind: crate::Kind) -> bool {
+    let mut x = a.items.iter().filter(|i| i.kind == kind);
+    let mut y = b.items.iter().filter(|i| i.kind == kind);
+    loop {
+        match (x.next(), y.next()) {
+            (None, None) => return true,
+            (Some(i), Some(j)) if i.id == j.id && i.value == j.value => {}
+            _ => return false,
+        }
     }
 }
 

@@ -187,6 +187,148 @@ pub struct GatewaySection {
     /// HTTP/2 limits of the client-facing listeners (TLS with ALPN `h2`, and h2c).
     #[serde(default)]
     pub http2: Http2Settings,
+    /// The Admin API (APISIX's `deployment.admin`): on by default at `127.0.0.1:9180`.
+    #[serde(default)]
+    pub admin: AdminSettings,
+    /// Where routes and the other resources come from: `yaml` (default: this file; `json`
+    /// is accepted as its synonym) or `etcd` (`gateway.etcd`, shared by a cluster), as
+    /// APISIX's `deployment.config_provider`.
+    #[serde(default)]
+    pub config_provider: ConfigProvider,
+    /// The etcd cluster of `config_provider: etcd` (APISIX's `deployment.etcd`).
+    #[serde(default)]
+    pub etcd: EtcdSettings,
+}
+
+/// `gateway.config_provider`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigProvider {
+    /// Resources from the configuration file.
+    #[default]
+    #[serde(alias = "json", alias = "file")]
+    Yaml,
+    /// Resources from etcd, in APISIX's layout.
+    Etcd,
+}
+
+/// `gateway.admin`: the Admin API's listener and access control.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Serve the Admin API (default true).
+    #[serde(default = "dtrue")]
+    pub enabled: bool,
+    /// `ip:port` of the Admin API (default `127.0.0.1:9180`). When this default address is
+    /// taken, the gateway starts without an Admin API (logged); an address given here must
+    /// bind.
+    #[serde(default)]
+    pub addr: Option<String>,
+    /// Keys (APISIX's `admin_key`). Without any, a key is generated on first start and
+    /// stored in `key_file`.
+    #[serde(default)]
+    pub admin_key: Vec<AdminKey>,
+    /// Client addresses allowed to reach the Admin API (CIDRs or addresses; default
+    /// `127.0.0.0/24`, as APISIX).
+    #[serde(default = "default_allow_admin")]
+    pub allow_admin: Vec<String>,
+    /// Where a generated key is stored (mode 0600). Default:
+    /// `$XDG_STATE_HOME/polygate/admin_key` (`~/.local/state/polygate/admin_key`).
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// A directory served at `/ui/` on the Admin API's listener (APISIX's dashboard build).
+    #[serde(default)]
+    pub ui: Option<String>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            enabled: true,
+            addr: None,
+            admin_key: Vec::new(),
+            allow_admin: default_allow_admin(),
+            key_file: None,
+            ui: None,
+        }
+    }
+}
+
+fn default_allow_admin() -> Vec<String> {
+    vec!["127.0.0.0/24".into()]
+}
+
+/// The address the Admin API listens on when `gateway.admin.addr` is not given.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9180";
+
+/// One Admin API key (APISIX's `deployment.admin.admin_key[]`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKey {
+    /// A name for logs.
+    #[serde(default)]
+    pub name: String,
+    /// The key clients send (`X-API-KEY`, `?api_key=` or the `x_api_key` cookie).
+    pub key: String,
+    /// `admin` (every method) or `viewer` (GET only).
+    #[serde(default)]
+    pub role: AdminRole,
+}
+
+/// What an Admin API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminRole {
+    /// Everything.
+    #[default]
+    Admin,
+    /// GET only.
+    Viewer,
+}
+
+/// `gateway.etcd` (APISIX's `deployment.etcd`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSettings {
+    /// Endpoints, `http://host:port` (default `http://127.0.0.1:2379`).
+    #[serde(default = "default_etcd_hosts")]
+    pub host: Vec<String>,
+    /// Key prefix (default `/apisix`).
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// Time limit of one etcd request, in seconds (default 30).
+    #[serde(default = "default_etcd_timeout")]
+    pub timeout: f64,
+    /// User of etcd's authentication.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password of `user`.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl Default for EtcdSettings {
+    fn default() -> Self {
+        EtcdSettings {
+            host: default_etcd_hosts(),
+            prefix: default_etcd_prefix(),
+            timeout: default_etcd_timeout(),
+            user: None,
+            password: None,
+        }
+    }
+}
+
+fn default_etcd_hosts() -> Vec<String> {
+    vec!["http://127.0.0.1:2379".into()]
+}
+
+fn default_etcd_prefix() -> String {
+    "/apisix".into()
+}
+
+fn default_etcd_timeout() -> f64 {
+    30.0
 }
 
 /// `gateway.ssl`: process-wide TLS settings. Every field has a default.
@@ -466,6 +608,9 @@ impl Default for GatewaySection {
             wasm: WasmConfig::default(),
             ssl: SslSettings::default(),
             http2: Http2Settings::default(),
+            admin: AdminSettings::default(),
+            config_provider: ConfigProvider::default(),
+            etcd: EtcdSettings::default(),
         }
     }
 }

@@ -187,6 +187,55 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
     errs.into_result()
 }
 
+fn validate_admin(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) {
+    let a = &gw.admin;
+    if let Some(addr) = &a.addr
+        && addr.parse::<std::net::SocketAddr>().is_err()
+    {
+        errs.push(
+            "gateway.admin.addr",
+            format!("{addr:?} is not an ip:port address"),
+        );
+    }
+    for (i, k) in a.admin_key.iter().enumerate() {
+        if k.key.len() < 8 {
+            errs.push(
+                format!("gateway.admin.admin_key[{i}].key"),
+                "an admin key needs at least 8 characters",
+            );
+        }
+    }
+    for (i, c) in a.allow_admin.iter().enumerate() {
+        if c.parse::<ipnet::IpNet>().is_err() && c.parse::<std::net::IpAddr>().is_err() {
+            errs.push(
+                format!("gateway.admin.allow_admin[{i}]"),
+                format!("{c:?} is not a CIDR or an IP address"),
+            );
+        }
+    }
+    let e = &gw.etcd;
+    if e.host.is_empty() {
+        errs.push("gateway.etcd.host", "at least one etcd endpoint is required");
+    }
+    for (i, h) in e.host.iter().enumerate() {
+        if !h.starts_with("http://") || h.parse::<http::Uri>().is_err() {
+            errs.push(
+                format!("gateway.etcd.host[{i}]"),
+                format!("{h:?} must be http://host:port (TLS to etcd is not supported yet)"),
+            );
+        }
+    }
+    if !e.prefix.starts_with('/') || e.prefix.len() < 2 || e.prefix.ends_with('/') {
+        errs.push(
+            "gateway.etcd.prefix",
+            format!("{:?} must start with / and not end with /", e.prefix),
+        );
+    }
+    if !positive(e.timeout) {
+        errs.push("gateway.etcd.timeout", POSITIVE_SECS);
+    }
+}
+
 fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) {
     if gw.listeners.is_empty() {
         errs.push("gateway.listeners", "at least one listener is required");
@@ -216,6 +265,7 @@ fn validate_gateway(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) 
             format!("{d:?} is not an ip:port address"),
         );
     }
+    validate_admin(gw, errs);
     if !["error", "warn", "info", "debug", "trace"].contains(&gw.log_level.as_str()) {
         errs.push(
             "gateway.log_level",

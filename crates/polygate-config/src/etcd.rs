@@ -1,0 +1,346 @@
+//! The etcd source (`gateway.config_provider: etcd`): resources read from etcd in APISIX's
+//! layout (`<prefix>/<kind>/<id>`, JSON values) and kept current by one watch per process.
+//!
+//! ```text
+//! full read (range <prefix>/) ─► mirror ─► document ─► pipeline
+//!        ▲                          ▲
+//!        │ compacted / error        │ events (batched)
+//!        └──────── watch from revision + 1
+//! ```
+//!
+//! The gateway section (listeners, workers...) stays in the local file, as APISIX's
+//! `config.yaml` does. While etcd cannot be reached, the last good configuration keeps
+//! serving; reconnection backs off up to [`MAX_BACKOFF`], and [`EtcdState`] tells a status
+//! endpoint what is going on. Each event batch re-prepares from the mirror: the data plane's
+//! build reuses every compiled route whose definition did not change.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use polygate_etcd::{Client, Event, Kv, WatchMessage};
+use serde_json::Value;
+
+use crate::document::{Document, Item, Kind};
+use crate::pipeline::{Pipeline, Target};
+
+/// Longest pause between two attempts to reach etcd.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What the etcd source is doing, for status endpoints and metrics.
+#[derive(Debug, Default)]
+pub struct EtcdState {
+    /// Whether the last request to etcd succeeded and a watch is open.
+    pub connected: AtomicBool,
+    /// The etcd revision the served configuration reflects.
+    pub revision: AtomicI64,
+    /// Full reads of etcd (1 after the start; more after compactions and reconnections).
+    pub full_syncs: AtomicU64,
+    /// Watch batches applied.
+    pub updates: AtomicU64,
+    /// When the configuration was last brought up to date with etcd.
+    pub last_sync: Mutex<Option<SystemTime>>,
+    /// The last error talking to etcd (cleared by the next success).
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// One resource as stored in etcd.
+#[derive(Debug, Clone)]
+struct Stored {
+    value: Value,
+}
+
+/// The etcd source of one process.
+pub struct EtcdSource {
+    client: Client,
+    prefix: String,
+    gateway: Option<Value>,
+    apisix: Option<Value>,
+    state: Arc<EtcdState>,
+    mirror: BTreeMap<(Kind, String), Stored>,
+    ignored_warned: std::collections::HashSet<String>,
+}
+
+/// The kind and id of an etcd key under `prefix` (`/apisix/routes/1` → routes, `1`); `None`
+/// for keys polygate does not serve (and their reason, for a log line), and for the
+/// directory placeholders APISIX writes.
+fn parse_key<'a>(prefix: &str, key: &'a str) -> Result<(Kind, &'a str), Option<&'a str>> {
+    let rest = key
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or(None)?;
+    let (dir, id) = rest.split_once('/').ok_or(None)?;
+    let kind = Kind::ALL.into_iter().find(|k| k.key() == dir);
+    match kind {
+        Some(k) if !id.is_empty() && !id.contains('/') => Ok((k, id)),
+        // consumers/<name>/credentials/<id>
+        Some(Kind::Consumer) if id.contains("/credentials/") => Err(Some("consumers/credentials")),
+        Some(_) => Err(None),
+        None => Err(Some(dir)),
+    }
+}
+
+impl EtcdSource {
+    /// A source reading `<prefix>/...` through `client`; `gateway` and `apisix` are the
+    /// local file's sections, kept in every document.
+    pub fn new(
+        client: Client,
+        prefix: &str,
+        gateway: Option<Value>,
+        apisix: Option<Value>,
+        state: Arc<EtcdState>,
+    ) -> EtcdSource {
+        EtcdSource {
+            client,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            gateway,
+            apisix,
+            state,
+            mirror: BTreeMap::new(),
+            ignored_warned: Default::default(),
+        }
+    }
+
+    /// The state shared with status endpoints.
+    pub fn state(&self) -> Arc<EtcdState> {
+        self.state.clone()
+    }
+
+    fn fail(&self, what: &str, e: &polygate_etcd::EtcdError) {
+        let was = self.state.connected.swap(false, Ordering::AcqRel);
+        let msg = format!("{what}: {e}");
+        if was || self.state.last_error.lock().is_none() {
+            tracing::error!("etcd: {msg}; the last good configuration keeps serving");
+        } else {
+            tracing::debug!("etcd: {msg}");
+        }
+        *self.state.last_error.lock() = Some(msg);
+    }
+
+    fn apply_kv(&mut self, kv: &Kv) {
+        match parse_key(&self.prefix, &kv.key) {
+            Ok((kind, id)) => match serde_json::from_slice::<Value>(&kv.value) {
+                Ok(value @ Value::Object(_)) => {
+                    self.mirror.insert((kind, id.to_owned()), Stored { value });
+                }
+                _ => {
+                    tracing::error!(
+                        "etcd: {}: the value is not a JSON object; ignored",
+                        kv.key
+                    );
+                    self.mirror.remove(&(kind, id.to_owned()));
+                }
+            },
+            Err(Some(what)) => {
+                if self.ignored_warned.insert(what.to_owned()) {
+                    tracing::warn!(
+                        "etcd: {}/{what}/...: polygate does not serve this kind; its keys are ignored",
+                        self.prefix
+                    );
+                }
+            }
+            Err(None) => {}
+        }
+    }
+
+    fn remove_kv(&mut self, kv: &Kv) {
+        if let Ok((kind, id)) = parse_key(&self.prefix, &kv.key) {
+            self.mirror.remove(&(kind, id.to_owned()));
+        }
+    }
+
+    /// The document of the mirror: the file's sections and every resource, in key order.
+    pub fn document(&self) -> Document {
+        let mut doc = Document {
+            gateway: self.gateway.clone(),
+            apisix: self.apisix.clone(),
+            items: Vec::with_capacity(self.mirror.len()),
+        };
+        let mut index: BTreeMap<Kind, usize> = BTreeMap::new();
+        for ((kind, id), s) in &self.mirror {
+            let i = index.entry(*kind).or_insert(0);
+            let mut value = s.value.clone();
+            if let Value::Object(o) = &mut value
+                && !matches!(kind, Kind::Consumer | Kind::PluginMetadata)
+            {
+                o.insert("id".into(), Value::String(id.clone()));
+            }
+            doc.items.push(Item {
+                kind: *kind,
+                index: *i,
+                id: id.clone(),
+                value,
+                source: Some(format!("{}/{}/{id}", self.prefix, kind.key())),
+            });
+            *i += 1;
+        }
+        doc
+    }
+
+    /// Reads everything under the prefix into the mirror; returns etcd's revision.
+    async fn full_read(&mut self) -> Result<i64, polygate_etcd::EtcdError> {
+        let (kvs, revision) = self
+            .client
+            .range_prefix(&format!("{}/", self.prefix))
+            .await?;
+        self.mirror.clear();
+        for kv in &kvs {
+            self.apply_kv(kv);
+        }
+        Ok(revision)
+    }
+
+    fn commit<T: Target>(&self, pipeline: &Pipeline<T>, revision: i64, origin: &str) {
+        let doc = self.document();
+        // invalid resources are skipped and logged by the pipeline; a change rejected whole
+        // leaves the served configuration as it was
+        let _ = pipeline.apply(&doc, origin);
+        self.state.revision.store(revision, Ordering::Release);
+        *self.state.last_sync.lock() = Some(SystemTime::now());
+    }
+
+    /// Reads etcd, then follows its changes, for the life of the process.
+    pub async fn run<T: Target>(mut self, pipeline: Arc<Pipeline<T>>) {
+        let origin = format!("etcd {}", self.prefix);
+        let mut backoff = Duration::from_millis(100);
+        let mut revision: Option<i64> = None;
+        loop {
+            // a full read at start, after a compaction, and when the watch cannot resume
+            let rev = match revision {
+                Some(r) => r,
+                None => match self.full_read().await {
+                    Ok(r) => {
+                        self.state.full_syncs.fetch_add(1, Ordering::Relaxed);
+                        self.commit(&pipeline, r, &origin);
+                        r
+                    }
+                    Err(e) => {
+                        self.fail("reading the configuration", &e);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+            };
+            revision = Some(rev);
+            let mut watch = match self
+                .client
+                .watch(&format!("{}/", self.prefix), rev + 1)
+                .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    self.fail("watching", &e);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    // the data may have changed meanwhile: read it all again
+                    revision = None;
+                    continue;
+                }
+            };
+            if !self.state.connected.swap(true, Ordering::AcqRel) {
+                tracing::info!("etcd: watching {}/ from revision {}", self.prefix, rev + 1);
+            }
+            *self.state.last_error.lock() = None;
+            backoff = Duration::from_millis(100);
+            loop {
+                let msg = match watch.next().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        self.fail(
+                            "watching",
+                            &polygate_etcd::EtcdError::Unreachable("the watch ended".into()),
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        self.fail("watching", &e);
+                        break;
+                    }
+                };
+                match msg {
+                    WatchMessage::Events { events, revision: r } => {
+                        if events.is_empty() {
+                            // created or progress notification
+                            continue;
+                        }
+                        let mut last = r;
+                        for ev in &events {
+                            match ev {
+                                Event::Put(kv) => {
+                                    last = last.max(kv.mod_revision);
+                                    self.apply_kv(kv);
+                                }
+                                Event::Delete(kv) => {
+                                    last = last.max(kv.mod_revision);
+                                    self.remove_kv(kv);
+                                }
+                            }
+                        }
+                        // a burst of changes: take what has already arrived before preparing
+                        while let Ok(Ok(Some(WatchMessage::Events { events, revision: r }))) =
+                            tokio::time::timeout(Duration::from_millis(5), watch.next()).await
+                        {
+                            last = last.max(r);
+                            for ev in &events {
+                                match ev {
+                                    Event::Put(kv) => self.apply_kv(kv),
+                                    Event::Delete(kv) => self.remove_kv(kv),
+                                }
+                            }
+                        }
+                        self.state.updates.fetch_add(1, Ordering::Relaxed);
+                        self.commit(&pipeline, last, &origin);
+                        revision = Some(last);
+                    }
+                    WatchMessage::Compacted(c) => {
+                        tracing::warn!(
+                            "etcd: revision {} was compacted (now {c}); reading everything again",
+                            revision.unwrap_or(0) + 1
+                        );
+                        revision = None;
+                        break;
+                    }
+                    WatchMessage::Canceled(why) => {
+                        tracing::warn!("etcd: the watch was canceled ({why}); reading everything again");
+                        revision = None;
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_map_to_kinds_and_ids() {
+        assert_eq!(
+            parse_key("/apisix", "/apisix/routes/1"),
+            Ok((Kind::Route, "1"))
+        );
+        assert_eq!(
+            parse_key("/apisix", "/apisix/plugin_metadata/http-logger"),
+            Ok((Kind::PluginMetadata, "http-logger"))
+        );
+        // APISIX's directory placeholder and its id generator
+        assert_eq!(parse_key("/apisix", "/apisix/routes/"), Err(None));
+        assert_eq!(parse_key("/apisix", "/apisix/gen_id"), Err(None));
+        assert_eq!(
+            parse_key("/apisix", "/apisix/protos/1"),
+            Err(Some("protos"))
+        );
+        assert_eq!(
+            parse_key("/apisix", "/apisix/consumers/jack/credentials/a"),
+            Err(Some("consumers/credentials"))
+        );
+        assert_eq!(parse_key("/apisix", "/other/routes/1"), Err(None));
+    }
+}
