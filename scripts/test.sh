@@ -8,7 +8,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
 export CARGO_TERM_COLOR=never
 
 # System packages the suite needs: kill(1) for signal tests, a C compiler for the C runtimes
-# of the FFI tests, nginx for the raw-byte probes (tests/probes compare polygate with it).
+# of the FFI tests, nginx for the raw-byte probes (tests/probes compare polygate with it),
+# etcd for the Admin API and cluster tests.
 # Go (for the Go runtimes) comes with the machine image.
 need_pkgs=()
 command -v kill >/dev/null || need_pkgs+=(procps)
@@ -19,12 +20,18 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v go >/dev/null || { echo "the FFI tests build Go runtimes: install Go (go1.22+)" >&2; exit 1; }
 command -v javac >/dev/null || need_pkgs+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need_pkgs+=(maven)
+# the Admin API and cluster tests start their own etcd (tests/e2e/etcd.rs, admin.rs)
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}"
     # the package starts a system nginx on port 80; the tests run their own
     if [[ " ${need_pkgs[*]} " == *" nginx-light "* ]]; then
       (systemctl stop nginx || service nginx stop || pkill -x nginx) >/dev/null 2>&1 || true
+    fi
+    # and etcd-server may start a system etcd on 2379; the tests run their own on free ports
+    if [[ " ${need_pkgs[*]} " == *" etcd-server "* ]]; then
+      (systemctl stop etcd || service etcd stop || pkill -x etcd) >/dev/null 2>&1 || true
     fi
   else
     echo "missing packages: ${need_pkgs[*]} (run as root or install them)" >&2; exit 1

@@ -3,8 +3,10 @@
 
 mod support;
 
+mod admin;
 mod balance;
 mod config;
+mod etcd;
 mod ffi;
 mod ffi_loading;
 mod grpc;

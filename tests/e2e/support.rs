@@ -740,3 +740,144 @@ pub mod libs {
         p
     }
 }
+
+impl Gateway {
+    /// The Admin API's port, from the "admin API on" log line.
+    pub fn admin_port(&self) -> u16 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(p) = self.stderr().lines().find_map(|l| {
+                let rest = l.split("admin API on http://").nth(1)?;
+                let addr = rest.split('/').next()?;
+                addr.rsplit(':').next()?.parse::<u16>().ok()
+            }) {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no admin API in the log:\n{}", self.stderr());
+    }
+}
+
+/// The key the Admin API tests use (the one APISIX's test harness uses).
+pub const ADMIN_KEY: &str = "edd1c9f034335f136f87ad84b625c8f1";
+/// A viewer key.
+pub const VIEWER_KEY: &str = "4054f7cf07e344346cd3f287985e76a2";
+
+/// A request to an Admin API with [`ADMIN_KEY`].
+pub async fn admin(port: u16, method: &str, path: &str, body: &str) -> Resp {
+    request(
+        port,
+        method,
+        path,
+        &[
+            ("x-api-key", ADMIN_KEY),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await
+}
+
+/// A real etcd (Debian's `etcd-server`) on loopback ports, with its data in a temporary
+/// directory; killed on drop.
+pub struct Etcd {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    peer: u16,
+    dir: tempdir::Dir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let mut e = Etcd {
+            child: None,
+            port: free_port(),
+            peer: free_port(),
+            dir: tempdir::Dir::new(),
+        };
+        e.run();
+        e
+    }
+
+    fn run(&mut self) {
+        let url = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .args(["--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--name",
+                "polygate-test",
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &format!("polygate-test={peer}"),
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("etcd.log")).unwrap())
+            .spawn()
+            .expect("etcd (Debian's etcd-server) is needed: scripts/test.sh installs it");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read as _, Write as _};
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "etcd did not become healthy: {}",
+            std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops etcd (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// A client for this etcd (the one polygate uses).
+    pub fn client(&self) -> polygate_etcd::Client {
+        polygate_etcd::Client::new(&polygate_etcd::Config {
+            endpoints: vec![self.url()],
+            timeout: Duration::from_secs(5),
+            user: None,
+            password: None,
+        })
+        .unwrap()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -171,7 +171,11 @@ impl Access {
         let Some(token) = presented else {
             return Verdict::Refused("missing apikey");
         };
-        let Some(k) = self.keys.iter().find(|k| ct_eq(k.key.as_bytes(), token.as_bytes())) else {
+        let Some(k) = self
+            .keys
+            .iter()
+            .find(|k| ct_eq(k.key.as_bytes(), token.as_bytes()))
+        else {
             return Verdict::Refused("wrong apikey");
         };
         if k.role == AdminRole::Viewer && method != http::Method::GET {
@@ -259,7 +263,10 @@ mod tests {
             Verdict::Refused("invalid method for role viewer")
         );
         assert_eq!(
-            a.check(Some("edd1c9f034335f136f87ad84b625c8f1"), &http::Method::DELETE),
+            a.check(
+                Some("edd1c9f034335f136f87ad84b625c8f1"),
+                &http::Method::DELETE
+            ),
             Verdict::Allowed
         );
     }
@@ -276,7 +283,10 @@ mod tests {
     #[test]
     fn the_three_places_of_a_key() {
         let mut h = http::HeaderMap::new();
-        assert_eq!(presented_key(Some("a=1&api_key=k%31"), &h).as_deref(), Some("k1"));
+        assert_eq!(
+            presented_key(Some("a=1&api_key=k%31"), &h).as_deref(),
+            Some("k1")
+        );
         h.insert("cookie", "x=1; x_api_key=k2".parse().unwrap());
         assert_eq!(presented_key(None, &h).as_deref(), Some("k2"));
         h.insert("x-api-key", "k3".parse().unwrap());

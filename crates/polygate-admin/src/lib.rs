@@ -12,6 +12,10 @@
 //!
 //! The data plane is reached through [`Gateway`], which the proxy implements.
 #![forbid(unsafe_code)]
+#![allow(
+    clippy::result_large_err,
+    reason = "handlers return their error responses early; the Admin API is not a hot path"
+)]
 
 pub mod auth;
 pub mod openapi;
@@ -117,7 +121,10 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 /// The Admin API's router: every path, behind the address and key checks.
 pub fn router(state: Arc<AdminState>) -> Router {
     let admin = Router::new()
-        .route("/apisix/admin/plugins/list", axum::routing::get(resources::plugins_list))
+        .route(
+            "/apisix/admin/plugins/list",
+            axum::routing::get(resources::plugins_list),
+        )
         .route(
             "/apisix/admin/plugins/reload",
             axum::routing::any(resources::plugins_reload),
@@ -140,13 +147,19 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/apisix/admin/openapi.json",
             axum::routing::get(openapi::serve),
         )
-        .route("/apisix/admin/{*path}", axum::routing::any(resources::dispatch))
+        .route(
+            "/apisix/admin/{*path}",
+            axum::routing::any(resources::dispatch),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_key,
         ));
     Router::new()
-        .route("/apisix/admin", axum::routing::head(|| async { StatusCode::OK }))
+        .route(
+            "/apisix/admin",
+            axum::routing::head(|| async { StatusCode::OK }),
+        )
         .route("/status", axum::routing::get(status_live))
         .route("/status/ready", axum::routing::get(status_ready))
         .route("/ui", axum::routing::get(|| async { ui::redirect() }))

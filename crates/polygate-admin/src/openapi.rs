@@ -92,7 +92,11 @@ pub fn document() -> Value {
         let mut item = Map::new();
         item.insert(
             "get".into(),
-            op(&format!("one {one}"), "200", &[("404", "{\"message\":\"Key not found\"}")]),
+            op(
+                &format!("one {one}"),
+                "200",
+                &[("404", "{\"message\":\"Key not found\"}")],
+            ),
         );
         item.insert(
             "put".into(),
@@ -107,7 +111,10 @@ pub fn document() -> Value {
             op(
                 &format!("delete a {one} (refused while referenced unless ?force=true)"),
                 "200",
-                &[("400", "still referenced"), ("404", "{\"message\":\"Key not found\"}")],
+                &[
+                    ("400", "still referenced"),
+                    ("404", "{\"message\":\"Key not found\"}"),
+                ],
             ),
         );
         if allowed("patch") {

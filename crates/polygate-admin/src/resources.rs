@@ -174,7 +174,12 @@ pub async fn dispatch(
     let ttl = match args.get("ttl") {
         Some(t) => match t.parse::<f64>() {
             Ok(t) if t >= 1.0 => Some(t as i64),
-            Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid argument ttl: should be a number"),
+            Ok(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid argument ttl: should be a number",
+                );
+            }
             Err(_) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -307,7 +312,10 @@ impl Ctx<'_> {
             }
         }
         if let Some(uri) = args.get("uri") {
-            let one = v.get("uri").and_then(Value::as_str).is_some_and(|u| re(uri, u));
+            let one = v
+                .get("uri")
+                .and_then(Value::as_str)
+                .is_some_and(|u| re(uri, u));
             let many = v
                 .get("uris")
                 .and_then(Value::as_array)
@@ -361,7 +369,10 @@ impl Ctx<'_> {
         };
         let id = match kind {
             Kind::Consumer => {
-                let username = obj.get("username").and_then(Value::as_str).map(str::to_owned);
+                let username = obj
+                    .get("username")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 if let (Some(path), Some(u)) = (id, &username)
                     && path != u
                 {
@@ -433,12 +444,11 @@ impl Ctx<'_> {
             }
             if obj.contains_key("remote_addr") && obj.contains_key("remote_addrs") {
                 return Err(bad(
-                    "only one of remote_addr or remote_addrs is allowed".into(),
+                    "only one of remote_addr or remote_addrs is allowed".into()
                 ));
             }
         }
-        if kind == Kind::PluginMetadata && !self.st.gateway.plugins().iter().any(|p| p.name == id)
-        {
+        if kind == Kind::PluginMetadata && !self.st.gateway.plugins().iter().any(|p| p.name == id) {
             return Err(bad(format!("invalid plugin name: {id}")));
         }
         if let Err(e) = self.st.gateway.check(kind, conf) {
@@ -461,11 +471,7 @@ impl Ctx<'_> {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            match self
-                .client
-                .get(&format!("{}/{dir}/{r}", self.prefix))
-                .await
-            {
+            match self.client.get(&format!("{}/{dir}/{r}", self.prefix)).await {
                 Ok((Some(_), _)) => {}
                 Ok((None, _)) => {
                     return Err(bad(format!(
@@ -522,7 +528,11 @@ impl Ctx<'_> {
             Ok(l) => l,
             Err(r) => return r,
         };
-        match self.client.put(&key, conf.to_string().as_bytes(), lease).await {
+        match self
+            .client
+            .put(&key, conf.to_string().as_bytes(), lease)
+            .await
+        {
             Ok((_, prev)) => {
                 let status = if prev.is_some() {
                     StatusCode::OK
@@ -582,7 +592,11 @@ impl Ctx<'_> {
             Err(r) => return r,
         };
         let key = self.key(&id);
-        match self.client.put(&key, conf.to_string().as_bytes(), lease).await {
+        match self
+            .client
+            .put(&key, conf.to_string().as_bytes(), lease)
+            .await
+        {
             Ok(_) => {
                 redact(&self.info, &mut conf);
                 json_response(StatusCode::CREATED, &json!({"key": key, "value": conf}))
@@ -826,9 +840,7 @@ pub fn patch_path(target: &mut Value, sub: &str, v: Value) -> Result<(), String>
                 .entry((*d).to_owned())
                 .or_insert_with(|| Value::Object(Map::new())),
             Value::Array(a) => {
-                let i: usize = d
-                    .parse()
-                    .map_err(|_| format!("invalid sub path: {sub}"))?;
+                let i: usize = d.parse().map_err(|_| format!("invalid sub path: {sub}"))?;
                 a.get_mut(i.wrapping_sub(1))
                     .ok_or_else(|| format!("invalid sub path: {sub}"))?
             }

@@ -95,7 +95,10 @@ fn document_of(
         for (index, v) in list.iter().enumerate() {
             let mut value = v.clone();
             let id = match kind {
-                Kind::Consumer => value.get("username").and_then(Value::as_str).map(str::to_owned),
+                Kind::Consumer => value
+                    .get("username")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
                 _ => value.get("id").map(|i| match i {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
@@ -105,14 +108,15 @@ fn document_of(
                 return Err(format!(
                     "{}[{index}]: missing {}",
                     kind.key(),
-                    if kind == Kind::Consumer { "username" } else { "id" }
+                    if kind == Kind::Consumer {
+                        "username"
+                    } else {
+                        "id"
+                    }
                 ));
             };
             if !seen.insert(id.clone()) {
-                return Err(format!(
-                    "found duplicate id {id} in {}",
-                    kind.key()
-                ));
+                return Err(format!("found duplicate id {id} in {}", kind.key()));
             }
             if let Value::Object(o) = &mut value
                 && !matches!(kind, Kind::Consumer | Kind::PluginMetadata)
@@ -182,7 +186,8 @@ pub async fn put(State(st): State<Arc<AdminState>>, req: Request) -> Response {
         next.insert(kind, new);
     }
     let current = st.gateway.current();
-    let keep = |k: Kind| next.get(&k) == vs.conf_version.get(&k) && vs.conf_version.contains_key(&k);
+    let keep =
+        |k: Kind| next.get(&k) == vs.conf_version.get(&k) && vs.conf_version.contains_key(&k);
     let doc = match document_of(&payload, &keep, current.as_deref()) {
         Ok(d) => d,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),

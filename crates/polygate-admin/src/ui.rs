@@ -111,7 +111,10 @@ mod tests {
     #[test]
     fn paths_stay_inside_the_directory() {
         let root = Path::new("/srv/ui");
-        assert_eq!(resolve(root, "/a/b.js"), Some(PathBuf::from("/srv/ui/a/b.js")));
+        assert_eq!(
+            resolve(root, "/a/b.js"),
+            Some(PathBuf::from("/srv/ui/a/b.js"))
+        );
         assert_eq!(resolve(root, "/"), Some(PathBuf::from("/srv/ui")));
         assert_eq!(resolve(root, "/../etc/passwd"), None);
         assert_eq!(resolve(root, "/%2e%2e/etc/passwd"), None);

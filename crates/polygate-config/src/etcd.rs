@@ -126,10 +126,7 @@ impl EtcdSource {
                     self.mirror.insert((kind, id.to_owned()), Stored { value });
                 }
                 _ => {
-                    tracing::error!(
-                        "etcd: {}: the value is not a JSON object; ignored",
-                        kv.key
-                    );
+                    tracing::error!("etcd: {}: the value is not a JSON object; ignored", kv.key);
                     self.mirror.remove(&(kind, id.to_owned()));
                 }
             },
@@ -261,7 +258,10 @@ impl EtcdSource {
                     }
                 };
                 match msg {
-                    WatchMessage::Events { events, revision: r } => {
+                    WatchMessage::Events {
+                        events,
+                        revision: r,
+                    } => {
                         if events.is_empty() {
                             // created or progress notification
                             continue;
@@ -280,7 +280,10 @@ impl EtcdSource {
                             }
                         }
                         // a burst of changes: take what has already arrived before preparing
-                        while let Ok(Ok(Some(WatchMessage::Events { events, revision: r }))) =
+                        while let Ok(Ok(Some(WatchMessage::Events {
+                            events,
+                            revision: r,
+                        }))) =
                             tokio::time::timeout(Duration::from_millis(5), watch.next()).await
                         {
                             last = last.max(r);
@@ -304,7 +307,9 @@ impl EtcdSource {
                         break;
                     }
                     WatchMessage::Canceled(why) => {
-                        tracing::warn!("etcd: the watch was canceled ({why}); reading everything again");
+                        tracing::warn!(
+                            "etcd: the watch was canceled ({why}); reading everything again"
+                        );
                         revision = None;
                         break;
                     }

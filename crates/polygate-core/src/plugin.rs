@@ -304,6 +304,16 @@ pub trait PluginFactory: Send + Sync + 'static {
     fn check(&self, conf: &serde_json::Value) -> Result<(), ConfError> {
         self.build(conf).map(drop)
     }
+    /// JSON Schema of the route/service configuration, as the Admin API serves it
+    /// (`/apisix/admin/plugins/{name}`). The default allows any object; the factory's
+    /// `build` stays the authority on what is valid.
+    fn schema(&self) -> serde_json::Value {
+        serde_json::json!({"type": "object"})
+    }
+    /// JSON Schema of a consumer's configuration, for authentication plugins.
+    fn consumer_schema(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// For auth plugins: validates a consumer's configuration and returns the credential that
     /// identifies the consumer (e.g. key-auth's `key`).
     fn consumer_credential(&self, _conf: &serde_json::Value) -> Result<Option<String>, ConfError> {

@@ -215,7 +215,10 @@ fn validate_admin(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) {
     }
     let e = &gw.etcd;
     if e.host.is_empty() {
-        errs.push("gateway.etcd.host", "at least one etcd endpoint is required");
+        errs.push(
+            "gateway.etcd.host",
+            "at least one etcd endpoint is required",
+        );
     }
     for (i, h) in e.host.iter().enumerate() {
         if !h.starts_with("http://") || h.parse::<http::Uri>().is_err() {

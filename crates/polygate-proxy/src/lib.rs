@@ -1,5 +1,6 @@
 //! polygate's data plane.
 //!
+//! - [`admin`]: the data plane as the Admin API sees it.
 //! - [`server`]: worker threads with `SO_REUSEPORT` listeners, signals, graceful shutdown,
 //!   the config file watcher, the metrics listener and the demo upstream.
 //! - [`handler`]: one request through route match, plugin phases and the upstream.
@@ -14,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accesslog;
+pub mod admin;
 pub mod body;
 pub mod callout;
 pub mod h1;

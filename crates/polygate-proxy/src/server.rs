@@ -1,7 +1,7 @@
 //! Process layout: N worker threads, each with a current-thread tokio runtime and its own
 //! `SO_REUSEPORT` listener per configured address (nginx's worker model: no cross-core wake-ups
-//! on the request path); a main thread for signals, the config watcher, the metrics listener
-//! and the demo upstream. Shared state (snapshot, balancer state, counters) is process-wide.
+//! on the request path); a main thread for signals, the config watcher or the etcd watch, the
+//! Admin API, the metrics listener and the demo upstream. Shared state (snapshot, balancer state, counters) is process-wide.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,12 +16,15 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use polygate_config::etcd::{EtcdSource, EtcdState};
 use polygate_config::watch::read_file;
 use polygate_config::{Applied, Document, Pipeline};
 use polygate_core::PluginRegistry;
 use polygate_model::env::SystemEnv;
 use polygate_model::load::Format;
-use polygate_model::{ConfigErrors, GatewaySection};
+use polygate_model::{
+    AdminSettings, ConfigErrors, ConfigProvider, DEFAULT_ADMIN_ADDR, GatewaySection,
+};
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -88,7 +91,21 @@ pub fn start(
     registry: PluginRegistry,
     strict: bool,
 ) -> Result<Started, ConfigErrors> {
-    let (doc, baseline) = read(source)?;
+    let (mut doc, baseline) = read(source)?;
+    let etcd_mode = doc
+        .gateway
+        .as_ref()
+        .and_then(|g| g.get("config_provider"))
+        .and_then(|p| p.as_str())
+        == Some("etcd");
+    if etcd_mode && !doc.items.is_empty() {
+        tracing::warn!(
+            "gateway.config_provider is etcd: the {} resources of {} are ignored",
+            doc.items.len(),
+            source.name()
+        );
+        doc.items.clear();
+    }
     let pipeline = Pipeline::new(DataPlane::new(registry)?, strict);
     let applied = pipeline.apply(&doc, &source.name())?;
     let config = Arc::new(pipeline);
@@ -267,7 +284,8 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
                     })?),
                     None => None,
                 };
-            Ok::<_, StartError>((demo, metrics))
+            let admin = bind_admin(&gw.admin).await?;
+            Ok::<_, StartError>((demo, metrics, admin))
         })?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -309,7 +327,30 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
     }
 
     main_rt.block_on(async {
-        let (demo, metrics) = side;
+        let (demo, metrics, admin) = side;
+        let etcd_state = if gw.config_provider == ConfigProvider::Etcd {
+            match start_etcd(&gw, &shared.config) {
+                Ok(st) => Some(st),
+                Err(e) => {
+                    tracing::error!("etcd: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(l) = admin {
+            match admin_state(&gw, &shared.config, etcd_state.clone()) {
+                Ok(state) => {
+                    tracing::info!(
+                        "admin API on http://{}/apisix/admin",
+                        l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+                    );
+                    tokio::spawn(polygate_admin::serve(l, state, stop_rx.clone()));
+                }
+                Err(e) => tracing::error!("admin API not started: {e}"),
+            }
+        }
         if let Some(l) = demo {
             tracing::info!(
                 "demo upstream on {}",
@@ -325,7 +366,9 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
             tokio::spawn(metrics_server(l, shared.clone()));
         }
         tokio::spawn(crate::health::supervise(shared.config.clone()));
-        if let ConfigSource::File(path) = &source {
+        if let ConfigSource::File(path) = &source
+            && gw.config_provider == ConfigProvider::Yaml
+        {
             let (path, config) = (path.clone(), shared.config.clone());
             let interval = polygate_model::secs(gw.watch_interval);
             tokio::spawn(async move {
@@ -358,6 +401,85 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds the Admin API's listener. The default address may be taken (another gateway on the
+/// machine): then the gateway starts without an Admin API; an address from the configuration
+/// must bind.
+async fn bind_admin(a: &AdminSettings) -> Result<Option<TcpListener>, StartError> {
+    if !a.enabled {
+        return Ok(None);
+    }
+    let addr = a.addr.as_deref().unwrap_or(DEFAULT_ADMIN_ADDR);
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if a.addr.is_none() => {
+            tracing::warn!(
+                "admin API not started: {addr}: {e} (set gateway.admin.addr, or enabled: false)"
+            );
+            Ok(None)
+        }
+        Err(source) => Err(StartError::Bind {
+            addr: addr.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn admin_state(
+    gw: &GatewaySection,
+    config: &Arc<Pipeline<DataPlane>>,
+    etcd: Option<Arc<EtcdState>>,
+) -> Result<Arc<polygate_admin::AdminState>, String> {
+    let access = polygate_admin::Access::from_settings(&gw.admin).map_err(|e| e.to_string())?;
+    let store = match gw.config_provider {
+        ConfigProvider::Etcd => polygate_admin::Store::Etcd {
+            client: etcd_client(gw)?,
+            prefix: gw.etcd.prefix.clone(),
+        },
+        ConfigProvider::Yaml => polygate_admin::Store::File,
+    };
+    Ok(Arc::new(polygate_admin::AdminState {
+        access,
+        store,
+        gateway: Arc::new(crate::admin::AdminGateway::new(config.clone(), etcd)),
+        ui: gw.admin.ui.as_ref().map(std::path::PathBuf::from),
+        standalone: Default::default(),
+    }))
+}
+
+fn etcd_client(gw: &GatewaySection) -> Result<polygate_etcd::Client, String> {
+    polygate_etcd::Client::new(&polygate_etcd::Config {
+        endpoints: gw.etcd.host.clone(),
+        timeout: polygate_model::secs(gw.etcd.timeout),
+        user: gw.etcd.user.clone(),
+        password: gw.etcd.password.clone(),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Starts the etcd source: one watch for the process, feeding the pipeline.
+fn start_etcd(
+    gw: &GatewaySection,
+    config: &Arc<Pipeline<DataPlane>>,
+) -> Result<Arc<EtcdState>, String> {
+    let client = etcd_client(gw)?;
+    let file = config.current();
+    let state = Arc::new(EtcdState::default());
+    let source = EtcdSource::new(
+        client,
+        &gw.etcd.prefix,
+        file.as_ref().and_then(|d| d.gateway.clone()),
+        file.as_ref().and_then(|d| d.apisix.clone()),
+        state.clone(),
+    );
+    tracing::info!(
+        "configuration from etcd {} under {}",
+        gw.etcd.host.join(", "),
+        gw.etcd.prefix
+    );
+    tokio::spawn(source.run(config.clone()));
+    Ok(state)
 }
 
 fn signal_name(sig: i32) -> &'static str {
