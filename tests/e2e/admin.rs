@@ -996,3 +996,129 @@ async fn the_ui_directory_is_served_at_ui() {
     }
     assert_eq!(get(a, "/ui/missing.js").await.status, 404);
 }
+
+/// The Admin API calls the APISIX dashboard's pages make (apache/apisix-dashboard at 0fc388a,
+/// `src/apis/{routes,upstreams,consumers,ssls,plugins}.ts`, `src/config/req.ts`): lists with
+/// `page`/`page_size`, a detail, `PUT /{kind}/{id}` with the id left out of the body, `POST`,
+/// `PUT /consumers`, the "delete all" pattern (a page of 10 for `total`, then pages of 500),
+/// `plugins?subsystem=http&all=true` (names with a `schema`), `plugins/list`, one schema.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboards_admin_api_calls() {
+    let etcd = Etcd::start();
+    let gw = gateway_on(&etcd, "");
+    let a = gw.admin_port();
+    let page = |kind: &str, size: u32| format!("/apisix/admin/{kind}?page=1&page_size={size}");
+    // empty lists are lists
+    for kind in [
+        "routes",
+        "upstreams",
+        "services",
+        "consumers",
+        "ssls",
+        "global_rules",
+        "plugin_configs",
+        "consumer_groups",
+    ] {
+        let r = admin(a, "GET", &page(kind, 10), "").await;
+        assert_eq!(
+            (r.status, r.json()),
+            (200, json!({"total": 0, "list": []})),
+            "{kind}"
+        );
+    }
+    // upstream page: POST, then edit with PUT (the id is in the path only)
+    let r = admin(a, "POST", "/apisix/admin/upstreams", r#"{"name":"u1","type":"roundrobin","nodes":[{"host":"127.0.0.1","port":1980,"weight":1}]}"#).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let uid = r.json()["value"]["id"].as_str().unwrap().to_owned();
+    let r = admin(a, "PUT", &format!("/apisix/admin/upstreams/{uid}"), r#"{"name":"u1-edited","type":"roundrobin","nodes":[{"host":"127.0.0.1","port":1980,"weight":2}]}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // route page: POST with an upstream_id, list filtered by service_id (the service page's tab)
+    let r = admin(
+        a,
+        "POST",
+        "/apisix/admin/routes",
+        &json!({"name": "r1", "uri": "/r1", "upstream_id": uid}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let rid = r.json()["value"]["id"].as_str().unwrap().to_owned();
+    let r = admin(a, "GET", &format!("/apisix/admin/routes/{rid}"), "").await;
+    assert_eq!(r.json()["value"]["upstream_id"], json!(uid));
+    let r = admin(
+        a,
+        "GET",
+        "/apisix/admin/routes?page=1&page_size=10&filter=service_id%3D1",
+        "",
+    )
+    .await;
+    assert_eq!(r.json()["total"], json!(0));
+    // consumer page: PUT /consumers
+    let r = admin(
+        a,
+        "PUT",
+        "/apisix/admin/consumers",
+        r#"{"username":"dash","plugins":{"key-auth":{"key":"dash-key"}}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        admin(a, "GET", "/apisix/admin/consumers/dash", "")
+            .await
+            .status,
+        200
+    );
+    // plugin pickers
+    let all = request(
+        a,
+        "GET",
+        "/apisix/admin/plugins?subsystem=http&all=true",
+        &[("x-api-key", ADMIN_KEY)],
+        "",
+    )
+    .await;
+    assert_eq!(all.status, 200);
+    let with_schema: Vec<String> = all
+        .json()
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v.get("schema").is_some())
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(
+        with_schema.contains(&"proxy-rewrite".to_owned()),
+        "{with_schema:?}"
+    );
+    assert!(
+        admin(a, "GET", "/apisix/admin/plugins/list", "")
+            .await
+            .json()
+            .is_array()
+    );
+    assert_eq!(
+        admin(a, "GET", "/apisix/admin/plugins/proxy-rewrite", "")
+            .await
+            .status,
+        200
+    );
+    // "delete all": total from a page of 10, then pages of 500, deleting each
+    for kind in ["routes", "upstreams", "consumers"] {
+        let total = admin(a, "GET", &page(kind, 10), "").await.json()["total"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(total, 1, "{kind}");
+        let list = admin(a, "GET", &page(kind, 500), "").await.json();
+        for item in list["list"].as_array().unwrap() {
+            let id = item["value"]["id"]
+                .as_str()
+                .or(item["value"]["username"].as_str())
+                .unwrap();
+            let r = admin(a, "DELETE", &format!("/apisix/admin/{kind}/{id}"), "").await;
+            assert_eq!(r.status, 200, "{kind} {id}: {}", r.body);
+        }
+        assert_eq!(
+            admin(a, "GET", &page(kind, 10), "").await.json()["total"],
+            json!(0)
+        );
+    }
+}
