@@ -5,8 +5,7 @@
   wait   PORT PATH TIMEOUT          until GET PATH answers 200 on PORT
   propagate ADMIN KEY PORTS N       N route changes through the Admin API; for each, the time
                                     until every gateway in PORTS serves it; prints p50/p99/max
-  burst  ADMIN KEY N SECONDS        route changes as fast as the Admin API takes them: at
-                                    least N, and for SECONDS
+  burst  ADMIN KEY N SECONDS        N route changes spread over SECONDS
 """
 import base64
 import http.client
@@ -100,16 +99,20 @@ def propagate(admin, key, ports, n):
 
 
 def burst(admin, key, n, seconds):
-    """At least N updates, and updates for SECONDS: prints how many and how fast."""
+    """N updates spread evenly over SECONDS (as fast as the Admin API takes them when it
+    cannot keep up): prints how many were made and at what rate."""
     a = http.client.HTTPConnection("127.0.0.1", int(admin), timeout=30)
     up = upstream_of(a, key)
+    n, seconds = int(n), float(seconds)
     t0 = time.perf_counter()
-    i = 0
-    while i < int(n) or time.perf_counter() - t0 < float(seconds):
+    for i in range(n):
+        due = t0 + i * seconds / n
+        now = time.perf_counter()
+        if due > now:
+            time.sleep(due - now)
         admin_put(a, key, f"r{(i * 7) % 10000 + 2}", {"uri": f"/burst/{i}", "upstream": up})
-        i += 1
     took = time.perf_counter() - t0
-    print(f"{i} {i / took:.0f}")
+    print(f"{n} {n / took:.0f}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ fn document_of(
                 kind,
                 index,
                 id,
-                value,
+                value: std::sync::Arc::new(value),
                 source: None,
             });
         }
@@ -243,7 +243,7 @@ pub async fn get(State(st): State<Arc<AdminState>>, headers: HeaderMap) -> Respo
             .iter()
             .flat_map(|d| d.items.iter())
             .filter(|i| i.kind == kind)
-            .map(|i| i.value.clone())
+            .map(|i| (*i.value).clone())
             .collect();
         if !items.is_empty() {
             out.insert(kind.key().into(), Value::Array(items));

@@ -84,11 +84,12 @@ pub struct Item {
     pub index: usize,
     /// Its key (`id`, `username`, or `arr_<n>`).
     pub id: String,
-    /// The resource as written (with `id` filled in).
-    pub value: Value,
+    /// The resource as written (with `id` filled in); shared, so documents that differ in a few
+    /// resources share the others.
+    pub value: std::sync::Arc<Value>,
     /// Where it came from when that is not a position in a file (an etcd key): errors name
     /// it instead of `kind[index]`.
-    pub source: Option<String>,
+    pub source: Option<std::sync::Arc<str>>,
 }
 
 /// A parsed configuration: the `gateway:` section and the resources in file order.
@@ -186,7 +187,7 @@ impl Document {
             };
             let rest = rest.trim_start_matches('.');
             e.path = if rest.is_empty() {
-                src.to_owned()
+                src.to_string()
             } else {
                 format!("{src} {rest}")
             };
@@ -262,7 +263,7 @@ impl Document {
                     kind,
                     index,
                     id: id.clone(),
-                    value,
+                    value: std::sync::Arc::new(value),
                     source: None,
                 };
                 match seen.get(&(kind, id.clone())) {
@@ -289,6 +290,16 @@ impl Document {
     /// Types every resource. Returns the configuration of the resources that typed, where
     /// each came from, and an error (with the file's key path) for each that did not.
     pub fn typed(&self) -> Result<(ConfigFile, Positions, ConfigErrors), ConfigErrors> {
+        self.typed_with(&mut TypedCache::default())
+    }
+
+    /// [`Document::typed`], reusing the typed form of every resource whose value is the same
+    /// (shared) one as in the previous call with `cache`: a document that differs from the last
+    /// one in a few resources types only those.
+    pub fn typed_with(
+        &self,
+        cache: &mut TypedCache,
+    ) -> Result<(ConfigFile, Positions, ConfigErrors), ConfigErrors> {
         let mut cfg = ConfigFile::default();
         let mut pos = Positions::default();
         let mut errs = ConfigErrors::default();
@@ -299,24 +310,25 @@ impl Document {
         if let Some(a) = &self.apisix {
             cfg.apisix = Some(typed_value(a, "apisix").map_err(ConfigErrors::one)?);
         }
+        // keyed by the address of the shared value: the cache holds every value it keys, so
+        // an address cannot be reused while its entry exists
+        let mut next = HashMap::with_capacity(self.items.len());
         for item in &self.items {
-            let path = format!("{}[{}]", item.kind.key(), item.index);
-            let ok = match item.kind {
-                Kind::Route => push(&mut cfg.routes, item, &path),
-                Kind::Service => push(&mut cfg.services, item, &path),
-                Kind::Upstream => push(&mut cfg.upstreams, item, &path),
-                Kind::PluginConfig => push(&mut cfg.plugin_configs, item, &path),
-                Kind::GlobalRule => push(&mut cfg.global_rules, item, &path),
-                Kind::Consumer => push(&mut cfg.consumers, item, &path),
-                Kind::ConsumerGroup => push(&mut cfg.consumer_groups, item, &path),
-                Kind::Ssl => push(&mut cfg.ssls, item, &path),
-                Kind::PluginMetadata => push(&mut cfg.plugin_metadata, item, &path),
+            let key = std::sync::Arc::as_ptr(&item.value) as usize;
+            let typed = match cache.0.get(&key) {
+                Some((v, t)) if std::sync::Arc::ptr_eq(v, &item.value) => Ok(t.clone()),
+                _ => Typed::of(item),
             };
-            match ok {
-                Ok(()) => pos.push(item.kind, item.index),
+            match typed {
+                Ok(t) => {
+                    t.clone().push_into(&mut cfg);
+                    pos.push(item.kind, item.index);
+                    next.insert(key, (item.value.clone(), t));
+                }
                 Err(e) => errs.0.push(e),
             }
         }
+        cache.0 = next;
         Ok((cfg, pos, errs))
     }
 }
@@ -342,13 +354,59 @@ pub fn remove_item(cfg: &mut ConfigFile, pos: &mut Positions, kind: Kind, i: usi
     pos.remove(kind, i);
 }
 
-fn push<T: DeserializeOwned>(out: &mut Vec<T>, item: &Item, path: &str) -> Result<(), ConfigError> {
-    out.push(typed_value(&item.value, path)?);
-    Ok(())
+/// Typed resources of the last document typed with it ([`Document::typed_with`]), by kind and
+/// id, with the value each was typed from.
+#[derive(Default)]
+pub struct TypedCache(HashMap<usize, (std::sync::Arc<Value>, Typed)>);
+
+/// One typed resource (the ones every change would otherwise copy are shared).
+#[derive(Clone)]
+enum Typed {
+    Route(std::sync::Arc<polygate_model::Route>),
+    Service(std::sync::Arc<polygate_model::Service>),
+    Upstream(std::sync::Arc<polygate_model::Upstream>),
+    PluginConfig(std::sync::Arc<polygate_model::PluginConfig>),
+    GlobalRule(Box<polygate_model::GlobalRule>),
+    Consumer(Box<polygate_model::Consumer>),
+    ConsumerGroup(Box<polygate_model::ConsumerGroup>),
+    Ssl(Box<polygate_model::Ssl>),
+    PluginMetadata(Box<serde_json::Map<String, Value>>),
+}
+
+impl Typed {
+    fn of(item: &Item) -> Result<Typed, ConfigError> {
+        let path = format!("{}[{}]", item.kind.key(), item.index);
+        let v = &item.value;
+        Ok(match item.kind {
+            Kind::Route => Typed::Route(typed_value(v, &path)?),
+            Kind::Service => Typed::Service(typed_value(v, &path)?),
+            Kind::Upstream => Typed::Upstream(typed_value(v, &path)?),
+            Kind::PluginConfig => Typed::PluginConfig(typed_value(v, &path)?),
+            Kind::GlobalRule => Typed::GlobalRule(typed_value(v, &path)?),
+            Kind::Consumer => Typed::Consumer(typed_value(v, &path)?),
+            Kind::ConsumerGroup => Typed::ConsumerGroup(typed_value(v, &path)?),
+            Kind::Ssl => Typed::Ssl(typed_value(v, &path)?),
+            Kind::PluginMetadata => Typed::PluginMetadata(typed_value(v, &path)?),
+        })
+    }
+
+    fn push_into(self, cfg: &mut ConfigFile) {
+        match self {
+            Typed::Route(t) => cfg.routes.push(t),
+            Typed::Service(t) => cfg.services.push(t),
+            Typed::Upstream(t) => cfg.upstreams.push(t),
+            Typed::PluginConfig(t) => cfg.plugin_configs.push(t),
+            Typed::GlobalRule(t) => cfg.global_rules.push(*t),
+            Typed::Consumer(t) => cfg.consumers.push(*t),
+            Typed::ConsumerGroup(t) => cfg.consumer_groups.push(*t),
+            Typed::Ssl(t) => cfg.ssls.push(*t),
+            Typed::PluginMetadata(t) => cfg.plugin_metadata.push(*t),
+        }
+    }
 }
 
 fn typed_value<T: DeserializeOwned>(v: &Value, path: &str) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(v.clone()).map_err(|e| {
+    serde_path_to_error::deserialize(v).map_err(|e| {
         let inner = e.path().to_string();
         let full = if inner == "." {
             path.to_owned()

@@ -46,10 +46,39 @@ pub struct EtcdState {
     pub last_error: Mutex<Option<String>>,
 }
 
-/// One resource as stored in etcd.
+/// What etcd holds, as the source last saw it.
+#[derive(Debug, Default)]
+struct Mirror(BTreeMap<(Kind, String), Stored>);
+
+impl Mirror {
+    fn document(&self, gateway: Option<Value>, apisix: Option<Value>) -> Document {
+        let mut doc = Document {
+            gateway,
+            apisix,
+            items: Vec::with_capacity(self.0.len()),
+        };
+        let mut index: BTreeMap<Kind, usize> = BTreeMap::new();
+        for ((kind, id), s) in &self.0 {
+            let i = index.entry(*kind).or_insert(0);
+            doc.items.push(Item {
+                kind: *kind,
+                index: *i,
+                id: id.clone(),
+                value: s.value.clone(),
+                source: Some(s.key.clone()),
+            });
+            *i += 1;
+        }
+        doc
+    }
+}
+
+/// One resource as stored in etcd (with its `id` filled in), shared with the documents made
+/// from the mirror.
 #[derive(Debug, Clone)]
 struct Stored {
-    value: Value,
+    value: Arc<Value>,
+    key: Arc<str>,
 }
 
 /// The etcd source of one process.
@@ -59,7 +88,7 @@ pub struct EtcdSource {
     gateway: Option<Value>,
     apisix: Option<Value>,
     state: Arc<EtcdState>,
-    mirror: BTreeMap<(Kind, String), Stored>,
+    mirror: Arc<parking_lot::Mutex<Mirror>>,
     ignored_warned: std::collections::HashSet<String>,
 }
 
@@ -98,7 +127,7 @@ impl EtcdSource {
             gateway,
             apisix,
             state,
-            mirror: BTreeMap::new(),
+            mirror: Arc::default(),
             ignored_warned: Default::default(),
         }
     }
@@ -120,14 +149,32 @@ impl EtcdSource {
     }
 
     fn apply_kv(&mut self, kv: &Kv) {
+        let mirror = self.mirror.clone();
+        let mut m = mirror.lock();
+        self.apply_kv_to(&mut m.0, kv);
+    }
+
+    /// Puts `kv` into `map` (or removes what it replaces when it is not a JSON object).
+    fn apply_kv_to(&mut self, map: &mut BTreeMap<(Kind, String), Stored>, kv: &Kv) {
         match parse_key(&self.prefix, &kv.key) {
             Ok((kind, id)) => match serde_json::from_slice::<Value>(&kv.value) {
-                Ok(value @ Value::Object(_)) => {
-                    self.mirror.insert((kind, id.to_owned()), Stored { value });
+                Ok(mut value @ Value::Object(_)) => {
+                    if let Value::Object(o) = &mut value
+                        && !matches!(kind, Kind::Consumer | Kind::PluginMetadata)
+                    {
+                        o.insert("id".into(), Value::String(id.to_owned()));
+                    }
+                    map.insert(
+                        (kind, id.to_owned()),
+                        Stored {
+                            value: Arc::new(value),
+                            key: Arc::from(kv.key.as_str()),
+                        },
+                    );
                 }
                 _ => {
                     tracing::error!("etcd: {}: the value is not a JSON object; ignored", kv.key);
-                    self.mirror.remove(&(kind, id.to_owned()));
+                    map.remove(&(kind, id.to_owned()));
                 }
             },
             Err(Some(what)) => {
@@ -144,36 +191,15 @@ impl EtcdSource {
 
     fn remove_kv(&mut self, kv: &Kv) {
         if let Ok((kind, id)) = parse_key(&self.prefix, &kv.key) {
-            self.mirror.remove(&(kind, id.to_owned()));
+            self.mirror.lock().0.remove(&(kind, id.to_owned()));
         }
     }
 
     /// The document of the mirror: the file's sections and every resource, in key order.
     pub fn document(&self) -> Document {
-        let mut doc = Document {
-            gateway: self.gateway.clone(),
-            apisix: self.apisix.clone(),
-            items: Vec::with_capacity(self.mirror.len()),
-        };
-        let mut index: BTreeMap<Kind, usize> = BTreeMap::new();
-        for ((kind, id), s) in &self.mirror {
-            let i = index.entry(*kind).or_insert(0);
-            let mut value = s.value.clone();
-            if let Value::Object(o) = &mut value
-                && !matches!(kind, Kind::Consumer | Kind::PluginMetadata)
-            {
-                o.insert("id".into(), Value::String(id.clone()));
-            }
-            doc.items.push(Item {
-                kind: *kind,
-                index: *i,
-                id: id.clone(),
-                value,
-                source: Some(format!("{}/{}/{id}", self.prefix, kind.key())),
-            });
-            *i += 1;
-        }
-        doc
+        self.mirror
+            .lock()
+            .document(self.gateway.clone(), self.apisix.clone())
     }
 
     /// Reads everything under the prefix into the mirror; returns etcd's revision.
@@ -182,25 +208,29 @@ impl EtcdSource {
             .client
             .range_prefix(&format!("{}/", self.prefix))
             .await?;
-        self.mirror.clear();
+        // built aside and swapped in whole: the applier never sees a half-read mirror
+        let mut fresh = BTreeMap::new();
         for kv in &kvs {
-            self.apply_kv(kv);
+            self.apply_kv_to(&mut fresh, kv);
         }
+        self.mirror.lock().0 = fresh;
         Ok(revision)
     }
 
-    fn commit<T: Target>(&self, pipeline: &Pipeline<T>, revision: i64, origin: &str) {
-        let doc = self.document();
-        // invalid resources are skipped and logged by the pipeline; a change rejected whole
-        // leaves the served configuration as it was
-        let _ = pipeline.apply(&doc, origin);
-        self.state.revision.store(revision, Ordering::Release);
-        *self.state.last_sync.lock() = Some(SystemTime::now());
+    fn commit(&self, applier: &Applier, revision: i64) {
+        applier.submit(revision);
     }
 
     /// Reads etcd, then follows its changes, for the life of the process.
     pub async fn run<T: Target>(mut self, pipeline: Arc<Pipeline<T>>) {
         let origin = format!("etcd {}", self.prefix);
+        let applier = Applier::start(
+            pipeline,
+            self.state.clone(),
+            origin.clone(),
+            self.mirror.clone(),
+            (self.gateway.clone(), self.apisix.clone()),
+        );
         let mut backoff = Duration::from_millis(100);
         let mut revision: Option<i64> = None;
         loop {
@@ -210,7 +240,7 @@ impl EtcdSource {
                 None => match self.full_read().await {
                     Ok(r) => {
                         self.state.full_syncs.fetch_add(1, Ordering::Relaxed);
-                        self.commit(&pipeline, r, &origin);
+                        self.commit(&applier, r);
                         r
                     }
                     Err(e) => {
@@ -295,7 +325,7 @@ impl EtcdSource {
                             }
                         }
                         self.state.updates.fetch_add(1, Ordering::Relaxed);
-                        self.commit(&pipeline, last, &origin);
+                        self.commit(&applier, last);
                         revision = Some(last);
                     }
                     WatchMessage::Compacted(c) => {
@@ -318,6 +348,97 @@ impl EtcdSource {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+}
+
+/// Applies the mirror on a thread of its own at a lower CPU priority: preparing a
+/// configuration of thousands of routes takes milliseconds of CPU, and during a burst of
+/// changes that work must not take the worker threads' cores. Changes that arrive while a
+/// document is being applied are taken together by the next one; when several arrived during
+/// one commit (a burst), the thread rests three times as long as that commit took before the
+/// next (at most a quarter of a core goes to configuration during a burst; a lone change is
+/// applied at once).
+struct Applier {
+    slot: Arc<(parking_lot::Mutex<Pending>, parking_lot::Condvar)>,
+}
+
+/// What the watch handed over since the applier last looked.
+#[derive(Default)]
+struct Pending {
+    /// The latest revision waiting to be applied.
+    revision: Option<i64>,
+    /// Hand-overs so far (to tell a burst from a lone change).
+    count: u64,
+}
+
+/// The niceness of the applying thread, as `thread-priority` maps its 0..99 scale (about nice
+/// 10).
+const APPLIER_PRIORITY: u8 = 23;
+
+/// Longest rest between two commits during a burst.
+const MAX_REST: Duration = Duration::from_millis(500);
+
+type Sections = (Option<Value>, Option<Value>);
+
+impl Applier {
+    fn start<T: Target>(
+        pipeline: Arc<Pipeline<T>>,
+        state: Arc<EtcdState>,
+        origin: String,
+        mirror: Arc<parking_lot::Mutex<Mirror>>,
+        sections: Sections,
+    ) -> Applier {
+        let slot: Arc<(parking_lot::Mutex<Pending>, parking_lot::Condvar)> = Arc::default();
+        let s = slot.clone();
+        let spawned = std::thread::Builder::new()
+            .name("polygate-config".into())
+            .spawn(move || {
+                if let Ok(p) = thread_priority::ThreadPriorityValue::try_from(APPLIER_PRIORITY)
+                    && let Err(e) = thread_priority::set_current_thread_priority(
+                        thread_priority::ThreadPriority::Crossplatform(p),
+                    )
+                {
+                    tracing::debug!("etcd: cannot lower the applying thread's priority: {e:?}");
+                }
+                loop {
+                    let (revision, seen) = {
+                        let mut next = s.0.lock();
+                        loop {
+                            if let Some(n) = next.revision.take() {
+                                break (n, next.count);
+                            }
+                            s.1.wait(&mut next);
+                        }
+                    };
+                    let t0 = std::time::Instant::now();
+                    let doc = mirror
+                        .lock()
+                        .document(sections.0.clone(), sections.1.clone());
+                    // invalid resources are skipped and logged by the pipeline; a change
+                    // rejected whole leaves the served configuration as it was
+                    let _ = pipeline.apply(&doc, &origin);
+                    drop(doc);
+                    state.revision.store(revision, Ordering::Release);
+                    *state.last_sync.lock() = Some(SystemTime::now());
+                    let took = t0.elapsed();
+                    // several changes arrived while this one was applied: a burst
+                    if s.0.lock().count >= seen + 2 {
+                        std::thread::sleep((took * 3).min(MAX_REST));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("etcd: cannot start the applying thread: {e}");
+        }
+        Applier { slot }
+    }
+
+    /// Asks for the mirror, as it is by then, to be applied (`revision`: what it reflects).
+    fn submit(&self, revision: i64) {
+        let mut next = self.slot.0.lock();
+        next.revision = Some(next.revision.map_or(revision, |r| r.max(revision)));
+        next.count += 1;
+        self.slot.1.notify_one();
     }
 }
 

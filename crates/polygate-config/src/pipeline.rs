@@ -70,6 +70,8 @@ pub struct Pipeline<T: Target> {
     status: Status,
     /// The document last committed.
     current: Mutex<Option<Arc<Document>>>,
+    /// Typed resources of the last prepared document.
+    typed: Mutex<crate::document::TypedCache>,
 }
 
 /// Dangling references (`upstream_id` naming nothing): served as APISIX serves them, but
@@ -97,6 +99,7 @@ impl<T: Target> Pipeline<T> {
             strict,
             status: Status::default(),
             current: Mutex::new(None),
+            typed: Mutex::new(Default::default()),
         }
     }
 
@@ -139,7 +142,7 @@ impl<T: Target> Pipeline<T> {
         &self,
         doc: &Document,
     ) -> Result<(ConfigFile, Positions, T::Prepared, ConfigErrors), ConfigErrors> {
-        let (mut cfg, mut pos, mut skipped) = doc.typed()?;
+        let (mut cfg, mut pos, mut skipped) = doc.typed_with(&mut self.typed.lock())?;
         if self.strict {
             let mut all = skipped.clone();
             all.0.extend(remap(dangling_references(&cfg), &pos).0);
@@ -261,7 +264,8 @@ fn same_kind(a: &Document, b: &Document, kind: crate::Kind) -> bool {
     loop {
         match (x.next(), y.next()) {
             (None, None) => return true,
-            (Some(i), Some(j)) if i.id == j.id && i.value == j.value => {}
+            (Some(i), Some(j))
+                if i.id == j.id && (Arc::ptr_eq(&i.value, &j.value) || i.value == j.value) => {}
             _ => return false,
         }
     }

@@ -68,16 +68,16 @@ pub struct ConfigFile {
     pub apisix: Option<ApisixSection>,
     /// Routes.
     #[serde(default)]
-    pub routes: Vec<Route>,
+    pub routes: Vec<std::sync::Arc<Route>>,
     /// Services.
     #[serde(default)]
-    pub services: Vec<Service>,
+    pub services: Vec<std::sync::Arc<Service>>,
     /// Upstreams.
     #[serde(default)]
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<std::sync::Arc<Upstream>>,
     /// Plugin configs (reusable plugin bundles referenced by `plugin_config_id`).
     #[serde(default)]
-    pub plugin_configs: Vec<PluginConfig>,
+    pub plugin_configs: Vec<std::sync::Arc<PluginConfig>>,
     /// Global rules: plugins that run for every request.
     #[serde(default)]
     pub global_rules: Vec<GlobalRule>,

@@ -49,6 +49,17 @@ fn username_re() -> &'static Regex {
 
 /// Validates everything that does not need plugin or router knowledge.
 pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
+    validate_except(cfg, &|_| false)
+}
+
+/// [`validate`], without the checks of the routes `known` accepts: routes that an earlier
+/// validation already passed (the same shared value). References between resources are
+/// still checked for every route (a route's own fields cannot have changed, but what it
+/// names may have).
+pub fn validate_except(
+    cfg: &ConfigFile,
+    known: &dyn Fn(&std::sync::Arc<Route>) -> bool,
+) -> Result<(), ConfigErrors> {
     let mut errs = ConfigErrors::default();
     if let Some(gw) = &cfg.gateway {
         validate_gateway(gw, &mut errs);
@@ -112,6 +123,24 @@ pub fn validate(cfg: &ConfigFile) -> Result<(), ConfigErrors> {
         }
     }
     for (i, r) in cfg.routes.iter().enumerate() {
+        if known(r) {
+            let refs = [
+                (&r.upstream_id, &upstream_ids, "upstream_id", "upstream"),
+                (&r.service_id, &service_ids, "service_id", "service"),
+                (
+                    &r.plugin_config_id,
+                    &pc_ids,
+                    "plugin_config_id",
+                    "plugin config",
+                ),
+            ];
+            for (id, ids, field, what) in refs {
+                if id.as_ref().is_some_and(|id| !ids.contains(&id.0)) {
+                    check_ref(id, ids, &format!("routes[{i}].{field}"), what, &mut errs);
+                }
+            }
+            continue;
+        }
         validate_route(
             r,
             &format!("routes[{i}]"),

@@ -79,7 +79,7 @@ impl polygate_admin::Gateway for AdminGateway {
                 kind,
                 index: 0,
                 id,
-                value,
+                value: Arc::new(value),
                 source: None,
             }],
         };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use polygate_core::chain::build_instances;
 use polygate_core::{ConsumerIndex, InstanceMap, PluginChain, PluginRegistry};
-use polygate_model::validate::validate;
+use polygate_model::validate::validate_except;
 use polygate_model::{
     ConfigErrors, ConfigFile, GatewaySection, PluginConfig, Route, Service, Timeout, Upstream,
 };
@@ -40,14 +40,36 @@ pub struct RouteData {
 }
 
 /// What a compiled route depends on; equal fingerprints mean the compiled entry can be reused.
-/// Shared objects are held once per build (`Arc`), not cloned per route.
-#[derive(PartialEq)]
+/// Every part is shared with the configuration it came from (`Arc`): an unchanged resource is
+/// the same allocation from one configuration to the next, so most comparisons are pointers.
 struct Fingerprint {
-    route: Route,
+    route: Arc<Route>,
     service: Option<Arc<Service>>,
     upstream: Option<Arc<Upstream>>,
     service_upstream: Option<Arc<Upstream>>,
     plugin_config: Option<Arc<PluginConfig>>,
+}
+
+fn same<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+fn same_opt<T: PartialEq>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => same(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+impl PartialEq for Fingerprint {
+    fn eq(&self, o: &Self) -> bool {
+        same(&self.route, &o.route)
+            && same_opt(&self.service, &o.service)
+            && same_opt(&self.upstream, &o.upstream)
+            && same_opt(&self.service_upstream, &o.service_upstream)
+            && same_opt(&self.plugin_config, &o.plugin_config)
+    }
 }
 
 /// The served configuration.
@@ -101,9 +123,11 @@ impl Snapshot {
     pub fn all_upstreams(&self) -> Vec<Arc<UpstreamRt>> {
         let mut out: Vec<Arc<UpstreamRt>> =
             self.upstreams.values().map(|(_, u)| u.clone()).collect();
+        let mut seen: std::collections::HashSet<*const UpstreamRt> =
+            out.iter().map(Arc::as_ptr).collect();
         for e in self.router.iter() {
             if let Some(u) = &e.data.upstream
-                && !out.iter().any(|o| Arc::ptr_eq(o, u))
+                && seen.insert(Arc::as_ptr(u))
             {
                 out.push(u.clone());
             }
@@ -143,7 +167,13 @@ impl Snapshot {
         prev: Option<&Snapshot>,
     ) -> Result<Snapshot, ConfigErrors> {
         // a reference to a missing resource is served as APISIX serves it (see `refuse`)
-        if let Err(e) = validate(cfg) {
+        // a route that is the same (shared) value as one the previous snapshot compiled passed
+        // these checks then: only its references are looked at again
+        let known = |r: &Arc<Route>| {
+            prev.and_then(|p| r.id.as_ref().and_then(|id| p.fingerprints.get(&id.0)))
+                .is_some_and(|f| Arc::ptr_eq(&f.route, r))
+        };
+        if let Err(e) = validate_except(cfg, &known) {
             let fatal: Vec<_> = e.0.into_iter().filter(|e| !e.dangling).collect();
             if !fatal.is_empty() {
                 return Err(ConfigErrors(fatal));
@@ -183,9 +213,11 @@ impl Snapshot {
         for (i, u) in cfg.upstreams.iter().enumerate() {
             let Some(id) = &u.id else { continue };
             let (def, rt) = match prev.and_then(|p| p.upstreams.get(&id.0)) {
-                Some((old, rt)) if **old == *u && tls_kept => (old.clone(), rt.clone()),
+                Some((old, rt)) if (Arc::ptr_eq(old, u) || **old == **u) && tls_kept => {
+                    (old.clone(), rt.clone())
+                }
                 _ => (
-                    Arc::new(u.clone()),
+                    u.clone(),
                     Arc::new(build_up(&id.0, u, &format!("upstreams[{i}]"), &mut errs)),
                 ),
             };
@@ -195,24 +227,24 @@ impl Snapshot {
         let service_arcs: HashMap<&str, Arc<Service>> = cfg
             .services
             .iter()
-            .filter_map(|s| s.id.as_ref().map(|id| (id.0.as_str(), Arc::new(s.clone()))))
+            .filter_map(|s| s.id.as_ref().map(|id| (id.0.as_str(), s.clone())))
             .collect();
         let pc_arcs: HashMap<&str, Arc<PluginConfig>> = cfg
             .plugin_configs
             .iter()
-            .filter_map(|p| p.id.as_ref().map(|id| (id.0.as_str(), Arc::new(p.clone()))))
+            .filter_map(|p| p.id.as_ref().map(|id| (id.0.as_str(), p.clone())))
             .collect();
         let services: HashMap<&str, (usize, &Service)> = cfg
             .services
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.id.as_ref().map(|id| (id.0.as_str(), (i, s))))
+            .filter_map(|(i, s)| s.id.as_ref().map(|id| (id.0.as_str(), (i, &**s))))
             .collect();
         let pcs: HashMap<&str, (usize, &PluginConfig)> = cfg
             .plugin_configs
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| p.id.as_ref().map(|id| (id.0.as_str(), (i, p))))
+            .filter_map(|(i, p)| p.id.as_ref().map(|id| (id.0.as_str(), (i, &**p))))
             .collect();
 
         // plugin instances of shared objects, validated once at their own key paths
