@@ -303,11 +303,16 @@ pub async fn stop_drains(gw: &mut Gateway, sig: &str, n: usize) -> Duration {
     let code = gw.wait_exit(Duration::from_secs(10));
     let err = gw.stderr();
     let tail: Vec<&str> = err.lines().rev().take(30).collect();
+    // a runtime's own crash report goes to standard output (the JVM's hs_err summary, Go's
+    // traceback goes to stderr): both are shown
+    let out = gw.stdout();
+    let out_tail: Vec<&str> = out.lines().rev().take(40).collect();
     assert_eq!(
         code,
         Some(0),
-        "exit status {code:?} (None: killed by a signal, or still running after 10 s); last lines:\n{}",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        "exit status {code:?} (None: killed by a signal, or still running after 10 s); last lines:\n{}\nstandard output's last lines:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        out_tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     );
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(10), "exit took {took:?}");
