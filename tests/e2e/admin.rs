@@ -6,7 +6,7 @@
 //! Bodies are compared as APISIX's `t/lib/test_admin.lua` does: the expected JSON must be
 //! contained in the answer.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -40,15 +40,8 @@ fn gateway_on(etcd: &Etcd, extra: &str) -> Gateway {
     ))
 }
 
-async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
+async fn eventually(timeout: Duration, f: impl AsyncFnMut() -> bool) -> bool {
+    until(timeout, f).await.is_some()
 }
 
 fn route_body(uri: &str, node: &str) -> String {

@@ -5,7 +5,7 @@
 //! in APISIX's layout (`/apisix/routes/<id>`, JSON values, as `apisix/core/etcd.lua` writes
 //! it) is served unchanged.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
@@ -16,17 +16,6 @@ fn gateway_on(etcd: &Etcd) -> Gateway {
         "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  worker_threads: 2\n  config_provider: etcd\n  etcd: {{host: [\"{}\"], timeout: 2}}\n  admin:\n    addr: \"127.0.0.1:0\"\n    admin_key: [{{name: admin, key: {ADMIN_KEY}}}]\n#END\n",
         etcd.url()
     ))
-}
-
-async fn until(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if f().await {
-            return Some(t0.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    None
 }
 
 fn route(uri: &str, node: &str) -> String {

@@ -886,3 +886,15 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// Polls `f` until it returns true; how long that took, or `None` after `timeout`.
+pub async fn until(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if f().await {
+            return Some(t0.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}

@@ -143,11 +143,7 @@ impl Access {
         let allow = settings
             .allow_admin
             .iter()
-            .filter_map(|c| {
-                c.parse::<ipnet::IpNet>()
-                    .ok()
-                    .or_else(|| c.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
-            })
+            .filter_map(|c| polygate_model::validate::parse_cidr(c))
             .collect();
         Ok(Access { keys, allow })
     }

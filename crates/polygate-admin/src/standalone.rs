@@ -67,6 +67,15 @@ fn parse_payload(headers: &HeaderMap, body: &[u8]) -> Result<Value, Response> {
     }
 }
 
+/// Reads a whole configuration from a request body (JSON, or YAML by its content type).
+async fn read_payload(headers: &HeaderMap, req: Request) -> Result<Map<String, Value>, Response> {
+    let body = read_body(req.into_body()).await?;
+    match parse_payload(headers, &body)? {
+        Value::Object(o) => Ok(o),
+        _ => Err(error(StatusCode::BAD_REQUEST, "invalid request body")),
+    }
+}
+
 /// The resources of a payload as a document (with the served `gateway:` section).
 fn document_of(
     payload: &Map<String, Value>,
@@ -151,13 +160,8 @@ pub async fn put(State(st): State<Arc<AdminState>>, req: Request) -> Response {
     else {
         return error(StatusCode::BAD_REQUEST, "missing digest header");
     };
-    let body = match read_body(req.into_body()).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let payload = match parse_payload(&headers, &body) {
-        Ok(Value::Object(o)) => o,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid request body"),
+    let payload = match read_payload(&headers, req).await {
+        Ok(p) => p,
         Err(r) => return r,
     };
     let mut vs = st.standalone.inner.lock();
@@ -281,13 +285,8 @@ pub async fn head(State(st): State<Arc<AdminState>>) -> Response {
 /// `POST /apisix/admin/configs/validate`: every problem of a whole configuration.
 pub async fn validate(State(st): State<Arc<AdminState>>, req: Request) -> Response {
     let headers = req.headers().clone();
-    let body = match read_body(req.into_body()).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let payload = match parse_payload(&headers, &body) {
-        Ok(Value::Object(o)) => o,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "invalid request body"),
+    let payload = match read_payload(&headers, req).await {
+        Ok(p) => p,
         Err(r) => return r,
     };
     let current = st.gateway.current();

@@ -235,7 +235,7 @@ fn validate_admin(gw: &crate::types::GatewaySection, errs: &mut ConfigErrors) {
         }
     }
     for (i, c) in a.allow_admin.iter().enumerate() {
-        if c.parse::<ipnet::IpNet>().is_err() && c.parse::<std::net::IpAddr>().is_err() {
+        if parse_cidr(c).is_none() {
             errs.push(
                 format!("gateway.admin.allow_admin[{i}]"),
                 format!("{c:?} is not a CIDR or an IP address"),

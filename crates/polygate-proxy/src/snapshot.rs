@@ -474,11 +474,7 @@ impl Snapshot {
         let trusted = apisix
             .trusted_addresses
             .iter()
-            .filter_map(|a| {
-                a.parse::<ipnet::IpNet>()
-                    .ok()
-                    .or_else(|| a.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
-            })
+            .filter_map(|a| polygate_model::validate::parse_cidr(a))
             .collect();
         Ok(Snapshot {
             router,
