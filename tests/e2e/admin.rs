@@ -1115,3 +1115,122 @@ async fn the_dashboards_admin_api_calls() {
         );
     }
 }
+
+/// Admin API bodies from APISIX's documentation, sent unchanged but for upstream addresses:
+/// `docs/en/latest/plugins/proxy-rewrite.md` (a route PUT to `/routes` with its id in the
+/// body), `docs/en/latest/terminology/plugin-config.md` (a route naming plugin config `1` as a
+/// number), `docs/en/latest/admin-api.md` (an upstream with a backup node of priority -1 and
+/// active health checks).
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_from_apisix_documentation() {
+    let etcd = Etcd::start();
+    let up = Upstream::start("primary").await;
+    let backup = Upstream::start("backup").await;
+    let gw = gateway_on(&etcd, "");
+    let a = gw.admin_port();
+    let r = admin(
+        a,
+        "PUT",
+        "/apisix/admin/routes",
+        &json!({
+            "id": "proxy-rewrite-route",
+            "methods": ["GET"],
+            "uri": "/",
+            "plugins": {"proxy-rewrite": {"uri": "/anything", "headers": {"set": {"X-Api-Version": "v1", "X-Api-Engine": "apisix"}}}},
+            "upstream": {"type": "roundrobin", "nodes": {up.node(): 1}}
+        })
+        .to_string(),
+    )
+    .await;
+    assert_contains(
+        &r,
+        201,
+        json!({"key": "/apisix/routes/proxy-rewrite-route"}),
+    );
+    assert!(
+        eventually(Duration::from_secs(3), async || get(gw.port, "/")
+            .await
+            .status
+            == 200)
+        .await
+    );
+    let r = get(gw.port, "/").await;
+    assert_eq!(r.json()["uri"], json!("/anything"));
+    assert_eq!(r.seen_header("x-api-version").as_deref(), Some("v1"));
+    assert_eq!(r.seen_header("x-api-engine").as_deref(), Some("apisix"));
+
+    // plugin-config.md: the plugin config (with a plugin polygate has), then the route as
+    // documented, `plugin_config_id` a number
+    let r = admin(
+        a,
+        "PUT",
+        "/apisix/admin/plugin_configs/1",
+        r#"{"desc":"blah","plugins":{"proxy-rewrite":{"headers":{"set":{"x-from-config":"1"}}}}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = admin(
+        a,
+        "PUT",
+        "/apisix/admin/routes/1",
+        &json!({"uris": ["/index.html"], "plugin_config_id": 1, "upstream": {"type": "roundrobin", "nodes": {up.node(): 1}}}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(
+        eventually(Duration::from_secs(3), async || get(gw.port, "/index.html")
+            .await
+            .status
+            == 200)
+        .await
+    );
+    assert_eq!(
+        get(gw.port, "/index.html")
+            .await
+            .seen_header("x-from-config")
+            .as_deref(),
+        Some("1")
+    );
+
+    // admin-api.md: a backup node (priority -1) used only when the primary is unavailable,
+    // with active health checks
+    let (h1, p1) = up
+        .node()
+        .split_once(':')
+        .map(|(h, p)| (h.to_owned(), p.parse::<u16>().unwrap()))
+        .unwrap();
+    let (h2, p2) = backup
+        .node()
+        .split_once(':')
+        .map(|(h, p)| (h.to_owned(), p.parse::<u16>().unwrap()))
+        .unwrap();
+    let r = admin(
+        a,
+        "PUT",
+        "/apisix/admin/routes/2",
+        &json!({
+            "uri": "/hello",
+            "upstream": {
+                "type": "roundrobin",
+                "nodes": [
+                    {"host": h1, "port": p1, "weight": 2000},
+                    {"host": h2, "port": p2, "weight": 1, "priority": -1}
+                ],
+                "checks": {"active": {"http_path": "/status", "healthy": {"interval": 1, "successes": 1}, "unhealthy": {"interval": 1, "http_failures": 1}}}
+            }
+        })
+        .to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(
+        eventually(Duration::from_secs(3), async || get(gw.port, "/hello")
+            .await
+            .status
+            == 200)
+        .await
+    );
+    for _ in 0..5 {
+        assert_eq!(get(gw.port, "/hello").await.upstream(), "primary");
+    }
+}
