@@ -738,6 +738,15 @@ async fn consumers_ssls_plugin_metadata_and_plugins() {
     let s = admin(a, "GET", "/apisix/admin/plugins/key-auth", "").await;
     assert_eq!(s.status, 200);
     assert_eq!(s.json()["type"], json!("object"));
+    assert_eq!(s.json()["properties"]["header"]["default"], json!("apikey"));
+    let c = admin(
+        a,
+        "GET",
+        "/apisix/admin/plugins/key-auth?schema_type=consumer",
+        "",
+    )
+    .await;
+    assert_eq!(c.json()["required"], json!(["key"]));
     let all = admin(a, "GET", "/apisix/admin/plugins?all=true", "")
         .await
         .json();

@@ -65,6 +65,29 @@ impl PluginFactory for KeyAuthFactory {
         2500
     }
 
+    fn schema(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "header": {"type": "string", "default": "apikey"},
+                "query": {"type": "string", "default": "apikey"},
+                "hide_credentials": {"type": "boolean", "default": false},
+                "anonymous_consumer": {"type": "string", "minLength": 1},
+                "realm": {"type": "string", "default": "key"},
+                "_meta": {"type": "object"}
+            },
+            "additionalProperties": false
+        })
+    }
+
+    fn consumer_schema(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({
+            "type": "object",
+            "properties": {"key": {"type": "string", "minLength": 1}},
+            "required": ["key"]
+        }))
+    }
+
     fn kind(&self) -> PluginKind {
         PluginKind::Auth
     }

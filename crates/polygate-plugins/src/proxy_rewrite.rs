@@ -77,6 +77,37 @@ impl PluginFactory for ProxyRewriteFactory {
         1008
     }
 
+    fn schema(&self) -> serde_json::Value {
+        let headers = serde_json::json!({
+            "type": "object",
+            "additionalProperties": {
+                "oneOf": [{"type": "string"}, {"type": "number"},
+                          {"type": "array", "items": {"type": "string"}}]
+            }
+        });
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "uri": {"type": "string", "minLength": 1, "maxLength": 4096},
+                "regex_uri": {"type": "array", "minItems": 2, "items": {"type": "string"}},
+                "method": {"type": "string", "enum": METHODS},
+                "host": {"type": "string"},
+                "scheme": {"type": "string", "enum": ["http", "https"]},
+                "headers": {
+                    "type": "object",
+                    "properties": {
+                        "add": headers,
+                        "set": headers,
+                        "remove": {"type": "array", "items": {"type": "string"}}
+                    }
+                },
+                "use_real_request_uri_unsafe": {"type": "boolean", "default": false},
+                "_meta": {"type": "object"}
+            },
+            "additionalProperties": false
+        })
+    }
+
     fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: Conf = parse_conf(conf)?;
         let mut regex_uri = Vec::new();

@@ -124,6 +124,36 @@ impl PluginFactory for ResponseRewriteFactory {
         899
     }
 
+    fn schema(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "properties": {
+                "status_code": {"type": "integer", "minimum": 200, "maximum": 598},
+                "body": {"type": "string"},
+                "body_base64": {"type": "boolean", "default": false},
+                "headers": {"type": "object"},
+                "vars": {"type": "array"},
+                "filters": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "regex": {"type": "string", "minLength": 1},
+                            "replace": {"type": "string"},
+                            "scope": {"type": "string", "enum": ["once", "global"], "default": "once"},
+                            "options": {"type": "string", "default": "jo"}
+                        },
+                        "required": ["regex", "replace"]
+                    }
+                },
+                "max_resp_body_size": {"type": "integer", "minimum": 0},
+                "_meta": {"type": "object"}
+            },
+            "additionalProperties": false
+        })
+    }
+
     fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: Conf = parse_conf(conf)?;
         let status = match c.status_code {
