@@ -958,6 +958,39 @@ async fn file_mode_configs_put_get_digest_and_versions() {
     assert_eq!((r.status, r.json()), (200, json!({})));
 }
 
+/// APISIX's control API views of the served resources (`docs/en/latest/control-api.md`:
+/// `/v1/routes`, `/v1/routes/{id}`, `/v1/upstreams/{id}`, `/v1/plugin_metadatas`) on the
+/// metrics listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_api_lists_the_served_resources() {
+    let m = free_port();
+    let gw = Gateway::start_text(&format!(
+        "gateway:\n  listeners: [{{addr: \"127.0.0.1:0\"}}]\n  metrics: {{addr: \"127.0.0.1:{m}\"}}\n  admin: {{enabled: false}}\nupstreams:\n  - {{id: u1, nodes: {{\"127.0.0.1:1980\": 1}}}}\nroutes:\n  - {{id: \"1\", uri: /hello, upstream_id: u1}}\nplugin_metadata:\n  - {{id: key-auth, x: 1}}\n#END\n"
+    ));
+    let r = get(m, "/v1/routes").await;
+    assert_eq!(r.status, 200, "{} {}", r.body, gw.stderr());
+    let v = r.json();
+    assert_eq!(v[0]["key"], json!("/apisix/routes/1"));
+    assert_eq!(v[0]["value"]["uri"], json!("/hello"));
+    assert_eq!(
+        get(m, "/v1/routes/1").await.json()["value"]["upstream_id"],
+        json!("u1")
+    );
+    assert_eq!(get(m, "/v1/routes/2").await.status, 404);
+    assert_eq!(
+        get(m, "/v1/upstreams/u1").await.json()["key"],
+        json!("/apisix/upstreams/u1")
+    );
+    assert_eq!(
+        get(m, "/v1/plugin_metadatas").await.json()[0]["id"],
+        json!("key-auth")
+    );
+    assert_eq!(
+        get(m, "/v1/plugin_metadata/key-auth").await.json()["x"],
+        json!(1)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ui_directory_is_served_at_ui() {
     let dir = tempdir::Dir::new();

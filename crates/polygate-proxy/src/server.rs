@@ -898,6 +898,19 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
                             ))),
                     };
                 }
+                if let Some(body) = control_resources(&sh, path) {
+                    return match body {
+                        Some(body) => Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body))),
+                        None => Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(
+                                b"{\"error_msg\":\"not found\"}\n",
+                            ))),
+                    };
+                }
                 if path == "/metrics" {
                     let snap = sh.snapshot();
                     let mut body = sh.metrics.render(snap.version, sh.config.status());
@@ -922,6 +935,59 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
                 .await;
         });
     }
+}
+
+/// APISIX's control API views of the served resources: `/v1/routes`, `/v1/services`,
+/// `/v1/upstreams` (lists of `{key, value, has_domain}`), one of them by id, and
+/// `/v1/plugin_metadatas` / `/v1/plugin_metadata/{plugin}`. `None` for other paths;
+/// `Some(None)` for an id that is not served.
+fn control_resources(sh: &Shared, path: &str) -> Option<Option<String>> {
+    use polygate_config::Kind;
+    let rest = path.strip_prefix("/v1/")?;
+    let (seg, id) = match rest.split_once('/') {
+        Some((s, id)) if !id.is_empty() => (s, Some(id)),
+        Some((s, _)) => (s, None),
+        None => (rest, None),
+    };
+    let kind = match seg {
+        "routes" => Kind::Route,
+        "services" => Kind::Service,
+        "upstreams" => Kind::Upstream,
+        "plugin_metadatas" if id.is_none() => Kind::PluginMetadata,
+        "plugin_metadata" if id.is_some() => Kind::PluginMetadata,
+        _ => return None,
+    };
+    let doc = sh.config.current();
+    let items = doc
+        .iter()
+        .flat_map(|d| d.items.iter())
+        .filter(|i| i.kind == kind);
+    if kind == Kind::PluginMetadata {
+        // APISIX answers plugin metadata as the values themselves
+        let mut values = items
+            .filter(|i| id.is_none_or(|want| i.id == want))
+            .map(|i| (*i.value).clone());
+        return Some(if id.is_none() {
+            Some(serde_json::Value::Array(values.collect()).to_string())
+        } else {
+            values.next().map(|v| v.to_string())
+        });
+    }
+    let node = |i: &polygate_config::document::Item| {
+        serde_json::json!({
+            "key": format!("/apisix/{}/{}", kind.key(), i.id),
+            "value": *i.value,
+            "has_domain": false,
+        })
+    };
+    Some(match id {
+        None => Some(serde_json::Value::Array(items.map(node).collect()).to_string()),
+        Some(want) => items
+            .filter(|i| i.id == want)
+            .map(node)
+            .next()
+            .map(|v| v.to_string()),
+    })
 }
 
 /// `GET /status` on the metrics listener: the configuration pipeline's state.
