@@ -99,6 +99,8 @@ pub struct AdminState {
     pub ui: Option<std::path::PathBuf>,
     /// API-driven standalone state (`/configs` versions and digest).
     pub standalone: standalone::StandaloneState,
+    /// APISIX's `data_encryption`: fields written encrypted to etcd and read decrypted.
+    pub keyring: polygate_config::encryption::Keyring,
 }
 
 /// A JSON response with APISIX's Admin API headers.

@@ -226,6 +226,7 @@ impl Ctx<'_> {
             return match self.client.get(&self.key(id)).await {
                 Ok((Some(kv), _)) => match parse_value(&kv) {
                     Some(mut v) => {
+                        self.st.keyring.decrypt_resource(self.info.kind, &mut v);
                         redact(&self.info, &mut v);
                         json_response(StatusCode::OK, &node(&kv, v))
                     }
@@ -267,6 +268,7 @@ impl Ctx<'_> {
         let list: Vec<Value> = list
             .into_iter()
             .map(|(kv, mut v)| {
+                self.st.keyring.decrypt_resource(self.info.kind, &mut v);
                 redact(&self.info, &mut v);
                 node(&kv, v)
             })
@@ -528,6 +530,7 @@ impl Ctx<'_> {
             Ok(l) => l,
             Err(r) => return r,
         };
+        self.st.keyring.encrypt_resource(self.info.kind, &mut conf);
         match self
             .client
             .put(&key, conf.to_string().as_bytes(), lease)
@@ -592,6 +595,7 @@ impl Ctx<'_> {
             Err(r) => return r,
         };
         let key = self.key(&id);
+        self.st.keyring.encrypt_resource(self.info.kind, &mut conf);
         match self
             .client
             .put(&key, conf.to_string().as_bytes(), lease)
@@ -726,7 +730,9 @@ impl Ctx<'_> {
             Ok((None, _)) => return not_found(),
             Err(e) => return etcd_failed(&e),
         };
+        // stored fields are decrypted before the merge and encrypted again after the check
         let mut value = old;
+        self.st.keyring.decrypt_resource(self.info.kind, &mut value);
         if sub.is_empty() {
             let explicit_update_time = conf.get("update_time").is_some();
             merge(&mut value, conf);
@@ -746,6 +752,7 @@ impl Ctx<'_> {
             Ok(l) => l,
             Err(r) => return r,
         };
+        self.st.keyring.encrypt_resource(self.info.kind, &mut value);
         match self
             .client
             .put_if(&key, value.to_string().as_bytes(), mod_rev, lease)

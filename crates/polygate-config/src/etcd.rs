@@ -88,6 +88,7 @@ pub struct EtcdSource {
     gateway: Option<Value>,
     apisix: Option<Value>,
     state: Arc<EtcdState>,
+    keyring: crate::encryption::Keyring,
     mirror: Arc<parking_lot::Mutex<Mirror>>,
     ignored_warned: std::collections::HashSet<String>,
 }
@@ -120,6 +121,7 @@ impl EtcdSource {
         gateway: Option<Value>,
         apisix: Option<Value>,
         state: Arc<EtcdState>,
+        keyring: crate::encryption::Keyring,
     ) -> EtcdSource {
         EtcdSource {
             client,
@@ -127,6 +129,7 @@ impl EtcdSource {
             gateway,
             apisix,
             state,
+            keyring,
             mirror: Arc::default(),
             ignored_warned: Default::default(),
         }
@@ -164,6 +167,7 @@ impl EtcdSource {
                     {
                         o.insert("id".into(), Value::String(id.to_owned()));
                     }
+                    self.keyring.decrypt_resource(kind, &mut value);
                     map.insert(
                         (kind, id.to_owned()),
                         Stored {

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod document;
+pub mod encryption;
 pub mod etcd;
 pub mod pipeline;
 pub mod watch;

@@ -108,10 +108,39 @@ pub struct ApisixSection {
     /// own address too. Default: empty (no peer trusted).
     #[serde(default)]
     pub trusted_addresses: Vec<String>,
+    /// `data_encryption`: how SSL private keys and plugins' `encrypt_fields` are stored in
+    /// etcd (read with it, and written with it by the Admin API). APISIX's defaults.
+    #[serde(default)]
+    pub data_encryption: DataEncryption,
     /// Any other key of APISIX's `config.yaml` section is accepted and ignored, so an
     /// APISIX user can paste the section as it is (`polygate validate` does not check them).
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// `apisix.data_encryption`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DataEncryption {
+    /// Encrypt plugins' `encrypt_fields` (key-auth's `key`); default true.
+    #[serde(default = "dtrue")]
+    pub enable_encrypt_fields: bool,
+    /// Keys (16 bytes: AES-128-CBC, 32: AES-256-CBC); the first encrypts, all decrypt.
+    /// Default: APISIX's `["qeddd145sfvddff3", "edd1c9f0985e76a2"]`. Empty: stored as given.
+    #[serde(default = "default_keyring")]
+    pub keyring: Vec<String>,
+}
+
+impl Default for DataEncryption {
+    fn default() -> Self {
+        DataEncryption {
+            enable_encrypt_fields: true,
+            keyring: default_keyring(),
+        }
+    }
+}
+
+fn default_keyring() -> Vec<String> {
+    vec!["qeddd145sfvddff3".into(), "edd1c9f0985e76a2".into()]
 }
 
 /// `apisix.router`.

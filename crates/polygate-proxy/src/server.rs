@@ -444,8 +444,16 @@ fn admin_state(
         store,
         gateway: Arc::new(crate::admin::AdminGateway::new(config.clone(), etcd)),
         ui: gw.admin.ui.as_ref().map(std::path::PathBuf::from),
+        keyring: keyring(config),
         standalone: Default::default(),
     }))
+}
+
+/// APISIX's `data_encryption` keyring of the served configuration.
+fn keyring(config: &Pipeline<DataPlane>) -> polygate_config::encryption::Keyring {
+    let snap = config.target().snapshot.load();
+    let d = &snap.data_encryption;
+    polygate_config::encryption::Keyring::new(&d.keyring, d.enable_encrypt_fields)
 }
 
 fn etcd_client(gw: &GatewaySection) -> Result<polygate_etcd::Client, String> {
@@ -472,6 +480,7 @@ fn start_etcd(
         file.as_ref().and_then(|d| d.gateway.clone()),
         file.as_ref().and_then(|d| d.apisix.clone()),
         state.clone(),
+        keyring(config),
     );
     tracing::info!(
         "configuration from etcd {} under {}",

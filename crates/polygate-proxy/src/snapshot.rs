@@ -84,6 +84,8 @@ pub struct Snapshot {
     pub gateway: GatewaySection,
     /// `apisix.trusted_addresses`, parsed.
     pub trusted: Vec<ipnet::IpNet>,
+    /// `apisix.data_encryption`.
+    pub data_encryption: polygate_model::DataEncryption,
     /// `apisix.router.http`.
     pub mode: RouterMode,
     /// Plugin metadata by plugin name.
@@ -481,6 +483,7 @@ impl Snapshot {
             global,
             consumers,
             trusted,
+            data_encryption: apisix.data_encryption.clone(),
             mode,
             gateway,
             plugin_metadata,
