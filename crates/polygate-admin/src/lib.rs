@@ -105,7 +105,13 @@ pub struct AdminState {
 
 /// A JSON response with APISIX's Admin API headers.
 pub fn json_response(status: StatusCode, body: &Value) -> Response {
-    let mut r = (status, body.to_string()).into_response();
+    raw_response(status, body.to_string())
+}
+
+/// A response with APISIX's Admin API headers and `body` as it is (APISIX answers some
+/// refusals with a bare string, and 202/204 with nothing).
+pub fn raw_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut r = (status, body.into()).into_response();
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

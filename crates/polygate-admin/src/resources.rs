@@ -13,7 +13,7 @@ use polygate_config::Kind;
 use polygate_etcd::{Client, Kv};
 use serde_json::{Map, Value, json};
 
-use crate::{AdminState, Store, error, json_response, read_body};
+use crate::{AdminState, Store, error, json_response, raw_response, read_body};
 
 /// How the Admin API treats one kind.
 #[derive(Debug, Clone, Copy)]
@@ -171,23 +171,19 @@ pub async fn dispatch(
         }
     };
     let args = query_args(query.as_deref());
-    let ttl = match args.get("ttl") {
-        Some(t) => match t.parse::<f64>() {
-            Ok(t) if t >= 1.0 => Some(t as i64),
-            Ok(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid argument ttl: should be a number",
-                );
-            }
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid argument ttl: should be a number",
-                );
-            }
-        },
+    // a lease needs a whole number of seconds, at least one
+    let ttl = match args
+        .get("ttl")
+        .map(|t| t.parse::<f64>().ok().filter(|t| *t >= 1.0))
+    {
         None => None,
+        Some(Some(t)) => Some(t as i64),
+        Some(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid argument ttl: should be a number",
+            );
+        }
     };
     let ctx = Ctx {
         st: &st,
@@ -249,12 +245,10 @@ impl Ctx<'_> {
         let page_size = args.get("page_size").and_then(|p| p.parse::<i64>().ok());
         if let (Some(page), Some(size)) = (page, page_size) {
             if !(10..=500).contains(&size) {
-                let mut r = json_response(
+                return raw_response(
                     StatusCode::BAD_REQUEST,
-                    &Value::String("page_size must be between 10 and 500".into()),
+                    "page_size must be between 10 and 500",
                 );
-                *r.body_mut() = axum::body::Body::from("page_size must be between 10 and 500");
-                return r;
             }
             let page = page.max(1) as usize;
             list.sort_by_key(|(kv, _)| kv.create_revision);
@@ -874,9 +868,7 @@ pub async fn plugins_list(State(st): State<Arc<AdminState>>, RawQuery(q): RawQue
         None | Some("http") => {}
         Some("stream") => return json_response(StatusCode::OK, &json!([])),
         Some(_) => {
-            let mut r = json_response(StatusCode::BAD_REQUEST, &Value::Null);
-            *r.body_mut() = axum::body::Body::from("invalid subsystem passed");
-            return r;
+            return raw_response(StatusCode::BAD_REQUEST, "invalid subsystem passed");
         }
     }
     let mut ps = st.gateway.plugins();
@@ -898,9 +890,7 @@ pub async fn plugins_reload(method: Method) -> Response {
             ),
         );
     }
-    let mut r = json_response(StatusCode::OK, &Value::Null);
-    *r.body_mut() = axum::body::Body::from("done");
-    r
+    raw_response(StatusCode::OK, "done")
 }
 
 /// `GET /apisix/admin/plugins/{name}` and `GET /apisix/admin/plugins?all=true`.
@@ -973,11 +963,7 @@ pub async fn schema_validate(
         }
     };
     match st.gateway.check(info.kind, &value) {
-        Ok(()) => {
-            let mut r = json_response(StatusCode::OK, &Value::Null);
-            *r.body_mut() = axum::body::Body::empty();
-            r
-        }
+        Ok(()) => raw_response(StatusCode::OK, axum::body::Body::empty()),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
 }

@@ -19,7 +19,7 @@ use polygate_config::document::Item;
 use polygate_config::{Document, Kind};
 use serde_json::{Map, Value, json};
 
-use crate::{AdminState, Store, error, json_response, read_body};
+use crate::{AdminState, Store, error, json_response, raw_response, read_body};
 
 /// What `/configs` remembers between calls.
 #[derive(Debug, Default)]
@@ -166,9 +166,7 @@ pub async fn put(State(st): State<Arc<AdminState>>, req: Request) -> Response {
     };
     let mut vs = st.standalone.inner.lock();
     if vs.digest.as_deref() == Some(digest.as_str()) {
-        let mut r = json_response(StatusCode::NO_CONTENT, &Value::Null);
-        *r.body_mut() = axum::body::Body::empty();
-        return r;
+        return raw_response(StatusCode::NO_CONTENT, axum::body::Body::empty());
     }
     let mut next = BTreeMap::new();
     for kind in Kind::ALL {
@@ -208,8 +206,7 @@ pub async fn put(State(st): State<Arc<AdminState>>, req: Request) -> Response {
     vs.conf_version = next;
     vs.digest = Some(digest.clone());
     vs.last_modified = Some(now);
-    let mut r = json_response(StatusCode::ACCEPTED, &Value::Null);
-    *r.body_mut() = axum::body::Body::empty();
+    let mut r = raw_response(StatusCode::ACCEPTED, axum::body::Body::empty());
     set_meta(r.headers_mut(), Some(now), Some(&digest));
     r
 }
@@ -259,8 +256,7 @@ pub async fn get(State(st): State<Arc<AdminState>>, headers: HeaderMap) -> Respo
         .is_some_and(|a| a.starts_with("application/yaml"));
     let mut r = if yaml {
         let text = serde_yaml::to_string(&Value::Object(out)).unwrap_or_default();
-        let mut r = json_response(StatusCode::OK, &Value::Null);
-        *r.body_mut() = axum::body::Body::from(text);
+        let mut r = raw_response(StatusCode::OK, text);
         r.headers_mut().insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/yaml"),
@@ -276,8 +272,7 @@ pub async fn get(State(st): State<Arc<AdminState>>, headers: HeaderMap) -> Respo
 /// `HEAD /apisix/admin/configs`.
 pub async fn head(State(st): State<Arc<AdminState>>) -> Response {
     let vs = st.standalone.inner.lock();
-    let mut r = json_response(StatusCode::OK, &Value::Null);
-    *r.body_mut() = axum::body::Body::empty();
+    let mut r = raw_response(StatusCode::OK, axum::body::Body::empty());
     set_meta(r.headers_mut(), vs.last_modified, vs.digest.as_deref());
     r
 }

@@ -2,17 +2,18 @@
 //! layout (`<prefix>/<kind>/<id>`, JSON values) and kept current by one watch per process.
 //!
 //! ```text
-//! full read (range <prefix>/) ─► mirror ─► document ─► pipeline
+//! full read (range <prefix>/) ─► mirror ─► (applying thread) document ─► pipeline
 //!        ▲                          ▲
-//!        │ compacted / error        │ events (batched)
+//!        │ compacted / error        │ events
 //!        └──────── watch from revision + 1
 //! ```
 //!
 //! The gateway section (listeners, workers...) stays in the local file, as APISIX's
 //! `config.yaml` does. While etcd cannot be reached, the last good configuration keeps
 //! serving; reconnection backs off up to [`MAX_BACKOFF`], and [`EtcdState`] tells a status
-//! endpoint what is going on. Each event batch re-prepares from the mirror: the data plane's
-//! build reuses every compiled route whose definition did not change.
+//! endpoint what is going on. Each commit prepares from the mirror as it is then (changes that
+//! arrive meanwhile wait for the next one): the data plane's build reuses every compiled route
+//! whose definition did not change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,7 +39,7 @@ pub struct EtcdState {
     pub revision: AtomicI64,
     /// Full reads of etcd (1 after the start; more after compactions and reconnections).
     pub full_syncs: AtomicU64,
-    /// Watch batches applied.
+    /// Watch messages that changed the mirror.
     pub updates: AtomicU64,
     /// When the configuration was last brought up to date with etcd.
     pub last_sync: Mutex<Option<SystemTime>>,
@@ -135,11 +136,6 @@ impl EtcdSource {
         }
     }
 
-    /// The state shared with status endpoints.
-    pub fn state(&self) -> Arc<EtcdState> {
-        self.state.clone()
-    }
-
     fn fail(&self, what: &str, e: &polygate_etcd::EtcdError) {
         let was = self.state.connected.swap(false, Ordering::AcqRel);
         let msg = format!("{what}: {e}");
@@ -199,13 +195,6 @@ impl EtcdSource {
         }
     }
 
-    /// The document of the mirror: the file's sections and every resource, in key order.
-    pub fn document(&self) -> Document {
-        self.mirror
-            .lock()
-            .document(self.gateway.clone(), self.apisix.clone())
-    }
-
     /// Reads everything under the prefix into the mirror; returns etcd's revision.
     async fn full_read(&mut self) -> Result<i64, polygate_etcd::EtcdError> {
         let (kvs, revision) = self
@@ -219,10 +208,6 @@ impl EtcdSource {
         }
         self.mirror.lock().0 = fresh;
         Ok(revision)
-    }
-
-    fn commit(&self, applier: &Applier, revision: i64) {
-        applier.submit(revision);
     }
 
     /// Reads etcd, then follows its changes, for the life of the process.
@@ -244,7 +229,7 @@ impl EtcdSource {
                 None => match self.full_read().await {
                     Ok(r) => {
                         self.state.full_syncs.fetch_add(1, Ordering::Relaxed);
-                        self.commit(&applier, r);
+                        applier.submit(r);
                         r
                     }
                     Err(e) => {
@@ -300,6 +285,8 @@ impl EtcdSource {
                             // created or progress notification
                             continue;
                         }
+                        // the mirror changes now; the applier takes every change made by the
+                        // time it gets to it, so a burst becomes few commits
                         let mut last = r;
                         for ev in &events {
                             match ev {
@@ -313,23 +300,8 @@ impl EtcdSource {
                                 }
                             }
                         }
-                        // a burst of changes: take what has already arrived before preparing
-                        while let Ok(Ok(Some(WatchMessage::Events {
-                            events,
-                            revision: r,
-                        }))) =
-                            tokio::time::timeout(Duration::from_millis(5), watch.next()).await
-                        {
-                            last = last.max(r);
-                            for ev in &events {
-                                match ev {
-                                    Event::Put(kv) => self.apply_kv(kv),
-                                    Event::Delete(kv) => self.remove_kv(kv),
-                                }
-                            }
-                        }
                         self.state.updates.fetch_add(1, Ordering::Relaxed);
-                        self.commit(&applier, last);
+                        applier.submit(last);
                         revision = Some(last);
                     }
                     WatchMessage::Compacted(c) => {

@@ -895,30 +895,10 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
                 let path = req.uri().path();
                 if path.starts_with("/v1/healthcheck") {
                     // APISIX's control API (`/v1/healthcheck[/{routes|services|upstreams}/{id}]`)
-                    return match crate::health::control_api(&sh.snapshot(), path) {
-                        Some(body) => Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body))),
-                        None => Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from_static(
-                                b"{\"error_msg\":\"not found\"}\n",
-                            ))),
-                    };
+                    return control_answer(crate::health::control_api(&sh.snapshot(), path));
                 }
                 if let Some(body) = control_resources(&sh, path) {
-                    return match body {
-                        Some(body) => Response::builder()
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from(body))),
-                        None => Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .header("content-type", "application/json")
-                            .body(Full::new(Bytes::from_static(
-                                b"{\"error_msg\":\"not found\"}\n",
-                            ))),
-                    };
+                    return control_answer(body);
                 }
                 if path == "/metrics" {
                     let snap = sh.snapshot();
@@ -943,6 +923,19 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+/// A control API answer: the JSON body, or 404 `{"error_msg":"not found"}`.
+fn control_answer(body: Option<String>) -> http::Result<Response<Full<Bytes>>> {
+    let b = Response::builder().header("content-type", "application/json");
+    match body {
+        Some(body) => b.body(Full::new(Bytes::from(body))),
+        None => b
+            .status(StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from_static(
+                b"{\"error_msg\":\"not found\"}\n",
+            ))),
     }
 }
 
