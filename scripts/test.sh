@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR=never
 
 # System packages the suite needs: kill(1) for signal tests, a C compiler for the C runtimes
 # of the FFI tests, nginx for the raw-byte probes (tests/probes compare polygate with it),
-# etcd for the Admin API and cluster tests.
+# etcd for the Admin API and cluster tests, Redis for the limit plugins' tests.
 # Go (for the Go runtimes) comes with the machine image.
 need_pkgs=()
 command -v kill >/dev/null || need_pkgs+=(procps)
@@ -22,6 +22,8 @@ command -v javac >/dev/null || need_pkgs+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null || need_pkgs+=(maven)
 # the Admin API and cluster tests start their own etcd (tests/e2e/etcd.rs, admin.rs)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+# the limit plugins' tests start their own Redis (tests/e2e/limits.rs)
+command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 if ((${#need_pkgs[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need_pkgs[@]}"
@@ -32,6 +34,10 @@ if ((${#need_pkgs[@]})); then
     # and etcd-server may start a system etcd on 2379; the tests run their own on free ports
     if [[ " ${need_pkgs[*]} " == *" etcd-server "* ]]; then
       (systemctl stop etcd || service etcd stop || pkill -x etcd) >/dev/null 2>&1 || true
+    fi
+    # and redis-server a system Redis on 6379; the tests run their own on free ports
+    if [[ " ${need_pkgs[*]} " == *" redis-server "* ]]; then
+      (systemctl stop redis-server || service redis-server stop || pkill -x redis-server) >/dev/null 2>&1 || true
     fi
   else
     echo "missing packages: ${need_pkgs[*]} (run as root or install them)" >&2; exit 1

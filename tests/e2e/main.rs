@@ -13,6 +13,7 @@ mod grpc;
 mod h2spec;
 mod health;
 mod java_rt;
+mod limits;
 mod lua;
 mod node_rt;
 mod ops;

@@ -40,12 +40,14 @@ impl ConsumerIndex {
         let mut group_plugins: HashMap<String, InstanceMap> = HashMap::new();
         for (i, g) in groups.iter().enumerate() {
             let Some(id) = &g.id else { continue };
-            let map = build_instances(
-                registry,
-                &g.plugins,
-                &format!("consumer_groups[{i}].plugins"),
-                errs,
-            );
+            let map = crate::plugin::owner_with(&format!("consumer_groups/{}", id.0), || {
+                build_instances(
+                    registry,
+                    &g.plugins,
+                    &format!("consumer_groups[{i}].plugins"),
+                    errs,
+                )
+            });
             group_plugins.insert(id.0.clone(), map);
         }
         let mut idx = ConsumerIndex::default();
@@ -74,7 +76,9 @@ impl ConsumerIndex {
                     normal.insert(name.clone(), conf.clone());
                 }
             }
-            let own = build_instances(registry, &normal, &path, errs);
+            let own = crate::plugin::owner_with(&format!("consumers/{}", c.username), || {
+                build_instances(registry, &normal, &path, errs)
+            });
             let mut plugins = c
                 .group_id
                 .as_ref()

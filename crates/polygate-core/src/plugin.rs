@@ -60,6 +60,47 @@ impl PluginResponse {
     }
 }
 
+impl PluginResponse {
+    /// The response APISIX gives for `core.response.exit(status)` without a body: nginx's
+    /// default error page for the status (HTML), e.g. a limit plugin's rejection.
+    pub fn status_page(status: StatusCode) -> Self {
+        let reason = match status.as_u16() {
+            // nginx's own reason phrases where they differ from RFC 9110's
+            302 => "Moved Temporarily",
+            401 => "Authorization Required",
+            413 => "Request Entity Too Large",
+            414 => "Request-URI Too Large",
+            503 => "Service Temporarily Unavailable",
+            504 => "Gateway Time-out",
+            _ => status.canonical_reason().unwrap_or(""),
+        };
+        let title = format!("{} {reason}", status.as_u16());
+        let body = format!(
+            "<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n\
+             <center><h1>{title}</h1></center>\r\n<hr><center>polygate</center>\r\n\
+             </body>\r\n</html>\r\n"
+        );
+        let mut r = PluginResponse::new(status, body);
+        r.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        r
+    }
+
+    /// APISIX's `{"error_msg": msg}` body with a status (what limit plugins send with a
+    /// `rejected_msg`).
+    pub fn error_msg(status: StatusCode, msg: &str) -> Self {
+        let body = serde_json::json!({ "error_msg": msg }).to_string() + "\n";
+        let mut r = PluginResponse::new(status, body);
+        r.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    }
+}
+
 /// A plugin failure (the request fails with a 500 unless the plugin chose a status).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("plugin {plugin}: {message}")]
@@ -344,6 +385,32 @@ pub fn preparing_with<R>(gw: Arc<polygate_model::GatewaySection>, f: impl FnOnce
         }
     }
     let _reset = Reset(PREPARING.with(|p| p.borrow_mut().replace(gw)));
+    f()
+}
+
+thread_local! {
+    static OWNER: std::cell::RefCell<Option<Arc<str>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The resource whose plugins are being built on this thread, as APISIX's `resource_key`
+/// without the prefix (`routes/1`, `services/2`, `consumers/jack`, `global_rules/1`), set by
+/// [`owner_with`]; `None` outside a build. Plugins that keep state per configured object
+/// (limit-count's counters) key it by this, so that it is the same in every process.
+pub fn building_owner() -> Option<Arc<str>> {
+    OWNER.with(|o| o.borrow().clone())
+}
+
+/// Runs `f` (which builds the plugins of one resource) with [`building_owner`] returning
+/// `owner`.
+pub fn owner_with<R>(owner: &str, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Arc<str>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            OWNER.with(|o| *o.borrow_mut() = prev);
+        }
+    }
+    let _reset = Reset(OWNER.with(|o| o.borrow_mut().replace(Arc::from(owner))));
     f()
 }
 

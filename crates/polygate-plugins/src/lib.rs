@@ -12,7 +12,12 @@ use std::sync::Arc;
 use polygate_core::PluginRegistry;
 
 pub mod key_auth;
+pub mod limit;
+pub mod limit_conn;
+pub mod limit_count;
+pub mod limit_req;
 pub mod proxy_rewrite;
+pub mod redis;
 pub mod response_rewrite;
 pub mod util;
 
@@ -20,6 +25,9 @@ pub mod util;
 pub fn registry() -> PluginRegistry {
     let mut r = PluginRegistry::new();
     r.register(Arc::new(key_auth::KeyAuthFactory));
+    r.register(Arc::new(limit_count::LimitCountFactory));
+    r.register(Arc::new(limit_req::LimitReqFactory));
+    r.register(Arc::new(limit_conn::LimitConnFactory));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r

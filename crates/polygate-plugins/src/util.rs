@@ -70,6 +70,25 @@ impl Template {
         self.render_with(vars, |v| v.to_owned())
     }
 
+    /// Renders, and counts the variables that had a value (APISIX's `resolve_var`
+    /// `n_resolved`: limit keys made only of unset variables fall back to the client address).
+    pub fn render_counted(&self, vars: &dyn VarSource) -> (String, usize) {
+        let mut out = String::new();
+        let mut n = 0;
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Var(v) => {
+                    if let Some(val) = vars.var(v) {
+                        n += 1;
+                        out.push_str(&val);
+                    }
+                }
+            }
+        }
+        (out, n)
+    }
+
     /// Renders, passing each variable's value through `escape` first.
     pub fn render_with(&self, vars: &dyn VarSource, escape: impl Fn(&str) -> String) -> String {
         let mut out = String::new();

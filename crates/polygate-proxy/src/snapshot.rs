@@ -256,7 +256,9 @@ impl Snapshot {
             if let Some(p) = &s.plugins {
                 service_plugins.insert(
                     id,
-                    build_instances(registry, p, &format!("services[{i}].plugins"), &mut errs),
+                    polygate_core::plugin::owner_with(&format!("services/{id}"), || {
+                        build_instances(registry, p, &format!("services[{i}].plugins"), &mut errs)
+                    }),
                 );
             }
             // as for routes, a service's `upstream_id` wins over its inline `upstream`
@@ -278,22 +280,31 @@ impl Snapshot {
         for (id, (i, p)) in &pcs {
             pc_plugins.insert(
                 id,
-                build_instances(
-                    registry,
-                    &p.plugins,
-                    &format!("plugin_configs[{i}].plugins"),
-                    &mut errs,
-                ),
+                polygate_core::plugin::owner_with(&format!("plugin_configs/{id}"), || {
+                    build_instances(
+                        registry,
+                        &p.plugins,
+                        &format!("plugin_configs[{i}].plugins"),
+                        &mut errs,
+                    )
+                }),
             );
         }
         let mut global_instances = Vec::new();
         for (i, g) in cfg.global_rules.iter().enumerate() {
-            let m = build_instances(
-                registry,
-                &g.plugins,
-                &format!("global_rules[{i}].plugins"),
-                &mut errs,
+            let owner = format!(
+                "global_rules/{}",
+                g.id.as_ref()
+                    .map_or_else(|| i.to_string(), |id| id.0.clone())
             );
+            let m = polygate_core::plugin::owner_with(&owner, || {
+                build_instances(
+                    registry,
+                    &g.plugins,
+                    &format!("global_rules[{i}].plugins"),
+                    &mut errs,
+                )
+            });
             global_instances.extend(m.into_values());
         }
         let global = PluginChain::from_instances(global_instances);
@@ -359,7 +370,9 @@ impl Snapshot {
             }
             let path = format!("routes[{i}]");
             let route_plugins = match &r.plugins {
-                Some(p) => build_instances(registry, p, &format!("{path}.plugins"), &mut errs),
+                Some(p) => polygate_core::plugin::owner_with(&format!("routes/{}", id.0), || {
+                    build_instances(registry, p, &format!("{path}.plugins"), &mut errs)
+                }),
                 None => InstanceMap::new(),
             };
             let sid = r.service_id.as_ref().map(|s| s.0.as_str());
