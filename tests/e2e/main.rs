@@ -16,6 +16,7 @@ mod java_rt;
 mod limits;
 mod lua;
 mod node_rt;
+mod observability;
 mod ops;
 mod plugins;
 mod python_rt;

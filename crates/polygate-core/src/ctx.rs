@@ -85,6 +85,27 @@ pub struct RequestCtx {
     pub started: Instant,
     /// Time to the upstream's response headers, once known.
     pub upstream_latency: Option<std::time::Duration>,
+    /// What the matched route declares (its `uri`, `host`, names), for metrics and logs.
+    pub route_facts: Option<Arc<RouteFacts>>,
+    /// Response body bytes sent to the client, known in the `log` phase.
+    pub response_body_bytes: u64,
+    /// Whether the response was made by the gateway (a plugin or an error) rather than the
+    /// upstream (APISIX's `response_source`).
+    pub local_response: bool,
+}
+
+/// What a matched route declares, for metrics labels (`matched_uri`, `matched_host`) and
+/// `prefer_name`.
+#[derive(Debug, Clone, Default)]
+pub struct RouteFacts {
+    /// The route's `uri` (or first of `uris`).
+    pub uri: Arc<str>,
+    /// The route's `host` (or first of `hosts`), empty without one.
+    pub host: Arc<str>,
+    /// The route's `name`, when set.
+    pub name: Option<Arc<str>>,
+    /// The route's service's `name`, when set.
+    pub service_name: Option<Arc<str>>,
 }
 
 impl RequestCtx {
@@ -135,6 +156,9 @@ impl RequestCtx {
             status: None,
             started: Instant::now(),
             upstream_latency: None,
+            route_facts: None,
+            response_body_bytes: 0,
+            local_response: false,
         }
     }
 

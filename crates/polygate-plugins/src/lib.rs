@@ -16,6 +16,7 @@ pub mod limit;
 pub mod limit_conn;
 pub mod limit_count;
 pub mod limit_req;
+pub mod prometheus;
 pub mod proxy_rewrite;
 pub mod redis;
 pub mod response_rewrite;
@@ -28,6 +29,7 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(limit_count::LimitCountFactory));
     r.register(Arc::new(limit_req::LimitReqFactory));
     r.register(Arc::new(limit_conn::LimitConnFactory));
+    r.register(Arc::new(prometheus::PrometheusFactory));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r

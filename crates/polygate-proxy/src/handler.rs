@@ -130,7 +130,8 @@ impl Finish for Fin {
         None
     }
 
-    fn finish(self: Box<Self>, body_bytes: u64, complete: bool) {
+    fn finish(mut self: Box<Self>, body_bytes: u64, complete: bool) {
+        self.ctx.response_body_bytes = body_bytes;
         run_log(&self.snap.global.instances, &self.ctx);
         if let Some(c) = self.chain() {
             run_log(&c.instances, &self.ctx);
@@ -357,6 +358,7 @@ pub async fn handle(
         return finish_local(shared, snap, ctx, None, None, r, None).await;
     };
     ctx.route_id = Some(entry.data.id.clone());
+    ctx.route_facts = Some(entry.data.facts.clone());
     ctx.service_id = entry.data.service_id.clone();
     ctx.upstream_id = entry.data.upstream.as_ref().map(|u| u.id.clone());
     ctx.uri_params = params;
@@ -642,6 +644,7 @@ async fn finish_local(
         status: r.status,
         headers: r.headers,
     };
+    ctx.local_response = true;
     let chain = active_chain(&merged, &entry);
     if !waits(&snap, chain) {
         response_head(shared, &snap, chain, &mut ctx, &mut head);
@@ -671,6 +674,7 @@ fn finish_failed(
     head.headers.insert(header::SERVER, SERVER.clone());
     ctx.status = Some(head.status);
     ctx.body_override = None;
+    ctx.local_response = true;
     shared.metrics.record(head.status);
     finish_with(shared, snap, ctx, entry, merged, head, r.body, upstream_id)
 }

@@ -487,4 +487,28 @@ pub fn metrics(snap: &Snapshot, out: &mut String) {
             }
         }
     }
+    // APISIX's name: the resource holding the checked upstream, ip and port labels
+    out.push_str(
+        "# HELP apisix_upstream_status Upstream status from health check
+# TYPE apisix_upstream_status gauge
+",
+    );
+    for u in checked_upstreams(snap) {
+        let name = match u.id.split_once(':') {
+            Some(("route", id)) => format!("/apisix/routes/{id}"),
+            Some(("service", id)) => format!("/apisix/services/{id}"),
+            _ => format!("/apisix/upstreams/{}", u.id),
+        };
+        for n in &u.nodes {
+            if let Some(h) = &n.health {
+                let (ip, port) = n.key.rsplit_once(':').unwrap_or((&n.key, ""));
+                let _ = writeln!(
+                    out,
+                    "apisix_upstream_status{{name=\"{name}\",ip=\"{}\",port=\"{port}\"}} {}",
+                    ip.trim_start_matches('[').trim_end_matches(']'),
+                    u8::from(h.is_healthy())
+                );
+            }
+        }
+    }
 }

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub connections_active: AtomicU64,
     /// Client connections accepted.
     pub connections_total: AtomicU64,
+    /// The etcd source's state, when resources come from etcd (`apisix_etcd_reachable`).
+    pub etcd: std::sync::OnceLock<std::sync::Arc<polygate_config::etcd::EtcdState>>,
 }
 
 impl Metrics {
@@ -98,7 +100,71 @@ impl Metrics {
             "gauge",
             config_version,
         );
+        self.render_apisix(&mut s);
         polygate_core::exporters::export_metrics(&mut s);
         s
+    }
+
+    /// APISIX's process-wide gauges (its `prometheus` exporter's names).
+    fn render_apisix(&self, s: &mut String) {
+        let accepted = self.connections_total.load(Ordering::Relaxed);
+        let active = self.connections_active.load(Ordering::Relaxed);
+        s.push_str(
+            "# HELP apisix_nginx_http_current_connections Number of HTTP connections
+\
+             # TYPE apisix_nginx_http_current_connections gauge
+",
+        );
+        // polygate does not tell reading, writing and waiting connections apart: an open
+        // connection is counted as active (and, between requests, as waiting is not known)
+        for (state, v) in [
+            ("accepted", accepted),
+            ("active", active),
+            ("handled", accepted),
+        ] {
+            let _ = writeln!(
+                s,
+                "apisix_nginx_http_current_connections{{state=\"{state}\"}} {v}"
+            );
+        }
+        let total: u64 = (1..=5).map(|c| self.responses(c)).sum();
+        let _ = writeln!(
+            s,
+            "# HELP apisix_http_requests_total The total number of client requests since APISIX started
+\
+             # TYPE apisix_http_requests_total gauge
+apisix_http_requests_total {total}"
+        );
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "# HELP apisix_node_info Info of APISIX node
+# TYPE apisix_node_info gauge
+\
+             apisix_node_info{{hostname=\"{}\",version=\"polygate-{}\"}} 1",
+            host.replace(['"', '\\', '\n'], "_"),
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some(e) = self.etcd.get() {
+            let _ = writeln!(
+                s,
+                "# HELP apisix_etcd_reachable Config server etcd reachable from APISIX, 0 is unreachable
+\
+                 # TYPE apisix_etcd_reachable gauge
+apisix_etcd_reachable {}",
+                u8::from(e.connected.load(Ordering::Acquire))
+            );
+            let _ = writeln!(
+                s,
+                "# HELP apisix_etcd_modify_indexes Etcd modify index for APISIX keys
+\
+                 # TYPE apisix_etcd_modify_indexes gauge
+\
+                 apisix_etcd_modify_indexes{{key=\"x_etcd_index\"}} {}",
+                e.revision.load(Ordering::Acquire)
+            );
+        }
     }
 }

@@ -339,6 +339,9 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
         } else {
             None
         };
+        if let Some(e) = &etcd_state {
+            let _ = shared.metrics.etcd.set(e.clone());
+        }
         if let Some(l) = admin {
             match admin_state(&gw, &shared.config, etcd_state.clone()) {
                 Ok(state) => {
@@ -900,7 +903,8 @@ async fn metrics_server(l: TcpListener, shared: Arc<Shared>) {
                 if let Some(body) = control_resources(&sh, path) {
                     return control_answer(body);
                 }
-                if path == "/metrics" {
+                // APISIX's export path as well (`plugin_attr.prometheus.export_uri`)
+                if path == "/metrics" || path == "/apisix/prometheus/metrics" {
                     let snap = sh.snapshot();
                     let mut body = sh.metrics.render(snap.version, sh.config.status());
                     crate::health::metrics(&snap, &mut body);

@@ -37,6 +37,8 @@ pub struct RouteData {
     pub refuse: Option<(&'static str, http::StatusCode)>,
     /// `enable_websocket` of the route, else of its service: upgrades are proxied.
     pub websocket: bool,
+    /// The route's uri, host and names (metrics labels).
+    pub facts: Arc<polygate_core::ctx::RouteFacts>,
 }
 
 /// What a compiled route depends on; equal fingerprints mean the compiled entry can be reused.
@@ -445,6 +447,22 @@ impl Snapshot {
                     .enable_websocket
                     .or(svc.and_then(|s| s.enable_websocket))
                     .unwrap_or(false),
+                facts: Arc::new(polygate_core::ctx::RouteFacts {
+                    uri: Arc::from(
+                        r.uri
+                            .as_deref()
+                            .or(r.uris.as_ref().and_then(|u| u.first()).map(String::as_str))
+                            .unwrap_or(""),
+                    ),
+                    host: Arc::from(
+                        r.host
+                            .as_deref()
+                            .or(r.hosts.as_ref().and_then(|h| h.first()).map(String::as_str))
+                            .unwrap_or(""),
+                    ),
+                    name: r.name.as_deref().map(Arc::from),
+                    service_name: svc.and_then(|s| s.name.as_deref()).map(Arc::from),
+                }),
             };
             match Entry::compile(&spec, data) {
                 Ok(e) => changed.push(e),
