@@ -97,6 +97,9 @@ struct Cell {
 
 type Shard = Arc<Mutex<HashMap<Key, Cell>>>;
 
+/// Route, service, consumer and node: the labels of latency and bandwidth series.
+type Series = (Arc<str>, Arc<str>, Arc<str>, Option<IpAddr>);
+
 static SHARDS: LazyLock<Mutex<Vec<Shard>>> = LazyLock::new(|| Mutex::new(Vec::new()));
 
 thread_local! {
@@ -247,7 +250,7 @@ pub fn render(out: &mut String) {
         );
     }
     // latency and bandwidth are per route/service/consumer/node, whatever the status
-    let mut by: BTreeMap<(Arc<str>, Arc<str>, Arc<str>, Option<IpAddr>), Cell> = BTreeMap::new();
+    let mut by: BTreeMap<Series, Cell> = BTreeMap::new();
     for (k, c) in all {
         let e = by
             .entry((k.route, k.service, k.consumer, k.node))
@@ -262,7 +265,7 @@ pub fn render(out: &mut String) {
         e.ingress += c.ingress;
         e.egress += c.egress;
     }
-    let labels = |(r, s, c, n): &(Arc<str>, Arc<str>, Arc<str>, Option<IpAddr>)| {
+    let labels = |(r, s, c, n): &Series| {
         format!(
             "route=\"{}\",service=\"{}\",consumer=\"{}\",node=\"{}\",{tail}",
             esc(r),
