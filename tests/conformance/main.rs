@@ -28,6 +28,7 @@
 //!   resp-header Name: value              a response header
 //!   no-resp-header Name                  a response header that must be absent
 //!   spread 12 1980=6 1981=6              sent 12 times, these bodies this many times
+//!   statuses 200 200 503                 sent once per status, each answered with it
 //! ```
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -46,9 +47,9 @@ use support::*;
 /// Each is also listed in `docs/compatibility.md`.
 const KNOWN_DIFFERENCES: &[(&str, &str)] = &[(
     "t/node/remote_addrs.t TEST 4",
-    "APISIX's test environment takes the client address from X-Real-IP (nginx realip with \
-     set_real_ip_from 127.0.0.1); polygate has no real-ip support yet (the real-ip plugin is \
-     planned with the plugins issue)",
+    "APISIX's test environment takes the client address from X-Real-IP (nginx's realip module, \
+     `set_real_ip_from 127.0.0.1`, before routing); polygate's real-ip plugin, like APISIX's, \
+     runs after the route matched, so `remote_addrs` sees the peer's address",
 )];
 
 const FILES: &[(&str, &str)] = &[
@@ -64,6 +65,7 @@ const FILES: &[(&str, &str)] = &[
         include_str!("cases/response-rewrite.case"),
     ),
     ("core.case", include_str!("cases/core.case")),
+    ("access.case", include_str!("cases/access.case")),
 ];
 
 #[derive(Debug, Default, Clone)]
@@ -86,6 +88,9 @@ enum Check {
     NoHeader(String),
     /// Send the request this many times; bodies counted must match.
     Spread(usize, Vec<(String, usize)>),
+    /// Send the request once per status; each answer must have it (the other checks apply
+    /// to the last answer).
+    Statuses(Vec<u16>),
 }
 
 enum Step {
@@ -145,6 +150,14 @@ fn parse(name: &str, text: &str) -> Vec<Step> {
                         .collect();
                     c.checks.push(Check::Spread(n, counts));
                 }
+                "statuses" => c.checks.insert(
+                    0,
+                    Check::Statuses(
+                        rest.split_whitespace()
+                            .map(|s| s.parse().expect("statuses N N ..."))
+                            .collect(),
+                    ),
+                ),
                 other => panic!("{}: unknown refinement {other:?}", at()),
             }
             continue;
@@ -298,16 +311,33 @@ async fn run_case(port: u16, c: &Case) -> Result<(), String> {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    let mut problems = Vec::new();
+    let mut expect = c.status;
+    if let Some(Check::Statuses(list)) = c.checks.first() {
+        let (last, before) = list.split_last().ok_or("statuses: none given")?;
+        let mut seen = Vec::new();
+        for _ in before {
+            let r = Conn::open(port)
+                .await
+                .send(&c.method, &c.path, &headers, &c.body)
+                .await
+                .map_err(|e| format!("request failed: {e}"))?;
+            seen.push(r.status);
+        }
+        if seen != before {
+            problems.push(format!("statuses {seen:?} (want {before:?} first)"));
+        }
+        expect = *last;
+    }
     let r = Conn::open(port)
         .await
         .send(&c.method, &c.path, &headers, &c.body)
         .await
         .map_err(|e| format!("request failed: {e}"))?;
-    let mut problems = Vec::new();
-    if r.status != c.status {
+    if r.status != expect {
         problems.push(format!(
             "status {} (want {}), body {:?}",
-            r.status, c.status, r.body
+            r.status, expect, r.body
         ));
     }
     for ch in &c.checks {
@@ -328,6 +358,7 @@ async fn run_case(port: u16, c: &Case) -> Result<(), String> {
                 problems.push(format!("header {k} present: {:?}", r.header(k)))
             }
             Check::Spread(..) => problems.push("spread must be the only check".into()),
+            Check::Statuses(..) => {}
             _ => {}
         }
     }

@@ -14,7 +14,16 @@ use serde_json::Value;
 use crate::Kind;
 
 /// Fields each plugin stores encrypted (APISIX's `encrypt_fields` of the plugins polygate has).
-pub const ENCRYPT_FIELDS: &[(&str, &[&str])] = &[("key-auth", &["key"])];
+pub const ENCRYPT_FIELDS: &[(&str, &[&str])] = &[
+    ("key-auth", &["key"]),
+    ("basic-auth", &["password"]),
+    ("jwt-auth", &["secret"]),
+    ("hmac-auth", &["secret_key"]),
+    ("csrf", &["key"]),
+    ("limit-count", &["redis_password"]),
+    ("limit-req", &["redis_password"]),
+    ("limit-conn", &["redis_password"]),
+];
 
 /// A keyring: the first key encrypts, every key is tried to decrypt.
 #[derive(Debug, Clone, Default)]

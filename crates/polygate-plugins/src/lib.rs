@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use polygate_core::PluginRegistry;
 
+pub mod basic_auth;
+pub mod cors;
 pub mod key_auth;
 pub mod limit;
 pub mod limit_conn;
@@ -20,6 +22,8 @@ pub mod prometheus;
 pub mod proxy_rewrite;
 pub mod redis;
 pub mod response_rewrite;
+pub mod restrict;
+pub mod shaping;
 pub mod util;
 
 /// A registry holding every built-in plugin.
@@ -30,6 +34,19 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(limit_req::LimitReqFactory));
     r.register(Arc::new(limit_conn::LimitConnFactory));
     r.register(Arc::new(prometheus::PrometheusFactory));
+    r.register(Arc::new(basic_auth::BasicAuthFactory));
+    r.register(Arc::new(cors::CorsFactory));
+    r.register(Arc::new(restrict::IpRestrictionFactory));
+    r.register(Arc::new(restrict::UaRestrictionFactory));
+    r.register(Arc::new(restrict::RefererRestrictionFactory));
+    r.register(Arc::new(restrict::UriBlockerFactory));
+    r.register(Arc::new(restrict::ConsumerRestrictionFactory));
+    r.register(Arc::new(restrict::RealIpFactory));
+    r.register(Arc::new(shaping::RequestIdFactory));
+    r.register(Arc::new(shaping::FaultInjectionFactory));
+    r.register(Arc::new(shaping::MockingFactory));
+    r.register(Arc::new(shaping::RedirectFactory));
+    r.register(Arc::new(shaping::EchoFactory));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r
