@@ -66,6 +66,7 @@ const FILES: &[(&str, &str)] = &[
     ),
     ("core.case", include_str!("cases/core.case")),
     ("access.case", include_str!("cases/access.case")),
+    ("shaping.case", include_str!("cases/shaping.case")),
 ];
 
 #[derive(Debug, Default, Clone)]

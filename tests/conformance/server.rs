@@ -126,6 +126,7 @@ async fn answer(logical: u16, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let text = match action.as_str() {
         "hello" => "hello world\n".to_owned(),
         "hello1" => "hello1 world\n".to_owned(),
+        "opentracing" => "opentracing\n".to_owned(),
         "hello_chunked" => "hello world\n".to_owned(),
         "course_foo" => "course foo\n".to_owned(),
         "server_port" | "server_port_route2" | "server_port_hello" | "server_port_aa" => {

@@ -183,11 +183,18 @@ impl Conn {
         self.tx.ready().await?;
         let resp = self.tx.send_request(req).await?;
         let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-            .collect();
+        // repeated fields joined with ", ", as Test::Nginx shows them
+        let mut headers: HashMap<String, String> = HashMap::new();
+        for (k, v) in resp.headers() {
+            let v = v.to_str().unwrap_or("");
+            headers
+                .entry(k.to_string())
+                .and_modify(|e| {
+                    e.push_str(", ");
+                    e.push_str(v);
+                })
+                .or_insert_with(|| v.to_owned());
+        }
         let body = resp.into_body().collect().await?.to_bytes();
         Ok(Resp {
             status,
