@@ -13,6 +13,7 @@ use polygate_core::PluginRegistry;
 
 pub mod basic_auth;
 pub mod cors;
+pub mod jwt_auth;
 pub mod key_auth;
 pub mod limit;
 pub mod limit_conn;
@@ -35,6 +36,7 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(limit_conn::LimitConnFactory));
     r.register(Arc::new(prometheus::PrometheusFactory));
     r.register(Arc::new(basic_auth::BasicAuthFactory));
+    r.register(Arc::new(jwt_auth::JwtAuthFactory));
     r.register(Arc::new(cors::CorsFactory));
     r.register(Arc::new(restrict::IpRestrictionFactory));
     r.register(Arc::new(restrict::UaRestrictionFactory));
