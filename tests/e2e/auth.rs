@@ -270,3 +270,174 @@ routes:
         "{out}"
     );
 }
+
+fn http_date(t: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = t.div_euclid(86400);
+    let secs = t.rem_euclid(86400);
+    // civil from days (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{}, {d:02} {} {y} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hmac_auth() {
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        r#"
+consumers:
+  - username: jack
+    plugins:
+      hmac-auth: {{key_id: my-access-key, secret_key: my-secret-key}}
+routes:
+  - uri: /hello
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      hmac-auth: {{}}
+  - uri: /body
+    methods: [POST]
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      hmac-auth: {{validate_request_body: true, hide_credentials: true, signed_headers: [date, x-custom]}}
+"#,
+        n = u.node()
+    ));
+    let p = gw.port;
+    let sign =
+        |alg: ring::hmac::Algorithm, method: &str, target: &str, headers: &[(&str, &str)]| {
+            let mut s = "my-access-key\n".to_owned();
+            for (k, v) in headers {
+                s.push_str(&format!("{k}: {v}\n"));
+            }
+            if !target.is_empty() {
+                s = format!(
+                    "my-access-key\n{method} {target}\n{}",
+                    &s["my-access-key\n".len()..]
+                );
+            }
+            let k = ring::hmac::Key::new(alg, b"my-secret-key");
+            STANDARD.encode(ring::hmac::sign(&k, s.as_bytes()).as_ref())
+        };
+    let date = http_date(now());
+    // docs: "@request-target date", hmac-sha256
+    let sig = sign(
+        ring::hmac::HMAC_SHA256,
+        "GET",
+        "/hello?x=1",
+        &[("date", &date)],
+    );
+    let auth = format!(
+        r#"Signature keyId="my-access-key",algorithm="hmac-sha256",headers="@request-target date",signature="{sig}""#
+    );
+    let r = get_h(
+        p,
+        "/hello?x=1",
+        &[("authorization", &auth), ("date", &date)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.seen_header("x-consumer-username").as_deref(),
+        Some("jack")
+    );
+    assert_eq!(
+        r.seen_header("authorization").as_deref(),
+        Some(auth.as_str())
+    );
+    // another target with the same signature: refused
+    let r = get_h(
+        p,
+        "/hello?x=2",
+        &[("authorization", &auth), ("date", &date)],
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.body,
+        "{\"message\":\"client request can't be validated\"}\n"
+    );
+    assert_eq!(r.header("www-authenticate"), Some("hmac realm=\"hmac\""));
+    // no Authorization; not a Signature
+    let r = get(p, "/hello").await;
+    assert_eq!(
+        r.body,
+        "{\"message\":\"client request can't be validated: missing Authorization header\"}\n"
+    );
+    let r = get_h(p, "/hello", &[("authorization", "Basic x")]).await;
+    assert_eq!(
+        r.body,
+        "{\"message\":\"client request can't be validated: Authorization header does not start with 'Signature'\"}\n"
+    );
+    // clock skew: a Date 10 minutes old
+    let old = http_date(now() - 600);
+    let sig = sign(ring::hmac::HMAC_SHA256, "GET", "/hello", &[("date", &old)]);
+    let auth_old = format!(
+        r#"Signature keyId="my-access-key",algorithm="hmac-sha256",headers="@request-target date",signature="{sig}""#
+    );
+    assert_eq!(
+        get_h(p, "/hello", &[("authorization", &auth_old), ("date", &old)])
+            .await
+            .status,
+        401
+    );
+    // the date must be signed (signed_headers default)
+    let sig = sign(ring::hmac::HMAC_SHA512, "GET", "/hello", &[]);
+    let unsigned_date = format!(
+        r#"Signature keyId="my-access-key",algorithm="hmac-sha512",headers="@request-target",signature="{sig}""#
+    );
+    assert_eq!(
+        get_h(
+            p,
+            "/hello",
+            &[("authorization", &unsigned_date), ("date", &date)]
+        )
+        .await
+        .status,
+        401
+    );
+    // body digest and hide_credentials
+    let body = r#"{"name":"polygate"}"#;
+    let digest = format!(
+        "SHA-256={}",
+        STANDARD.encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()).as_ref())
+    );
+    let sig = sign(
+        ring::hmac::HMAC_SHA256,
+        "",
+        "",
+        &[("date", &date), ("x-custom", "v")],
+    );
+    let auth = format!(
+        r#"Signature keyId="my-access-key",algorithm="hmac-sha256",headers="date x-custom",signature="{sig}""#
+    );
+    let hdrs = [
+        ("authorization", auth.as_str()),
+        ("date", date.as_str()),
+        ("x-custom", "v"),
+        ("digest", digest.as_str()),
+    ];
+    let r = request(p, "POST", "/body", &hdrs, body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.seen_header("authorization"), None, "hidden");
+    assert_eq!(r.json()["body"], body, "the body still goes upstream");
+    let r = request(p, "POST", "/body", &hdrs, "tampered").await;
+    assert_eq!(r.status, 401);
+}
