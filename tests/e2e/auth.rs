@@ -441,3 +441,71 @@ routes:
     let r = request(p, "POST", "/body", &hdrs, "tampered").await;
     assert_eq!(r.status, 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forward_auth() {
+    // the authorization service: a real upstream that answers /status/<code> with that status
+    // and echoes what it received (t/plugin/forward-auth.t runs a Lua one on the test server)
+    let auth = Upstream::start("auth").await;
+    let u = Upstream::start("u").await;
+    let gw = Gateway::start(&format!(
+        r#"
+routes:
+  - uri: /ok
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      forward-auth:
+        uri: "http://{a}/status/200"
+        request_headers: [Authorization]
+        extra_headers: {{X-Client: "$remote_addr"}}
+        upstream_headers: [X-Upstream]
+  - uri: /deny
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      forward-auth:
+        uri: "http://{a}/status/403"
+        client_headers: [X-Upstream]
+  - uri: /down
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      forward-auth: {{uri: "http://127.0.0.1:1/auth", timeout: 500}}
+  - uri: /down-soft
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      forward-auth: {{uri: "http://127.0.0.1:1/auth", allow_degradation: true}}
+  - uri: /post
+    methods: [POST]
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      forward-auth: {{uri: "http://{a}/status/403", request_method: POST}}
+"#,
+        n = u.node(),
+        a = auth.node()
+    ));
+    let p = gw.port;
+    let r = get_h(p, "/ok?x=1", &[("authorization", "Bearer t")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.upstream(), "u");
+    // the auth answer's X-Upstream header ("auth") goes upstream
+    assert_eq!(r.seen_header("x-upstream").as_deref(), Some("auth"));
+    assert_eq!(auth.hits(), 1);
+    // denied: the service's status and body, its client_headers
+    let r = get(p, "/deny").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-upstream"), Some("auth"));
+    let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(seen["method"], "GET");
+    assert_eq!(seen["headers"]["x-forwarded-uri"], "/deny");
+    assert_eq!(seen["headers"]["x-forwarded-method"], "GET");
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(u.hits(), 1, "a denied request never reaches the upstream");
+    // the service unreachable: status_on_error, or let through with allow_degradation
+    assert_eq!(get(p, "/down").await.status, 403);
+    assert_eq!(get(p, "/down-soft").await.status, 200);
+    // POST forwards the body
+    let r = request(p, "POST", "/post", &[], "secret-body").await;
+    assert_eq!(r.status, 403);
+    let seen: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["body"], "secret-body");
+}

@@ -13,6 +13,7 @@ use polygate_core::PluginRegistry;
 
 pub mod basic_auth;
 pub mod cors;
+pub mod forward_auth;
 pub mod hmac_auth;
 pub mod jwt_auth;
 pub mod key_auth;
@@ -39,6 +40,7 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(basic_auth::BasicAuthFactory));
     r.register(Arc::new(jwt_auth::JwtAuthFactory));
     r.register(Arc::new(hmac_auth::HmacAuthFactory));
+    r.register(Arc::new(forward_auth::ForwardAuthFactory));
     r.register(Arc::new(cors::CorsFactory));
     r.register(Arc::new(restrict::IpRestrictionFactory));
     r.register(Arc::new(restrict::UaRestrictionFactory));

@@ -46,13 +46,27 @@ impl ProxyCallouts {
         if let Some(up) = snap.upstream(target) {
             return Some(up.clone());
         }
-        let (host, port) = split_host_port(target)?;
+        // `https://host:port` (certificate verified) and `https+insecure://host:port`
+        let (scheme, verify, addr) = if let Some(a) = target.strip_prefix("https://") {
+            ("https", true, a)
+        } else if let Some(a) = target.strip_prefix("https+insecure://") {
+            ("https", false, a)
+        } else {
+            (
+                "http",
+                true,
+                target.strip_prefix("http://").unwrap_or(target),
+            )
+        };
+        let (host, port) = split_host_port(addr)?;
         let mut m = self.by_addr.lock();
         if let Some(up) = m.get(target) {
             return Some(up.clone());
         }
         let u: polygate_model::Upstream = serde_json::from_value(serde_json::json!({
             "type": "roundrobin",
+            "scheme": scheme,
+            "tls": {"verify": verify},
             "nodes": [{"host": host, "port": port, "weight": 1}],
         }))
         .ok()?;
