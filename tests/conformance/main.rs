@@ -67,6 +67,10 @@ const FILES: &[(&str, &str)] = &[
     ("core.case", include_str!("cases/core.case")),
     ("access.case", include_str!("cases/access.case")),
     ("shaping.case", include_str!("cases/shaping.case")),
+    (
+        "traffic-split.case",
+        include_str!("cases/traffic-split.case"),
+    ),
 ];
 
 #[derive(Debug, Default, Clone)]

@@ -471,3 +471,20 @@ pub struct TlsFacts {
     /// Whether the client presented a certificate that was verified.
     pub client_verified: bool,
 }
+
+/// An upstream a plugin chose for this request instead of the route's (traffic-split), put
+/// in [`RequestCtx::extensions`] by the `access` phase.
+#[derive(Debug, Clone)]
+pub enum UpstreamOverride {
+    /// An `upstreams` resource, by id.
+    Id(Arc<str>),
+    /// An upstream written in the plugin's configuration; `key` names it uniquely (the
+    /// resource, the configuration's hash and the entry), so that its runtime state (pools,
+    /// balancer) is built once and kept while the configuration is.
+    Inline {
+        /// Unique name of this upstream.
+        key: Arc<str>,
+        /// Its configuration.
+        conf: Arc<polygate_model::Upstream>,
+    },
+}

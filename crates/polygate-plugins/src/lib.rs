@@ -27,6 +27,7 @@ pub mod redis;
 pub mod response_rewrite;
 pub mod restrict;
 pub mod shaping;
+pub mod traffic_split;
 pub mod util;
 
 /// A registry holding every built-in plugin.
@@ -53,6 +54,7 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(shaping::MockingFactory));
     r.register(Arc::new(shaping::RedirectFactory));
     r.register(Arc::new(shaping::EchoFactory));
+    r.register(Arc::new(traffic_split::TrafficSplitFactory));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r

@@ -15,6 +15,7 @@ use polygate_core::chain::{
     request_body_filters, run_body_filter_from, run_header_filter, run_header_filter_async,
     run_log, run_phase, run_trailers_filter,
 };
+use polygate_core::ctx::UpstreamOverride;
 use polygate_core::{GatewayError, Phase, PluginChain, PluginResponse, RequestCtx, ResponseHead};
 use polygate_router::{Entry, MatchInput};
 use smallvec::SmallVec;
@@ -771,7 +772,17 @@ async fn run_request(
     {
         return Ok(Outcome::Local(r));
     }
-    let Some(up) = route.upstream.clone() else {
+    let chosen = match ctx.extensions.get::<UpstreamOverride>() {
+        None => None,
+        Some(o) => match crate::upstream::resolve_override(snap, o) {
+            Ok(up) => Some(up),
+            Err(r) => return Ok(Outcome::Local(r)),
+        },
+    };
+    if let Some(up) = &chosen {
+        ctx.upstream_id = Some(up.id.clone());
+    }
+    let Some(up) = chosen.or_else(|| route.upstream.clone()) else {
         return Err(GatewayError::NoUpstream(
             "missing upstream configuration in Route or Service".into(),
         ));
