@@ -776,7 +776,7 @@ async fn run_request(
         None => None,
         Some(o) => match crate::upstream::resolve_override(snap, o) {
             Ok(up) => Some(up),
-            Err(r) => return Ok(Outcome::Local(r)),
+            Err(r) => return Ok(Outcome::Local(*r)),
         },
     };
     if let Some(up) = &chosen {

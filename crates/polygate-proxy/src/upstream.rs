@@ -578,15 +578,15 @@ static INLINE: std::sync::LazyLock<
 pub fn resolve_override(
     snap: &crate::snapshot::Snapshot,
     o: &polygate_core::ctx::UpstreamOverride,
-) -> Result<Arc<UpstreamRt>, polygate_core::PluginResponse> {
+) -> Result<Arc<UpstreamRt>, Box<polygate_core::PluginResponse>> {
     use polygate_core::ctx::UpstreamOverride;
     match o {
         UpstreamOverride::Id(id) => snap.upstream(id).cloned().ok_or_else(|| {
             tracing::error!("traffic-split: no upstream {id:?}");
-            polygate_core::PluginResponse::new(
+            Box::new(polygate_core::PluginResponse::new(
                 http::StatusCode::INTERNAL_SERVER_ERROR,
                 format!("failed to fetch upstream info by upstream id: {id}"),
-            )
+            ))
         }),
         UpstreamOverride::Inline { key, conf } => {
             // the TLS store is part of the key: a certificate change rebuilds the client
