@@ -501,6 +501,57 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Runtime upstreams built for plugins' inline upstreams (traffic-split), by their key.
+static INLINE: std::sync::LazyLock<
+    parking_lot::Mutex<std::collections::HashMap<String, Arc<UpstreamRt>>>,
+> = std::sync::LazyLock::new(|| parking_lot::Mutex::new(std::collections::HashMap::new()));
+
+/// The upstream a plugin chose ([`UpstreamOverride`]): an `upstreams` resource of the
+/// snapshot, or a plugin's inline upstream built once (and kept while its key is used). An id
+/// naming no upstream is APISIX's 500 `failed to fetch upstream info by upstream id`.
+pub fn resolve_override(
+    snap: &crate::snapshot::Snapshot,
+    o: &polygate_core::ctx::UpstreamOverride,
+) -> Result<Arc<UpstreamRt>, Box<polygate_core::PluginResponse>> {
+    use polygate_core::ctx::UpstreamOverride;
+    match o {
+        UpstreamOverride::Id(id) => snap.upstream(id).cloned().ok_or_else(|| {
+            tracing::error!("traffic-split: no upstream {id:?}");
+            Box::new(polygate_core::PluginResponse::new(
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to fetch upstream info by upstream id: {id}"),
+            ))
+        }),
+        UpstreamOverride::Inline { key, conf } => {
+            // the TLS store is part of the key: a certificate change rebuilds the client
+            let k = format!("{key}@{:p}", Arc::as_ptr(&snap.tls));
+            if let Some(up) = INLINE.lock().get(&k) {
+                return Ok(up.clone());
+            }
+            let mut rt = UpstreamRt::build(key, conf);
+            let alpn: &[&[u8]] = match rt.scheme.as_str() {
+                "https" => &[b"http/1.1"],
+                "grpcs" => &[b"h2"],
+                _ => &[],
+            };
+            if !alpn.is_empty() {
+                let mut errs = polygate_model::ConfigErrors::default();
+                rt.tls = crate::tls::upstream_tls(conf, &snap.tls, alpn, key, &mut errs);
+                if let Some(e) = errs.0.first() {
+                    tracing::error!("{key}: {}: {}", e.path, e.message);
+                }
+            }
+            let up = Arc::new(rt);
+            let mut m = INLINE.lock();
+            if m.len() >= 1024 {
+                m.clear();
+            }
+            m.insert(k, up.clone());
+            Ok(up)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -564,56 +615,5 @@ mod tests {
     fn gcd_of_weights() {
         assert_eq!(gcd(gcd(0, 1_000_000_000), 4_000_000_000), 1_000_000_000);
         assert_eq!(gcd(0, 0), 0);
-    }
-}
-
-/// Runtime upstreams built for plugins' inline upstreams (traffic-split), by their key.
-static INLINE: std::sync::LazyLock<
-    parking_lot::Mutex<std::collections::HashMap<String, Arc<UpstreamRt>>>,
-> = std::sync::LazyLock::new(|| parking_lot::Mutex::new(std::collections::HashMap::new()));
-
-/// The upstream a plugin chose ([`UpstreamOverride`]): an `upstreams` resource of the
-/// snapshot, or a plugin's inline upstream built once (and kept while its key is used). An id
-/// naming no upstream is APISIX's 500 `failed to fetch upstream info by upstream id`.
-pub fn resolve_override(
-    snap: &crate::snapshot::Snapshot,
-    o: &polygate_core::ctx::UpstreamOverride,
-) -> Result<Arc<UpstreamRt>, Box<polygate_core::PluginResponse>> {
-    use polygate_core::ctx::UpstreamOverride;
-    match o {
-        UpstreamOverride::Id(id) => snap.upstream(id).cloned().ok_or_else(|| {
-            tracing::error!("traffic-split: no upstream {id:?}");
-            Box::new(polygate_core::PluginResponse::new(
-                http::StatusCode::INTERNAL_SERVER_ERROR,
-                format!("failed to fetch upstream info by upstream id: {id}"),
-            ))
-        }),
-        UpstreamOverride::Inline { key, conf } => {
-            // the TLS store is part of the key: a certificate change rebuilds the client
-            let k = format!("{key}@{:p}", Arc::as_ptr(&snap.tls));
-            if let Some(up) = INLINE.lock().get(&k) {
-                return Ok(up.clone());
-            }
-            let mut rt = UpstreamRt::build(key, conf);
-            let alpn: &[&[u8]] = match rt.scheme.as_str() {
-                "https" => &[b"http/1.1"],
-                "grpcs" => &[b"h2"],
-                _ => &[],
-            };
-            if !alpn.is_empty() {
-                let mut errs = polygate_model::ConfigErrors::default();
-                rt.tls = crate::tls::upstream_tls(conf, &snap.tls, alpn, key, &mut errs);
-                if let Some(e) = errs.0.first() {
-                    tracing::error!("{key}: {}: {}", e.path, e.message);
-                }
-            }
-            let up = Arc::new(rt);
-            let mut m = INLINE.lock();
-            if m.len() >= 1024 {
-                m.clear();
-            }
-            m.insert(k, up.clone());
-            Ok(up)
-        }
     }
 }
