@@ -25,6 +25,7 @@ mod routing;
 mod security;
 mod soak;
 mod tls;
+mod traffic;
 mod upstream_http;
 mod wasm;
 mod websocket;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use polygate_core::PluginRegistry;
 
+pub mod api_breaker;
 pub mod basic_auth;
 pub mod cors;
 pub mod forward_auth;
@@ -22,6 +23,7 @@ pub mod limit_conn;
 pub mod limit_count;
 pub mod limit_req;
 pub mod prometheus;
+pub mod proxy_mirror;
 pub mod proxy_rewrite;
 pub mod redis;
 pub mod response_rewrite;
@@ -55,6 +57,8 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(shaping::RedirectFactory));
     r.register(Arc::new(shaping::EchoFactory));
     r.register(Arc::new(traffic_split::TrafficSplitFactory));
+    r.register(Arc::new(api_breaker::ApiBreakerFactory));
+    r.register(Arc::new(proxy_mirror::ProxyMirrorFactory));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r
