@@ -22,6 +22,8 @@ pub mod limit;
 pub mod limit_conn;
 pub mod limit_count;
 pub mod limit_req;
+pub mod logger;
+pub mod loggers;
 pub mod prometheus;
 pub mod proxy_mirror;
 pub mod proxy_rewrite;
@@ -59,6 +61,9 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(traffic_split::TrafficSplitFactory));
     r.register(Arc::new(api_breaker::ApiBreakerFactory));
     r.register(Arc::new(proxy_mirror::ProxyMirrorFactory));
+    r.register(Arc::new(loggers::HttpLoggerFactory));
+    r.register(Arc::new(loggers::TcpLoggerFactory));
+    r.register(Arc::new(loggers::FileLoggerFactory));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r
