@@ -71,6 +71,10 @@ const FILES: &[(&str, &str)] = &[
         "traffic-split.case",
         include_str!("cases/traffic-split.case"),
     ),
+    (
+        "request-validation.case",
+        include_str!("cases/request-validation.case"),
+    ),
 ];
 
 #[derive(Debug, Default, Clone)]

@@ -16,6 +16,7 @@ pub mod basic_auth;
 pub mod cors;
 pub mod forward_auth;
 pub mod hmac_auth;
+pub mod jsonschema;
 pub mod jwt_auth;
 pub mod key_auth;
 pub mod limit;
@@ -33,6 +34,7 @@ pub mod restrict;
 pub mod shaping;
 pub mod traffic_split;
 pub mod util;
+pub mod validation;
 
 /// A registry holding every built-in plugin.
 pub fn registry() -> PluginRegistry {
@@ -64,6 +66,7 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(loggers::HttpLoggerFactory));
     r.register(Arc::new(loggers::TcpLoggerFactory));
     r.register(Arc::new(loggers::FileLoggerFactory));
+    r.register(Arc::new(validation::RequestValidationFactory));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r
