@@ -13,6 +13,7 @@ use polygate_core::PluginRegistry;
 
 pub mod api_breaker;
 pub mod basic_auth;
+pub mod compress;
 pub mod cors;
 pub mod forward_auth;
 pub mod hmac_auth;
@@ -67,6 +68,8 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(loggers::TcpLoggerFactory));
     r.register(Arc::new(loggers::FileLoggerFactory));
     r.register(Arc::new(validation::RequestValidationFactory));
+    r.register(Arc::new(compress::CompressFactory::gzip()));
+    r.register(Arc::new(compress::CompressFactory::brotli()));
     r.register(Arc::new(proxy_rewrite::ProxyRewriteFactory));
     r.register(Arc::new(response_rewrite::ResponseRewriteFactory));
     r
