@@ -75,6 +75,7 @@ const FILES: &[(&str, &str)] = &[
         "request-validation.case",
         include_str!("cases/request-validation.case"),
     ),
+    ("csrf.case", include_str!("cases/csrf.case")),
 ];
 
 #[derive(Debug, Default, Clone)]

@@ -150,8 +150,8 @@ impl PluginFactory for CompressFactory {
         }
         let http10 = match c.http_version {
             None => false,
-            Some(v) if v == 1.1 => false,
-            Some(v) if v == 1.0 => true,
+            Some(1.1) => false,
+            Some(1.0) => true,
             Some(_) => return Err(ConfError::at("http_version", "must be 1.1 or 1.0")),
         };
         if self.kind == Kind::Gzip && (c.mode.is_some() || c.lgwin.is_some() || c.lgblock.is_some())
@@ -250,7 +250,7 @@ impl Plugin for Compress {
                 .unwrap_or("")
                 .trim()
                 .to_ascii_lowercase();
-            if !types.iter().any(|t| *t == ct) {
+            if !types.contains(&ct) {
                 return;
             }
         }

@@ -15,6 +15,7 @@ pub mod api_breaker;
 pub mod basic_auth;
 pub mod compress;
 pub mod cors;
+pub mod csrf;
 pub mod forward_auth;
 pub mod hmac_auth;
 pub mod jsonschema;
@@ -50,6 +51,7 @@ pub fn registry() -> PluginRegistry {
     r.register(Arc::new(hmac_auth::HmacAuthFactory));
     r.register(Arc::new(forward_auth::ForwardAuthFactory));
     r.register(Arc::new(cors::CorsFactory));
+    r.register(Arc::new(csrf::CsrfFactory));
     r.register(Arc::new(restrict::IpRestrictionFactory));
     r.register(Arc::new(restrict::UaRestrictionFactory));
     r.register(Arc::new(restrict::RefererRestrictionFactory));

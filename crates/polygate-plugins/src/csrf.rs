@@ -1,0 +1,247 @@
+//! `csrf` (priority 2980, access and header_filter phases): double-submit cookie protection
+//! as APISIX does it. Every response sets a signed token cookie (`name`, default
+//! `apisix-csrf-token`, valid `expires` seconds, default 7200); a request with an unsafe method
+//! (not GET, HEAD or OPTIONS) must send the same token in a header of that name, and the token's
+//! signature (SHA-256 of its expiry, random part and the `key`) must hold. Tokens made by
+//! APISIX with the same key verify here, and the other way round.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use http::{HeaderValue, Method, StatusCode};
+use polygate_core::{
+    ConfError, Flow, Plugin, PluginFactory, PluginResponse, RequestCtx, ResponseHead,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::basic_auth::ct_eq;
+use crate::util::parse_conf;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Conf {
+    key: String,
+    #[serde(default = "d7200")]
+    expires: i64,
+    #[serde(default = "token_name")]
+    name: String,
+}
+
+fn d7200() -> i64 {
+    7200
+}
+fn token_name() -> String {
+    "apisix-csrf-token".into()
+}
+
+struct Csrf {
+    key: String,
+    expires: i64,
+    name: String,
+}
+
+/// Factory of `csrf`.
+pub struct CsrfFactory;
+
+impl PluginFactory for CsrfFactory {
+    fn name(&self) -> &str {
+        "csrf"
+    }
+    fn priority(&self) -> i32 {
+        2980
+    }
+    fn schema(&self) -> Value {
+        serde_json::json!({"type": "object", "properties": {
+            "key": {"type": "string", "description": "use to generate csrf token"},
+            "expires": {"type": "integer", "default": 7200},
+            "name": {"type": "string", "default": "apisix-csrf-token"},
+            "_meta": {"type": "object"}
+        }, "required": ["key"], "additionalProperties": false})
+    }
+    fn build(&self, conf: &Value) -> Result<Arc<dyn Plugin>, ConfError> {
+        let c: Conf = parse_conf(conf)?;
+        if c.name.is_empty() || http::HeaderName::from_bytes(c.name.as_bytes()).is_err() {
+            return Err(ConfError::at(
+                "name",
+                "must be a valid header and cookie name",
+            ));
+        }
+        Ok(Arc::new(Csrf {
+            key: c.key,
+            expires: c.expires,
+            name: c.name.to_ascii_lowercase(),
+        }))
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A number as Lua's `tostring` writes it (`%.14g`).
+fn lua_number(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e15 {
+        return format!("{}", x as i64);
+    }
+    let sci = format!("{x:.13e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..14).contains(&exp) {
+        let mant = mant.trim_end_matches('0').trim_end_matches('.');
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{mant}e{sign}{:02}", exp.abs());
+    }
+    let decimals = (13 - exp).max(0) as usize;
+    let fixed = format!("{x:.decimals$}");
+    if fixed.contains('.') {
+        fixed.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        fixed
+    }
+}
+
+fn sign(random: &str, expires: &str, key: &str) -> String {
+    let s = format!("{{expires:{expires},random:{random},key:{key}}}");
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `Thu, 18-Nov-10 11:27:35 GMT` (nginx's cookie time).
+fn cookie_time(t: i64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = t.div_euclid(86400);
+    let secs = t.rem_euclid(86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{}, {d:02}-{}-{:02} {:02}:{:02}:{:02} GMT",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m - 1) as usize],
+        y % 100,
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+impl Csrf {
+    fn token(&self) -> String {
+        // nine decimals: the same text whether written by Rust or by Lua's %.14g
+        let random = (fastrand::u64(1..1_000_000_000) as f64) / 1e9;
+        let expires = now();
+        let r = lua_number(random);
+        let e = expires.to_string();
+        let body = serde_json::json!({"random": random, "expires": expires, "sign": sign(&r, &e, &self.key)});
+        STANDARD.encode(body.to_string())
+    }
+
+    fn verify(&self, token: &str) -> Result<(), &'static str> {
+        let raw = STANDARD
+            .decode(token)
+            .map_err(|_| "csrf token base64 decode error")?;
+        let v: Value = serde_json::from_slice(&raw).map_err(|_| "decode token error")?;
+        let random = v
+            .get("random")
+            .and_then(Value::as_f64)
+            .ok_or("no random in token")?;
+        let expires = v
+            .get("expires")
+            .and_then(Value::as_f64)
+            .ok_or("no expires in token")?;
+        if self.expires > 0 && (now() as f64) - expires > self.expires as f64 {
+            return Err("token has expired");
+        }
+        let want = sign(&lua_number(random), &lua_number(expires), &self.key);
+        let got = v.get("sign").and_then(Value::as_str).unwrap_or("");
+        if !ct_eq(want.as_bytes(), got.as_bytes()) {
+            return Err("Invalid signatures");
+        }
+        Ok(())
+    }
+}
+
+impl Plugin for Csrf {
+    fn name(&self) -> &str {
+        "csrf"
+    }
+
+    fn access<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
+        if matches!(ctx.method, Method::GET | Method::HEAD | Method::OPTIONS) {
+            return Flow::Continue;
+        }
+        let refuse =
+            |m: &str| Flow::Respond(PluginResponse::error_msg(StatusCode::UNAUTHORIZED, m));
+        let Some(header) = ctx.header(&self.name).filter(|h| !h.is_empty()) else {
+            return refuse("no csrf token in headers");
+        };
+        let Some(cookie) = ctx.cookie(&self.name) else {
+            return refuse("no csrf cookie");
+        };
+        if header != cookie {
+            return refuse("csrf token mismatch");
+        }
+        if let Err(e) = self.verify(cookie) {
+            tracing::error!("csrf: {e}");
+            return refuse("Failed to verify the csrf token signature");
+        }
+        Flow::Continue
+    }
+
+    fn header_filter(&self, _ctx: &mut RequestCtx, resp: &mut ResponseHead) {
+        let cookie = format!(
+            "{}={};path=/;SameSite=Lax;Expires={}",
+            self.name,
+            self.token(),
+            cookie_time(now() + self.expires)
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            resp.headers.append(http::header::SET_COOKIE, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lua_numbers() {
+        assert_eq!(lua_number(0.5), "0.5");
+        assert_eq!(lua_number(1_700_000_000.0), "1700000000");
+        assert_eq!(lua_number(0.123_456_789_012_345_68), "0.12345678901235");
+        assert_eq!(lua_number(0.00001234), "1.234e-05");
+        assert_eq!(cookie_time(0), "Thu, 01-Jan-70 00:00:00 GMT");
+    }
+
+    #[test]
+    fn tokens_round_trip() {
+        let c = Csrf {
+            key: "userkey".into(),
+            expires: 1000000000,
+            name: "apisix-csrf-token".into(),
+        };
+        let t = c.token();
+        assert!(c.verify(&t).is_ok());
+        let other = Csrf {
+            key: "other".into(),
+            ..c
+        };
+        assert!(other.verify(&t).is_err());
+    }
+}
