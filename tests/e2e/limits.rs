@@ -392,3 +392,158 @@ routes:
         "counter back to 0"
     );
 }
+
+/// A three-master Redis Cluster of Debian's redis-server, made with `redis-cli --cluster create`.
+struct RedisCluster {
+    nodes: Vec<std::process::Child>,
+    ports: Vec<u16>,
+    _dir: tempdir::Dir,
+}
+
+impl RedisCluster {
+    fn start() -> RedisCluster {
+        let dir = tempdir::Dir::new();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for p in &ports {
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &p.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                ])
+                .arg(dir.path().join(format!("nodes-{p}.conf")))
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--loglevel",
+                    "warning",
+                    "--dir",
+                ])
+                .arg(dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            nodes.push(child);
+        }
+        let cli = |args: &[&str]| {
+            std::process::Command::new("redis-cli")
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for p in &ports {
+            let ps = p.to_string();
+            let t0 = Instant::now();
+            while cli(&["-p", &ps, "PING"]).trim() != "PONG" {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "redis node {p} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = cli(&args);
+        let t0 = Instant::now();
+        loop {
+            let ok = ports.iter().all(|p| {
+                cli(&["-p", &p.to_string(), "CLUSTER", "INFO"]).contains("cluster_state:ok")
+            });
+            if ok {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "cluster not ok: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster {
+            nodes,
+            ports,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.kill();
+            let _ = n.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn limit_count_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let u = Upstream::start("u").await;
+    let nodes: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .collect();
+    let text = format!(
+        r#"
+routes:
+  - id: c
+    uri: /c
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      limit-count:
+        count: 3
+        time_window: 60
+        key: http_x_user
+        policy: redis-cluster
+        redis_cluster_name: test
+        redis_cluster_nodes: [{seeds}]
+"#,
+        n = u.node(),
+        seeds = nodes.join(", ")
+    );
+    let a = Gateway::start(&text);
+    let b = Gateway::start(&text);
+    // t/plugin/limit-count-redis-cluster.t: the limit holds across both gateways, per key;
+    // keys land on different masters (MOVED answers are followed)
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        let h = [("x-user", user)];
+        let mut got = Vec::new();
+        for i in 0..4 {
+            let p = if i % 2 == 0 { a.port } else { b.port };
+            got.push(get_h(p, "/c", &h).await.status);
+        }
+        assert_eq!(got, [200, 200, 200, 503], "{user}");
+    }
+    // the counters are spread over the masters by slot
+    let holding = cluster
+        .ports
+        .iter()
+        .filter(|p| {
+            let out = std::process::Command::new("redis-cli")
+                .args([
+                    "-p",
+                    &p.to_string(),
+                    "--scan",
+                    "--pattern",
+                    "plugin-limit-count:*",
+                ])
+                .output()
+                .unwrap();
+            !out.stdout.is_empty()
+        })
+        .count();
+    assert!(holding >= 2, "counters on {holding} master(s)");
+}
