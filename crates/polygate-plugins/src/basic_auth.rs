@@ -79,19 +79,7 @@ impl PluginFactory for BasicAuthFactory {
 
     fn build(&self, conf: &serde_json::Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: Conf = parse_conf(conf)?;
-        if c.realm.is_empty()
-            || !c
-                .realm
-                .bytes()
-                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
-            return Err(ConfError::at(
-                "realm",
-                "must be printable ASCII without '\"' and '\\'",
-            ));
-        }
-        let challenge = HeaderValue::from_str(&format!("Basic realm=\"{}\"", c.realm))
-            .map_err(|_| ConfError::at("realm", "invalid realm"))?;
+        let challenge = crate::util::realm_challenge("Basic", &c.realm)?;
         Ok(Arc::new(BasicAuth {
             hide: c.hide_credentials,
             anonymous: c.anonymous_consumer,
@@ -145,15 +133,10 @@ impl BasicAuth {
         if self.hide {
             ctx.headers.remove(http::header::AUTHORIZATION);
         }
-        match ctx.consumers.by_name(name).cloned() {
-            Some(c) => {
-                ctx.attach_consumer(c);
-                Flow::Continue
-            }
-            None => {
-                tracing::error!("basic-auth: anonymous consumer {name:?} not found");
-                self.unauthorized("Invalid user authorization")
-            }
+        if crate::util::attach_anonymous(ctx, "basic-auth", name) {
+            Flow::Continue
+        } else {
+            self.unauthorized("Invalid user authorization")
         }
     }
 }

@@ -151,8 +151,7 @@ impl PluginFactory for HmacAuthFactory {
             body: c.validate_request_body.then_some(c.max_req_body_size),
             hide: c.hide_credentials,
             anonymous: c.anonymous_consumer,
-            challenge: HeaderValue::from_str(&format!("hmac realm=\"{}\"", c.realm))
-                .map_err(|_| ConfError::at("realm", "invalid realm"))?,
+            challenge: crate::util::realm_challenge("hmac", &c.realm)?,
         }))
     }
     fn consumer_credential(&self, conf: &Value) -> Result<Option<String>, ConfError> {

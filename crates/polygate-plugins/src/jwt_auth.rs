@@ -311,17 +311,7 @@ impl PluginFactory for JwtAuthFactory {
                 }
             }
         }
-        if c.realm.is_empty()
-            || !c
-                .realm
-                .bytes()
-                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
-            return Err(ConfError::at(
-                "realm",
-                "must be printable ASCII without '\"' and '\\'",
-            ));
-        }
+        let challenge = crate::util::realm_challenge("Bearer", &c.realm)?;
         Ok(Arc::new(JwtAuth {
             header: c.header.to_ascii_lowercase(),
             query: c.query,
@@ -331,8 +321,7 @@ impl PluginFactory for JwtAuthFactory {
             store: c.store_in_ctx,
             anonymous: c.anonymous_consumer,
             claims: c.claims_to_verify,
-            challenge: HeaderValue::from_str(&format!("Bearer realm=\"{}\"", c.realm))
-                .map_err(|_| ConfError::at("realm", "invalid realm"))?,
+            challenge,
         }))
     }
 
@@ -564,15 +553,10 @@ impl Plugin for JwtAuth {
                 let Some(name) = &self.anonymous else {
                     return self.unauthorized(r.told);
                 };
-                match ctx.consumers.by_name(name).cloned() {
-                    Some(c) => {
-                        ctx.attach_consumer(c);
-                        Flow::Continue
-                    }
-                    None => {
-                        tracing::error!("jwt-auth: anonymous consumer {name:?} not found");
-                        self.unauthorized("Invalid user authorization")
-                    }
+                if crate::util::attach_anonymous(ctx, "jwt-auth", name) {
+                    Flow::Continue
+                } else {
+                    self.unauthorized("Invalid user authorization")
                 }
             }
         }

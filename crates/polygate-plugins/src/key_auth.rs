@@ -100,20 +100,7 @@ impl PluginFactory for KeyAuthFactory {
                 format!("invalid header name {:?}", c.header),
             ));
         }
-        // APISIX's realm schema: printable ASCII without `"` and `\`
-        if c.realm.is_empty()
-            || !c
-                .realm
-                .bytes()
-                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
-            return Err(ConfError::at(
-                "realm",
-                "must be printable ASCII without '\"' and '\\'",
-            ));
-        }
-        let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm))
-            .map_err(|_| ConfError::at("realm", "invalid realm"))?;
+        let challenge = crate::util::realm_challenge("apikey", &c.realm)?;
         Ok(Arc::new(KeyAuth {
             header: c.header.to_ascii_lowercase(),
             query: c.query,
@@ -149,15 +136,10 @@ impl KeyAuth {
             ctx.headers.remove(self.header.as_str());
             Self::remove_query_arg(ctx, &self.query);
         }
-        match ctx.consumers.by_name(name).cloned() {
-            Some(c) => {
-                ctx.attach_consumer(c);
-                Flow::Continue
-            }
-            None => {
-                tracing::error!("key-auth: anonymous consumer {name:?} not found");
-                self.unauthorized("Invalid user authorization")
-            }
+        if crate::util::attach_anonymous(ctx, "key-auth", name) {
+            Flow::Continue
+        } else {
+            self.unauthorized("Invalid user authorization")
         }
     }
 

@@ -143,10 +143,7 @@ impl PluginFactory for LimitConnFactory {
 
 impl LimitConn {
     fn reject(&self) -> PluginResponse {
-        match &self.rejected_msg {
-            Some(m) => PluginResponse::error_msg(self.rejected, m),
-            None => PluginResponse::status_page(self.rejected),
-        }
+        crate::util::rejection(self.rejected, self.rejected_msg.as_deref())
     }
 
     /// The delay of the `conn`-th request in flight (`conn` ≤ max + burst).

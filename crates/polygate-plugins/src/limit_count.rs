@@ -376,10 +376,10 @@ impl LimitCount {
             ctx.extensions.insert(headers);
         }
         if rejected {
-            return Flow::Respond(match &self.rejected_msg {
-                Some(m) => PluginResponse::error_msg(self.rejected, m),
-                None => PluginResponse::status_page(self.rejected),
-            });
+            return Flow::Respond(crate::util::rejection(
+                self.rejected,
+                self.rejected_msg.as_deref(),
+            ));
         }
         Flow::Continue
     }

@@ -189,10 +189,7 @@ impl LimitReq {
     }
 
     fn reject(&self) -> PluginResponse {
-        match &self.rejected_msg {
-            Some(m) => PluginResponse::error_msg(self.rejected, m),
-            None => PluginResponse::status_page(self.rejected),
-        }
+        crate::util::rejection(self.rejected, self.rejected_msg.as_deref())
     }
 
     fn failed(&self, why: &str) -> Option<PluginResponse> {

@@ -532,10 +532,7 @@ impl Plugin for UriBlocker {
     fn rewrite<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
         let uri = ctx.var("request_uri").unwrap_or_default();
         if self.rules.is_match(&uri) {
-            return Flow::Respond(match &self.msg {
-                Some(m) => PluginResponse::error_msg(self.status, m),
-                None => PluginResponse::status_page(self.status),
-            });
+            return Flow::Respond(crate::util::rejection(self.status, self.msg.as_deref()));
         }
         Flow::Continue
     }

@@ -314,6 +314,50 @@ pub fn nginx_replacement(r: &str) -> String {
     out
 }
 
+/// The `WWW-Authenticate` value of an auth plugin's 401 (`Basic realm="basic"`), checking
+/// APISIX's realm schema: printable ASCII without `"` and `\`.
+pub fn realm_challenge(
+    scheme: &str,
+    realm: &str,
+) -> Result<http::HeaderValue, polygate_core::ConfError> {
+    if realm.is_empty()
+        || !realm
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        return Err(polygate_core::ConfError::at(
+            "realm",
+            "must be printable ASCII without '\"' and '\\'",
+        ));
+    }
+    http::HeaderValue::from_str(&format!("{scheme} realm=\"{realm}\""))
+        .map_err(|_| polygate_core::ConfError::at("realm", "invalid realm"))
+}
+
+/// Attaches the anonymous consumer `name` (an auth plugin's `anonymous_consumer`) when a
+/// request brings no valid credential; false (logged) when no such consumer exists.
+pub fn attach_anonymous(ctx: &mut polygate_core::RequestCtx, plugin: &str, name: &str) -> bool {
+    match ctx.consumers.by_name(name).cloned() {
+        Some(c) => {
+            ctx.attach_consumer(c);
+            true
+        }
+        None => {
+            tracing::error!("{plugin}: anonymous consumer {name:?} not found");
+            false
+        }
+    }
+}
+
+/// A limit or block plugin's rejection: `{"error_msg": msg}` with the status, or nginx's
+/// error page for the status without a message.
+pub fn rejection(status: http::StatusCode, msg: Option<&str>) -> polygate_core::PluginResponse {
+    match msg {
+        Some(m) => polygate_core::PluginResponse::error_msg(status, m),
+        None => polygate_core::PluginResponse::status_page(status),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

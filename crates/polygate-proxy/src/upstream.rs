@@ -506,7 +506,7 @@ static INLINE: std::sync::LazyLock<
     parking_lot::Mutex<std::collections::HashMap<String, Arc<UpstreamRt>>>,
 > = std::sync::LazyLock::new(|| parking_lot::Mutex::new(std::collections::HashMap::new()));
 
-/// The upstream a plugin chose ([`UpstreamOverride`]): an `upstreams` resource of the
+/// The upstream a plugin chose ([`polygate_core::ctx::UpstreamOverride`]): an `upstreams` resource of the
 /// snapshot, or a plugin's inline upstream built once (and kept while its key is used). An id
 /// naming no upstream is APISIX's 500 `failed to fetch upstream info by upstream id`.
 pub fn resolve_override(
