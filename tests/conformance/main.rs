@@ -76,6 +76,8 @@ const FILES: &[(&str, &str)] = &[
         include_str!("cases/request-validation.case"),
     ),
     ("csrf.case", include_str!("cases/csrf.case")),
+    ("limits.case", include_str!("cases/limits.case")),
+    ("jwt-auth.case", include_str!("cases/jwt-auth.case")),
 ];
 
 #[derive(Debug, Default, Clone)]
