@@ -78,6 +78,7 @@ const FILES: &[(&str, &str)] = &[
     ("csrf.case", include_str!("cases/csrf.case")),
     ("limits.case", include_str!("cases/limits.case")),
     ("jwt-auth.case", include_str!("cases/jwt-auth.case")),
+    ("real-ip.case", include_str!("cases/real-ip.case")),
 ];
 
 #[derive(Debug, Default, Clone)]

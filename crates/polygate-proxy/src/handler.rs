@@ -186,6 +186,16 @@ impl ConnInfo {
     }
 }
 
+/// Forwarding headers a peer outside `apisix.trusted_addresses` may not bring (when that list
+/// is set): removed before any plugin runs, and set from what polygate observed upstream.
+pub const FORWARDING_HEADERS: &[&str] = &[
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "forwarded",
+];
+
 /// Request headers that carry the identity an auth plugin established (APISIX's
 /// `attach_consumer`); removed from every client request so that only the gateway sets them.
 pub const IDENTITY_HEADERS: &[&str] = &[
@@ -300,6 +310,18 @@ pub async fn handle(
         .any(|k| IDENTITY_HEADERS.contains(&k.as_str()))
     {
         for h in IDENTITY_HEADERS {
+            headers.remove(*h);
+        }
+    }
+    // with `apisix.trusted_addresses` set, an untrusted peer's forwarding headers are forged
+    // as far as anything is concerned: plugins (real-ip) must not see them either
+    if !snap.trusted.is_empty()
+        && !snap.is_trusted(client.ip())
+        && headers
+            .keys()
+            .any(|k| FORWARDING_HEADERS.contains(&k.as_str()))
+    {
+        for h in FORWARDING_HEADERS {
             headers.remove(*h);
         }
     }
