@@ -12,6 +12,8 @@ use crate::plugin::{PluginKind, PluginRegistry};
 pub struct ConsumerInfo {
     /// `username`.
     pub username: String,
+    /// `username` again, shared (labels of metrics keep it without copying).
+    pub name: std::sync::Arc<str>,
     /// `group_id`.
     pub group_id: Option<String>,
     /// `labels.custom_id` (sent upstream as `X-Consumer-Custom-ID`, as APISIX does).
@@ -88,6 +90,7 @@ impl ConsumerIndex {
             plugins.extend(own);
             let info = Arc::new(ConsumerInfo {
                 username: c.username.clone(),
+                name: std::sync::Arc::from(c.username.as_str()),
                 group_id: c.group_id.as_ref().map(|g| g.0.clone()),
                 custom_id: c.labels.as_ref().and_then(|l| l.get("custom_id").cloned()),
                 plugins,

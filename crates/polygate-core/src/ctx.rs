@@ -92,6 +92,10 @@ pub struct RequestCtx {
     /// Whether the response was made by the gateway (a plugin or an error) rather than the
     /// upstream (APISIX's `response_source`).
     pub local_response: bool,
+    /// Response headers set before the response exists (APISIX's `core.response.set_header`
+    /// in the access phase: limit-count's quota headers): set on whatever response the request
+    /// gets, before the `header_filter` phase.
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// What a matched route declares, for metrics labels (`matched_uri`, `matched_host`) and
@@ -159,6 +163,7 @@ impl RequestCtx {
             route_facts: None,
             response_body_bytes: 0,
             local_response: false,
+            response_headers: Vec::new(),
         }
     }
 

@@ -73,6 +73,16 @@ impl KeySpec {
         self.template.render_counted(ctx)
     }
 
+    /// Appends the key of this request to `out` (as [`KeySpec::of`], without allocating for
+    /// the common `remote_addr`).
+    pub fn push_to(&self, ctx: &RequestCtx, out: &mut String) {
+        if self.kind == KeyType::Var && self.key == "remote_addr" {
+            push_ip(out, ctx.client_addr.ip());
+        } else {
+            out.push_str(&self.of(ctx));
+        }
+    }
+
     /// The key of this request; a variable without a value falls back to the client address
     /// (as APISIX does, logging it).
     pub fn of(&self, ctx: &RequestCtx) -> String {
@@ -93,6 +103,30 @@ impl KeySpec {
                 );
                 ctx.client_addr.ip().to_string()
             }
+        }
+    }
+}
+
+/// Writes an IP address as text (IPv4 without the formatter's machinery).
+pub fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if *o >= 100 {
+                    out.push(char::from(b'0' + o / 100));
+                }
+                if *o >= 10 {
+                    out.push(char::from(b'0' + (o / 10) % 10));
+                }
+                out.push(char::from(b'0' + o % 10));
+            }
+        }
+        v6 => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{v6}");
         }
     }
 }

@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, StatusCode};
-use polygate_core::{
-    ConfError, Flow, Plugin, PluginFactory, PluginResponse, RequestCtx, ResponseHead,
-};
+use polygate_core::{ConfError, Flow, Plugin, PluginFactory, PluginResponse, RequestCtx};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -136,10 +134,6 @@ struct LimitCount {
     degrade: bool,
     show_headers: bool,
 }
-
-/// The quota headers a request gets, kept between `access` and `header_filter`.
-#[derive(Clone, Default)]
-struct QuotaHeaders(Vec<(HeaderName, HeaderValue)>);
 
 /// Factory of `limit-count`.
 pub struct LimitCountFactory;
@@ -295,12 +289,33 @@ static COUNT_SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
 
 /// `X-RateLimit-Reset` as APISIX prints it: seconds floored to hundredths.
 fn reset_text(secs: f64) -> String {
-    let v = (secs.max(0.0) * 100.0).floor() / 100.0;
-    if v.fract() == 0.0 {
-        format!("{}", v as u64)
-    } else {
-        format!("{v}")
+    // integer arithmetic and no formatter: this runs for every request
+    let h = (secs.max(0.0) * 100.0).floor() as u64;
+    let mut out = String::with_capacity(12);
+    let whole = h / 100;
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    let mut w = whole;
+    loop {
+        digits[n] = b'0' + (w % 10) as u8;
+        n += 1;
+        w /= 10;
+        if w == 0 {
+            break;
+        }
     }
+    for d in digits[..n].iter().rev() {
+        out.push(char::from(*d));
+    }
+    let frac = h % 100;
+    if frac != 0 {
+        out.push('.');
+        out.push(char::from(b'0' + (frac / 10) as u8));
+        if !frac.is_multiple_of(10) {
+            out.push(char::from(b'0' + (frac % 10) as u8));
+        }
+    }
+    out
 }
 
 /// One rule's decision for this request.
@@ -351,29 +366,24 @@ impl LimitCount {
     /// Records the headers and answers for the decided rules (in order: the first rejection
     /// wins, as in APISIX where later rules are not evaluated).
     fn answer(&self, ctx: &mut RequestCtx, decided: &[(usize, Decided)]) -> Flow<'static> {
-        let mut headers = QuotaHeaders::default();
         let mut rejected = false;
         for (i, d) in decided {
             let r = &self.rules[*i];
             if self.show_headers {
-                let remaining = if d.remaining < 0 { 0 } else { d.remaining };
-                for (n, v) in r.names.iter().zip([
-                    d.limit.to_string(),
-                    remaining.to_string(),
-                    reset_text(d.reset),
-                ]) {
-                    if let Ok(v) = HeaderValue::from_str(&v) {
-                        headers.0.push((n.clone(), v));
-                    }
+                let [limit_h, remaining_h, reset_h] = &r.names;
+                let remaining = d.remaining.max(0) as u64;
+                ctx.response_headers
+                    .push((limit_h.clone(), HeaderValue::from(d.limit)));
+                ctx.response_headers
+                    .push((remaining_h.clone(), HeaderValue::from(remaining)));
+                if let Ok(v) = HeaderValue::from_str(&reset_text(d.reset)) {
+                    ctx.response_headers.push((reset_h.clone(), v));
                 }
             }
             if d.remaining < 0 {
                 rejected = true;
                 break;
             }
-        }
-        if !headers.0.is_empty() {
-            ctx.extensions.insert(headers);
         }
         if rejected {
             return Flow::Respond(crate::util::rejection(
@@ -391,6 +401,30 @@ impl Plugin for LimitCount {
     }
 
     fn access<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
+        // the common case: one fixed rule counted in this process
+        if self.redis.is_none()
+            && let [rule] = self.rules.as_slice()
+            && !rule.from_rules
+            && let (Num::Fixed(count), Num::Fixed(window)) = (&rule.count, &rule.window)
+        {
+            let mut key = String::with_capacity(self.scope.len() + 24);
+            key.push_str(&self.scope);
+            key.push(':');
+            rule.key.push_to(ctx, &mut key);
+            let (remaining, reset) =
+                limit::count_local(&key, *count, Duration::from_secs(*window), 1);
+            return self.answer(
+                ctx,
+                &[(
+                    0,
+                    Decided {
+                        limit: *count,
+                        remaining,
+                        reset,
+                    },
+                )],
+            );
+        }
         let plan = match self.plan(ctx) {
             Ok(p) => p,
             Err(e) => return self.failed(&format!("failed to get rate limit rules: {e}")),
@@ -465,14 +499,6 @@ impl Plugin for LimitCount {
             })
         }))
     }
-
-    fn header_filter(&self, ctx: &mut RequestCtx, resp: &mut ResponseHead) {
-        if let Some(h) = ctx.extensions.remove::<QuotaHeaders>() {
-            for (n, v) in h.0 {
-                resp.headers.insert(n, v);
-            }
-        }
-    }
 }
 
 fn schema() -> Value {
@@ -517,10 +543,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ips_as_text() {
+        for ip in ["0.0.0.0", "10.2.30.255", "127.0.0.1", "::1", "fe80::1:2"] {
+            let mut s = String::new();
+            crate::limit::push_ip(&mut s, ip.parse().unwrap());
+            assert_eq!(s, ip);
+        }
+    }
+
+    #[test]
     fn reset_like_apisix() {
         assert_eq!(reset_text(60.0), "60");
         assert_eq!(reset_text(59.996), "59.99");
         assert_eq!(reset_text(-1.0), "0");
+        assert_eq!(reset_text(3599.5), "3599.5");
+        assert_eq!(reset_text(0.05), "0.05");
+        assert_eq!(reset_text(120.0), "120");
     }
 
     #[test]

@@ -171,7 +171,7 @@ impl Plugin for Prometheus {
             consumer: ctx
                 .consumer
                 .as_ref()
-                .map_or_else(|| EMPTY.clone(), |c| Arc::from(c.username.as_str())),
+                .map_or_else(|| EMPTY.clone(), |c| c.name.clone()),
             node: ctx.upstream_addr.map(|a| a.ip()),
             matched_uri: facts.map_or_else(|| EMPTY.clone(), |f| f.uri.clone()),
             matched_host: facts.map_or_else(|| EMPTY.clone(), |f| f.host.clone()),

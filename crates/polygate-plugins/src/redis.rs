@@ -117,6 +117,22 @@ impl Target {
         Duration::from_millis(self.timeout_ms.max(1))
     }
 
+    /// What, besides the address, makes one connection different (database, credentials),
+    /// as a hash: looked up per command without building a string.
+    fn ident(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |b: &[u8]| {
+            for &x in b.iter().chain(std::iter::once(&0xffu8)) {
+                h ^= u64::from(x);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(&self.database.to_le_bytes());
+        eat(self.username.as_deref().unwrap_or("").as_bytes());
+        eat(self.password.as_deref().unwrap_or("").as_bytes());
+        h
+    }
+
     /// Pool key of the connection to `addr`: everything that makes one connection different.
     fn pool_key(&self, addr: &str) -> String {
         format!(
@@ -169,7 +185,8 @@ struct Conn {
 
 #[derive(Default)]
 struct ThreadState {
-    conns: HashMap<String, Conn>,
+    /// Connections by address, then by [`Target::ident`].
+    conns: HashMap<String, HashMap<u64, Conn>>,
     /// Servers that could not be reached, until when they are not tried.
     down: HashMap<String, Instant>,
     /// Cluster slot maps by seed list.
@@ -182,10 +199,11 @@ thread_local! {
 
 /// Encodes a command as a RESP array of bulk strings.
 fn encode(args: &[&[u8]]) -> Vec<u8> {
+    use std::io::Write as _;
     let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    let _ = write!(out, "*{}\r\n", args.len());
     for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        let _ = write!(out, "${}\r\n", a.len());
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
@@ -233,14 +251,16 @@ fn to_result(r: Reply) -> Result<Reply, RedisError> {
 async fn send(t: &Target, addr: &str, cmd: Vec<u8>) -> Result<Reply, RedisError> {
     let (tx, rx) = oneshot::channel();
     let job = Job { cmd, reply: tx };
-    let key = t.pool_key(addr);
+    let ident = t.ident();
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         let usable = s
             .conns
-            .get(&key)
+            .get(addr)
+            .and_then(|m| m.get(&ident))
             .is_some_and(|c| !c.dead.load(Ordering::Relaxed));
         if !usable {
+            let key = t.pool_key(addr);
             if let Some(until) = s.down.get(&key)
                 && Instant::now() < *until
             {
@@ -251,9 +271,17 @@ async fn send(t: &Target, addr: &str, cmd: Vec<u8>) -> Result<Reply, RedisError>
             }
             s.down.remove(&key);
             let conn = open(t, addr);
-            s.conns.insert(key.clone(), conn);
+            s.conns
+                .entry(addr.to_owned())
+                .or_default()
+                .insert(ident, conn);
         }
-        let conn = s.conns.get(&key).expect("inserted above");
+        let Some(conn) = s.conns.get(addr).and_then(|m| m.get(&ident)) else {
+            return Err(RedisError::Io {
+                addr: addr.to_owned(),
+                message: "no connection".into(),
+            });
+        };
         conn.tx.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => RedisError::QueueFull(addr.to_owned()),
             mpsc::error::TrySendError::Closed(_) => RedisError::Io {

@@ -601,6 +601,9 @@ fn response_head(
     head: &mut ResponseHead,
 ) {
     head.headers.insert(header::SERVER, SERVER.clone());
+    for (n, v) in ctx.response_headers.drain(..) {
+        head.headers.insert(n, v);
+    }
     if let Some(c) = chain {
         run_header_filter(&snap.global.instances, ctx, head);
         run_header_filter(&c.instances, ctx, head);
@@ -624,6 +627,9 @@ async fn response_head_waiting(
     head: &mut ResponseHead,
 ) -> Result<(), polygate_core::PluginError> {
     head.headers.insert(header::SERVER, SERVER.clone());
+    for (n, v) in ctx.response_headers.drain(..) {
+        head.headers.insert(n, v);
+    }
     if let Some(c) = chain {
         header_filters(&snap.global, ctx, head).await?;
         header_filters(c, ctx, head).await?;
