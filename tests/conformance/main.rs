@@ -79,6 +79,8 @@ const FILES: &[(&str, &str)] = &[
     ("limits.case", include_str!("cases/limits.case")),
     ("jwt-auth.case", include_str!("cases/jwt-auth.case")),
     ("real-ip.case", include_str!("cases/real-ip.case")),
+    ("gzip.case", include_str!("cases/gzip.case")),
+    ("api-breaker.case", include_str!("cases/api-breaker.case")),
 ];
 
 #[derive(Debug, Default, Clone)]

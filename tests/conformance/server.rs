@@ -127,6 +127,14 @@ async fn answer(logical: u16, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "hello" => "hello world\n".to_owned(),
         "hello1" => "hello1 world\n".to_owned(),
         "opentracing" => "opentracing\n".to_owned(),
+        "api_breaker" => {
+            status = args(&target)
+                .into_iter()
+                .find(|(k, _)| k == "code")
+                .and_then(|(_, v)| v.last().and_then(|c| c.parse().ok()))
+                .unwrap_or(200);
+            "ok\n".to_owned()
+        }
         "hello_chunked" => "hello world\n".to_owned(),
         "course_foo" => "course foo\n".to_owned(),
         "server_port" | "server_port_route2" | "server_port_hello" | "server_port_aa" => {

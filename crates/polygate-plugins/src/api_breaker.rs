@@ -232,7 +232,12 @@ impl Plugin for ApiBreaker {
         if self.body.is_some() {
             for (n, t) in &self.headers {
                 if let Ok(v) = http::HeaderValue::from_str(&t.render(ctx)) {
-                    r.headers.append(n.clone(), v);
+                    // nginx keeps one Content-Type: the last one set wins
+                    if *n == http::header::CONTENT_TYPE {
+                        r.headers.insert(n.clone(), v);
+                    } else {
+                        r.headers.append(n.clone(), v);
+                    }
                 }
             }
         }
