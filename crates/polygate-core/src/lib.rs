@@ -9,6 +9,7 @@
 //! - [`error`]: gateway errors and their mapping to responses.
 //! - [`callout`]: HTTP callouts plugins make through the gateway's upstream client.
 //! - [`exporters`]: metrics plugins add to the Prometheus endpoint.
+//! - [`time`]: HTTP dates, cookie times, the clock and the host name.
 //! - [`worker`]: which worker thread is running.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod error;
 pub mod exporters;
 pub mod path;
 pub mod plugin;
+pub mod time;
 pub mod worker;
 
 pub use chain::{InstanceMap, PluginChain, PluginInstance};

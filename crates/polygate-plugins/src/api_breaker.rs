@@ -123,9 +123,7 @@ impl PluginFactory for ApiBreakerFactory {
     }
     fn build(&self, conf: &Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: Conf = parse_conf(conf)?;
-        if !(200..=599).contains(&c.break_response_code) {
-            return Err(ConfError::at("break_response_code", "must be 200 to 599"));
-        }
+        let break_status = crate::util::status(c.break_response_code, "break_response_code")?;
         if c.max_breaker_sec < 3 {
             return Err(ConfError::at("max_breaker_sec", "must be at least 3"));
         }
@@ -170,8 +168,7 @@ impl PluginFactory for ApiBreakerFactory {
             headers.push((n, Template::parse(&h.value)));
         }
         Ok(Arc::new(ApiBreaker {
-            code: StatusCode::from_u16(c.break_response_code)
-                .map_err(|_| ConfError::at("break_response_code", "invalid status"))?,
+            code: break_status,
             body: c.break_response_body,
             headers,
             max: Duration::from_secs(c.max_breaker_sec),

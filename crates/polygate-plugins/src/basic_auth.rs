@@ -10,10 +10,8 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
-use http::{HeaderValue, StatusCode};
-use polygate_core::{
-    ConfError, Flow, Plugin, PluginFactory, PluginKind, PluginResponse, RequestCtx,
-};
+use http::HeaderValue;
+use polygate_core::{ConfError, Flow, Plugin, PluginFactory, PluginKind, RequestCtx};
 use serde::Deserialize;
 
 use crate::util::parse_conf;
@@ -96,14 +94,6 @@ impl PluginFactory for BasicAuthFactory {
     }
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `Authorization: Basic base64(user:password)` → (user, password).
 fn parse_basic(h: &str) -> Option<(String, String)> {
     let (scheme, rest) = h.trim().split_once(char::is_whitespace)?;
@@ -120,10 +110,7 @@ fn parse_basic(h: &str) -> Option<(String, String)> {
 
 impl BasicAuth {
     fn unauthorized(&self, msg: &str) -> Flow<'static> {
-        let mut r = PluginResponse::message(StatusCode::UNAUTHORIZED, msg);
-        r.headers
-            .insert(http::header::WWW_AUTHENTICATE, self.challenge.clone());
-        Flow::Respond(r)
+        Flow::Respond(crate::util::unauthorized(&self.challenge, msg))
     }
 
     fn anonymous_or(&self, ctx: &mut RequestCtx, msg: &str) -> Flow<'static> {
@@ -164,7 +151,7 @@ impl Plugin for BasicAuth {
             .and_then(|c| c.get("password"))
             .and_then(|p| p.as_str())
             .unwrap_or("");
-        if !ct_eq(stored.as_bytes(), password.as_bytes()) {
+        if !crate::util::ct_eq(stored.as_bytes(), password.as_bytes()) {
             return self.anonymous_or(ctx, "Invalid user authorization");
         }
         if self.hide {
@@ -194,6 +181,10 @@ mod tests {
         assert_eq!(parse_basic("Bearer Zm9vOmJhcg=="), None);
         assert_eq!(parse_basic("Basic !!!"), None);
         assert_eq!(parse_basic("Basic Zm9v"), None, "no colon");
-        assert!(ct_eq(b"abc", b"abc") && !ct_eq(b"abc", b"abd") && !ct_eq(b"a", b"ab"));
+        assert!(
+            crate::util::ct_eq(b"abc", b"abc")
+                && !crate::util::ct_eq(b"abc", b"abd")
+                && !crate::util::ct_eq(b"a", b"ab")
+        );
     }
 }

@@ -6,7 +6,6 @@
 //! APISIX with the same key verify here, and the other way round.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -17,7 +16,7 @@ use polygate_core::{
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::basic_auth::ct_eq;
+use crate::util::ct_eq;
 use crate::util::parse_conf;
 
 #[derive(Deserialize)]
@@ -77,13 +76,6 @@ impl PluginFactory for CsrfFactory {
     }
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// A number as Lua's `tostring` writes it (`%.14g`).
 fn lua_number(x: f64) -> String {
     if x.fract() == 0.0 && x.abs() < 1e15 {
@@ -112,39 +104,11 @@ fn sign(random: &str, expires: &str, key: &str) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `Thu, 18-Nov-10 11:27:35 GMT` (nginx's cookie time).
-fn cookie_time(t: i64) -> String {
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let days = t.div_euclid(86400);
-    let secs = t.rem_euclid(86400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{}, {d:02}-{}-{:02} {:02}:{:02}:{:02} GMT",
-        DAYS[days.rem_euclid(7) as usize],
-        MONTHS[(m - 1) as usize],
-        y % 100,
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
 impl Csrf {
     fn token(&self) -> String {
         // nine decimals: the same text whether written by Rust or by Lua's %.14g
         let random = (fastrand::u64(1..1_000_000_000) as f64) / 1e9;
-        let expires = now();
+        let expires = polygate_core::time::unix_now();
         let r = lua_number(random);
         let e = expires.to_string();
         let body = serde_json::json!({"random": random, "expires": expires, "sign": sign(&r, &e, &self.key)});
@@ -164,7 +128,9 @@ impl Csrf {
             .get("expires")
             .and_then(Value::as_f64)
             .ok_or("no expires in token")?;
-        if self.expires > 0 && (now() as f64) - expires > self.expires as f64 {
+        if self.expires > 0
+            && (polygate_core::time::unix_now() as f64) - expires > self.expires as f64
+        {
             return Err("token has expired");
         }
         let want = sign(&lua_number(random), &lua_number(expires), &self.key);
@@ -208,7 +174,10 @@ impl Plugin for Csrf {
             "{}={};path=/;SameSite=Lax;Expires={}",
             self.name,
             self.token(),
-            cookie_time(now() + self.expires)
+            polygate_core::time::format_time(
+                polygate_core::time::unix_now() + self.expires,
+                polygate_core::time::TimeFmt::Cookie
+            )
         );
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             resp.headers.append(http::header::SET_COOKIE, v);
@@ -226,7 +195,6 @@ mod tests {
         assert_eq!(lua_number(1_700_000_000.0), "1700000000");
         assert_eq!(lua_number(0.123_456_789_012_345_68), "0.12345678901235");
         assert_eq!(lua_number(0.00001234), "1.234e-05");
-        assert_eq!(cookie_time(0), "Thu, 01-Jan-70 00:00:00 GMT");
     }
 
     #[test]

@@ -94,44 +94,6 @@ struct ForwardAuth {
 /// Factory of `forward-auth`.
 pub struct ForwardAuthFactory;
 
-/// `http[s]://host[:port][/path]` → (callout target, authority, path).
-fn split_uri(uri: &str, verify: bool) -> Result<(String, String, String), String> {
-    let (scheme, rest) = uri
-        .split_once("://")
-        .ok_or("must be an http:// or https:// URL")?;
-    let (default_port, prefix) = match scheme {
-        "http" => (80, "http://"),
-        "https" if verify => (443, "https://"),
-        "https" => (443, "https+insecure://"),
-        _ => return Err(format!("unsupported scheme {scheme:?}")),
-    };
-    let (authority, path) = match rest.find(['/', '?']) {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
-        return Err("missing or invalid host".into());
-    }
-    let has_port = if authority.starts_with('[') {
-        authority.contains("]:")
-    } else {
-        authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    };
-    let hostport = if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:{default_port}")
-    };
-    let path = if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_owned()
-    };
-    Ok((format!("{prefix}{hostport}"), authority.to_owned(), path))
-}
-
 impl PluginFactory for ForwardAuthFactory {
     fn name(&self) -> &str {
         "forward-auth"
@@ -160,11 +122,9 @@ impl PluginFactory for ForwardAuthFactory {
     }
     fn build(&self, conf: &Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: Conf = parse_conf(conf)?;
-        let (target, authority, path) =
-            split_uri(&c.uri, c.ssl_verify).map_err(|e| ConfError::at("uri", e))?;
-        if !(200..=599).contains(&c.status_on_error) {
-            return Err(ConfError::at("status_on_error", "must be 200 to 599"));
-        }
+        let (target, authority, path) = crate::util::callout_target(&c.uri, c.ssl_verify)
+            .map_err(|e| ConfError::at("uri", e))?;
+        let on_error = crate::util::status(c.status_on_error, "status_on_error")?;
         let post = match c.request_method.as_str() {
             "GET" => None,
             "POST" => Some(c.max_req_body_size.max(1)),
@@ -201,7 +161,7 @@ impl PluginFactory for ForwardAuthFactory {
             path,
             post,
             degrade: c.allow_degradation,
-            on_error: StatusCode::from_u16(c.status_on_error).unwrap_or(StatusCode::FORBIDDEN),
+            on_error,
             request_headers: names(&c.request_headers, "request_headers")?,
             extra,
             upstream_headers: names(&c.upstream_headers, "upstream_headers")?,
@@ -311,32 +271,5 @@ impl Plugin for ForwardAuth {
             }
             Ok(None)
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uris() {
-        assert_eq!(
-            split_uri("http://127.0.0.1:1984/auth?x=1", true).unwrap(),
-            (
-                "http://127.0.0.1:1984".into(),
-                "127.0.0.1:1984".into(),
-                "/auth?x=1".into()
-            )
-        );
-        assert_eq!(
-            split_uri("https://auth.example.com", false).unwrap(),
-            (
-                "https+insecure://auth.example.com:443".into(),
-                "auth.example.com".into(),
-                "/".into()
-            )
-        );
-        assert!(split_uri("ftp://x", true).is_err());
-        assert!(split_uri("http://u@h/", true).is_err());
     }
 }

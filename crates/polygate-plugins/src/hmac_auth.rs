@@ -11,7 +11,6 @@
 //! `secret_key`.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -23,7 +22,7 @@ use polygate_router::VarSource;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::basic_auth::ct_eq;
+use crate::util::ct_eq;
 use crate::util::parse_conf;
 
 const ALGORITHMS: [&str; 3] = ["hmac-sha1", "hmac-sha256", "hmac-sha512"];
@@ -198,48 +197,6 @@ fn parse_params(auth: &str) -> Result<Params, &'static str> {
     Ok(p)
 }
 
-/// Seconds since the epoch of an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
-pub fn parse_http_date(s: &str) -> Option<i64> {
-    let s = s.trim();
-    let (_, rest) = s.split_once(", ")?;
-    let mut it = rest.split(' ');
-    let day: i64 = it.next()?.parse().ok()?;
-    let month = match it.next()? {
-        "Jan" => 1,
-        "Feb" => 2,
-        "Mar" => 3,
-        "Apr" => 4,
-        "May" => 5,
-        "Jun" => 6,
-        "Jul" => 7,
-        "Aug" => 8,
-        "Sep" => 9,
-        "Oct" => 10,
-        "Nov" => 11,
-        "Dec" => 12,
-        _ => return None,
-    };
-    let year: i64 = it.next()?.parse().ok()?;
-    let mut hms = it.next()?.split(':');
-    let (h, m, sec): (i64, i64, i64) = (
-        hms.next()?.parse().ok()?,
-        hms.next()?.parse().ok()?,
-        hms.next()?.parse().ok()?,
-    );
-    if it.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
-        return None;
-    }
-    // days from civil (Howard Hinnant's algorithm)
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86400 + h * 3600 + m * 60 + sec)
-}
-
 fn sign(alg: &str, key: &[u8], msg: &[u8]) -> Option<Vec<u8>> {
     let a = match alg {
         "hmac-sha1" => ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
@@ -286,12 +243,9 @@ impl HmacAuth {
         let Some(date) = date else {
             return Err(hidden("Date header missing. failed to validate clock skew"));
         };
-        let t = parse_http_date(date).ok_or_else(|| hidden("Invalid GMT format time"))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        if (now - t).abs() > self.clock_skew {
+        let t = polygate_core::time::parse_http_date(date)
+            .ok_or_else(|| hidden("Invalid GMT format time"))?;
+        if (polygate_core::time::unix_now() - t).abs() > self.clock_skew {
             return Err(hidden("Clock skew exceeded"));
         }
         for h in &self.signed_headers {
@@ -373,10 +327,7 @@ impl Plugin for HmacAuth {
                         } else {
                             msg
                         };
-                        let mut r = PluginResponse::message(StatusCode::UNAUTHORIZED, &msg);
-                        r.headers
-                            .insert(http::header::WWW_AUTHENTICATE, self.challenge.clone());
-                        return Flow::Respond(r);
+                        return Flow::Respond(crate::util::unauthorized(&self.challenge, &msg));
                     }
                 }
             }
@@ -392,17 +343,6 @@ impl Plugin for HmacAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn http_dates() {
-        assert_eq!(
-            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(784_111_777)
-        );
-        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
-        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
-        assert_eq!(parse_http_date("garbage"), None);
-    }
 
     #[test]
     fn params() {

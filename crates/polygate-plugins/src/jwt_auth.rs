@@ -11,16 +11,13 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use http::{HeaderValue, StatusCode};
-use polygate_core::{
-    ConfError, Flow, Plugin, PluginFactory, PluginKind, PluginResponse, RequestCtx,
-};
+use http::HeaderValue;
+use polygate_core::{ConfError, Flow, Plugin, PluginFactory, PluginKind, RequestCtx};
 use ring::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
 use serde::Deserialize;
 use serde_json::Value;
@@ -368,13 +365,6 @@ fn credential(consumer: &Arc<polygate_core::ConsumerInfo>) -> Result<Arc<Credent
     Ok(cred)
 }
 
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 /// Why a token was refused (what the client is told, and what is logged).
 struct Refusal {
     told: &'static str,
@@ -396,7 +386,7 @@ fn check_claims(payload: &Value, list: Option<&[String]>, grace: i64) -> Result<
         Some(l) if !l.is_empty() => (l, true),
         _ => (&defaults, false),
     };
-    let t = now();
+    let t = polygate_core::time::unix_now();
     for name in names {
         let Some(v) = payload.get(name) else {
             if required {
@@ -437,14 +427,8 @@ impl JwtAuth {
             );
         }
         if let Some(t) = ctx.arg(&self.query).map(|c| c.into_owned()) {
-            if self.hide
-                && let Some(q) = &ctx.query
-            {
-                let kept: Vec<&str> = q
-                    .split('&')
-                    .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) != self.query)
-                    .collect();
-                ctx.query = (!kept.is_empty()).then(|| kept.join("&"));
+            if self.hide {
+                crate::util::remove_query_arg(ctx, &self.query);
             }
             return Some(t);
         }
@@ -527,10 +511,7 @@ impl JwtAuth {
     }
 
     fn unauthorized(&self, msg: &str) -> Flow<'static> {
-        let mut r = PluginResponse::message(StatusCode::UNAUTHORIZED, msg);
-        r.headers
-            .insert(http::header::WWW_AUTHENTICATE, self.challenge.clone());
-        Flow::Respond(r)
+        Flow::Respond(crate::util::unauthorized(&self.challenge, msg))
     }
 }
 
@@ -569,7 +550,7 @@ mod tests {
 
     #[test]
     fn claims() {
-        let t = now();
+        let t = polygate_core::time::unix_now();
         let p = serde_json::json!({"exp": t + 100, "nbf": t - 1});
         assert!(check_claims(&p, None, 0).is_ok());
         let expired = serde_json::json!({"exp": t - 10});

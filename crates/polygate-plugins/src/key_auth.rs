@@ -7,10 +7,8 @@
 
 use std::sync::Arc;
 
-use http::{HeaderValue, StatusCode};
-use polygate_core::{
-    ConfError, Flow, Plugin, PluginFactory, PluginKind, PluginResponse, RequestCtx,
-};
+use http::HeaderValue;
+use polygate_core::{ConfError, Flow, Plugin, PluginFactory, PluginKind, RequestCtx};
 use serde::Deserialize;
 
 use crate::util::parse_conf;
@@ -121,10 +119,7 @@ impl PluginFactory for KeyAuthFactory {
 
 impl KeyAuth {
     fn unauthorized(&self, msg: &str) -> Flow<'static> {
-        let mut r = PluginResponse::message(StatusCode::UNAUTHORIZED, msg);
-        r.headers
-            .insert(http::header::WWW_AUTHENTICATE, self.challenge.clone());
-        Flow::Respond(r)
+        Flow::Respond(crate::util::unauthorized(&self.challenge, msg))
     }
 
     fn anonymous_or(&self, ctx: &mut RequestCtx, msg: &str) -> Flow<'static> {
@@ -134,26 +129,12 @@ impl KeyAuth {
         // an invalid credential is not forwarded on the anonymous fallback either
         if self.hide {
             ctx.headers.remove(self.header.as_str());
-            Self::remove_query_arg(ctx, &self.query);
+            crate::util::remove_query_arg(ctx, &self.query);
         }
         if crate::util::attach_anonymous(ctx, "key-auth", name) {
             Flow::Continue
         } else {
             self.unauthorized("Invalid user authorization")
-        }
-    }
-
-    fn remove_query_arg(ctx: &mut RequestCtx, name: &str) {
-        if let Some(q) = &ctx.query {
-            let kept: Vec<&str> = q
-                .split('&')
-                .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) != name)
-                .collect();
-            ctx.query = if kept.is_empty() {
-                None
-            } else {
-                Some(kept.join("&"))
-            };
         }
     }
 }
@@ -179,7 +160,7 @@ impl Plugin for KeyAuth {
             if from_header {
                 ctx.headers.remove(self.header.as_str());
             } else {
-                Self::remove_query_arg(ctx, &self.query);
+                crate::util::remove_query_arg(ctx, &self.query);
             }
         }
         Flow::Continue

@@ -283,7 +283,15 @@ pub fn split_redis(conf: &Value, with_key_ttl: bool) -> Result<(Value, RedisPart
 
 /// A stable 64-bit FNV-1a hash (the same in every process and build), for counter scopes.
 pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    fnv(FNV_START, bytes)
+}
+
+/// FNV-1a's offset basis: where [`fnv`] starts.
+pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a over `bytes`, continuing from `h` (so that several pieces hash without being
+/// joined first).
+pub fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);

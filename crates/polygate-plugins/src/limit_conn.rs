@@ -121,9 +121,7 @@ impl PluginFactory for LimitConnFactory {
                 "must be \"var\" or \"var_combination\"",
             ));
         }
-        if !(200..=599).contains(&c.rejected_code) {
-            return Err(ConfError::at("rejected_code", "must be 200 to 599"));
-        }
+        let rejected_status = crate::util::status(c.rejected_code, "rejected_code")?;
         Ok(Arc::new(LimitConn {
             max: c.conn,
             burst: c.burst,
@@ -131,8 +129,7 @@ impl PluginFactory for LimitConnFactory {
             only_default: c.only_use_default_delay,
             key: KeySpec::new(c.key_type, &c.key),
             scope: limit::scope(None, conf),
-            rejected: StatusCode::from_u16(c.rejected_code)
-                .map_err(|_| ConfError::at("rejected_code", "invalid status"))?,
+            rejected: rejected_status,
             rejected_msg: c.rejected_msg,
             degrade: c.allow_degradation,
             redis: redis.target,

@@ -173,9 +173,7 @@ impl PluginFactory for LimitCountFactory {
                 "only \"fixed\" windows are supported by polygate (see docs/compatibility.md)",
             ));
         }
-        if !(200..=599).contains(&c.rejected_code) {
-            return Err(ConfError::at("rejected_code", "must be 200 to 599"));
-        }
+        let rejected_status = crate::util::status(c.rejected_code, "rejected_code")?;
         if c.rejected_msg.as_deref() == Some("") {
             return Err(ConfError::at("rejected_msg", "must not be empty"));
         }
@@ -265,8 +263,7 @@ impl PluginFactory for LimitCountFactory {
         Ok(Arc::new(LimitCount {
             rules,
             scope: limit::scope(c.group.as_deref(), conf),
-            rejected: StatusCode::from_u16(c.rejected_code)
-                .map_err(|_| ConfError::at("rejected_code", "invalid status"))?,
+            rejected: rejected_status,
             rejected_msg: c.rejected_msg,
             redis: redis_part.target,
             degrade: c.allow_degradation,

@@ -110,9 +110,7 @@ impl PluginFactory for LimitReqFactory {
                 "must be \"var\" or \"var_combination\"",
             ));
         }
-        if !(200..=599).contains(&c.rejected_code) {
-            return Err(ConfError::at("rejected_code", "must be 200 to 599"));
-        }
+        let rejected_status = crate::util::status(c.rejected_code, "rejected_code")?;
         if c.rejected_msg.as_deref() == Some("") {
             return Err(ConfError::at("rejected_msg", "must not be empty"));
         }
@@ -121,8 +119,7 @@ impl PluginFactory for LimitReqFactory {
             burst: c.burst,
             key: KeySpec::new(c.key_type, &c.key),
             scope: limit::scope(None, conf),
-            rejected: StatusCode::from_u16(c.rejected_code)
-                .map_err(|_| ConfError::at("rejected_code", "invalid status"))?,
+            rejected: rejected_status,
             rejected_msg: c.rejected_msg,
             nodelay: c.nodelay,
             degrade: c.allow_degradation,

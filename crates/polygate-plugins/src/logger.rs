@@ -331,12 +331,6 @@ impl EntryFields {
     }
 }
 
-static HOSTNAME: LazyLock<String> = LazyLock::new(|| {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-});
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
@@ -364,17 +358,7 @@ impl EntryConf {
         }
         let host = ctx.host.as_deref().unwrap_or("");
         let request_uri = ctx.var("request_uri").unwrap_or_default().into_owned();
-        let mut headers = Map::new();
-        for (k, v) in &ctx.headers {
-            let v = Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
-            match headers.get_mut(k.as_str()) {
-                Some(Value::Array(a)) => a.push(v),
-                Some(prev) => *prev = Value::Array(vec![prev.clone(), v]),
-                None => {
-                    headers.insert(k.as_str().to_owned(), v);
-                }
-            }
-        }
+        let headers = crate::util::headers_object(&ctx.headers);
         let mut query = BTreeMap::new();
         for pair in ctx.query.as_deref().unwrap_or("").split('&') {
             if pair.is_empty() {
@@ -408,7 +392,7 @@ impl EntryConf {
                 "status": ctx.status.map_or(0, |s| s.as_u16()),
                 "size": ctx.response_body_bytes,
             },
-            "server": {"hostname": *HOSTNAME, "version": concat!("polygate/", env!("CARGO_PKG_VERSION"))},
+            "server": {"hostname": polygate_core::time::hostname(), "version": concat!("polygate/", env!("CARGO_PKG_VERSION"))},
             "client_ip": ctx.client_addr.ip().to_string(),
             "start_time": start.as_millis() as u64,
             "latency": ms(total),

@@ -168,43 +168,6 @@ impl Sink for HttpSink {
 /// Factory of `http-logger`.
 pub struct HttpLoggerFactory;
 
-/// `http[s]://host[:port][/path]` → (callout target, authority, path and query).
-fn http_target(uri: &str, verify: bool) -> Result<(String, String, String), String> {
-    let (scheme, rest) = uri
-        .split_once("://")
-        .ok_or("must be an http:// or https:// URL")?;
-    let (prefix, port) = match scheme {
-        "http" => ("http://", 80),
-        "https" if verify => ("https://", 443),
-        "https" => ("https+insecure://", 443),
-        other => return Err(format!("unsupported scheme {other:?}")),
-    };
-    let (auth, path) = match rest.find(['/', '?']) {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if auth.is_empty() || auth.contains('@') {
-        return Err("missing or invalid host".into());
-    }
-    let has_port = if auth.starts_with('[') {
-        auth.contains("]:")
-    } else {
-        auth.rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    };
-    let target = if has_port {
-        format!("{prefix}{auth}")
-    } else {
-        format!("{prefix}{auth}:{port}")
-    };
-    let path = if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_owned()
-    };
-    Ok((target, auth.to_owned(), path))
-}
-
 impl PluginFactory for HttpLoggerFactory {
     fn name(&self) -> &str {
         "http-logger"
@@ -229,8 +192,8 @@ impl PluginFactory for HttpLoggerFactory {
         let (rest, batch) = split_batch(conf)?;
         let (rest, entry) = split_entry(rest)?;
         let c: HttpConf = parse_conf(&rest)?;
-        let (target, authority, path) =
-            http_target(&c.uri, c.ssl_verify).map_err(|e| ConfError::at("uri", e))?;
+        let (target, authority, path) = crate::util::callout_target(&c.uri, c.ssl_verify)
+            .map_err(|e| ConfError::at("uri", e))?;
         let new_line = match c.concat_method.as_str() {
             "json" => false,
             "new_line" => true,
@@ -475,20 +438,6 @@ impl PluginFactory for FileLoggerFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets() {
-        assert_eq!(
-            http_target("http://127.0.0.1:1980/log?x=1", false).unwrap(),
-            (
-                "http://127.0.0.1:1980".into(),
-                "127.0.0.1:1980".into(),
-                "/log?x=1".into()
-            )
-        );
-        assert_eq!(http_target("https://h", true).unwrap().0, "https://h:443");
-        assert!(http_target("h:1", true).is_err());
-    }
 
     #[test]
     fn batches_encode_like_apisix() {

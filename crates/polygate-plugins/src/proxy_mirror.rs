@@ -69,9 +69,10 @@ impl PluginFactory for ProxyMirrorFactory {
     }
     fn build(&self, conf: &Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: Conf = parse_conf(conf)?;
-        let (scheme, authority) = c
+        let authority = c
             .host
             .split_once("://")
+            .map(|(_, a)| a)
             .ok_or_else(|| ConfError::at("host", "must be http[s]://host[:port]"))?;
         if authority.is_empty() || authority.contains(['/', '?', '@', '#']) {
             return Err(ConfError::at(
@@ -79,26 +80,12 @@ impl PluginFactory for ProxyMirrorFactory {
                 "must be http[s]://host[:port] without a path",
             ));
         }
-        let port_given = if authority.starts_with('[') {
-            authority.contains("]:")
-        } else {
-            authority.contains(':')
-        };
-        let (prefix, default_port) = match scheme {
-            "http" => ("http://", 80),
-            "https" => ("https://", 443),
-            other => {
-                return Err(ConfError::at(
-                    "host",
-                    format!("scheme {other:?} is not supported by polygate's proxy-mirror"),
-                ));
-            }
-        };
-        let target = if port_given {
-            format!("{prefix}{authority}")
-        } else {
-            format!("{prefix}{authority}:{default_port}")
-        };
+        let (target, authority, _) = crate::util::callout_target(&c.host, true).map_err(|e| {
+            ConfError::at(
+                "host",
+                format!("{e} (proxy-mirror takes http and https hosts)"),
+            )
+        })?;
         if let Some(p) = &c.path
             && (!p.starts_with('/') || p.len() < 2 || p.contains(['?', '&']))
         {
@@ -119,7 +106,7 @@ impl PluginFactory for ProxyMirrorFactory {
         }
         Ok(Arc::new(Mirror {
             target,
-            authority: authority.to_owned(),
+            authority,
             path: c.path,
             prefix,
             ratio: c.sample_ratio,

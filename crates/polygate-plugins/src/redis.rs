@@ -120,16 +120,16 @@ impl Target {
     /// What, besides the address, makes one connection different (database, credentials),
     /// as a hash: looked up per command without building a string.
     fn ident(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |b: &[u8]| {
-            for &x in b.iter().chain(std::iter::once(&0xffu8)) {
-                h ^= u64::from(x);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        eat(&self.database.to_le_bytes());
-        eat(self.username.as_deref().unwrap_or("").as_bytes());
-        eat(self.password.as_deref().unwrap_or("").as_bytes());
+        use crate::limit::fnv;
+        // a 0xff byte (never in UTF-8) closes each piece
+        let mut h = crate::limit::FNV_START;
+        for piece in [
+            &self.database.to_le_bytes()[..],
+            self.username.as_deref().unwrap_or("").as_bytes(),
+            self.password.as_deref().unwrap_or("").as_bytes(),
+        ] {
+            h = fnv(fnv(h, piece), &[0xff]);
+        }
         h
     }
 

@@ -42,6 +42,20 @@ fn one_of(a: bool, b: bool, names: (&str, &str)) -> Result<(), ConfError> {
     Ok(())
 }
 
+/// The checks an access list plugin's fields share: exactly one of the two lists, neither
+/// empty, and a message of 1 to 1024 characters.
+fn allow_or_deny(
+    allow: &Option<Vec<String>>,
+    deny: &Option<Vec<String>>,
+    names: (&str, &str),
+    message: &str,
+) -> Result<(), ConfError> {
+    one_of(allow.is_some(), deny.is_some(), names)?;
+    non_empty_list(allow, names.0)?;
+    non_empty_list(deny, names.1)?;
+    message_len(message)
+}
+
 fn message_len(m: &str) -> Result<(), ConfError> {
     if m.is_empty() || m.len() > 1024 {
         return Err(ConfError::at("message", "must be 1 to 1024 characters"));
@@ -135,14 +149,12 @@ impl PluginFactory for IpRestrictionFactory {
     }
     fn build(&self, conf: &Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: IpConf = parse_conf(conf)?;
-        one_of(
-            c.whitelist.is_some(),
-            c.blacklist.is_some(),
+        allow_or_deny(
+            &c.whitelist,
+            &c.blacklist,
             ("whitelist", "blacklist"),
+            &c.message,
         )?;
-        non_empty_list(&c.whitelist, "whitelist")?;
-        non_empty_list(&c.blacklist, "blacklist")?;
-        message_len(&c.message)?;
         if !(403..=404).contains(&c.response_code) {
             return Err(ConfError::at("response_code", "must be 403 or 404"));
         }
@@ -242,14 +254,12 @@ impl PluginFactory for UaRestrictionFactory {
     }
     fn build(&self, conf: &Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: UaConf = parse_conf(conf)?;
-        one_of(
-            c.allowlist.is_some(),
-            c.denylist.is_some(),
+        allow_or_deny(
+            &c.allowlist,
+            &c.denylist,
             ("allowlist", "denylist"),
+            &c.message,
         )?;
-        non_empty_list(&c.allowlist, "allowlist")?;
-        non_empty_list(&c.denylist, "denylist")?;
-        message_len(&c.message)?;
         Ok(Arc::new(UaRestriction {
             bypass_missing: c.bypass_missing,
             allow: c
@@ -381,14 +391,12 @@ impl PluginFactory for RefererRestrictionFactory {
     }
     fn build(&self, conf: &Value) -> Result<Arc<dyn Plugin>, ConfError> {
         let c: RefererConf = parse_conf(conf)?;
-        one_of(
-            c.whitelist.is_some(),
-            c.blacklist.is_some(),
+        allow_or_deny(
+            &c.whitelist,
+            &c.blacklist,
             ("whitelist", "blacklist"),
+            &c.message,
         )?;
-        non_empty_list(&c.whitelist, "whitelist")?;
-        non_empty_list(&c.blacklist, "blacklist")?;
-        message_len(&c.message)?;
         for (k, l) in [("whitelist", &c.whitelist), ("blacklist", &c.blacklist)] {
             for (i, h) in l.iter().flatten().enumerate() {
                 let bare = h.strip_prefix('*').unwrap_or(h);
@@ -496,9 +504,7 @@ impl PluginFactory for UriBlockerFactory {
                 ));
             }
         }
-        if !(200..=599).contains(&c.rejected_code) {
-            return Err(ConfError::at("rejected_code", "must be 200 to 599"));
-        }
+        let rejected_status = crate::util::status(c.rejected_code, "rejected_code")?;
         let joined = c
             .block_rules
             .iter()
@@ -519,7 +525,7 @@ impl PluginFactory for UriBlockerFactory {
         .map_err(|e| ConfError::at("block_rules", e.to_string()))?;
         Ok(Arc::new(UriBlocker {
             rules,
-            status: StatusCode::from_u16(c.rejected_code).unwrap_or(StatusCode::FORBIDDEN),
+            status: rejected_status,
             msg: c.rejected_msg,
         }))
     }
@@ -630,9 +636,7 @@ impl PluginFactory for ConsumerRestrictionFactory {
         }
         non_empty_list(&c.whitelist, "whitelist")?;
         non_empty_list(&c.blacklist, "blacklist")?;
-        if !(200..=599).contains(&c.rejected_code) {
-            return Err(ConfError::at("rejected_code", "must be 200 to 599"));
-        }
+        let rejected_status = crate::util::status(c.rejected_code, "rejected_code")?;
         let mut by_methods = Vec::new();
         for (i, m) in c.allowed_by_methods.iter().flatten().enumerate() {
             if m.methods.is_empty() {
@@ -675,7 +679,7 @@ impl PluginFactory for ConsumerRestrictionFactory {
             deny: c.blacklist.unwrap_or_default(),
             allow: c.whitelist.unwrap_or_default(),
             by_methods,
-            status: StatusCode::from_u16(c.rejected_code).unwrap_or(StatusCode::FORBIDDEN),
+            status: rejected_status,
             msg,
         }))
     }

@@ -414,12 +414,9 @@ impl PluginFactory for FaultInjectionFactory {
         let abort = match c.abort {
             None => None,
             Some(a) => {
-                if !(200..=599).contains(&a.http_status) {
-                    return Err(ConfError::at("abort.http_status", "must be 200 to 599"));
-                }
+                let abort_status = crate::util::status(a.http_status, "abort.http_status")?;
                 Some(Abort {
-                    status: StatusCode::from_u16(a.http_status)
-                        .map_err(|_| ConfError::at("abort.http_status", "invalid status"))?,
+                    status: abort_status,
                     body: Template::parse(a.body.as_deref().unwrap_or("")),
                     headers: header_pairs(&a.headers, "abort.headers")?,
                     percentage: percentage(a.percentage, "abort.percentage")?,
@@ -879,9 +876,7 @@ impl PluginFactory for RedirectFactory {
                 "only one of `http_to_https` and `append_query_string` can be configured.",
             ));
         }
-        if !(200..=599).contains(&c.ret_code) {
-            return Err(ConfError::at("ret_code", "must be 200 to 599"));
-        }
+        let ret_status = crate::util::status(c.ret_code, "ret_code")?;
         let target = if let Some(u) = c.uri {
             if u.len() < 2 {
                 return Err(ConfError::at("uri", "must be at least 2 characters"));
@@ -908,8 +903,7 @@ impl PluginFactory for RedirectFactory {
             Target::Https(port.filter(|p| *p != 443 && *p != 0))
         };
         Ok(Arc::new(Redirect {
-            status: StatusCode::from_u16(c.ret_code)
-                .map_err(|_| ConfError::at("ret_code", "invalid status"))?,
+            status: ret_status,
             target,
             encode: c.encode_uri,
             append_query: c.append_query_string,

@@ -334,6 +334,62 @@ pub fn realm_challenge(
         .map_err(|_| polygate_core::ConfError::at("realm", "invalid realm"))
 }
 
+/// An auth plugin's 401: `{"message": msg}` with its `WWW-Authenticate` challenge.
+pub fn unauthorized(challenge: &http::HeaderValue, msg: &str) -> polygate_core::PluginResponse {
+    let mut r = polygate_core::PluginResponse::message(http::StatusCode::UNAUTHORIZED, msg);
+    r.headers
+        .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
+    r
+}
+
+/// Removes every `name=...` argument from the request's query (a credential that must not go
+/// upstream).
+pub fn remove_query_arg(ctx: &mut polygate_core::RequestCtx, name: &str) {
+    if let Some(q) = &ctx.query {
+        let kept: Vec<&str> = q
+            .split('&')
+            .filter(|p| p.split_once('=').map_or(*p, |(k, _)| k) != name)
+            .collect();
+        ctx.query = (!kept.is_empty()).then(|| kept.join("&"));
+    }
+}
+
+/// The request headers as a JSON object: lower-case names, a repeated field as an array of
+/// its values (what `ngx.req.get_headers()` gives APISIX's loggers and schema checks).
+pub fn headers_object(headers: &HeaderMap) -> serde_json::Value {
+    use serde_json::Value;
+    let mut out = serde_json::Map::new();
+    for (k, v) in headers {
+        let v = Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        match out.get_mut(k.as_str()) {
+            Some(Value::Array(a)) => a.push(v),
+            Some(prev) => *prev = Value::Array(vec![prev.clone(), v]),
+            None => {
+                out.insert(k.as_str().to_owned(), v);
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// A status field of a plugin (`rejected_code`, `ret_code`...): 200 to 599, as APISIX's
+/// schemas allow.
+pub fn status(code: u16, path: &str) -> Result<http::StatusCode, polygate_core::ConfError> {
+    if !(200..=599).contains(&code) {
+        return Err(polygate_core::ConfError::at(path, "must be 200 to 599"));
+    }
+    http::StatusCode::from_u16(code)
+        .map_err(|_| polygate_core::ConfError::at(path, "invalid status"))
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Attaches the anonymous consumer `name` (an auth plugin's `anonymous_consumer`) when a
 /// request brings no valid credential; false (logged) when no such consumer exists.
 pub fn attach_anonymous(ctx: &mut polygate_core::RequestCtx, plugin: &str, name: &str) -> bool {
@@ -356,6 +412,47 @@ pub fn rejection(status: http::StatusCode, msg: Option<&str>) -> polygate_core::
         Some(m) => polygate_core::PluginResponse::error_msg(status, m),
         None => polygate_core::PluginResponse::status_page(status),
     }
+}
+
+/// `http[s]://host[:port][/path]` → the callout target (`http://host:port`, `https://...`,
+/// or `https+insecure://...` when the certificate is not to be verified), the authority as
+/// written, and the path with its query (`/` when none): what forward-auth, http-logger and
+/// proxy-mirror send their requests to.
+pub fn callout_target(uri: &str, verify: bool) -> Result<(String, String, String), String> {
+    let (scheme, rest) = uri
+        .split_once("://")
+        .ok_or("must be an http:// or https:// URL")?;
+    let (default_port, prefix) = match scheme {
+        "http" => (80, "http://"),
+        "https" if verify => (443, "https://"),
+        "https" => (443, "https+insecure://"),
+        _ => return Err(format!("unsupported scheme {scheme:?}")),
+    };
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') {
+        return Err("missing or invalid host".into());
+    }
+    let has_port = if authority.starts_with('[') {
+        authority.contains("]:")
+    } else {
+        authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    };
+    let hostport = if has_port {
+        authority.to_owned()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    let path = if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_owned()
+    };
+    Ok((format!("{prefix}{hostport}"), authority.to_owned(), path))
 }
 
 #[cfg(test)]
@@ -381,5 +478,44 @@ mod tests {
     #[test]
     fn replacement() {
         assert_eq!(nginx_replacement("/v2/$1a/$12"), "/v2/${1}a/${12}");
+    }
+
+    #[test]
+    fn uris() {
+        assert_eq!(
+            callout_target("http://127.0.0.1:1984/auth?x=1", true).unwrap(),
+            (
+                "http://127.0.0.1:1984".into(),
+                "127.0.0.1:1984".into(),
+                "/auth?x=1".into()
+            )
+        );
+        assert_eq!(
+            callout_target("https://auth.example.com", false).unwrap(),
+            (
+                "https+insecure://auth.example.com:443".into(),
+                "auth.example.com".into(),
+                "/".into()
+            )
+        );
+        assert!(callout_target("ftp://x", true).is_err());
+        assert!(callout_target("http://u@h/", true).is_err());
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(
+            callout_target("http://127.0.0.1:1980/log?x=1", false).unwrap(),
+            (
+                "http://127.0.0.1:1980".into(),
+                "127.0.0.1:1980".into(),
+                "/log?x=1".into()
+            )
+        );
+        assert_eq!(
+            callout_target("https://h", true).unwrap().0,
+            "https://h:443"
+        );
+        assert!(callout_target("h:1", true).is_err());
     }
 }

@@ -81,9 +81,7 @@ impl PluginFactory for RequestValidationFactory {
                     .map_err(|e| ConfError::at(k, format!("invalid JSON Schema: {e}"))),
             }
         };
-        if !(200..=599).contains(&c.rejected_code) {
-            return Err(ConfError::at("rejected_code", "must be 200 to 599"));
-        }
+        let rejected_status = crate::util::status(c.rejected_code, "rejected_code")?;
         if let Some(m) = &c.rejected_msg
             && (m.is_empty() || m.len() > 256)
         {
@@ -96,7 +94,7 @@ impl PluginFactory for RequestValidationFactory {
             headers: compile(&c.header_schema, "header_schema")?,
             body: compile(&c.body_schema, "body_schema")?,
             max: c.max_req_body_size,
-            status: StatusCode::from_u16(c.rejected_code).unwrap_or(StatusCode::BAD_REQUEST),
+            status: rejected_status,
             msg: c.rejected_msg,
         }))
     }
@@ -150,18 +148,8 @@ impl Plugin for RequestValidation {
 
     fn rewrite<'a>(&'a self, ctx: &'a mut RequestCtx) -> Flow<'a> {
         if let Some(s) = &self.headers {
-            let mut h = Map::new();
-            for (k, v) in &ctx.headers {
-                let v = Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
-                match h.get_mut(k.as_str()) {
-                    Some(Value::Array(a)) => a.push(v),
-                    Some(prev) => *prev = Value::Array(vec![prev.clone(), v]),
-                    None => {
-                        h.insert(k.as_str().to_owned(), v);
-                    }
-                }
-            }
-            if let Err(e) = s.check(&Value::Object(h)) {
+            let h = crate::util::headers_object(&ctx.headers);
+            if let Err(e) = s.check(&h) {
                 return self.reject(&e);
             }
         }

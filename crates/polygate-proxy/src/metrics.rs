@@ -135,9 +135,7 @@ impl Metrics {
              # TYPE apisix_http_requests_total gauge
 apisix_http_requests_total {total}"
         );
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default();
+        let host = polygate_core::time::hostname();
         let _ = writeln!(
             s,
             "# HELP apisix_node_info Info of APISIX node

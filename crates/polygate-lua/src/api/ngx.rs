@@ -275,23 +275,48 @@ pub(crate) fn install(lua: &Lua, ngx: &Table) -> LuaResult<()> {
     )?;
     ngx.set(
         "today",
-        lua.create_function(|_, ()| Ok(format_time(now() as i64, TimeFmt::Date)))?,
+        lua.create_function(|_, ()| {
+            Ok(polygate_core::time::format_time(
+                now() as i64,
+                polygate_core::time::TimeFmt::Date,
+            ))
+        })?,
     )?;
     ngx.set(
         "localtime",
-        lua.create_function(|_, ()| Ok(format_time(now() as i64, TimeFmt::DateTime)))?,
+        lua.create_function(|_, ()| {
+            Ok(polygate_core::time::format_time(
+                now() as i64,
+                polygate_core::time::TimeFmt::DateTime,
+            ))
+        })?,
     )?;
     ngx.set(
         "utctime",
-        lua.create_function(|_, ()| Ok(format_time(now() as i64, TimeFmt::DateTime)))?,
+        lua.create_function(|_, ()| {
+            Ok(polygate_core::time::format_time(
+                now() as i64,
+                polygate_core::time::TimeFmt::DateTime,
+            ))
+        })?,
     )?;
     ngx.set(
         "http_time",
-        lua.create_function(|_, t: f64| Ok(format_time(t as i64, TimeFmt::Http)))?,
+        lua.create_function(|_, t: f64| {
+            Ok(polygate_core::time::format_time(
+                t as i64,
+                polygate_core::time::TimeFmt::Http,
+            ))
+        })?,
     )?;
     ngx.set(
         "cookie_time",
-        lua.create_function(|_, t: f64| Ok(format_time(t as i64, TimeFmt::Cookie)))?,
+        lua.create_function(|_, t: f64| {
+            Ok(polygate_core::time::format_time(
+                t as i64,
+                polygate_core::time::TimeFmt::Cookie,
+            ))
+        })?,
     )?;
     ngx.set(
         "sleep",
@@ -368,11 +393,7 @@ pub(crate) fn get_var<'a>(ctx: &'a RequestCtx, name: &str) -> Option<Cow<'a, str
         "request_body" => Cow::Owned(String::from_utf8_lossy(ctx.body.as_deref()?).into_owned()),
         "http_host" => Cow::Borrowed(ctx.header("host")?),
         "pid" => Cow::Owned(std::process::id().to_string()),
-        "hostname" => Cow::Owned(
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_default(),
-        ),
+        "hostname" => Cow::Borrowed(polygate_core::time::hostname()),
         "server_name" => Cow::Borrowed(ctx.host.as_deref()?),
         _ => return None,
     })
@@ -648,68 +669,4 @@ fn log_line(lua: &Lua, level: i64, args: MultiValue) -> LuaResult<()> {
         _ => tracing::debug!("[lua] {at}: {msg}"),
     }
     Ok(())
-}
-
-enum TimeFmt {
-    Date,
-    DateTime,
-    Http,
-    Cookie,
-}
-
-/// Days since 1970-01-01 → (year, month, day) (Howard Hinnant's civil_from_days).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn format_time(t: i64, fmt: TimeFmt) -> String {
-    let days = t.div_euclid(86400);
-    let secs = t.rem_euclid(86400);
-    let (y, m, d) = civil(days);
-    let (hh, mm, ss) = (secs / 3600, secs / 60 % 60, secs % 60);
-    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MON: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let wd = WD[days.rem_euclid(7) as usize];
-    let mon = MON[(m - 1) as usize];
-    match fmt {
-        TimeFmt::Date => format!("{y:04}-{m:02}-{d:02}"),
-        TimeFmt::DateTime => format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02}"),
-        TimeFmt::Http => format!("{wd}, {d:02} {mon} {y:04} {hh:02}:{mm:02}:{ss:02} GMT"),
-        TimeFmt::Cookie => format!(
-            "{wd}, {d:02}-{mon}-{:02} {hh:02}:{mm:02}:{ss:02} GMT",
-            y % 100
-        ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn times() {
-        assert_eq!(
-            format_time(1290079655, TimeFmt::Http),
-            "Thu, 18 Nov 2010 11:27:35 GMT"
-        );
-        assert_eq!(
-            format_time(1290079655, TimeFmt::Cookie),
-            "Thu, 18-Nov-10 11:27:35 GMT"
-        );
-        assert_eq!(
-            format_time(1312151478, TimeFmt::DateTime),
-            "2011-07-31 22:31:18"
-        );
-    }
 }
