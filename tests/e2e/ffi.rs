@@ -175,6 +175,14 @@ async fn c_runtime_without_polygate_headers_and_cancellation_on_disconnect() {
 routes:
   - {{id: compat, uri: /compat, upstream: {{nodes: {{"{n}": 1}}}}, plugins: {{ffi: {{lib: "{compat}", cfg: plugin}}}}}}
   - {{id: cancel, uri: /cancel, upstream: {{nodes: {{"{n}": 1}}}}, plugins: {{ffi: {{lib: "{ext}", cfg: cancel, timeout: 30}}}}}}
+  - id: luacancel
+    uri: /luacancel
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      lua:
+        access: |
+          local rt = ngx.load_ffi("{ext}", "cancel", {{timeout = 30}})
+          rt:call("x")
 "#,
         n = u.node(),
         compat = compat.display(),
@@ -199,6 +207,25 @@ routes:
     assert!(
         seen,
         "runtime did not observe the cancellation:\n{}",
+        gw.stderr()
+    );
+    assert_eq!(u.hits(), 1);
+
+    // the same from a Lua handler waiting in `rt:call`: the call is owned by the handler's
+    // coroutine driver, dropped with the request
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+    s.write_all(b"GET /luacancel HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let seen = gw
+        .eventually(Duration::from_secs(5), || async {
+            gw.stderr().matches("task cancelled by the host").count() == 2
+        })
+        .await;
+    assert!(
+        seen,
+        "runtime did not observe the Lua handler's cancellation:\n{}",
         gw.stderr()
     );
     assert_eq!(u.hits(), 1);

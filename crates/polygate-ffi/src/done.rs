@@ -25,6 +25,10 @@ pub struct DoneQueue {
     tasks: Mutex<Vec<Arc<Task>>>,
     /// Set when the drainer was woken and has not drained yet (folds wake-ups).
     notified: AtomicBool,
+    /// Set while the worker wakes pollers: an answer arriving meanwhile (on one CPU the woken
+    /// poller runs at once and answers before the wake-up returns) needs no cross-thread
+    /// wake-up, as the worker drains right after (see `flush`).
+    waking_pollers: AtomicBool,
     drainer: Mutex<Option<Waker>>,
     /// False once the drainer task is gone (runtime shutting down): answers then wake their
     /// futures directly.
@@ -60,7 +64,11 @@ impl DoneQueue {
             return false;
         }
         self.tasks.lock().push(task);
-        if !self.notified.swap(true, Ordering::AcqRel) {
+        // SeqCst pairs with `flush`: either it sees `notified`, or this sees it has finished
+        if !self.notified.swap(true, Ordering::SeqCst) {
+            if self.waking_pollers.load(Ordering::SeqCst) {
+                return true;
+            }
             // never wake while holding the lock: the wake-up makes the worker runnable, and on
             // a busy CPU it may run at once and block on this very lock (measured: a spin and
             // a sched_yield per call with every thread on one CPU)
@@ -70,6 +78,29 @@ impl DoneQueue {
             }
         }
         true
+    }
+
+    /// Wakes the pollers of `queues`, then hands out answers that arrived meanwhile.
+    fn flush(&self, queues: &mut Vec<Arc<crate::queue::TaskQueue>>, batch: &mut Vec<Arc<Task>>) {
+        self.waking_pollers.store(true, Ordering::SeqCst);
+        for q in queues.drain(..) {
+            q.wake_poller();
+        }
+        self.waking_pollers.store(false, Ordering::SeqCst);
+        if self.notified.load(Ordering::SeqCst) {
+            self.drain(batch);
+        }
+    }
+
+    /// Wakes the futures of the answers queued so far (local wake-ups, on the worker).
+    fn drain(&self, batch: &mut Vec<Arc<Task>>) {
+        if !self.notified.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        std::mem::swap(batch, &mut *self.tasks.lock());
+        for t in batch.drain(..) {
+            t.wake(); // a local wake-up: same thread, no syscall
+        }
     }
 }
 
@@ -112,6 +143,7 @@ pub fn current() -> Option<Arc<DoneQueue>> {
             flusher: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             notified: AtomicBool::new(false),
+            waking_pollers: AtomicBool::new(false),
             drainer: Mutex::new(None),
             alive: AtomicBool::new(true),
         });
@@ -119,6 +151,7 @@ pub fn current() -> Option<Arc<DoneQueue>> {
         let fq = dq.clone();
         handle.spawn(async move {
             let mut queues = Vec::new();
+            let mut batch = Vec::new();
             loop {
                 poll_fn(|cx| {
                     *fq.flusher.lock() = Some(cx.waker().clone());
@@ -133,9 +166,7 @@ pub fn current() -> Option<Arc<DoneQueue>> {
                 // their posts are batched into this one wake-up
                 fq.flush_pending.store(false, Ordering::Release);
                 std::mem::swap(&mut queues, &mut *fq.to_wake.lock());
-                for q in queues.drain(..) {
-                    q.wake_poller();
-                }
+                fq.flush(&mut queues, &mut batch);
             }
         });
         handle.spawn(async move {
@@ -145,17 +176,14 @@ pub fn current() -> Option<Arc<DoneQueue>> {
             loop {
                 poll_fn(|cx| {
                     *dq.drainer.lock() = Some(cx.waker().clone());
-                    if dq.notified.swap(false, Ordering::AcqRel) {
+                    if dq.notified.load(Ordering::SeqCst) {
                         Poll::Ready(())
                     } else {
                         Poll::Pending
                     }
                 })
                 .await;
-                std::mem::swap(&mut batch, &mut *dq.tasks.lock());
-                for t in batch.drain(..) {
-                    t.wake(); // a local wake-up: same thread, no syscall
-                }
+                dq.drain(&mut batch);
             }
         });
         *l = Some(dq.clone());

@@ -12,6 +12,7 @@
 //!
 //! - [`queue`]: tasks and queues (safe code).
 //! - [`done`]: per-worker done queues that fold many answers into one wake-up.
+//! - [`deadline`]: per-worker call timeouts without a timer per call.
 //! - [`abi`]: the exported C functions (unsafe, every entry point guarded against panics).
 //! - [`runtime`]: loading libraries, the process-wide registry, [`runtime::Runtime::call`].
 //! - [`plugin`]: the `ffi` gateway plugin.
@@ -21,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod deadline;
 pub mod done;
 pub mod elf;
 pub mod loader;
@@ -30,7 +32,7 @@ pub mod queue;
 pub mod runtime;
 pub mod signals;
 
-pub use runtime::{CallError, FfiHost, LoadError, LoadOptions, Runtime, host};
+pub use runtime::{CallError, FfiHost, LoadError, LoadOptions, PendingCall, Runtime, host};
 
 /// Linker flags that export the host's C functions from an executable so `dlopen`ed runtime
 /// libraries resolve them (use from a build script with `cargo:rustc-link-arg-bins=`).

@@ -416,6 +416,11 @@ impl CancelOnDrop {
         CancelOnDrop { task, armed: true }
     }
 
+    /// The guarded task.
+    pub fn task(&self) -> &Arc<Task> {
+        &self.task
+    }
+
     /// The answer arrived: nothing to cancel.
     pub fn disarm(&mut self) {
         self.armed = false;

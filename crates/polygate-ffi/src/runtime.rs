@@ -129,6 +129,63 @@ impl Drop for InflightGuard {
     }
 }
 
+/// A call posted by [`Runtime::start_call`]. Poll it until it answers or its timeout passes;
+/// dropping it before then cancels the task (the runtime sees `is_cancelled`, and a late answer
+/// is dropped with its buffer).
+pub struct PendingCall {
+    guard: CancelOnDrop,
+    _inflight: InflightGuard,
+    /// The timeout and the instant it passes.
+    timeout: Option<(Duration, Instant)>,
+    timer: Timer,
+}
+
+/// How a call's timeout is watched.
+enum Timer {
+    /// Not yet (armed on the first poll that finds no answer), or no timeout.
+    Unarmed,
+    /// By the worker's sweeper ([`crate::deadline`]).
+    Swept(crate::deadline::Registration),
+    /// By a tokio timer (outside gateway workers).
+    Tokio(std::pin::Pin<Box<tokio::time::Sleep>>),
+}
+
+impl PendingCall {
+    /// The answer, [`CallError::Timeout`] once the timeout passed, or pending (the waker of
+    /// `cx` is woken when either happens). Polling again after `Ready` yields the timeout error.
+    pub fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Answer, CallError>> {
+        use std::task::Poll;
+        if let Poll::Ready(a) = self.guard.task().poll_answer(cx) {
+            self.guard.disarm();
+            return Poll::Ready(Ok(a));
+        }
+        let Some((t, deadline)) = self.timeout else {
+            return Poll::Pending;
+        };
+        if matches!(self.timer, Timer::Unarmed) {
+            self.timer = match crate::deadline::register(self.guard.task(), deadline) {
+                Some(r) => Timer::Swept(r),
+                None => Timer::Tokio(Box::pin(tokio::time::sleep_until(
+                    tokio::time::Instant::from_std(deadline),
+                ))),
+            };
+        }
+        let expired = match &mut self.timer {
+            Timer::Swept(r) => r.expired(),
+            Timer::Tokio(s) => s.as_mut().poll(cx).is_ready(),
+            Timer::Unarmed => false,
+        };
+        if expired {
+            Poll::Ready(Err(CallError::Timeout(t)))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 impl Runtime {
     /// Calls the runtime with `req` (`None` = nil request). Never blocks the thread: a full
     /// queue or too many calls in flight fail at once; `timeout` bounds the wait (the late
@@ -155,6 +212,34 @@ impl Runtime {
         req: Option<Vec<u8>>,
         timeout: Option<Duration>,
     ) -> Result<Answer, CallError> {
+        let mut call = self.start_call_vec(req, timeout)?;
+        std::future::poll_fn(|cx| call.poll(cx)).await
+    }
+
+    /// Posts a call without waiting for it: poll the returned [`PendingCall`] (from the same
+    /// worker thread) until it answers. For callers that cannot hold a future, such as a Lua
+    /// coroutine that yields between polls. `req` is copied.
+    pub fn start_call(
+        &self,
+        req: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<PendingCall, CallError> {
+        self.start_call_vec(
+            req.map(|r| {
+                let mut v = Vec::with_capacity(r.len() + 1);
+                v.extend_from_slice(r);
+                v
+            }),
+            timeout,
+        )
+    }
+
+    /// [`Runtime::start_call`] with a request the host may keep as it is (no copy).
+    pub fn start_call_vec(
+        &self,
+        req: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+    ) -> Result<PendingCall, CallError> {
         if self.unloaded.load(Ordering::Acquire) {
             return Err(CallError::Finished);
         }
@@ -162,7 +247,7 @@ impl Runtime {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return Err(CallError::Busy);
         }
-        let _inflight = InflightGuard(self.inflight.clone());
+        let inflight = InflightGuard(self.inflight.clone());
         let deadline = timeout.map(|t| Instant::now() + t);
         let done = crate::done::current();
         let task = self
@@ -183,17 +268,12 @@ impl Runtime {
             Some(dq) if dq.defer_wake(&self.queue) => {}
             _ => self.queue.wake_poller(),
         }
-        let mut guard = CancelOnDrop::new(task.clone());
-        let wait = std::future::poll_fn(|cx| task.poll_answer(cx));
-        let answer = match timeout {
-            Some(t) => match tokio::time::timeout(t, wait).await {
-                Ok(a) => a,
-                Err(_) => return Err(CallError::Timeout(t)),
-            },
-            None => wait.await,
-        };
-        guard.disarm();
-        Ok(answer)
+        Ok(PendingCall {
+            guard: CancelOnDrop::new(task),
+            _inflight: inflight,
+            timeout: timeout.zip(deadline),
+            timer: Timer::Unarmed,
+        })
     }
 
     /// Unloads: later calls fail with [`CallError::Finished`]; tasks already queued are still

@@ -218,6 +218,47 @@ async fn timeout_and_late_answer_is_freed() {
     assert_eq!(rt.inflight(), 0);
 }
 
+/// On a current-thread runtime (a gateway worker) timeouts are watched by the worker's
+/// sweeper instead of a tokio timer per call: a call still times out, within a tick of its
+/// deadline, and a started call dropped before its answer is cancelled.
+#[tokio::test]
+async fn timeouts_on_a_worker_thread_are_swept() {
+    let lib = build("compat_runtime");
+    let rt = host()
+        .load(lib.to_str().unwrap(), Some("slow:1500"), &opts())
+        .unwrap();
+    let t0 = Instant::now();
+    let err = rt
+        .call(Some(b"late"), Some(Duration::from_millis(50)))
+        .await
+        .unwrap_err();
+    let waited = t0.elapsed();
+    assert_eq!(err, CallError::Timeout(Duration::from_millis(50)));
+    assert!(waited >= Duration::from_millis(50), "{waited:?}");
+    // the tick is 10 ms; the slack covers valgrind runs
+    assert!(waited < Duration::from_millis(1000), "{waited:?}");
+
+    let mut call = rt
+        .start_call(Some(b"dropped"), Some(Duration::from_secs(30)))
+        .unwrap();
+    assert!(
+        std::future::poll_fn(|cx| std::task::Poll::Ready(call.poll(cx).is_pending())).await,
+        "no answer yet"
+    );
+    drop(call);
+    wait_until(|| rt.outstanding() == 0 && rt.queued() == 0).await;
+    assert_eq!(rt.inflight(), 0);
+
+    let fast = host()
+        .load(lib.to_str().unwrap(), Some("echo"), &opts())
+        .unwrap();
+    let (rc, body) = fast
+        .call(Some(b"hi"), Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!((rc, body.as_deref()), (0, Some(&b"hi"[..])));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unload_drains_queued_tasks_then_refuses_calls() {
     let lib = build("compat_runtime");

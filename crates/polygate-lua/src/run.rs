@@ -11,6 +11,7 @@ use http::{HeaderValue, StatusCode, header};
 use mlua::{Function, Lua, MultiValue, Result as LuaResult, Table, Value};
 use polygate_core::{Flow, GatewayError, PluginError, PluginResponse, RequestCtx, ResponseHead};
 
+use crate::api::ffi_call::{CallSlot, Driving};
 use crate::api::ngx::{EXIT_UNWIND, TIMER_EXIT, touch_time};
 use crate::current::{Enter, LuaPhase, LuaReq, chunk_eof, lua_req};
 use crate::vm::{Source, SourceKind, Vm, discard_vm, reset_budget, vm};
@@ -188,7 +189,8 @@ pub(crate) fn run_request<'a>(
     let mut fut = vm.runner.call_async::<MultiValue>(args);
     drop(vm);
     let mut cx = Context::from_waker(Waker::noop());
-    match step(&mut fut, phase, ctx, &mut cx) {
+    let mut call = CallSlot::default();
+    match step(&mut fut, &mut call, phase, ctx, &mut cx) {
         Poll::Ready(r) => into_flow(finish(plugin, phase, src.kind, ctx, r)),
         Poll::Pending if exit_requested(ctx) => {
             into_flow(finish(plugin, phase, src.kind, ctx, Ok(MultiValue::new())))
@@ -196,6 +198,7 @@ pub(crate) fn run_request<'a>(
         Poll::Pending => Flow::Pending(Box::pin(PhaseRun {
             ctx,
             fut,
+            call,
             plugin,
             phase,
             kind: src.kind,
@@ -214,11 +217,13 @@ fn into_flow<'a>(o: Outcome) -> Flow<'a> {
 
 fn step<F: Future + Unpin>(
     fut: &mut F,
+    call: &mut CallSlot,
     phase: LuaPhase,
     ctx: &mut RequestCtx,
     cx: &mut Context<'_>,
 ) -> Poll<F::Output> {
     let _e = Enter::request(phase, ctx);
+    let _d = Driving::new(cx.waker(), call);
     reset_budget();
     touch_time();
     Pin::new(fut).poll(cx)
@@ -234,7 +239,10 @@ fn exit_requested(ctx: &mut RequestCtx) -> bool {
 /// the request published for the callbacks.
 struct PhaseRun<'a, F> {
     ctx: &'a mut RequestCtx,
+    /// The coroutine (dropped before `call`: a waiting coroutine is terminated first).
     fut: F,
+    /// The FFI call the coroutine waits on, cancelled if the handler is dropped.
+    call: CallSlot,
     plugin: &'a str,
     phase: LuaPhase,
     kind: SourceKind,
@@ -249,7 +257,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let this = self.get_mut();
-        match step(&mut this.fut, this.phase, this.ctx, cx) {
+        match step(&mut this.fut, &mut this.call, this.phase, this.ctx, cx) {
             Poll::Ready(r) => Poll::Ready(finish(this.plugin, this.phase, this.kind, this.ctx, r)),
             Poll::Pending if exit_requested(this.ctx) => Poll::Ready(finish(
                 this.plugin,
@@ -530,8 +538,10 @@ pub(crate) async fn run_timer(lua: &Lua, cb: &Function, args: MultiValue) -> Lua
     a.extend(args);
     let mut fut = runner.call_async::<MultiValue>(MultiValue::from_vec(a));
     TIMER_EXIT.with(|t| t.set(false));
+    let mut call = CallSlot::default();
     std::future::poll_fn(|cx| {
         let _e = Enter::detached(LuaPhase::Timer);
+        let _d = Driving::new(cx.waker(), &mut call);
         reset_budget();
         touch_time();
         match Pin::new(&mut fut).poll(cx) {

@@ -33,7 +33,7 @@ unsafe fn raise(l: *mut ffi::lua_State, msg: String) -> ! {
 
 /// The return of a C function whose work ran under `catch_unwind`: `results` values on the
 /// stack, or the error (or panic) raised as a Lua error.
-unsafe fn conclude(
+pub(super) unsafe fn conclude(
     l: *mut ffi::lua_State,
     r: std::thread::Result<Result<(), String>>,
     api: &str,
@@ -49,7 +49,7 @@ unsafe fn conclude(
 }
 
 /// The bytes of the string at `idx` (valid while it stays on the stack).
-unsafe fn bytes<'a>(l: *mut ffi::lua_State, idx: c_int) -> Option<&'a [u8]> {
+pub(super) unsafe fn bytes<'a>(l: *mut ffi::lua_State, idx: c_int) -> Option<&'a [u8]> {
     let mut len = 0usize;
     // SAFETY: `l` is the running state and `idx` a valid stack index
     let p = unsafe { ffi::lua_tolstring(l, idx, &mut len) };

@@ -3,123 +3,58 @@
 //! until the runtime answers: `ok, res_or_rc, err` as lua-resty-ffi returns them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use mlua::{
-    AnyUserData, Function, Lua, MultiValue, Result as LuaResult, Table, UserData, UserDataMethods,
-    Value,
-};
+use mlua::{AnyUserData, Function, Lua, MultiValue, Result as LuaResult, Table, UserData, Value};
 use polygate_ffi::runtime::{Slot, cache_key};
-use polygate_ffi::{CallError, LoadError, LoadOptions, Runtime, host};
+use polygate_ffi::{LoadError, LoadOptions, Runtime, host};
 
-use super::lua_err;
 use super::ngx::require_yield;
+use super::{ffi_call, lua_err};
 use crate::vm::Settings;
 
 const CACHE: &str = "polygate.ffi_runtimes";
 
-/// A runtime as Lua sees it.
+/// The userdata behind a runtime object: its index in the call path's registry
+/// ([`super::ffi_call`]), released when the object and its call functions are collected.
 struct LuaRuntime {
-    rt: Arc<Runtime>,
+    id: usize,
     key: String,
-    timeout: Duration,
-    finished: AtomicBool,
-    call: Function,
-    unload: Function,
 }
 
-impl UserData for LuaRuntime {
-    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
-        m.add_meta_method("__index", |_, this, key: String| {
-            Ok(if key == "__unload" {
-                this.unload.clone()
-            } else {
-                this.call.clone()
-            })
-        });
-        m.add_async_meta_method(
-            "__call",
-            |lua, this, (req, _extra): (Value, MultiValue)| async move {
-                let rt = this.rt.clone();
-                let finished = this.finished.load(Ordering::Acquire);
-                let timeout = this.timeout;
-                drop(this);
-                invoke(lua, rt, timeout, finished, req).await
-            },
-        );
-        m.add_meta_method("__tostring", |_, this, ()| {
-            Ok(format!("ffi runtime {}", this.key))
-        });
+impl UserData for LuaRuntime {}
+
+impl Drop for LuaRuntime {
+    fn drop(&mut self) {
+        ffi_call::unregister(self.id);
     }
 }
 
-fn result(lua: &Lua, r: Result<(i32, Option<bytes::Bytes>), CallError>) -> LuaResult<MultiValue> {
-    let s = |t: &[u8]| -> LuaResult<Value> { Ok(Value::String(lua.create_string(t)?)) };
-    Ok(MultiValue::from_vec(match r {
-        Ok((0, rsp)) => vec![
-            Value::Boolean(true),
-            match rsp {
-                Some(b) => s(&b)?,
-                None => Value::Nil,
-            },
-            Value::Nil,
-        ],
-        Ok((rc, rsp)) => vec![
-            Value::Boolean(false),
-            Value::Integer(rc as i64),
-            match rsp {
-                Some(b) => s(&b)?,
-                None => Value::Nil,
-            },
-        ],
-        Err(CallError::Timeout(_)) => vec![Value::Boolean(false), s(b"timeout")?],
-        Err(e) => vec![Value::Boolean(false), s(e.to_string().as_bytes())?],
-    }))
-}
+/// Field of the object table that holds its [`LuaRuntime`].
+const HANDLE_FIELD: &str = "__polygate_runtime";
 
-async fn call(
-    lua: Lua,
-    (ud, req, _extra): (AnyUserData, Value, MultiValue),
-) -> LuaResult<MultiValue> {
-    let (rt, timeout, finished) = {
-        let this = ud.borrow::<LuaRuntime>()?;
-        (
-            this.rt.clone(),
-            this.timeout,
-            this.finished.load(Ordering::Acquire),
-        )
-    };
-    invoke(lua, rt, timeout, finished, req).await
-}
-
-async fn invoke(
-    lua: Lua,
-    rt: Arc<Runtime>,
-    timeout: Duration,
-    finished: bool,
-    req: Value,
-) -> LuaResult<MultiValue> {
-    require_yield("ffi runtime call")?;
-    if finished || rt.is_unloaded() {
-        return result(&lua, Err(CallError::Finished));
-    }
-    let req: Option<Vec<u8>> = match &req {
-        Value::Nil => None,
-        Value::String(s) => Some(s.as_bytes().to_vec()),
-        other => match super::as_text(other) {
-            Some(t) => Some(t),
-            None => {
-                return Err(lua_err(format!(
-                    "ffi runtime call: request must be a string or nil, got {}",
-                    other.type_name()
-                )));
-            }
-        },
-    };
-    let r = rt.call(req.as_deref(), Some(timeout)).await;
-    result(&lua, r)
-}
+/// The object `load_ffi` returns, a table as lua-resty-ffi's is: any method name posts a
+/// request (the function is cached in the table on first use), `__unload` unloads.
+const OBJECT_FACTORY: &str = r#"
+local make_call, unload, HANDLE = ...
+local setmetatable, rawset = setmetatable, rawset
+return function(id, ud, name)
+    local call = make_call(id, ud)
+    local function unload_this() return unload(ud) end
+    local obj = { [HANDLE] = ud }
+    return setmetatable(obj, {
+        __index = function(t, k)
+            if k == "__unload" then
+                return unload_this
+            end
+            rawset(t, k, call)
+            return call
+        end,
+        __call = call,
+        __tostring = function() return name end,
+    })
+end
+"#;
 
 /// A load waiting on the loading thread.
 struct PendingLoad {
@@ -140,21 +75,16 @@ fn finish_load(
 ) -> LuaResult<MultiValue> {
     match r {
         Ok(rt) => {
-            let (call, unload): (Function, Function) = (
-                lua.named_registry_value(CALL_FN)?,
-                lua.named_registry_value(UNLOAD_FN)?,
-            );
+            let make: Function = lua.named_registry_value(OBJECT_FN)?;
+            let id = ffi_call::register(rt, timeout);
             let ud = lua.create_userdata(LuaRuntime {
-                rt,
+                id,
                 key: key.to_owned(),
-                timeout,
-                finished: AtomicBool::new(false),
-                call,
-                unload,
             })?;
+            let obj: Table = make.call((id, ud, format!("ffi runtime {key}")))?;
             let cache: Table = lua.named_registry_value(CACHE)?;
-            cache.raw_set(key, ud.clone())?;
-            Ok(MultiValue::from_vec(vec![Value::UserData(ud)]))
+            cache.raw_set(key, obj.clone())?;
+            Ok(MultiValue::from_vec(vec![Value::Table(obj)]))
         }
         Err(LoadError::Init { rc, lib }) => {
             tracing::error!("ngx.load_ffi: libffi_init of {lib} failed with rc {rc}");
@@ -170,8 +100,7 @@ fn finish_load(
     }
 }
 
-const CALL_FN: &str = "polygate.ffi_call";
-const UNLOAD_FN: &str = "polygate.ffi_unload";
+const OBJECT_FN: &str = "polygate.ffi_object";
 
 /// `ngx.load_ffi`: a runtime already loaded returns at once; otherwise the load is queued on
 /// the loading thread and the coroutine yields until it is done (the worker keeps serving), or,
@@ -192,18 +121,30 @@ end
 "#;
 
 pub(crate) fn install(lua: &Lua, ngx: &Table, settings: &Settings) -> LuaResult<()> {
-    let call_fn = lua.create_async_function(call)?;
     let unload_fn = lua.create_function(|lua, ud: AnyUserData| {
         let this = ud.borrow::<LuaRuntime>()?;
-        this.finished.store(true, Ordering::Release);
-        this.rt.unload();
+        ffi_call::finish(this.id);
         if let Ok(cache) = lua.named_registry_value::<Table>(CACHE) {
             cache.raw_set(this.key.as_str(), Value::Nil)?;
         }
         Ok(())
     })?;
-    lua.set_named_registry_value(CALL_FN, call_fn)?;
-    lua.set_named_registry_value(UNLOAD_FN, unload_fn)?;
+    let make_call: Function = lua
+        .load(ffi_call::CALL_FACTORY)
+        .set_name("=ngx.load_ffi.call")
+        .call((
+            super::fast::function(lua, ffi_call::post)?,
+            super::fast::function(lua, ffi_call::take)?,
+            ffi_call::pending_marker(),
+            lua.globals()
+                .get::<Table>("coroutine")?
+                .get::<Function>("yield")?,
+        ))?;
+    let make_object: Function = lua
+        .load(OBJECT_FACTORY)
+        .set_name("=ngx.load_ffi.object")
+        .call((make_call, unload_fn, HANDLE_FIELD))?;
+    lua.set_named_registry_value(OBJECT_FN, make_object)?;
     let default_timeout = settings.ffi_timeout;
     let cache = lua.create_table()?;
     lua.set_named_registry_value(CACHE, cache)?;
@@ -211,13 +152,18 @@ pub(crate) fn install(lua: &Lua, ngx: &Table, settings: &Settings) -> LuaResult<
         move |lua, (lib, cfg, opts): (String, Option<String>, Option<Table>)| {
             let key = cache_key(&lib, cfg.as_deref());
             let cache: Table = lua.named_registry_value(CACHE)?;
-            if let Value::UserData(ud) = cache.raw_get::<Value>(key.as_str())? {
-                let alive = ud
-                    .borrow::<LuaRuntime>()
-                    .map(|r| !r.finished.load(Ordering::Acquire) && !r.rt.is_unloaded())
+            if let Value::Table(obj) = cache.raw_get::<Value>(key.as_str())? {
+                let alive = obj
+                    .raw_get::<AnyUserData>(HANDLE_FIELD)
+                    .ok()
+                    .and_then(|ud| {
+                        ud.borrow::<LuaRuntime>()
+                            .ok()
+                            .map(|r| ffi_call::alive(r.id))
+                    })
                     .unwrap_or(false);
                 if alive {
-                    return Ok(MultiValue::from_vec(vec![Value::UserData(ud)]));
+                    return Ok(MultiValue::from_vec(vec![Value::Table(obj)]));
                 }
                 cache.raw_set(key.as_str(), Value::Nil)?;
             }

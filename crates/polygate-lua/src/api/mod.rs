@@ -3,6 +3,7 @@
 pub(crate) mod codec;
 mod fast;
 pub(crate) mod ffi;
+pub(crate) mod ffi_call;
 pub(crate) mod json;
 pub(crate) mod ngx;
 pub(crate) mod re;
