@@ -259,8 +259,30 @@ impl PluginFactory for FfiFactory {
 pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     use std::io::Write as _;
     fn string(out: &mut Vec<u8>, s: &str) {
-        // serde_json escapes exactly as the derived serializer did
-        let _ = serde_json::to_writer(&mut *out, s);
+        let b = s.as_bytes();
+        if b.iter().all(|&c| c >= 0x20 && c != b'"' && c != b'\\') {
+            // nothing to escape (the usual case): what serde_json writes, without its machinery
+            out.reserve(b.len() + 2);
+            out.push(b'"');
+            out.extend_from_slice(b);
+            out.push(b'"');
+        } else {
+            // serde_json escapes exactly as the derived serializer did
+            let _ = serde_json::to_writer(&mut *out, s);
+        }
+    }
+    fn decimal(out: &mut Vec<u8>, mut n: u32) {
+        let mut buf = [0u8; 10];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&buf[i..]);
     }
     fn field(out: &mut Vec<u8>, name: &str, first: &mut bool) {
         if !*first {
@@ -323,10 +345,23 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     out.push(b'}');
     field(&mut out, "client_ip", &mut first);
     out.push(b'"');
-    let _ = write!(out, "{}", ctx.client_addr.ip());
+    match ctx.client_addr.ip() {
+        // written by hand: `write!` costs more than the rest of the description
+        std::net::IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                decimal(&mut out, o.into());
+            }
+        }
+        ip @ std::net::IpAddr::V6(_) => {
+            let _ = write!(out, "{ip}");
+        }
+    }
     out.push(b'"');
     field(&mut out, "client_port", &mut first);
-    let _ = write!(out, "{}", ctx.client_addr.port());
+    decimal(&mut out, ctx.client_addr.port().into());
     for (name, v) in [
         ("route_id", ctx.route_id.as_deref()),
         ("service_id", ctx.service_id.as_deref()),
@@ -342,7 +377,7 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     }
     if let Some(st) = ctx.status {
         field(&mut out, "status", &mut first);
-        let _ = write!(out, "{}", st.as_u16());
+        decimal(&mut out, st.as_u16().into());
     }
     if let Some(b) = &ctx.body {
         match std::str::from_utf8(b) {
@@ -630,6 +665,7 @@ mod tests {
         h.append("x-multi", HeaderValue::from_static("c"));
         h.insert("x-bin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
         h.insert("accept", HeaderValue::from_static("*/*"));
+        h.insert("x-tab", HeaderValue::from_static("a\tb"));
         let mut c = RequestCtx::new(
             Method::POST,
             uri,
@@ -656,6 +692,7 @@ mod tests {
             if uri == "/plain" {
                 c.status = Some(StatusCode::NOT_FOUND);
                 c.service_id = Some("svc \u{1f600}".into());
+                c.client_addr = "10.0.255.7:80".parse().unwrap();
             }
             let ours = describe(&c);
             assert!(ours.capacity() > ours.len(), "room left for the NUL");
