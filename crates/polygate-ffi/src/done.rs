@@ -58,6 +58,31 @@ impl DoneQueue {
         true
     }
 
+    /// Wakes `queue`'s poller now when no other post of this event-loop turn waits for the
+    /// flusher (a sequential caller), then hands out answers that arrived meanwhile: on one
+    /// CPU the woken runtime thread runs at once and may answer before the wake-up returns, and
+    /// the caller then finds its answer without yielding. Otherwise the wake-up is deferred as
+    /// in [`DoneQueue::defer_wake`]. False when the worker's tasks are gone.
+    pub fn wake_now(&self, queue: &Arc<crate::queue::TaskQueue>) -> bool {
+        if !self.alive.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.flush_pending.load(Ordering::Acquire) {
+            return self.defer_wake(queue);
+        }
+        self.waking_pollers.store(true, Ordering::SeqCst);
+        queue.wake_poller();
+        self.waking_pollers.store(false, Ordering::SeqCst);
+        if self.notified.swap(false, Ordering::SeqCst) {
+            // local wake-ups under the lock keep the vector's capacity (nothing here switches
+            // threads)
+            for t in self.tasks.lock().drain(..) {
+                t.wake();
+            }
+        }
+        true
+    }
+
     /// Queues an answered task for the worker; false when the drainer is gone.
     pub fn push(&self, task: Arc<Task>) -> bool {
         if !self.alive.load(Ordering::Acquire) {

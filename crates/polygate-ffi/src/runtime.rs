@@ -234,11 +234,40 @@ impl Runtime {
         )
     }
 
+    /// [`Runtime::start_call`] for a caller that usually waits on one call at a time (a Lua
+    /// coroutine): the poller is woken at once unless other posts of this event-loop turn wait
+    /// for a shared wake-up, so a runtime that answers during the wake-up (on one CPU) leaves
+    /// the answer ready for the first poll.
+    pub fn start_call_now(
+        &self,
+        req: Option<&[u8]>,
+        timeout: Option<Duration>,
+    ) -> Result<PendingCall, CallError> {
+        self.post_call(
+            req.map(|r| {
+                let mut v = Vec::with_capacity(r.len() + 1);
+                v.extend_from_slice(r);
+                v
+            }),
+            timeout,
+            true,
+        )
+    }
+
     /// [`Runtime::start_call`] with a request the host may keep as it is (no copy).
     pub fn start_call_vec(
         &self,
         req: Option<Vec<u8>>,
         timeout: Option<Duration>,
+    ) -> Result<PendingCall, CallError> {
+        self.post_call(req, timeout, false)
+    }
+
+    fn post_call(
+        &self,
+        req: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+        now: bool,
     ) -> Result<PendingCall, CallError> {
         if self.unloaded.load(Ordering::Acquire) {
             return Err(CallError::Finished);
@@ -264,12 +293,14 @@ impl Runtime {
                 }
                 PostError::Finished => CallError::Finished,
             })?;
+        let guard = CancelOnDrop::new(task);
         match &done {
-            Some(dq) if dq.defer_wake(&self.queue) => {}
+            Some(dq) if now && dq.wake_now(&self.queue) => {}
+            Some(dq) if !now && dq.defer_wake(&self.queue) => {}
             _ => self.queue.wake_poller(),
         }
         Ok(PendingCall {
-            guard: CancelOnDrop::new(task),
+            guard,
             _inflight: inflight,
             timeout: timeout.zip(deadline),
             timer: Timer::Unarmed,

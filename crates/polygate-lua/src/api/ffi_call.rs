@@ -240,7 +240,7 @@ pub(crate) unsafe extern "C-unwind" fn post(l: *mut ffi::lua_State) -> c_int {
             return Ok(Step::Done(Err(CallError::Finished)));
         }
         with_driver(|waker, slot| {
-            let mut call = match rt.start_call(req, Some(timeout)) {
+            let mut call = match rt.start_call_now(req, Some(timeout)) {
                 Ok(c) => c,
                 Err(e) => return Step::Done(Err(e)),
             };
