@@ -288,6 +288,39 @@ async fn limit_count_redis_shared_by_two_gateways() {
     );
 }
 
+/// A Redis that accepts connections and never answers: each request waits `redis_timeout`
+/// (300 ms), then `allow_degradation` decides, as with lua-resty-redis's socket timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn limit_count_redis_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming().flatten() {
+            held.push(s); // read nothing, answer nothing
+        }
+    });
+    let u = Upstream::start("u").await;
+    let n = u.node();
+    let gw = Gateway::start(&format!(
+        "routes:{}{}",
+        redis_route("strict", "/strict", &n, port, "allow_degradation: false"),
+        redis_route("soft", "/soft", &n, port, "allow_degradation: true")
+    ));
+    for (path, status) in [("/strict", 500), ("/soft", 200), ("/strict", 500)] {
+        let t0 = Instant::now();
+        let r = get(gw.port, path).await;
+        let took = t0.elapsed();
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(
+            took >= Duration::from_millis(300),
+            "{path} answered in {took:?}"
+        );
+        assert!(took < Duration::from_secs(3), "{path} answered in {took:?}");
+    }
+    assert!(gw.stderr().contains("timeout"), "{}", gw.stderr());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn limit_req_local_and_redis() {
     let redis = Redis::start();

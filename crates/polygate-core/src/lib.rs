@@ -17,10 +17,12 @@ pub mod callout;
 pub mod chain;
 pub mod consumer;
 pub mod ctx;
+pub mod deadline;
 pub mod error;
 pub mod exporters;
 pub mod path;
 pub mod plugin;
+pub mod text;
 pub mod time;
 pub mod worker;
 

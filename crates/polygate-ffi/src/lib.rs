@@ -12,7 +12,6 @@
 //!
 //! - [`queue`]: tasks and queues (safe code).
 //! - [`done`]: per-worker done queues that fold many answers into one wake-up.
-//! - [`deadline`]: per-worker call timeouts without a timer per call.
 //! - [`abi`]: the exported C functions (unsafe, every entry point guarded against panics).
 //! - [`runtime`]: loading libraries, the process-wide registry, [`runtime::Runtime::call`].
 //! - [`plugin`]: the `ffi` gateway plugin.
@@ -22,7 +21,6 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
-pub mod deadline;
 pub mod done;
 pub mod elf;
 pub mod loader;

@@ -271,19 +271,7 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
             let _ = serde_json::to_writer(&mut *out, s);
         }
     }
-    fn decimal(out: &mut Vec<u8>, mut n: u32) {
-        let mut buf = [0u8; 10];
-        let mut i = buf.len();
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&buf[i..]);
-    }
+    use polygate_core::text::push_decimal as decimal;
     fn field(out: &mut Vec<u8>, name: &str, first: &mut bool) {
         if !*first {
             out.push(b',');

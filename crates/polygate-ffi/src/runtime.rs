@@ -144,8 +144,8 @@ pub struct PendingCall {
 enum Timer {
     /// Not yet (armed on the first poll that finds no answer), or no timeout.
     Unarmed,
-    /// By the worker's sweeper ([`crate::deadline`]).
-    Swept(crate::deadline::Registration),
+    /// By the worker's sweeper ([`polygate_core::deadline`]).
+    Swept(polygate_core::deadline::Registration),
     /// By a tokio timer (outside gateway workers).
     Tokio(std::pin::Pin<Box<tokio::time::Sleep>>),
 }
@@ -166,7 +166,7 @@ impl PendingCall {
             return Poll::Pending;
         };
         if matches!(self.timer, Timer::Unarmed) {
-            self.timer = match crate::deadline::register(self.guard.task(), deadline) {
+            self.timer = match polygate_core::deadline::register(deadline, cx.waker()) {
                 Some(r) => Timer::Swept(r),
                 None => Timer::Tokio(Box::pin(tokio::time::sleep_until(
                     tokio::time::Instant::from_std(deadline),
@@ -174,7 +174,7 @@ impl PendingCall {
             };
         }
         let expired = match &mut self.timer {
-            Timer::Swept(r) => r.expired(),
+            Timer::Swept(r) => r.expired(cx.waker()),
             Timer::Tokio(s) => s.as_mut().poll(cx).is_ready(),
             Timer::Unarmed => false,
         };

@@ -327,23 +327,21 @@ impl LimitCount {
     fn plan(&self, ctx: &RequestCtx) -> Result<Vec<(usize, String, u64, Duration)>, String> {
         let mut out = Vec::with_capacity(self.rules.len());
         for (i, r) in self.rules.iter().enumerate() {
-            let key = if r.from_rules {
+            let mut key = String::with_capacity(self.scope.len() + 24);
+            key.push_str(&self.scope);
+            key.push(':');
+            if r.from_rules {
                 let (k, n) = r.key.counted(ctx);
                 if n == 0 {
                     continue;
                 }
-                k
+                key.push_str(&k);
             } else {
-                r.key.of(ctx)
-            };
+                r.key.push_to(ctx, &mut key);
+            }
             let count = r.count.resolve(ctx)?;
             let window = r.window.resolve(ctx)?;
-            out.push((
-                i,
-                format!("{}:{key}", self.scope),
-                count,
-                Duration::from_secs(window),
-            ));
+            out.push((i, key, count, Duration::from_secs(window)));
         }
         Ok(out)
     }
@@ -456,8 +454,12 @@ impl Plugin for LimitCount {
         Flow::Pending(Box::pin(async move {
             let mut decided = Vec::with_capacity(plan.len());
             for (i, key, count, window) in plan {
-                let rkey = format!("plugin-limit-count:v1:{key}");
-                let ms = window.as_millis().to_string();
+                let mut rkey = String::with_capacity(22 + key.len());
+                rkey.push_str("plugin-limit-count:v1:");
+                rkey.push_str(&key);
+                let mut ms = Vec::with_capacity(20);
+                polygate_core::text::push_decimal(&mut ms, window.as_millis() as u64);
+                let ms = String::from_utf8(ms).unwrap_or_default();
                 let reply = match COUNT_SCRIPT.run(target, &rkey, &["1", &ms]).await {
                     Ok(r) => r,
                     Err(e) => {

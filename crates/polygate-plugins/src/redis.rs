@@ -199,11 +199,15 @@ thread_local! {
 
 /// Encodes a command as a RESP array of bulk strings.
 fn encode(args: &[&[u8]]) -> Vec<u8> {
-    use std::io::Write as _;
+    use polygate_core::text::push_decimal;
     let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    let _ = write!(out, "*{}\r\n", args.len());
+    out.push(b'*');
+    push_decimal(&mut out, args.len() as u64);
+    out.extend_from_slice(b"\r\n");
     for a in args {
-        let _ = write!(out, "${}\r\n", a.len());
+        out.push(b'$');
+        push_decimal(&mut out, a.len() as u64);
+        out.extend_from_slice(b"\r\n");
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
@@ -290,14 +294,50 @@ async fn send(t: &Target, addr: &str, cmd: Vec<u8>) -> Result<Reply, RedisError>
             },
         })
     })?;
-    match tokio::time::timeout(t.timeout(), rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(RedisError::Io {
+    match with_timeout(t.timeout(), rx).await {
+        Some(Ok(r)) => r,
+        Some(Err(_)) => Err(RedisError::Io {
             addr: addr.to_owned(),
             message: "connection closed".into(),
         }),
-        Err(_) => Err(RedisError::Timeout(addr.to_owned())),
+        None => Err(RedisError::Timeout(addr.to_owned())),
     }
+}
+
+/// `fut`'s output, or `None` once `timeout` passed: watched by the worker's deadline sweeper
+/// (no tokio timer per command), or by a tokio timer outside gateway workers.
+async fn with_timeout<F: std::future::Future + Unpin>(
+    timeout: Duration,
+    mut fut: F,
+) -> Option<F::Output> {
+    use std::task::Poll;
+    let deadline = Instant::now() + timeout;
+    let mut swept: Option<polygate_core::deadline::Registration> = None;
+    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = std::pin::Pin::new(&mut fut).poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        if swept.is_none() && timer.is_none() {
+            swept = polygate_core::deadline::register(deadline, cx.waker());
+            if swept.is_none() {
+                timer = Some(Box::pin(tokio::time::sleep_until(
+                    tokio::time::Instant::from_std(deadline),
+                )));
+            }
+        }
+        let expired = match (&swept, &mut timer) {
+            (Some(r), _) => r.expired(cx.waker()),
+            (None, Some(s)) => s.as_mut().poll(cx).is_ready(),
+            (None, None) => false,
+        };
+        if expired {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Marks a server unreachable on this thread for [`RETRY_AFTER`].

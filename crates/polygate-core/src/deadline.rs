@@ -1,27 +1,25 @@
-//! Call timeouts on a gateway worker without a timer per call.
+//! Timeouts on a gateway worker without a timer per operation.
 //!
-//! A tokio timer per FFI call (register, poll, cancel, and the time driver's bookkeeping) cost
-//! about 1,000 instructions of the worker per call, more than the rest of the host's part of a
-//! call. On a worker thread (a current-thread runtime) calls register their deadline in a
-//! thread-local table instead, and one sweeper task per worker wakes every [`TICK`] while calls
-//! are in flight: each call past its deadline is marked expired and its future woken. A call
-//! therefore times out between its deadline and one tick later.
+//! A tokio timer per FFI call or Redis command (register, poll, cancel, and the time driver's
+//! bookkeeping) cost about 1,000 instructions of the worker each, measured with callgrind, more
+//! than the rest of the host's part of an FFI call. On a worker thread (a current-thread
+//! runtime) operations register their deadline and waker in a thread-local table instead, and
+//! one sweeper task per worker looks at them every [`TICK`] while any is registered: each one
+//! past its deadline is marked expired and woken. An operation therefore times out between its
+//! deadline and one tick later.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
-use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use crate::queue::Task;
-
-/// How often the sweeper looks at the deadlines while calls are in flight.
+/// How often the sweeper looks at the deadlines while operations are registered.
 pub const TICK: Duration = Duration::from_millis(10);
 
 enum Entry {
     Live {
         deadline: Instant,
-        task: Arc<Task>,
+        waker: Waker,
         expired: bool,
     },
     Free {
@@ -33,7 +31,7 @@ struct Table {
     entries: Vec<Entry>,
     free: usize,
     live: usize,
-    /// The sweeper task, once started; woken when the first call is registered.
+    /// The sweeper task, once started; woken when the first operation is registered.
     sweeper: Option<Waker>,
     started: bool,
 }
@@ -52,16 +50,28 @@ thread_local! {
     };
 }
 
-/// A call's registration; dropping it (the call answered, timed out or was cancelled) frees
-/// the slot. Must be dropped on the thread that created it (a current-thread runtime's tasks
-/// never move).
+/// An operation's registration; dropping it (the operation finished, timed out or was
+/// abandoned) frees the slot. Used from another thread than the one that registered it (which
+/// a current-thread runtime's tasks never do) it reads as not expired and frees nothing.
 pub struct Registration {
     idx: usize,
+    thread: u64,
 }
 
-/// Registers `task`'s deadline on this worker thread, starting its sweeper on first use.
-/// `None` outside a current-thread runtime (the caller then uses a tokio timer).
-pub fn register(task: &Arc<Task>, deadline: Instant) -> Option<Registration> {
+/// This thread's table, told apart from other threads' (ids are never reused).
+fn thread_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static ID: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    ID.try_with(|i| *i).unwrap_or(0)
+}
+
+/// Registers a deadline on this worker thread, with the waker to wake when it passes,
+/// starting the thread's sweeper on first use. `None` outside a current-thread tokio runtime
+/// (the caller then uses a tokio timer).
+pub fn register(deadline: Instant, waker: &Waker) -> Option<Registration> {
     let handle = tokio::runtime::Handle::try_current().ok()?;
     if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
         return None;
@@ -70,7 +80,7 @@ pub fn register(task: &Arc<Task>, deadline: Instant) -> Option<Registration> {
         let mut t = t.borrow_mut();
         let e = Entry::Live {
             deadline,
-            task: task.clone(),
+            waker: waker.clone(),
             expired: false,
         };
         let idx = if t.free != NONE {
@@ -96,23 +106,37 @@ pub fn register(task: &Arc<Task>, deadline: Instant) -> Option<Registration> {
     if let Some(w) = wake {
         w.wake(); // a local wake-up: the sweeper runs on this thread
     }
-    Some(Registration { idx })
+    Some(Registration {
+        idx,
+        thread: thread_id(),
+    })
 }
 
 impl Registration {
-    /// Whether the sweeper found the call past its deadline.
-    pub fn expired(&self) -> bool {
-        TABLE.with(|t| {
-            matches!(
-                t.borrow().entries.get(self.idx),
-                Some(Entry::Live { expired: true, .. })
-            )
+    /// Whether the deadline passed (as the sweeper saw it); otherwise keeps `waker` as the one
+    /// to wake (a future may be polled with a different waker than it was registered with).
+    pub fn expired(&self, waker: &Waker) -> bool {
+        if self.thread != thread_id() {
+            return false;
+        }
+        TABLE.with(|t| match t.borrow_mut().entries.get_mut(self.idx) {
+            Some(Entry::Live { expired: true, .. }) => true,
+            Some(Entry::Live { waker: w, .. }) => {
+                if !w.will_wake(waker) {
+                    *w = waker.clone();
+                }
+                false
+            }
+            _ => false,
         })
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        if self.thread != thread_id() {
+            return;
+        }
         let _ = TABLE.try_with(|t| {
             let Ok(mut t) = t.try_borrow_mut() else {
                 return;
@@ -129,7 +153,7 @@ impl Drop for Registration {
     }
 }
 
-/// The sweeper: parked while no call is in flight, otherwise a look every [`TICK`].
+/// The sweeper: parked while nothing is registered, otherwise a look every [`TICK`].
 async fn sweep() {
     /// Lets a later runtime on this thread start its own sweeper when this one is dropped.
     struct Stopped;
@@ -144,7 +168,7 @@ async fn sweep() {
         }
     }
     let _stopped = Stopped;
-    let mut expired: Vec<Arc<Task>> = Vec::new();
+    let mut expired: Vec<Waker> = Vec::new();
     loop {
         poll_fn(|cx| {
             TABLE.with(|t| {
@@ -164,19 +188,19 @@ async fn sweep() {
             for e in t.borrow_mut().entries.iter_mut() {
                 if let Entry::Live {
                     deadline,
-                    task,
+                    waker,
                     expired: x @ false,
                 } = e
                     && *deadline <= now
                 {
                     *x = true;
-                    expired.push(task.clone());
+                    expired.push(waker.clone());
                 }
             }
         });
         // woken outside the table's borrow: a woken future may drop its registration
-        for task in expired.drain(..) {
-            task.wake();
+        for w in expired.drain(..) {
+            w.wake();
         }
     }
 }
