@@ -153,7 +153,7 @@ fn default_spin() -> std::time::Duration {
 }
 
 /// A copy of `r` with room for the NUL the queue appends.
-fn with_nul_room(r: &[u8]) -> Vec<u8> {
+pub(crate) fn with_nul_room(r: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(r.len() + 1);
     v.extend_from_slice(r);
     v

@@ -195,15 +195,8 @@ impl Runtime {
         req: Option<&[u8]>,
         timeout: Option<Duration>,
     ) -> Result<Answer, CallError> {
-        self.call_vec(
-            req.map(|r| {
-                let mut v = Vec::with_capacity(r.len() + 1);
-                v.extend_from_slice(r);
-                v
-            }),
-            timeout,
-        )
-        .await
+        self.call_vec(req.map(crate::queue::with_nul_room), timeout)
+            .await
     }
 
     /// [`Runtime::call`] with a request the host may keep as it is (no copy).
@@ -224,14 +217,7 @@ impl Runtime {
         req: Option<&[u8]>,
         timeout: Option<Duration>,
     ) -> Result<PendingCall, CallError> {
-        self.start_call_vec(
-            req.map(|r| {
-                let mut v = Vec::with_capacity(r.len() + 1);
-                v.extend_from_slice(r);
-                v
-            }),
-            timeout,
-        )
+        self.start_call_vec(req.map(crate::queue::with_nul_room), timeout)
     }
 
     /// [`Runtime::start_call`] for a caller that usually waits on one call at a time (a Lua
@@ -243,15 +229,7 @@ impl Runtime {
         req: Option<&[u8]>,
         timeout: Option<Duration>,
     ) -> Result<PendingCall, CallError> {
-        self.post_call(
-            req.map(|r| {
-                let mut v = Vec::with_capacity(r.len() + 1);
-                v.extend_from_slice(r);
-                v
-            }),
-            timeout,
-            true,
-        )
+        self.post_call(req.map(crate::queue::with_nul_room), timeout, true)
     }
 
     /// [`Runtime::start_call`] with a request the host may keep as it is (no copy).
