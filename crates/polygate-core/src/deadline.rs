@@ -72,10 +72,17 @@ fn thread_id() -> u64 {
 /// starting the thread's sweeper on first use. `None` outside a current-thread tokio runtime
 /// (the caller then uses a tokio timer).
 pub fn register(deadline: Instant, waker: &Waker) -> Option<Registration> {
-    let handle = tokio::runtime::Handle::try_current().ok()?;
-    if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
-        return None;
-    }
+    // a running sweeper means this thread runs a current-thread runtime (it is reset when
+    // that runtime drops it): the handle is looked up only to start one
+    let handle = if TABLE.with(|t| t.borrow().started) {
+        None
+    } else {
+        let h = tokio::runtime::Handle::try_current().ok()?;
+        if h.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
+            return None;
+        }
+        Some(h)
+    };
     let (idx, wake, start) = TABLE.with(|t| {
         let mut t = t.borrow_mut();
         let e = Entry::Live {
@@ -100,8 +107,8 @@ pub fn register(deadline: Instant, waker: &Waker) -> Option<Registration> {
         let start = !std::mem::replace(&mut t.started, true);
         (idx, wake, start)
     });
-    if start {
-        handle.spawn(sweep());
+    if start && let Some(h) = handle {
+        h.spawn(sweep());
     }
     if let Some(w) = wake {
         w.wake(); // a local wake-up: the sweeper runs on this thread

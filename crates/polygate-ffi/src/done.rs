@@ -151,6 +151,16 @@ thread_local! {
 /// outside a current-thread tokio runtime (the gateway's workers), where answers wake their
 /// futures directly.
 pub fn current() -> Option<Arc<DoneQueue>> {
+    // the common case first: this worker's queue, alive for as long as its runtime's tasks
+    // (the runtime handle is not looked up for every call)
+    if let Some(dq) = LOCAL.with(|l| {
+        l.borrow()
+            .as_ref()
+            .filter(|dq| dq.alive.load(Ordering::Acquire))
+            .cloned()
+    }) {
+        return Some(dq);
+    }
     let handle = tokio::runtime::Handle::try_current().ok()?;
     if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread {
         return None;
