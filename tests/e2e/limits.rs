@@ -450,15 +450,8 @@ impl RedisCluster {
                     "--cluster-config-file",
                 ])
                 .arg(dir.path().join(format!("nodes-{p}.conf")))
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--loglevel",
-                    "warning",
-                    "--dir",
-                ])
+                .args(REDIS_EPHEMERAL)
+                .arg("--dir")
                 .arg(dir.path())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())

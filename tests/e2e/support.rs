@@ -906,6 +906,10 @@ pub async fn until(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> Optio
     None
 }
 
+/// redis-server options for a test server: no persistence, quiet logs.
+pub const REDIS_EPHEMERAL: [&str; 6] =
+    ["--save", "", "--appendonly", "no", "--loglevel", "warning"];
+
 /// A real Redis (Debian's `redis-server`) on a free loopback port, without persistence.
 pub struct Redis {
     child: Option<std::process::Child>,
@@ -924,18 +928,8 @@ impl Redis {
 
     fn run(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--loglevel",
-                "warning",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(REDIS_EPHEMERAL)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use http::{HeaderValue, Method, StatusCode};
+use polygate_core::text::lua_number;
 use polygate_core::{
     ConfError, Flow, Plugin, PluginFactory, PluginResponse, RequestCtx, ResponseHead,
 };
@@ -73,28 +74,6 @@ impl PluginFactory for CsrfFactory {
             expires: c.expires,
             name: c.name.to_ascii_lowercase(),
         }))
-    }
-}
-
-/// A number as Lua's `tostring` writes it (`%.14g`).
-fn lua_number(x: f64) -> String {
-    if x.fract() == 0.0 && x.abs() < 1e15 {
-        return format!("{}", x as i64);
-    }
-    let sci = format!("{x:.13e}");
-    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    if !(-4..14).contains(&exp) {
-        let mant = mant.trim_end_matches('0').trim_end_matches('.');
-        let sign = if exp < 0 { '-' } else { '+' };
-        return format!("{mant}e{sign}{:02}", exp.abs());
-    }
-    let decimals = (13 - exp).max(0) as usize;
-    let fixed = format!("{x:.decimals$}");
-    if fixed.contains('.') {
-        fixed.trim_end_matches('0').trim_end_matches('.').to_owned()
-    } else {
-        fixed
     }
 }
 
@@ -188,14 +167,6 @@ impl Plugin for Csrf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lua_numbers() {
-        assert_eq!(lua_number(0.5), "0.5");
-        assert_eq!(lua_number(1_700_000_000.0), "1700000000");
-        assert_eq!(lua_number(0.123_456_789_012_345_68), "0.12345678901235");
-        assert_eq!(lua_number(0.00001234), "1.234e-05");
-    }
 
     #[test]
     fn tokens_round_trip() {

@@ -107,50 +107,9 @@ pub(crate) fn header_values(
 }
 
 /// Formats a Lua number like Lua's `tostring` (`%.14g`, integers without a fraction).
-pub(crate) fn fmt_number(n: f64) -> String {
-    if n.is_finite() && n.fract() == 0.0 && n.abs() < 1e15 {
-        return format!("{}", n as i64);
-    }
-    if n.is_nan() {
-        return "nan".into();
-    }
-    if n.is_infinite() {
-        return if n > 0.0 { "inf".into() } else { "-inf".into() };
-    }
-    let s = format!("{n:.14e}");
-    // %.14g: use plain notation when the exponent is small
-    let exp: i32 = s
-        .rsplit_once('e')
-        .and_then(|(_, e)| e.parse().ok())
-        .unwrap_or(0);
-    if (-5..15).contains(&exp) {
-        let digits = (13 - exp).max(0) as usize;
-        let t = format!("{n:.digits$}");
-        let t = t.trim_end_matches('0').trim_end_matches('.');
-        t.to_owned()
-    } else {
-        let (m, e) = s.split_once('e').unwrap_or((&s, "0"));
-        let m = m.trim_end_matches('0').trim_end_matches('.');
-        let e: i32 = e.parse().unwrap_or(0);
-        format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
-    }
-}
+pub(crate) use polygate_core::text::lua_number as fmt_number;
 
 /// A Lua error with this message.
 pub(crate) fn lua_err(msg: impl Into<String>) -> mlua::Error {
     mlua::Error::runtime(msg.into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fmt_number;
-
-    #[test]
-    fn numbers() {
-        assert_eq!(fmt_number(3.0), "3");
-        assert_eq!(fmt_number(0.5), "0.5");
-        assert_eq!(fmt_number(-12.25), "-12.25");
-        assert_eq!(fmt_number(1e20), "1e+20");
-        assert_eq!(fmt_number(0.1), "0.1");
-    }
 }
