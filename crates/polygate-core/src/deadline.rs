@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::future::poll_fn;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 /// How often the sweeper looks at the deadlines while operations are registered.
@@ -136,6 +136,46 @@ impl Registration {
             }
             _ => false,
         })
+    }
+}
+
+/// A deadline to poll: watched by the worker's sweeper where there is one, else by a tokio
+/// timer; armed on the first poll (an operation that finishes at once costs nothing).
+pub struct Timeout {
+    at: Instant,
+    armed: Armed,
+}
+
+enum Armed {
+    No,
+    Swept(Registration),
+    Tokio(std::pin::Pin<Box<tokio::time::Sleep>>),
+}
+
+impl Timeout {
+    /// A timeout passing at `at`.
+    pub fn at(at: Instant) -> Timeout {
+        Timeout {
+            at,
+            armed: Armed::No,
+        }
+    }
+
+    /// Whether it passed; otherwise `cx`'s waker is woken when it does.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if matches!(self.armed, Armed::No) {
+            self.armed = match register(self.at, cx.waker()) {
+                Some(r) => Armed::Swept(r),
+                None => Armed::Tokio(Box::pin(tokio::time::sleep_until(
+                    tokio::time::Instant::from_std(self.at),
+                ))),
+            };
+        }
+        match &mut self.armed {
+            Armed::Swept(r) => r.expired(cx.waker()),
+            Armed::Tokio(s) => s.as_mut().poll(cx).is_ready(),
+            Armed::No => false,
+        }
     }
 }
 

@@ -70,15 +70,8 @@ impl DoneQueue {
         if self.flush_pending.load(Ordering::Acquire) {
             return self.defer_wake(queue);
         }
-        self.waking_pollers.store(true, Ordering::SeqCst);
-        queue.wake_poller();
-        self.waking_pollers.store(false, Ordering::SeqCst);
-        if self.notified.swap(false, Ordering::SeqCst) {
-            // local wake-ups under the lock keep the vector's capacity (nothing here switches
-            // threads)
-            for t in self.tasks.lock().drain(..) {
-                t.wake();
-            }
+        if self.wake_pollers(|| queue.wake_poller()) {
+            self.drain();
         }
         true
     }
@@ -89,7 +82,7 @@ impl DoneQueue {
             return false;
         }
         self.tasks.lock().push(task);
-        // SeqCst pairs with `flush`: either it sees `notified`, or this sees it has finished
+        // SeqCst pairs with `wake_pollers`: either it sees `notified`, or this sees it has finished
         if !self.notified.swap(true, Ordering::SeqCst) {
             if self.waking_pollers.load(Ordering::SeqCst) {
                 return true;
@@ -105,26 +98,24 @@ impl DoneQueue {
         true
     }
 
-    /// Wakes the pollers of `queues`, then hands out answers that arrived meanwhile.
-    fn flush(&self, queues: &mut Vec<Arc<crate::queue::TaskQueue>>, batch: &mut Vec<Arc<Task>>) {
+    /// Runs `wake` (poller wake-ups) with `waking_pollers` set; true when answers arrived
+    /// meanwhile, which `push` then left for the caller to drain (no cross-thread wake-up).
+    fn wake_pollers(&self, wake: impl FnOnce()) -> bool {
         self.waking_pollers.store(true, Ordering::SeqCst);
-        for q in queues.drain(..) {
-            q.wake_poller();
-        }
+        wake();
+        // SeqCst pairs with `push`: either it sees this store, or this sees `notified`
         self.waking_pollers.store(false, Ordering::SeqCst);
-        if self.notified.load(Ordering::SeqCst) {
-            self.drain(batch);
-        }
+        self.notified.load(Ordering::SeqCst)
     }
 
-    /// Wakes the futures of the answers queued so far (local wake-ups, on the worker).
-    fn drain(&self, batch: &mut Vec<Arc<Task>>) {
+    /// Wakes the futures of the answers queued so far. Local wake-ups on the worker, nothing
+    /// that switches threads, so they run under the lock (which keeps the vector's capacity).
+    fn drain(&self) {
         if !self.notified.swap(false, Ordering::SeqCst) {
             return;
         }
-        std::mem::swap(batch, &mut *self.tasks.lock());
-        for t in batch.drain(..) {
-            t.wake(); // a local wake-up: same thread, no syscall
+        for t in self.tasks.lock().drain(..) {
+            t.wake();
         }
     }
 }
@@ -186,7 +177,6 @@ pub fn current() -> Option<Arc<DoneQueue>> {
         let fq = dq.clone();
         handle.spawn(async move {
             let mut queues = Vec::new();
-            let mut batch = Vec::new();
             loop {
                 poll_fn(|cx| {
                     *fq.flusher.lock() = Some(cx.waker().clone());
@@ -201,13 +191,14 @@ pub fn current() -> Option<Arc<DoneQueue>> {
                 // their posts are batched into this one wake-up
                 fq.flush_pending.store(false, Ordering::Release);
                 std::mem::swap(&mut queues, &mut *fq.to_wake.lock());
-                fq.flush(&mut queues, &mut batch);
+                if fq.wake_pollers(|| queues.drain(..).for_each(|q| q.wake_poller())) {
+                    fq.drain();
+                }
             }
         });
         handle.spawn(async move {
             let dq = guard.0.clone();
             let _guard = guard;
-            let mut batch = Vec::new();
             loop {
                 poll_fn(|cx| {
                     *dq.drainer.lock() = Some(cx.waker().clone());
@@ -218,7 +209,7 @@ pub fn current() -> Option<Arc<DoneQueue>> {
                     }
                 })
                 .await;
-                dq.drain(&mut batch);
+                dq.drain();
             }
         });
         *l = Some(dq.clone());

@@ -135,19 +135,8 @@ impl Drop for InflightGuard {
 pub struct PendingCall {
     guard: CancelOnDrop,
     _inflight: InflightGuard,
-    /// The timeout and the instant it passes.
-    timeout: Option<(Duration, Instant)>,
-    timer: Timer,
-}
-
-/// How a call's timeout is watched.
-enum Timer {
-    /// Not yet (armed on the first poll that finds no answer), or no timeout.
-    Unarmed,
-    /// By the worker's sweeper ([`polygate_core::deadline`]).
-    Swept(polygate_core::deadline::Registration),
-    /// By a tokio timer (outside gateway workers).
-    Tokio(std::pin::Pin<Box<tokio::time::Sleep>>),
+    /// The timeout and its watch.
+    timeout: Option<(Duration, polygate_core::deadline::Timeout)>,
 }
 
 impl PendingCall {
@@ -162,26 +151,15 @@ impl PendingCall {
             self.guard.disarm();
             return Poll::Ready(Ok(a));
         }
-        let Some((t, deadline)) = self.timeout else {
-            return Poll::Pending;
-        };
-        if matches!(self.timer, Timer::Unarmed) {
-            self.timer = match polygate_core::deadline::register(deadline, cx.waker()) {
-                Some(r) => Timer::Swept(r),
-                None => Timer::Tokio(Box::pin(tokio::time::sleep_until(
-                    tokio::time::Instant::from_std(deadline),
-                ))),
-            };
-        }
-        let expired = match &mut self.timer {
-            Timer::Swept(r) => r.expired(cx.waker()),
-            Timer::Tokio(s) => s.as_mut().poll(cx).is_ready(),
-            Timer::Unarmed => false,
-        };
-        if expired {
-            Poll::Ready(Err(CallError::Timeout(t)))
-        } else {
-            Poll::Pending
+        match &mut self.timeout {
+            Some((t, timeout)) => {
+                if timeout.poll_expired(cx) {
+                    Poll::Ready(Err(CallError::Timeout(*t)))
+                } else {
+                    Poll::Pending
+                }
+            }
+            None => Poll::Pending,
         }
     }
 }
@@ -280,8 +258,7 @@ impl Runtime {
         Ok(PendingCall {
             guard,
             _inflight: inflight,
-            timeout: timeout.zip(deadline),
-            timer: Timer::Unarmed,
+            timeout: timeout.zip(deadline.map(polygate_core::deadline::Timeout::at)),
         })
     }
 

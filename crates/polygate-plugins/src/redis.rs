@@ -304,38 +304,17 @@ async fn send(t: &Target, addr: &str, cmd: Vec<u8>) -> Result<Reply, RedisError>
     }
 }
 
-/// `fut`'s output, or `None` once `timeout` passed: watched by the worker's deadline sweeper
-/// (no tokio timer per command), or by a tokio timer outside gateway workers.
+/// `fut`'s output, or `None` once `timeout` passed (watched by the worker's deadline sweeper:
+/// no tokio timer per command).
 async fn with_timeout<F: std::future::Future + Unpin>(
     timeout: Duration,
     mut fut: F,
 ) -> Option<F::Output> {
-    use std::task::Poll;
-    let deadline = Instant::now() + timeout;
-    let mut swept: Option<polygate_core::deadline::Registration> = None;
-    let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = std::pin::Pin::new(&mut fut).poll(cx) {
-            return Poll::Ready(Some(v));
-        }
-        if swept.is_none() && timer.is_none() {
-            swept = polygate_core::deadline::register(deadline, cx.waker());
-            if swept.is_none() {
-                timer = Some(Box::pin(tokio::time::sleep_until(
-                    tokio::time::Instant::from_std(deadline),
-                )));
-            }
-        }
-        let expired = match (&swept, &mut timer) {
-            (Some(r), _) => r.expired(cx.waker()),
-            (None, Some(s)) => s.as_mut().poll(cx).is_ready(),
-            (None, None) => false,
-        };
-        if expired {
-            Poll::Ready(None)
-        } else {
-            Poll::Pending
-        }
+    let mut timeout = polygate_core::deadline::Timeout::at(Instant::now() + timeout);
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut fut).poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending if timeout.poll_expired(cx) => std::task::Poll::Ready(None),
+        std::task::Poll::Pending => std::task::Poll::Pending,
     })
     .await
 }
