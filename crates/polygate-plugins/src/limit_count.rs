@@ -272,7 +272,8 @@ impl PluginFactory for LimitCountFactory {
     }
 }
 
-/// The Redis side of a fixed window: `{used, ttl_ms}` after adding the cost.
+/// The Redis side of a fixed window: `{used, ttl_ms}` after adding the cost. Additive, as
+/// [`redis::add_to_window`] needs: calls on one key waiting for the same write run it once.
 static COUNT_SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
     Script::new(
         "local ttl = redis.call('pttl', KEYS[1])\n\
@@ -457,10 +458,8 @@ impl Plugin for LimitCount {
                 let mut rkey = String::with_capacity(22 + key.len());
                 rkey.push_str("plugin-limit-count:v1:");
                 rkey.push_str(&key);
-                let mut ms = Vec::with_capacity(20);
-                polygate_core::text::push_decimal(&mut ms, window.as_millis() as u64);
-                let ms = String::from_utf8(ms).unwrap_or_default();
-                let reply = match COUNT_SCRIPT.run(target, &rkey, &["1", &ms]).await {
+                let ms = window.as_millis() as u64;
+                let reply = match redis::add_to_window(target, &COUNT_SCRIPT, &rkey, 1, ms).await {
                     Ok(r) => r,
                     Err(e) => {
                         return match self.failed(&format!("failed to limit count: {e}")) {

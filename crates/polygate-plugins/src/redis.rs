@@ -2,9 +2,12 @@
 //! `limit-req`, `limit-conn` with the `redis` and `redis-cluster` policies).
 //!
 //! Each worker thread keeps one connection per Redis server (per address, database and
-//! credentials) and **pipelines** every command its requests send: commands queued while a
-//! write is in flight go out together in the next write, and replies are matched to callers in
-//! order. Nothing is shared between worker threads, so no lock is taken on the request path.
+//! credentials) and **pipelines** every command its requests send: a command is encoded
+//! straight into the connection's output, everything queued since the connection's task last
+//! ran goes out in one write, and replies are handed to the commands in order. One task per
+//! connection does both directions; a command costs no channel, no allocation of its own and no
+//! task of its own. Nothing is shared between worker threads (the connection's lock is only
+//! ever taken by its own thread).
 //!
 //! Failures are explicit: a server that cannot be reached, a reply that does not come within
 //! the configured timeout, or a full queue (more than [`QUEUE`] commands waiting) each give a
@@ -17,22 +20,19 @@
 //! `ASK` reply refreshes the map and retries once.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
 
 /// Commands that may wait per connection before new ones are refused.
 pub const QUEUE: usize = 4096;
 /// How long a server that could not be reached is not tried again.
 pub const RETRY_AFTER: Duration = Duration::from_millis(200);
-/// Commands written together at most.
-const BATCH: usize = 256;
 
 /// A reply (RESP2).
 #[derive(Debug, Clone, PartialEq)]
@@ -148,14 +148,25 @@ impl Target {
 pub struct Script {
     text: &'static str,
     sha: String,
+    /// `EVALSHA <sha> 1 ` encoded as the start of a six-element RESP array: one key and two
+    /// arguments follow ([`add_to_window`]'s shape).
+    evalsha_head: Vec<u8>,
 }
 
 impl Script {
     /// A script.
     pub fn new(text: &'static str) -> Script {
         let d = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, text.as_bytes());
-        let sha = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Script { text, sha }
+        let sha: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let mut evalsha_head = b"*6\r\n".to_vec();
+        for a in [&b"EVALSHA"[..], sha.as_bytes(), b"1"] {
+            push_bulk(&mut evalsha_head, a);
+        }
+        Script {
+            text,
+            sha,
+            evalsha_head,
+        }
     }
 
     /// Runs the script on `key` with `args`.
@@ -173,20 +184,68 @@ impl Script {
     }
 }
 
-struct Job {
-    cmd: Vec<u8>,
-    reply: oneshot::Sender<Result<Reply, RedisError>>,
-}
-
+/// This thread's connection to one server (one address, database and credentials): the
+/// commands' side of it. The connection task owns the socket.
 struct Conn {
-    tx: mpsc::Sender<Job>,
-    dead: Arc<AtomicBool>,
+    /// Hash of the address and [`Target::ident`], compared before the address.
+    key: u64,
+    addr: String,
+    ident: u64,
+    shared: Arc<Mutex<Shared>>,
 }
 
+/// What the commands and the connection task share. Only the worker thread that opened the
+/// connection touches it (the lock is never contended; it makes the task `Send`).
+#[derive(Default)]
+struct Shared {
+    /// Encoded commands the task has not taken yet.
+    out: Vec<u8>,
+    /// The commands queued or sent, in the order their replies come.
+    order: VecDeque<Expect>,
+    /// Window counters to add to, merged per key until the task next writes.
+    counts: Vec<Count>,
+    /// Where each key's entry is in `counts`.
+    count_at: HashMap<String, usize>,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    /// The connection task, parked with nothing to write: woken by the first command queued.
+    task: Option<Waker>,
+    /// Why the connection failed; the next command opens a new one.
+    failed: Option<RedisError>,
+}
+
+/// What a reply is for.
+enum Expect {
+    /// One command's slot.
+    One(usize),
+    /// Several [`add_to_window`] calls on one key, sent as one: each slot and its cost, and the
+    /// total.
+    Merged(Vec<(usize, u64)>, u64),
+}
+
+/// [`add_to_window`] calls on one key waiting to be written.
+struct Count {
+    key: String,
+    script: &'static Script,
+    window_ms: u64,
+    total: u64,
+    waiters: Vec<(usize, u64)>,
+}
+
+enum Slot {
+    Free,
+    /// Waiting for the reply (the waker of the command's task, once polled).
+    Waiting(Option<Waker>),
+    Done(Result<Reply, RedisError>),
+    /// The command gave up (timeout, request gone): its reply is read and dropped.
+    Abandoned,
+}
+
+/// Everything of the worker thread's Redis side.
 #[derive(Default)]
 struct ThreadState {
-    /// Connections by address, then by [`Target::ident`].
-    conns: HashMap<String, HashMap<u64, Conn>>,
+    /// A handful of servers at most: a list, no hashing of the address per command.
+    conns: Vec<Conn>,
     /// Servers that could not be reached, until when they are not tried.
     down: HashMap<String, Instant>,
     /// Cluster slot maps by seed list.
@@ -197,30 +256,38 @@ thread_local! {
     static STATE: RefCell<ThreadState> = RefCell::new(ThreadState::default());
 }
 
-/// Encodes a command as a RESP array of bulk strings.
-fn encode(args: &[&[u8]]) -> Vec<u8> {
-    use polygate_core::text::push_decimal;
-    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    // a panic while holding it cannot leave the queue half-changed in a way that matters more
+    // than losing the connection's commands: carry on with what is there
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Appends a command, as a RESP array of bulk strings, to `out`.
+fn encode_into(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.reserve(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
     out.push(b'*');
-    push_decimal(&mut out, args.len() as u64);
+    polygate_core::text::push_decimal(out, args.len() as u64);
     out.extend_from_slice(b"\r\n");
     for a in args {
-        out.push(b'$');
-        push_decimal(&mut out, a.len() as u64);
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
+        push_bulk(out, a);
     }
-    out
+}
+
+/// Appends one bulk string.
+fn push_bulk(out: &mut Vec<u8>, a: &[u8]) {
+    out.push(b'$');
+    polygate_core::text::push_decimal(out, a.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(a);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Sends one command about `key` (which picks the node of a cluster) and waits for its
 /// reply. An error reply is [`RedisError::Server`].
 pub async fn command(t: &Target, key: &str, args: &[&[u8]]) -> Result<Reply, RedisError> {
-    let bytes = encode(args);
     if !t.cluster {
         let addr = t.nodes.first().map(String::as_str).unwrap_or("");
-        return to_result(send(t, addr, bytes).await?);
+        return to_result(send(t, addr, args).await?);
     }
     let slot = key_slot(key.as_bytes());
     let mut map = slot_map(t, false).await?;
@@ -229,7 +296,7 @@ pub async fn command(t: &Target, key: &str, args: &[&[u8]]) -> Result<Reply, Red
             return Err(RedisError::Cluster(format!("no node serves slot {slot}")));
         };
         let addr = addr.to_owned();
-        match send(t, &addr, bytes.clone()).await {
+        match send(t, &addr, args).await {
             Ok(Reply::Error(e))
                 if attempt == 0 && (e.starts_with("MOVED ") || e.starts_with("ASK ")) =>
             {
@@ -251,56 +318,301 @@ fn to_result(r: Reply) -> Result<Reply, RedisError> {
     }
 }
 
-/// Queues `cmd` on this thread's connection to `addr` and waits for the reply.
-async fn send(t: &Target, addr: &str, cmd: Vec<u8>) -> Result<Reply, RedisError> {
-    let (tx, rx) = oneshot::channel();
-    let job = Job { cmd, reply: tx };
-    let ident = t.ident();
+/// Queues the command on this thread's connection to `addr` and waits for the reply.
+async fn send(t: &Target, addr: &str, args: &[&[u8]]) -> Result<Reply, RedisError> {
+    let waiting = with_conn(t, addr, |shared| enqueue(shared, args, addr))?;
+    match with_timeout(t.timeout(), waiting).await {
+        Some(r) => r,
+        None => Err(RedisError::Timeout(addr.to_owned())),
+    }
+}
+
+/// Adds `cost` to the fixed-window counter `key` with `script` (`KEYS[1]` = key, `ARGV[1]` =
+/// cost, `ARGV[2]` = window in ms; the reply is `{used, ttl_ms}` after adding). Calls on one
+/// key that are waiting for the same write are sent as **one** script run with the sum of
+/// their costs, and each caller gets the count it would have seen had they run one after
+/// another (`used - total + its running sum`). The script must therefore be additive: running
+/// it with `a + b` must leave what running it with `a` then `b` leaves, and answer the second
+/// run's reply. Redis Cluster targets run one script per call.
+pub async fn add_to_window(
+    t: &Target,
+    script: &'static Script,
+    key: &str,
+    cost: u64,
+    window_ms: u64,
+) -> Result<Reply, RedisError> {
+    let mut c = Vec::with_capacity(20);
+    polygate_core::text::push_decimal(&mut c, cost);
+    let mut w = Vec::with_capacity(20);
+    polygate_core::text::push_decimal(&mut w, window_ms);
+    let (c, w) = (
+        std::str::from_utf8(&c).unwrap_or("0"),
+        std::str::from_utf8(&w).unwrap_or("0"),
+    );
+    if t.cluster {
+        return script.run(t, key, &[c, w]).await;
+    }
+    let addr = t.nodes.first().map(String::as_str).unwrap_or("");
+    let waiting = with_conn(t, addr, |shared| {
+        enqueue_count(shared, script, key, cost, window_ms, addr)
+    })?;
+    match with_timeout(t.timeout(), waiting).await {
+        Some(Ok(Reply::Error(e))) if e.starts_with("NOSCRIPT") => {
+            // Redis restarted or flushed its scripts: this call alone, loading the script
+            script.run(t, key, &[c, w]).await
+        }
+        Some(r) => to_result(r?),
+        None => Err(RedisError::Timeout(addr.to_owned())),
+    }
+}
+
+/// Runs `f` on this thread's connection to `addr` (for `t`'s database and credentials),
+/// opening one when there is none or it failed (`f` answering `Err(None)`).
+fn with_conn<R>(
+    t: &Target,
+    addr: &str,
+    f: impl Fn(&Arc<Mutex<Shared>>) -> Result<R, Option<RedisError>>,
+) -> Result<R, RedisError> {
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        let usable = s
+        let ident = t.ident();
+        let key = crate::limit::fnv(ident, addr.as_bytes());
+        let found = s
             .conns
-            .get(addr)
-            .and_then(|m| m.get(&ident))
-            .is_some_and(|c| !c.dead.load(Ordering::Relaxed));
-        if !usable {
-            let key = t.pool_key(addr);
-            if let Some(until) = s.down.get(&key)
-                && Instant::now() < *until
-            {
+            .iter()
+            .position(|c| c.key == key && c.ident == ident && c.addr == addr);
+        if let Some(i) = found {
+            match f(&s.conns[i].shared) {
+                Err(None) => {
+                    s.conns.swap_remove(i); // failed: a new one below
+                }
+                r => return r.map_err(|e| e.unwrap_or_else(|| closed(addr))),
+            }
+        }
+        let pool_key = t.pool_key(addr);
+        if let Some(until) = s.down.get(&pool_key) {
+            if Instant::now() < *until {
                 return Err(RedisError::Io {
                     addr: addr.to_owned(),
                     message: "not reachable (retrying shortly)".into(),
                 });
             }
-            s.down.remove(&key);
-            let conn = open(t, addr);
-            s.conns
-                .entry(addr.to_owned())
-                .or_default()
-                .insert(ident, conn);
+            s.down.remove(&pool_key);
         }
-        let Some(conn) = s.conns.get(addr).and_then(|m| m.get(&ident)) else {
-            return Err(RedisError::Io {
-                addr: addr.to_owned(),
-                message: "no connection".into(),
-            });
-        };
-        conn.tx.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RedisError::QueueFull(addr.to_owned()),
-            mpsc::error::TrySendError::Closed(_) => RedisError::Io {
-                addr: addr.to_owned(),
-                message: "connection closed".into(),
-            },
-        })
-    })?;
-    match with_timeout(t.timeout(), rx).await {
-        Some(Ok(r)) => r,
-        Some(Err(_)) => Err(RedisError::Io {
+        let shared = open(t, addr, pool_key);
+        let r = f(&shared);
+        s.conns.push(Conn {
+            key,
             addr: addr.to_owned(),
-            message: "connection closed".into(),
-        }),
-        None => Err(RedisError::Timeout(addr.to_owned())),
+            ident,
+            shared,
+        });
+        r.map_err(|e| e.unwrap_or_else(|| closed(addr)))
+    })
+}
+
+fn closed(addr: &str) -> RedisError {
+    RedisError::Io {
+        addr: addr.to_owned(),
+        message: "connection closed".into(),
+    }
+}
+
+impl Shared {
+    /// Gives slot `i` its reply (or frees it when its command was abandoned), collecting the
+    /// waker to wake once the lock is released.
+    fn answer(&mut self, i: usize, r: Result<Reply, RedisError>, wake: &mut Vec<Waker>) {
+        match std::mem::replace(&mut self.slots[i], Slot::Free) {
+            Slot::Waiting(w) => {
+                self.slots[i] = Slot::Done(r);
+                wake.extend(w);
+            }
+            Slot::Abandoned => self.free.push(i),
+            other => self.slots[i] = other,
+        }
+    }
+
+    /// Moves what the commands queued into `wbuf`: the encoded commands, then one script run
+    /// per counter key with the calls' costs summed.
+    fn take_output(&mut self, wbuf: &mut Vec<u8>) {
+        std::mem::swap(&mut self.out, wbuf);
+        if self.counts.is_empty() {
+            return;
+        }
+        self.count_at.clear();
+        let mut num = Vec::with_capacity(20);
+        for c in std::mem::take(&mut self.counts) {
+            wbuf.extend_from_slice(&c.script.evalsha_head);
+            push_bulk(wbuf, c.key.as_bytes());
+            num.clear();
+            polygate_core::text::push_decimal(&mut num, c.total);
+            push_bulk(wbuf, &num);
+            num.clear();
+            polygate_core::text::push_decimal(&mut num, c.window_ms);
+            push_bulk(wbuf, &num);
+            self.order.push_back(match <[_; 1]>::try_from(c.waiters) {
+                Ok([(i, _)]) => Expect::One(i),
+                Err(v) => Expect::Merged(v, c.total),
+            });
+        }
+    }
+
+    /// Whether the task has nothing to take (it is woken when that changes).
+    fn idle(&self) -> bool {
+        self.out.is_empty() && self.counts.is_empty()
+    }
+
+    /// A slot for a new command, or why there is none: `Err(None)` when the connection failed.
+    fn slot(&mut self, addr: &str) -> Result<usize, Option<RedisError>> {
+        if self.failed.is_some() {
+            return Err(None);
+        }
+        if self.slots.len() - self.free.len() >= QUEUE {
+            return Err(Some(RedisError::QueueFull(addr.to_owned())));
+        }
+        Ok(match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Slot::Waiting(None);
+                i
+            }
+            None => {
+                self.slots.push(Slot::Waiting(None));
+                self.slots.len() - 1
+            }
+        })
+    }
+}
+
+/// Queues a command: its reply's future, or `Err(None)` when the connection failed (open a new
+/// one), or the error to give.
+fn enqueue(
+    shared: &Arc<Mutex<Shared>>,
+    args: &[&[u8]],
+    addr: &str,
+) -> Result<Waiting, Option<RedisError>> {
+    let mut s = lock(shared);
+    let first = s.idle();
+    let slot = s.slot(addr)?;
+    encode_into(&mut s.out, args);
+    s.order.push_back(Expect::One(slot));
+    queued(s, first, shared, slot)
+}
+
+/// Queues an [`add_to_window`] call, merged with those on the same key not yet written.
+fn enqueue_count(
+    shared: &Arc<Mutex<Shared>>,
+    script: &'static Script,
+    key: &str,
+    cost: u64,
+    window_ms: u64,
+    addr: &str,
+) -> Result<Waiting, Option<RedisError>> {
+    let mut s = lock(shared);
+    let first = s.idle();
+    let slot = s.slot(addr)?;
+    let s_ = &mut *s;
+    match s_.count_at.get(key) {
+        Some(&i)
+            if s_.counts[i].window_ms == window_ms && std::ptr::eq(s_.counts[i].script, script) =>
+        {
+            let c = &mut s_.counts[i];
+            c.total += cost;
+            c.waiters.push((slot, cost));
+        }
+        _ => {
+            s_.count_at.insert(key.to_owned(), s_.counts.len());
+            s_.counts.push(Count {
+                key: key.to_owned(),
+                script,
+                window_ms,
+                total: cost,
+                waiters: vec![(slot, cost)],
+            });
+        }
+    }
+    queued(s, first, shared, slot)
+}
+
+/// Wakes the connection task when the command is the first it has to take.
+fn queued(
+    mut s: std::sync::MutexGuard<'_, Shared>,
+    first: bool,
+    shared: &Arc<Mutex<Shared>>,
+    slot: usize,
+) -> Result<Waiting, Option<RedisError>> {
+    let task = if first { s.task.take() } else { None };
+    drop(s);
+    if let Some(w) = task {
+        w.wake(); // the connection task runs on this thread: a local wake-up
+    }
+    Ok(Waiting {
+        shared: shared.clone(),
+        slot,
+        finished: false,
+    })
+}
+
+/// A queued command's reply. Dropped before it came, the command is abandoned: the reply is
+/// read and dropped, and the slot freed then.
+struct Waiting {
+    shared: Arc<Mutex<Shared>>,
+    slot: usize,
+    finished: bool,
+}
+
+impl std::future::Future for Waiting {
+    type Output = Result<Reply, RedisError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut s = lock(&this.shared);
+        let slot = this.slot;
+        match &mut s.slots[slot] {
+            Slot::Waiting(w) => {
+                match w {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *w = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Slot::Done(_) => {
+                let Slot::Done(r) = std::mem::replace(&mut s.slots[slot], Slot::Free) else {
+                    unreachable!("matched above")
+                };
+                s.free.push(slot);
+                this.finished = true;
+                Poll::Ready(r)
+            }
+            Slot::Free | Slot::Abandoned => {
+                this.finished = true;
+                Poll::Ready(Err(RedisError::Io {
+                    addr: String::new(),
+                    message: "reply lost".into(),
+                }))
+            }
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut s = lock(&self.shared);
+        let slot = self.slot;
+        match s.slots[slot] {
+            Slot::Waiting(_) => s.slots[slot] = Slot::Abandoned,
+            Slot::Done(_) => {
+                s.slots[slot] = Slot::Free;
+                s.free.push(slot);
+            }
+            Slot::Free | Slot::Abandoned => {}
+        }
     }
 }
 
@@ -329,24 +641,23 @@ fn mark_down(key: &str) {
 }
 
 /// Starts a connection task for `addr` on this thread's runtime.
-fn open(t: &Target, addr: &str) -> Conn {
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let dead = Arc::new(AtomicBool::new(false));
+fn open(t: &Target, addr: &str, pool_key: String) -> Arc<Mutex<Shared>> {
+    let shared = Arc::new(Mutex::new(Shared::default()));
     let task = ConnTask {
         addr: addr.to_owned(),
-        pool_key: t.pool_key(addr),
+        pool_key,
         target: t.clone(),
-        dead: dead.clone(),
+        shared: shared.clone(),
     };
-    tokio::spawn(task.run(rx));
-    Conn { tx, dead }
+    tokio::spawn(task.run());
+    shared
 }
 
 struct ConnTask {
     addr: String,
     pool_key: String,
     target: Target,
-    dead: Arc<AtomicBool>,
+    shared: Arc<Mutex<Shared>>,
 }
 
 impl ConnTask {
@@ -357,89 +668,129 @@ impl ConnTask {
         }
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Job>) {
-        let stream = match self.connect().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("{e}");
-                self.dead.store(true, Ordering::Relaxed);
-                // commands queued meanwhile fail at once rather than waiting for their timeout
-                rx.close();
-                while let Some(job) = rx.recv().await {
-                    let _ = job.reply.send(Err(e.clone()));
+    /// Connects, then writes what the commands queue (everything queued since the last
+    /// write goes out in one write) and hands each reply to its command, until the
+    /// connection fails; then every command waiting fails at once.
+    async fn run(self) {
+        let err = match self.connect().await {
+            Ok(stream) => self.serve(&stream).await,
+            Err(e) => e,
+        };
+        tracing::warn!("{err}");
+        let wake = {
+            let mut s = lock(&self.shared);
+            s.failed = Some(err.clone());
+            s.out = Vec::new();
+            s.task = None;
+            let mut wake = Vec::new();
+            let mut slots: Vec<usize> = Vec::new();
+            for e in std::mem::take(&mut s.order) {
+                match e {
+                    Expect::One(i) => slots.push(i),
+                    Expect::Merged(v, _) => slots.extend(v.into_iter().map(|(i, _)| i)),
                 }
-                return;
+            }
+            for c in std::mem::take(&mut s.counts) {
+                slots.extend(c.waiters.into_iter().map(|(i, _)| i));
+            }
+            s.count_at.clear();
+            for i in slots {
+                s.answer(i, Err(err.clone()), &mut wake);
+            }
+            wake
+        };
+        for w in wake {
+            w.wake();
+        }
+    }
+
+    async fn serve(&self, stream: &TcpStream) -> RedisError {
+        use std::io::ErrorKind::WouldBlock;
+        use std::task::Poll;
+        let mut inbuf = BytesMut::with_capacity(4096);
+        let mut wbuf: Vec<u8> = Vec::with_capacity(4096);
+        let mut wpos = 0;
+        let mut wake: Vec<Waker> = Vec::new();
+        std::future::poll_fn(|cx| {
+            loop {
+                if wpos == wbuf.len() {
+                    wbuf.clear();
+                    wpos = 0;
+                    let mut s = lock(&self.shared);
+                    if s.idle() {
+                        if !s.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                            s.task = Some(cx.waker().clone());
+                        }
+                    } else {
+                        s.take_output(&mut wbuf);
+                    }
+                }
+                let mut progress = false;
+                while wpos < wbuf.len() {
+                    match stream.try_write(&wbuf[wpos..]) {
+                        Ok(0) => return Poll::Ready(self.io("connection closed")),
+                        Ok(n) => {
+                            wpos += n;
+                            progress = wpos == wbuf.len();
+                        }
+                        Err(e) if e.kind() == WouldBlock => match stream.poll_write_ready(cx) {
+                            Poll::Ready(Ok(())) => {}
+                            Poll::Ready(Err(e)) => return Poll::Ready(self.io(e)),
+                            Poll::Pending => break,
+                        },
+                        Err(e) => return Poll::Ready(self.io(e)),
+                    }
+                }
+                if inbuf.capacity() - inbuf.len() < 1024 {
+                    inbuf.reserve(4096);
+                }
+                match stream.try_read_buf(&mut inbuf) {
+                    Ok(0) => return Poll::Ready(self.io("connection closed")),
+                    Ok(_) => {
+                        if let Err(e) = self.deliver(&mut inbuf, &mut wake) {
+                            return Poll::Ready(e);
+                        }
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == WouldBlock => match stream.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => progress = true,
+                        Poll::Ready(Err(e)) => return Poll::Ready(self.io(e)),
+                        Poll::Pending => {}
+                    },
+                    Err(e) => return Poll::Ready(self.io(e)),
+                }
+                if !progress {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Hands every complete reply in `inbuf` to its command.
+    fn deliver(&self, inbuf: &mut BytesMut, wake: &mut Vec<Waker>) -> Result<(), RedisError> {
+        let mut s = lock(&self.shared);
+        let r = loop {
+            match parse(inbuf) {
+                Ok(Some((reply, used))) => {
+                    inbuf.advance(used);
+                    match s.order.pop_front() {
+                        None => break Err(self.io("a reply nobody asked for")),
+                        Some(Expect::One(i)) => s.answer(i, Ok(reply), wake),
+                        Some(Expect::Merged(waiters, total)) => {
+                            split_count(&mut s, reply, waiters, total, wake);
+                        }
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(self.io(format!("protocol error: {e}"))),
             }
         };
-        let (mut rd, mut wr) = stream.into_split();
-        let (ptx, mut prx) =
-            mpsc::unbounded_channel::<oneshot::Sender<Result<Reply, RedisError>>>();
-        let reader_dead = self.dead.clone();
-        let raddr = self.addr.clone();
-        let reader = tokio::spawn(async move {
-            let mut buf = BytesMut::with_capacity(4096);
-            loop {
-                // answer every complete reply in the buffer
-                loop {
-                    match parse(&buf) {
-                        Ok(Some((reply, used))) => {
-                            buf.advance(used);
-                            match prx.try_recv() {
-                                Ok(waiter) => {
-                                    let _ = waiter.send(Ok(reply));
-                                }
-                                Err(_) => {
-                                    tracing::warn!("redis {raddr}: a reply nobody asked for");
-                                    reader_dead.store(true, Ordering::Relaxed);
-                                    return;
-                                }
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!("redis {raddr}: {e}");
-                            reader_dead.store(true, Ordering::Relaxed);
-                            return fail_all(&mut prx, &raddr, "protocol error");
-                        }
-                    }
-                }
-                match rd.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        reader_dead.store(true, Ordering::Relaxed);
-                        return fail_all(&mut prx, &raddr, "connection closed");
-                    }
-                    Ok(_) => {}
-                }
-            }
-        });
-        let mut out = Vec::with_capacity(8192);
-        while let Some(job) = rx.recv().await {
-            out.clear();
-            let mut jobs = vec![job];
-            while jobs.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(j) => jobs.push(j),
-                    Err(_) => break,
-                }
-            }
-            for j in jobs {
-                out.extend_from_slice(&j.cmd);
-                // the reader learns of the waiter before the command can be answered
-                if ptx.send(j.reply).is_err() {
-                    break;
-                }
-            }
-            if self.dead.load(Ordering::Relaxed) || wr.write_all(&out).await.is_err() {
-                break;
-            }
+        drop(s);
+        for w in wake.drain(..) {
+            w.wake();
         }
-        self.dead.store(true, Ordering::Relaxed);
-        drop(ptx);
-        rx.close();
-        while let Ok(job) = rx.try_recv() {
-            let _ = job.reply.send(Err(self.io("connection closed")));
-        }
-        let _ = reader.await;
+        r
     }
 
     async fn connect(&self) -> Result<TcpStream, RedisError> {
@@ -452,14 +803,14 @@ impl ConnTask {
             let mut hello = Vec::new();
             let mut expect = 0;
             if let Some(pw) = t.password.as_deref().filter(|p| !p.is_empty()) {
-                hello.extend(match &t.username {
-                    Some(u) => encode(&[b"AUTH", u.as_bytes(), pw.as_bytes()]),
-                    None => encode(&[b"AUTH", pw.as_bytes()]),
-                });
+                match &t.username {
+                    Some(u) => encode_into(&mut hello, &[b"AUTH", u.as_bytes(), pw.as_bytes()]),
+                    None => encode_into(&mut hello, &[b"AUTH", pw.as_bytes()]),
+                }
                 expect += 1;
             }
             if t.database != 0 && !t.cluster {
-                hello.extend(encode(&[b"SELECT", t.database.to_string().as_bytes()]));
+                encode_into(&mut hello, &[b"SELECT", t.database.to_string().as_bytes()]);
                 expect += 1;
             }
             if expect > 0 {
@@ -495,17 +846,34 @@ impl ConnTask {
     }
 }
 
-fn fail_all(
-    prx: &mut mpsc::UnboundedReceiver<oneshot::Sender<Result<Reply, RedisError>>>,
-    addr: &str,
-    why: &str,
+/// Hands a merged counter's reply `{used, ttl}` to each call in it: the count it would have
+/// seen had the calls run one after another. Any other reply (an error) goes to all of them.
+fn split_count(
+    s: &mut Shared,
+    reply: Reply,
+    waiters: Vec<(usize, u64)>,
+    total: u64,
+    wake: &mut Vec<Waker>,
 ) {
-    prx.close();
-    while let Ok(w) = prx.try_recv() {
-        let _ = w.send(Err(RedisError::Io {
-            addr: addr.to_owned(),
-            message: why.to_owned(),
-        }));
+    let items = reply.items();
+    let (Some(used), Some(ttl)) = (
+        items.first().and_then(Reply::as_int),
+        items.get(1).and_then(Reply::as_int),
+    ) else {
+        for (i, _) in waiters {
+            s.answer(i, Ok(reply.clone()), wake);
+        }
+        return;
+    };
+    let base = used.saturating_sub(i64::try_from(total).unwrap_or(i64::MAX));
+    let mut sum: i64 = 0;
+    for (i, cost) in waiters {
+        sum = sum.saturating_add(i64::try_from(cost).unwrap_or(i64::MAX));
+        let mine = Reply::Array(Some(vec![
+            Reply::Int(base.saturating_add(sum)),
+            Reply::Int(ttl),
+        ]));
+        s.answer(i, Ok(mine), wake);
     }
 }
 
@@ -629,7 +997,7 @@ async fn slot_map(t: &Target, refresh: bool) -> Result<Arc<SlotMap>, RedisError>
     }
     let mut last = RedisError::Cluster("no nodes configured".into());
     for seed in &t.nodes {
-        match send(t, seed, encode(&[b"CLUSTER", b"SLOTS"])).await {
+        match send(t, seed, &[b"CLUSTER", b"SLOTS"]).await {
             Ok(Reply::Array(Some(entries))) => {
                 let mut ranges = Vec::new();
                 for e in &entries {
@@ -687,6 +1055,95 @@ mod tests {
         );
         assert_eq!(parse(b"$-1\r\n").unwrap(), Some((Reply::Bulk(None), 5)));
         assert!(parse(b"?x\r\n").is_err());
+    }
+
+    static ADD: std::sync::LazyLock<Script> =
+        std::sync::LazyLock::new(|| Script::new("return {0, 0}"));
+
+    fn bulk(b: &str) -> Reply {
+        Reply::Bulk(Some(b.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn counts_on_one_key_are_one_script_run() {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let mut waiting = Vec::new();
+        for key in ["a", "a", "b", "a"] {
+            waiting.push(
+                enqueue_count(&shared, &ADD, key, 1, 60_000, "r")
+                    .ok()
+                    .unwrap(),
+            );
+        }
+        // another window on the same key is another run
+        waiting.push(
+            enqueue_count(&shared, &ADD, "a", 2, 1_000, "r")
+                .ok()
+                .unwrap(),
+        );
+        let mut s = lock(&shared);
+        let mut wbuf = Vec::new();
+        s.take_output(&mut wbuf);
+        let mut sent = Vec::new();
+        let mut at = 0;
+        while let Some((cmd, used)) = parse(&wbuf[at..]).unwrap() {
+            sent.push(cmd);
+            at += used;
+        }
+        assert_eq!(at, wbuf.len());
+        let run = |key: &str, cost: &str, ms: &str| {
+            Reply::Array(Some(vec![
+                bulk("EVALSHA"),
+                bulk(&ADD.sha),
+                bulk("1"),
+                bulk(key),
+                bulk(cost),
+                bulk(ms),
+            ]))
+        };
+        assert_eq!(
+            sent,
+            [
+                run("a", "3", "60000"),
+                run("b", "1", "60000"),
+                run("a", "2", "1000")
+            ]
+        );
+        // the first run's reply is split: each call sees the count after its own addition
+        let mut wake = Vec::new();
+        let Some(Expect::Merged(waiters, 3)) = s.order.pop_front() else {
+            panic!("the first run is merged");
+        };
+        split_count(
+            &mut s,
+            Reply::Array(Some(vec![Reply::Int(10), Reply::Int(500)])),
+            waiters,
+            3,
+            &mut wake,
+        );
+        for (i, want) in [(0, 8), (1, 9), (3, 10)] {
+            match &s.slots[waiting[i].slot] {
+                Slot::Done(Ok(r)) => {
+                    assert_eq!(
+                        r,
+                        &Reply::Array(Some(vec![Reply::Int(want), Reply::Int(500)]))
+                    )
+                }
+                _ => panic!("call {i} answered"),
+            }
+        }
+        // an error reply reaches every call of a merged run
+        assert!(matches!(s.order.pop_front(), Some(Expect::One(_))));
+        let Some(Expect::One(last)) = s.order.pop_front() else {
+            panic!("one call on its own");
+        };
+        s.answer(last, Ok(Reply::Error("ERR x".into())), &mut wake);
+        assert!(matches!(&s.slots[last], Slot::Done(Ok(Reply::Error(_)))));
+        drop(s);
+        drop(waiting);
+        let s = lock(&shared);
+        // answered slots are freed with their futures; the unanswered one waits for its reply
+        assert_eq!(s.slots.len() - s.free.len(), 1);
     }
 
     #[test]
