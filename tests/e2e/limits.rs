@@ -308,10 +308,15 @@ async fn limit_count_redis_shared_by_two_gateways() {
 async fn limit_count_redis_timeout() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for s in silent.incoming().flatten() {
-            held.push(s); // read nothing, answer nothing
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn({
+        let accepted = accepted.clone();
+        move || {
+            let mut held = Vec::new();
+            for s in silent.incoming().flatten() {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(s); // read nothing, answer nothing
+            }
         }
     });
     let u = Upstream::start("u").await;
@@ -333,6 +338,9 @@ async fn limit_count_redis_timeout() {
         assert!(took < Duration::from_secs(3), "{path} answered in {took:?}");
     }
     assert!(gw.stderr().contains("timeout"), "{}", gw.stderr());
+    // a command that timed out ends its connection (lua-resty-redis closes a socket that timed
+    // out), so a server that stopped answering does not hold the queue: each request connected
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,7 +11,9 @@
 //!
 //! Failures are explicit: a server that cannot be reached, a reply that does not come within
 //! the configured timeout, or a full queue (more than [`QUEUE`] commands waiting) each give a
-//! [`RedisError`] at once; the plugin decides (`allow_degradation`). A connection that failed
+//! [`RedisError`] at once; the plugin decides (`allow_degradation`). A command that times out
+//! ends its connection (the other commands on it fail at once), so a server that stopped
+//! answering cannot hold the queue. A connection that failed
 //! is dropped and the next command opens a new one, at most once per [`RETRY_AFTER`] per
 //! server, so an unreachable Redis costs a failed connect, not one per request.
 //!
@@ -321,10 +323,7 @@ fn to_result(r: Reply) -> Result<Reply, RedisError> {
 /// Queues the command on this thread's connection to `addr` and waits for the reply.
 async fn send(t: &Target, addr: &str, args: &[&[u8]]) -> Result<Reply, RedisError> {
     let waiting = with_conn(t, addr, |shared| enqueue(shared, args, addr))?;
-    match with_timeout(t.timeout(), waiting).await {
-        Some(r) => r,
-        None => Err(RedisError::Timeout(addr.to_owned())),
-    }
+    reply_within(t, addr, waiting).await
 }
 
 /// Adds `cost` to the fixed-window counter `key` with `script` (`KEYS[1]` = key, `ARGV[1]` =
@@ -356,13 +355,12 @@ pub async fn add_to_window(
     let waiting = with_conn(t, addr, |shared| {
         enqueue_count(shared, script, key, cost, window_ms, addr)
     })?;
-    match with_timeout(t.timeout(), waiting).await {
-        Some(Ok(Reply::Error(e))) if e.starts_with("NOSCRIPT") => {
+    match reply_within(t, addr, waiting).await? {
+        Reply::Error(e) if e.starts_with("NOSCRIPT") => {
             // Redis restarted or flushed its scripts: this call alone, loading the script
             script.run(t, key, &[c, w]).await
         }
-        Some(r) => to_result(r?),
-        None => Err(RedisError::Timeout(addr.to_owned())),
+        r => to_result(r),
     }
 }
 
@@ -409,6 +407,52 @@ fn with_conn<R>(
         });
         r.map_err(|e| e.unwrap_or_else(|| closed(addr)))
     })
+}
+
+/// Ends a connection: every command queued or sent on it fails with `err`, the next command
+/// opens a new connection, and the connection's task (woken) closes the socket.
+fn fail(shared: &Mutex<Shared>, err: RedisError) {
+    let mut wake = Vec::new();
+    {
+        let mut s = lock(shared);
+        if s.failed.is_none() {
+            s.failed = Some(err.clone());
+        }
+        s.out = Vec::new();
+        wake.extend(s.task.take());
+        let mut slots: Vec<usize> = Vec::new();
+        for e in std::mem::take(&mut s.order) {
+            match e {
+                Expect::One(i) => slots.push(i),
+                Expect::Merged(v, _) => slots.extend(v.into_iter().map(|(i, _)| i)),
+            }
+        }
+        for c in std::mem::take(&mut s.counts) {
+            slots.extend(c.waiters.into_iter().map(|(i, _)| i));
+        }
+        s.count_at.clear();
+        for i in slots {
+            s.answer(i, Err(err.clone()), &mut wake);
+        }
+    }
+    for w in wake {
+        w.wake();
+    }
+}
+
+/// Waits for a queued command's reply. A command that times out ends its connection, as
+/// lua-resty-redis closes a socket that timed out: a server that stopped answering would
+/// otherwise hold every later command's slot until the queue is full.
+async fn reply_within(t: &Target, addr: &str, waiting: Waiting) -> Result<Reply, RedisError> {
+    let shared = waiting.shared.clone();
+    match with_timeout(t.timeout(), waiting).await {
+        Some(r) => r,
+        None => {
+            let err = RedisError::Timeout(addr.to_owned());
+            fail(&shared, err.clone()); // the connection's task logs it
+            Err(err)
+        }
+    }
 }
 
 fn closed(addr: &str) -> RedisError {
@@ -677,31 +721,7 @@ impl ConnTask {
             Err(e) => e,
         };
         tracing::warn!("{err}");
-        let wake = {
-            let mut s = lock(&self.shared);
-            s.failed = Some(err.clone());
-            s.out = Vec::new();
-            s.task = None;
-            let mut wake = Vec::new();
-            let mut slots: Vec<usize> = Vec::new();
-            for e in std::mem::take(&mut s.order) {
-                match e {
-                    Expect::One(i) => slots.push(i),
-                    Expect::Merged(v, _) => slots.extend(v.into_iter().map(|(i, _)| i)),
-                }
-            }
-            for c in std::mem::take(&mut s.counts) {
-                slots.extend(c.waiters.into_iter().map(|(i, _)| i));
-            }
-            s.count_at.clear();
-            for i in slots {
-                s.answer(i, Err(err.clone()), &mut wake);
-            }
-            wake
-        };
-        for w in wake {
-            w.wake();
-        }
+        fail(&self.shared, err);
     }
 
     async fn serve(&self, stream: &TcpStream) -> RedisError {
@@ -713,16 +733,21 @@ impl ConnTask {
         let mut wake: Vec<Waker> = Vec::new();
         std::future::poll_fn(|cx| {
             loop {
-                if wpos == wbuf.len() {
-                    wbuf.clear();
-                    wpos = 0;
+                {
                     let mut s = lock(&self.shared);
-                    if s.idle() {
-                        if !s.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                            s.task = Some(cx.waker().clone());
+                    if let Some(e) = &s.failed {
+                        // ended from outside (a command timed out)
+                        return Poll::Ready(e.clone());
+                    }
+                    if wpos == wbuf.len() {
+                        wbuf.clear();
+                        wpos = 0;
+                        if !s.idle() {
+                            s.take_output(&mut wbuf);
                         }
-                    } else {
-                        s.take_output(&mut wbuf);
+                    }
+                    if !s.task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                        s.task = Some(cx.waker().clone());
                     }
                 }
                 let mut progress = false;
