@@ -628,21 +628,35 @@ impl Builders {
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let io = TokioIo::new(crate::io::SendTimeout::new(io, self.send_timeout));
         let sh = shared.clone();
+        if let ConnMode::H2 = mode {
+            // Each HTTP/2 request's future is boxed: hyper moves a stream's future through its
+            // layers into the stream's own task and rewrites the stream's state when the
+            // response starts, and the request future is 4.4 KB, so unboxed it was copied
+            // about 18 times per request (callgrind: 130,000 instructions per TLS HTTP/2
+            // request, 55,000 boxed). HTTP/1.1 keeps it inline: there the box would cost
+            // about 500 instructions (the allocation) and save nothing.
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let sh = sh.clone();
+                let info = info.clone();
+                Box::pin(async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) })
+            });
+            spawn_connection(self.h2.serve_connection(io, svc), drain, shared);
+            return;
+        }
         let svc = service_fn(move |req: Request<Incoming>| {
             let sh = sh.clone();
             let info = info.clone();
             async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) }
         });
-        let io = TokioIo::new(crate::io::SendTimeout::new(io, self.send_timeout));
         match mode {
             ConnMode::H1 => spawn_connection(
                 self.h1.serve_connection(io, svc).with_upgrades(),
                 drain,
                 shared,
             ),
-            ConnMode::H2 => spawn_connection(self.h2.serve_connection(io, svc), drain, shared),
-            ConnMode::Auto => spawn_connection(
+            ConnMode::H2 | ConnMode::Auto => spawn_connection(
                 self.auto
                     .serve_connection_with_upgrades(io, svc)
                     .into_owned(),
