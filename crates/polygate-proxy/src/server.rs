@@ -696,6 +696,10 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        // one connection per turn of the event loop, as nginx without `multi_accept`: under a
+        // stream of new connections the loop would otherwise accept up to tokio's budget (128)
+        // in a row while the connections already accepted wait for their handshakes
+        tokio::task::yield_now().await;
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
         shared
