@@ -8,6 +8,10 @@
 #   3. full TLS handshakes per second (`openssl s_time -new`, $HS_CLIENTS in parallel: no
 #      resumption, ECDHE + certificate signature every time, then one request)
 #   4. HTTP/2 over TLS (h2load, ALPN h2, several streams per connection)
+#   5. new connections at a fixed rate, the same for both ($RATE per second for $RATE_SECS s,
+#      one HTTP/1.1 request each, h2load --h1 -r): p50 and p99 of the requests' latency. wrk
+#      (2.) is a closed loop, where the server that finishes handshakes faster has more
+#      requests in flight at once; here both get the same offered load
 #
 #   bench/tls.sh
 #   WORKERS=2 CONNS=100 DURATION=15 ROUNDS=3 bench/tls.sh
@@ -18,6 +22,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-2}"
+RATE="${RATE:-1000}"; RATE_SECS="${RATE_SECS:-4}"
 H2_CLIENTS="${H2_CLIENTS:-10}"; H2_STREAMS="${H2_STREAMS:-10}"; HS_CLIENTS="${HS_CLIENTS:-4}"
 UP_PORT="${UP_PORT:-18180}"; NGX_PORT="${NGX_PORT:-18181}"; PG_PORT="${PG_PORT:-18182}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
@@ -95,6 +100,21 @@ full_run() { # port -> "handshakes/s" (sum over $HS_CLIENTS parallel s_time loop
   cat "$work"/st.* | awk '/connections in .* real seconds/ {n += $1; t = $4} END {if (t > 0) printf "%.0f\n", n / t; else print 0}'
   rm -f "$work"/st.*
 }
+rate_run() { # url -> "p50 p99" in ms: one request per new connection, $RATE connections/s
+  local n=$((RATE * RATE_SECS))
+  rm -f "$work/rate.log"
+  h2load --h1 -r "$((RATE / 100 > 0 ? RATE / 100 : 1))" --rate-period 10ms -c "$n" -n "$n" \
+    --log-file="$work/rate.log" "$1" > "$work/rate.out" 2>&1 || true
+  python3 - "$work/rate.log" <<'PY'
+import sys
+try:
+    v = sorted(int(l.split("\t")[2]) for l in open(sys.argv[1]) if l.strip())
+except OSError:
+    v = []
+q = lambda p: v[min(len(v) - 1, int(p * len(v)))] / 1000 if v else 0
+print(f"{q(.5):.2f} {q(.99):.2f}")
+PY
+}
 ngx="https://127.0.0.1:$NGX_PORT/"; pg="https://127.0.0.1:$PG_PORT/"
 wrk -t1 -c"$CONNS" -d2s "$ngx" >/dev/null; wrk -t1 -c"$CONNS" -d2s "$pg" >/dev/null
 
@@ -107,11 +127,15 @@ for r in $(seq "$ROUNDS"); do
   read -r pc pcp < <(close_run "$pg")
   nf=$(full_run "$NGX_PORT"); pf=$(full_run "$PG_PORT")
   nh=$(h2_run "$ngx"); ph=$(h2_run "$pg")
+  read -r nr50 nr99 < <(rate_run "$ngx")
+  read -r pr50 pr99 < <(rate_run "$pg")
   printf "%-6s %-26s %12s %10s\n" "$r" "nginx https keep-alive" "$nk" "$nkp" "$r" "polygate https keep-alive" "$pk" "$pkp" \
     "$r" "nginx new connections" "$nc" "$ncp" "$r" "polygate new connections" "$pc" "$pcp" \
     "$r" "nginx full handshakes" "$nf" "-" "$r" "polygate full handshakes" "$pf" "-" \
     "$r" "nginx h2" "$nh" "-" "$r" "polygate h2" "$ph" "-"
-  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf" >> "$work/results"
+  printf "%-6s %-26s %12s %10s\n" "$r" "nginx ${RATE}/s new conns p50" "$nr50" "$nr99" \
+    "$r" "polygate ${RATE}/s new conns p50" "$pr50" "$pr99"
+  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf $nr50 $nr99 $pr50 $pr99" >> "$work/results"
 done
 python3 - "$work/results" "$WORKERS" "$CONNS" "$H2_CLIENTS" "$H2_STREAMS" <<'PY'
 import sys, statistics
@@ -124,4 +148,6 @@ n,p=m(10),m(11)
 print(f"{'full handshakes':20s} nginx {n:9.0f} /s                | polygate {p:9.0f} /s                | ratio {p/n:.2f}x")
 n,p=m(8),m(9)
 print(f"{'h2 (h2load)':20s} nginx {n:9.0f} req/s             | polygate {p:9.0f} req/s             | ratio {p/n:.2f}x")
+n50, n99, p50, p99 = m(12), m(13), m(14), m(15)
+print(f"{'fixed-rate new conns':20s} nginx p50 {n50:.2f} p99 {n99:.2f} ms | polygate p50 {p50:.2f} p99 {p99:.2f} ms | p99 {p99/n99 if n99 else 0:.2f}x")
 PY
