@@ -340,26 +340,21 @@ pub async fn add_to_window(
     cost: u64,
     window_ms: u64,
 ) -> Result<Reply, RedisError> {
-    let mut c = Vec::with_capacity(20);
-    polygate_core::text::push_decimal(&mut c, cost);
-    let mut w = Vec::with_capacity(20);
-    polygate_core::text::push_decimal(&mut w, window_ms);
-    let (c, w) = (
-        std::str::from_utf8(&c).unwrap_or("0"),
-        std::str::from_utf8(&w).unwrap_or("0"),
-    );
+    // one script run for this call alone (the merged path encodes its numbers itself)
+    let alone = || async {
+        let (c, w) = (cost.to_string(), window_ms.to_string());
+        script.run(t, key, &[&c, &w]).await
+    };
     if t.cluster {
-        return script.run(t, key, &[c, w]).await;
+        return alone().await;
     }
     let addr = t.nodes.first().map(String::as_str).unwrap_or("");
     let waiting = with_conn(t, addr, |shared| {
         enqueue_count(shared, script, key, cost, window_ms, addr)
     })?;
     match reply_within(t, addr, waiting).await? {
-        Reply::Error(e) if e.starts_with("NOSCRIPT") => {
-            // Redis restarted or flushed its scripts: this call alone, loading the script
-            script.run(t, key, &[c, w]).await
-        }
+        // Redis restarted or flushed its scripts: this call alone, loading the script
+        Reply::Error(e) if e.starts_with("NOSCRIPT") => alone().await,
         r => to_result(r),
     }
 }

@@ -630,33 +630,34 @@ impl Builders {
     {
         let io = TokioIo::new(crate::io::SendTimeout::new(io, self.send_timeout));
         let sh = shared.clone();
-        if let ConnMode::H1 = mode {
-            // HTTP/1.1 keeps the request's future inline in the connection: boxing it would
-            // cost about 500 instructions (the allocation) and save nothing
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let sh = sh.clone();
-                let info = info.clone();
-                async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) }
-            });
-            let conn = self.h1.serve_connection(io, svc).with_upgrades();
-            spawn_connection(conn, drain, shared);
-            return;
-        }
+        let request = move |req: Request<Incoming>| {
+            let sh = sh.clone();
+            let info = info.clone();
+            async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) }
+        };
         // An HTTP/2 request's future (4.4 KB) is boxed: hyper moves a stream's future into the
         // stream's own task, so inline it is copied on the way (callgrind, worker thread: TLS
         // HTTP/2 58,200 -> 55,000 instructions per request, h2c 53,800 -> 51,000). h2c
         // listeners (`auto`) box too: their HTTP/1.1 requests pay the allocation (32,200 ->
-        // 33,600).
-        let svc = service_fn(move |req: Request<Incoming>| {
-            let sh = sh.clone();
-            let info = info.clone();
-            Box::pin(async move { Ok::<_, Infallible>(handle(req, &sh, &info).await) })
-        });
+        // 33,600). HTTP/1.1 listeners keep it inline in the connection: there the box would
+        // cost the allocation and save nothing.
         match mode {
-            ConnMode::H2 => spawn_connection(self.h2.serve_connection(io, svc), drain, shared),
-            ConnMode::H1 | ConnMode::Auto => spawn_connection(
+            ConnMode::H1 => spawn_connection(
+                self.h1
+                    .serve_connection(io, service_fn(request))
+                    .with_upgrades(),
+                drain,
+                shared,
+            ),
+            ConnMode::H2 => spawn_connection(
+                self.h2
+                    .serve_connection(io, service_fn(move |r| Box::pin(request(r)))),
+                drain,
+                shared,
+            ),
+            ConnMode::Auto => spawn_connection(
                 self.auto
-                    .serve_connection_with_upgrades(io, svc)
+                    .serve_connection_with_upgrades(io, service_fn(move |r| Box::pin(request(r))))
                     .into_owned(),
                 drain,
                 shared,
