@@ -338,8 +338,9 @@ async fn limit_count_redis_timeout() {
         assert!(took < Duration::from_secs(3), "{path} answered in {took:?}");
     }
     assert!(gw.stderr().contains("timeout"), "{}", gw.stderr());
-    // a command that timed out ends its connection (lua-resty-redis closes a socket that timed
-    // out), so a server that stopped answering does not hold the queue: each request connected
+    // a command that timed out ends its connection, as lua-resty-redis does
+    // (lib/resty/redis.lua, `_read_reply`: `if err == "timeout" ... then sock:close()`), so a
+    // server that stopped answering does not hold the queue: each request connected
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
