@@ -718,9 +718,11 @@ async fn accept_loop(
                 {
                     Ok(Some((tls, info, h2))) => {
                         if h2 {
-                            // HTTP/2 writes many small frames per flush: gathered, they go out
-                            // as one TLS record instead of one record (and one AEAD seal) each
-                            let io = tokio::io::BufWriter::with_capacity(16 * 1024, tls);
+                            // HTTP/2 writes many small frames, and flushes after each
+                            // response's data: gathered (across the responses of one turn of
+                            // the event loop), they go out as one TLS record instead of one
+                            // record (and one AEAD seal and one write) each
+                            let io = crate::io::Coalesce::new(tls);
                             b.serve(io, info, ConnMode::H2, drain, sh);
                         } else {
                             b.serve(tls, info, ConnMode::H1, drain, sh);
