@@ -153,21 +153,30 @@ impl<T: AsyncWrite + Unpin> Coalesce<T> {
     /// Writes out the whole buffer.
     fn write_buf(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.pos < self.buf.len() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.buf[self.pos..]) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "connection closed while writing",
-                    )));
-                }
-                Poll::Ready(Ok(n)) => self.pos += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+            let n =
+                std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf[self.pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "connection closed while writing",
+                )));
             }
+            self.pos += n;
         }
         self.buf.clear();
         self.pos = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// Before `len` more bytes: writes the buffer out when they would not fit beside it. True
+    /// when they go into the buffer, false when they are a buffer's worth or more and go
+    /// straight through (the buffer is empty then).
+    fn room_for(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.buf.len() + len <= COALESCE_CAP {
+            return Poll::Ready(Ok(true));
+        }
+        std::task::ready!(self.write_buf(cx))?;
+        Poll::Ready(Ok(len < COALESCE_CAP))
     }
 }
 
@@ -188,15 +197,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.buf.len() + data.len() > COALESCE_CAP {
-            match this.write_buf(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-            if data.len() >= COALESCE_CAP {
-                return Pin::new(&mut this.io).poll_write(cx, data);
-            }
+        if !std::task::ready!(this.room_for(cx, data.len()))? {
+            return Pin::new(&mut this.io).poll_write(cx, data);
         }
         this.buf.extend_from_slice(data);
         Poll::Ready(Ok(data.len()))
@@ -209,15 +211,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     ) -> Poll<io::Result<usize>> {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let this = &mut *self;
-        if this.buf.len() + total > COALESCE_CAP {
-            match this.write_buf(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-            if total >= COALESCE_CAP {
-                return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-            }
+        if !std::task::ready!(this.room_for(cx, total))? {
+            return Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         }
         for b in bufs {
             this.buf.extend_from_slice(b);
@@ -243,20 +238,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
             let _ = y.as_mut().poll(cx);
             return Poll::Ready(Ok(()));
         }
-        match this.write_buf(cx) {
-            Poll::Ready(Ok(())) => {}
-            other => return other,
-        }
+        std::task::ready!(this.write_buf(cx))?;
         this.deferred = false;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match this.write_buf(cx) {
-            Poll::Ready(Ok(())) => {}
-            other => return other,
-        }
+        std::task::ready!(this.write_buf(cx))?;
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
