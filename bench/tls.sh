@@ -5,6 +5,9 @@
 #   1. HTTPS with keep-alive (wrk, HTTP/1.1 over TLS 1.3)
 #   2. a new TLS connection per request (wrk with `Connection: close`; wrk resumes sessions,
 #      so these are mostly abbreviated handshakes, still with an ECDHE exchange in TLS 1.3)
+#      wrk does a client's side of every handshake on one thread, and is itself CPU-bound here
+#      (92-98% of a CPU, printed for each run): its latencies then include its own queue. The
+#      test runs at CONNS and again at CLOSE_CONNS (10) connections
 #   3. full TLS handshakes per second (`openssl s_time -new`, $HS_CLIENTS in parallel: no
 #      resumption, ECDHE + certificate signature every time, then one request)
 #   4. HTTP/2 over TLS (h2load, ALPN h2, several streams per connection)
@@ -22,7 +25,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-2}"
-RATE="${RATE:-1000}"; RATE_SECS="${RATE_SECS:-4}"
+RATE="${RATE:-1000}"; RATE_SECS="${RATE_SECS:-4}"; CLOSE_CONNS="${CLOSE_CONNS:-10}"
 H2_CLIENTS="${H2_CLIENTS:-10}"; H2_STREAMS="${H2_STREAMS:-10}"; HS_CLIENTS="${HS_CLIENTS:-4}"
 UP_PORT="${UP_PORT:-18180}"; NGX_PORT="${NGX_PORT:-18181}"; PG_PORT="${PG_PORT:-18182}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
@@ -84,12 +87,12 @@ h2_run() { # url -> "req/s"
   awk '/^finished in/ {gsub(",", "", $4); print $4}' "$work/h2.out"
   if grep -qE "(^|[^0-9])0 succeeded" "$work/h2.out"; then echo "warning: h2load: no request succeeded" >&2; cat "$work/h2.out" >&2; fi
 }
-close_run() { # url -> "req/s p99": every request on a new connection, a full handshake each
-  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "$1" > "$work/close.out" 2>&1
-  local rps p99
+close_run() { # url [conns] -> "req/s p99 wrk-cpu%": every request on a new connection
+  local rps p99 cpu
+  cpu=$( { TIMEFORMAT=%P; time wrk -t1 -c"${2:-$CONNS}" -d"${DURATION}s" --latency -H "Connection: close" "$1" > "$work/close.out" 2>&1; } 2>&1 )
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/close.out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$work/close.out")
-  echo "$rps $p99"
+  echo "$rps $p99 ${cpu%.*}"
 }
 full_run() { # port -> "handshakes/s" (sum over $HS_CLIENTS parallel s_time loops)
   local i
@@ -123,26 +126,31 @@ printf "%-6s %-26s %12s %10s\n" round "target" "req/s" "p99(ms)"
 for r in $(seq "$ROUNDS"); do
   read -r nk nkp < <(wrk_run "$work/wrk.out" "$ngx")
   read -r pk pkp < <(wrk_run "$work/wrk.out" "$pg")
-  read -r nc ncp < <(close_run "$ngx")
-  read -r pc pcp < <(close_run "$pg")
+  read -r nc ncp ncc < <(close_run "$ngx")
+  read -r pc pcp pcc < <(close_run "$pg")
+  read -r nl nlp nlc < <(close_run "$ngx" "$CLOSE_CONNS")
+  read -r pl plp plc < <(close_run "$pg" "$CLOSE_CONNS")
   nf=$(full_run "$NGX_PORT"); pf=$(full_run "$PG_PORT")
   nh=$(h2_run "$ngx"); ph=$(h2_run "$pg")
   read -r nr50 nr99 < <(rate_run "$ngx")
   read -r pr50 pr99 < <(rate_run "$pg")
   printf "%-6s %-26s %12s %10s\n" "$r" "nginx https keep-alive" "$nk" "$nkp" "$r" "polygate https keep-alive" "$pk" "$pkp" \
     "$r" "nginx new connections" "$nc" "$ncp" "$r" "polygate new connections" "$pc" "$pcp" \
+    "$r" "nginx new conns, c$CLOSE_CONNS" "$nl" "$nlp" "$r" "polygate new conns, c$CLOSE_CONNS" "$pl" "$plp" \
     "$r" "nginx full handshakes" "$nf" "-" "$r" "polygate full handshakes" "$pf" "-" \
     "$r" "nginx h2" "$nh" "-" "$r" "polygate h2" "$ph" "-"
   printf "%-6s %-26s %12s %10s\n" "$r" "nginx ${RATE}/s new conns p50" "$nr50" "$nr99" \
     "$r" "polygate ${RATE}/s new conns p50" "$pr50" "$pr99"
-  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf $nr50 $nr99 $pr50 $pr99" >> "$work/results"
+  printf "%-6s wrk's CPU in the new-connection runs: c%s nginx %s%%, polygate %s%%; c%s nginx %s%%, polygate %s%%\n" \
+    "$r" "$CONNS" "$ncc" "$pcc" "$CLOSE_CONNS" "$nlc" "$plc"
+  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf $nr50 $nr99 $pr50 $pr99 $nl $nlp $pl $plp" >> "$work/results"
 done
-python3 - "$work/results" "$WORKERS" "$CONNS" "$H2_CLIENTS" "$H2_STREAMS" <<'PY'
+python3 - "$work/results" "$WORKERS" "$CONNS" "$H2_CLIENTS" "$H2_STREAMS" "$CLOSE_CONNS" <<'PY'
 import sys, statistics
 rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]
 m=lambda i: statistics.median(r[i] for r in rows)
 print(f"\nworkers={sys.argv[2]} connections={sys.argv[3]} h2: {sys.argv[4]} clients x {sys.argv[5]} streams (median of {len(rows)} rounds)")
-for name,(n,np_,p,pp) in {"https keep-alive":(m(0),m(1),m(2),m(3)),"new conn. per request":(m(4),m(5),m(6),m(7))}.items():
+for name,(n,np_,p,pp) in {"https keep-alive":(m(0),m(1),m(2),m(3)),"new conn. per request":(m(4),m(5),m(6),m(7)),f"new conn., c{sys.argv[6]}":(m(16),m(17),m(18),m(19))}.items():
     print(f"{name:20s} nginx {n:9.0f} req/s p99 {np_:.2f} ms | polygate {p:9.0f} req/s p99 {pp:.2f} ms | ratio {p/n:.2f}x, p99 {pp/np_:.2f}x")
 n,p=m(10),m(11)
 print(f"{'full handshakes':20s} nginx {n:9.0f} /s                | polygate {p:9.0f} /s                | ratio {p/n:.2f}x")
