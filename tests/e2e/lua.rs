@@ -617,6 +617,24 @@ async fn load_ffi_with_go_and_rust_runtimes() {
             "/unload",
             |r| body_is(r, 200, "true false task queue is finished true c\n"),
         ),
+        // the Go SDK's poller after an answer waits on the queue's descriptor holding its P
+        // (50 ms), then parks in Go's netpoller: an answer after each, and an unload while it
+        // waits, which ends its poll loop and lets a fresh runtime of the same key start
+        case(
+            "gohot",
+            r#"local rt = ngx.load_ffi("ffi_go_echo", "hot-then-idle")
+            local _, r1 = rt:echo("a")
+            ngx.sleep(0.15)
+            local _, r2 = rt:echo("b")
+            local _, r3 = rt:echo("c")
+            rt:__unload()
+            local ok4, err4 = rt:echo("d")
+            local again = ngx.load_ffi("ffi_go_echo", "hot-then-idle")
+            local _, r5 = again:echo("e")
+            ngx.say(r1, r2, r3, " ", ok4, " ", err4, " ", r5)"#,
+            "/gohot",
+            |r| body_is(r, 200, "abc false task queue is finished e\n"),
+        ),
         case(
             "missing",
             r#"local rt, err = ngx.load_ffi("ffi_no_such_runtime")
