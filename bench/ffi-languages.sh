@@ -5,7 +5,8 @@
 #     512 B payload from Lua (ngx.load_ffi) to each language's echo runtime; µs per call.
 #  B. gateway requests/s with each language's `ffi` plugin (an empty answer: continue) on every
 #     request vs the plain route, wrk with CONNS connections, DURATION s; each language run is
-#     paired with a plain run just before it, median of ROUNDS pairs.
+#     paired with a plain run just before it, median of ROUNDS pairs; with each, polygate's CPU
+#     per request (all its threads, from /proc/PID/task/*/schedstat) and its ratio.
 #
 #   bench/ffi-languages.sh            # needs wrk, nginx (the upstream), Go, a JDK + Maven,
 #                                     # Python with a shared libpython, and libnode (as the
@@ -71,7 +72,7 @@ YAML
 sed -i "s|^  worker_threads: .*|&\n  ffi_lib_path: [\"$work\"]\n  timeouts: {client_send: 600}|" "$work/polygate.yaml"
 
 nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
-"$rel/polygate" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!)
+"$rel/polygate" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!); pgpid=$!
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PG_PORT/plain" && break; sleep 0.1; done
 for l in "${LANGS[@]}"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PG_PORT/ffi/$l")
@@ -87,30 +88,43 @@ done
 echo; echo "== B. gateway req/s, ffi plugin on every request vs plain (workers=$WORKERS, $CONNS conns, ${DURATION}s, median of $ROUNDS)"
 # each language's run is paired with a plain run just before it: the machine's speed drifts
 # over a round, and a ratio taken between runs far apart measures the drift
-run() { wrk_run "$work/wrk.out" "$1"; }
+# CPU time of every polygate thread (the scheduler's exact figure, ns), read around each run:
+# the CPU one request costs the whole process, language runtimes' threads included, moves less
+# with the machine's speed than requests/s do
+cpu_ns() { cat /proc/"$pgpid"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
+run() { # url -> "req/s cpu-µs-per-request"
+  local c0 c1 rps n
+  c0=$(cpu_ns); read -r rps _ < <(wrk_run "$work/wrk.out" "$1"); c1=$(cpu_ns)
+  n=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+  echo "$rps $(python3 -c "print(round(($c1 - $c0) / 1000 / max($n, 1), 2))")"
+}
 : > "$work/res"
 for r in $(seq "$ROUNDS"); do
   for l in "${LANGS[@]}"; do
-    read -r pr _ < <(run "http://127.0.0.1:$PG_PORT/plain")
-    read -r fr _ < <(run "http://127.0.0.1:$PG_PORT/ffi/$l")
-    echo "$l $pr $fr" >> "$work/res"
+    read -r pr pc < <(run "http://127.0.0.1:$PG_PORT/plain")
+    read -r fr fc < <(run "http://127.0.0.1:$PG_PORT/ffi/$l")
+    echo "$l $pr $fr $pc $fc" >> "$work/res"
   done
 done
 python3 - "$work/res" <<'PY'
 import sys, statistics
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 by = {}
-for lang, plain, ffi in rows:
-    by.setdefault(lang, []).append((float(plain), float(ffi)))
+for lang, plain, ffi, pcpu, fcpu in rows:
+    by.setdefault(lang, []).append((float(plain), float(ffi), float(pcpu), float(fcpu)))
 targets = {"go": 0.9, "rust": 0.9, "python": 0.6, "java": 0.75, "node": 0.6}
-print(f"{'route':8} {'plain req/s':>12} {'ffi req/s':>10} {'ratio':>7} {'target':>7}  rounds")
+print(f"{'route':8} {'plain req/s':>12} {'ffi req/s':>10} {'ratio':>7} {'target':>7}        {'CPU µs/req plain, ffi':>21} {'CPU ratio':>9}  rounds")
 for k in ["go", "rust", "python", "java", "node"]:
     pairs = by[k]
-    ratios = [f / p for p, f in pairs]
+    ratios = [f / p for p, f, _, _ in pairs]
     ratio = statistics.median(ratios)
-    plain = statistics.median(p for p, _ in pairs)
-    ffi = statistics.median(f for _, f in pairs)
+    plain = statistics.median(p[0] for p in pairs)
+    ffi = statistics.median(p[1] for p in pairs)
+    pc = statistics.median(p[2] for p in pairs)
+    fc = statistics.median(p[3] for p in pairs)
+    cpu = statistics.median(p[2] / p[3] for p in pairs if p[3] > 0)
     verdict = "ok" if ratio >= targets[k] else "MISSED"
     each = ", ".join(f"{x:.2f}" for x in ratios)
-    print(f"{k:8} {plain:>12.0f} {ffi:>10.0f} {ratio:>7.2f} {targets[k]:>7.2f} {verdict:6}  {each}")
+    print(f"{k:8} {plain:>12.0f} {ffi:>10.0f} {ratio:>7.2f} {targets[k]:>7.2f} {verdict:6}  {pc:>10.1f}, {fc:>10.1f} {cpu:>9.2f}  {each}")
+print("CPU ratio: the plain route's CPU per request over the ffi route's (every polygate thread)")
 PY
