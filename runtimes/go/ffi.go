@@ -387,29 +387,44 @@ func newPoller(tq unsafe.Pointer, batch int, hotOK bool) *poller {
 	}
 	p.buf = C.malloc(C.size_t(batch) * C.size_t(unsafe.Sizeof(uintptr(0))))
 	if C.pg_has_fd() == 1 {
-		if fd := int(C.pg_queue_fd(tq)); fd >= 0 {
-			p.rawfd = fd
-			// the host owns fd; the File owns a duplicate (non-blocking like the original,
-			// so the netpoller takes it)
-			if dup, err := syscall.Dup(fd); err == nil {
-				syscall.CloseOnExec(dup)
-				f := os.NewFile(uintptr(dup), "polygate-queue")
-				if rc, err := f.SyscallConn(); err == nil {
-					p.rc, p.file = rc, f
-				} else {
-					f.Close()
-				}
-			}
-		}
+		p.rawfd = int(C.pg_queue_fd(tq)) // the host owns it; -1 when it has none
 	}
 	return p
 }
 
-func (p *poller) close() {
-	p.cool()
+// register puts a duplicate of the descriptor (non-blocking like the original) in Go's
+// netpoller, for parking; false when it cannot.
+func (p *poller) register() bool {
+	if p.rc != nil {
+		return true
+	}
+	dup, err := syscall.Dup(p.rawfd)
+	if err != nil {
+		return false
+	}
+	syscall.CloseOnExec(dup)
+	f := os.NewFile(uintptr(dup), "polygate-queue")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return false
+	}
+	p.rc, p.file = rc, f
+	return true
+}
+
+// unregister takes the duplicate out of the netpoller: while the poller waits hot, every
+// signal of the descriptor would also wake a thread parked in the netpoller for nothing.
+func (p *poller) unregister() {
 	if p.file != nil {
 		p.file.Close()
+		p.rc, p.file = nil, nil
 	}
+}
+
+func (p *poller) close() {
+	p.cool()
+	p.unregister()
 	if p.buf != nil {
 		C.free(p.buf)
 	}
@@ -433,7 +448,7 @@ func (p *poller) next() []task {
 		}
 		return []task{{t}}
 	}
-	if p.rc == nil {
+	if p.rawfd < 0 {
 		n := int(C.pg_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
 		return p.take(n)
 	}
@@ -466,15 +481,20 @@ func (p *poller) next() []task {
 		}
 		// nothing queued: park until the descriptor is readable (the host signals it on the
 		// next post or at unload); the next poll resets it
-		err := p.rc.Read(func(fd uintptr) bool {
-			var b [8]byte
-			_, err := syscall.Read(int(fd), b[:])
-			return err != syscall.EAGAIN
-		})
+		var err error = syscall.EBADF
+		if p.register() {
+			err = p.rc.Read(func(fd uintptr) bool {
+				var b [8]byte
+				_, err := syscall.Read(int(fd), b[:])
+				return err != syscall.EAGAIN
+			})
+		}
 		if err != nil {
 			// the descriptor failed: fall back to the blocking poll
-			p.file.Close()
-			p.rc, p.file = nil, nil
+			p.unregister()
+			p.rawfd = -1
+			n := int(C.pg_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
+			return p.take(n)
 		}
 	}
 }
@@ -501,6 +521,7 @@ func (p *poller) waitHot() bool {
 			}
 		}
 		p.hot, p.idle = true, 0
+		p.unregister()
 	}
 	if p.idle >= HotWait {
 		p.cool()
