@@ -3,6 +3,18 @@
 
 /// Appends the decimal digits of `n`.
 pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    if n < 1000 {
+        // the usual case (an IPv4 octet, a status, a short length): digit by digit, without
+        // the scratch buffer's copy (a memcpy call)
+        if n >= 100 {
+            out.push(b'0' + (n / 100) as u8);
+        }
+        if n >= 10 {
+            out.push(b'0' + (n / 10 % 10) as u8);
+        }
+        out.push(b'0' + (n % 10) as u8);
+        return;
+    }
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {
@@ -71,7 +83,19 @@ mod tests {
 
     #[test]
     fn decimals() {
-        for n in [0u64, 7, 10, 99, 65535, 1_000_000_007, u64::MAX] {
+        for n in [
+            0u64,
+            7,
+            10,
+            99,
+            100,
+            105,
+            999,
+            1000,
+            65535,
+            1_000_000_007,
+            u64::MAX,
+        ] {
             let mut v = b"x".to_vec();
             push_decimal(&mut v, n);
             assert_eq!(v, format!("x{n}").into_bytes());

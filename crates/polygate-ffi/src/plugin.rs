@@ -340,14 +340,7 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
                 if i > 0 {
                     out.push(b'.');
                 }
-                // at most three digits: no general decimal conversion (and no memcpy call)
-                if o >= 100 {
-                    out.push(b'0' + o / 100);
-                }
-                if o >= 10 {
-                    out.push(b'0' + o / 10 % 10);
-                }
-                out.push(b'0' + o % 10);
+                decimal(&mut out, o.into());
             }
         }
         ip @ std::net::IpAddr::V6(_) => {

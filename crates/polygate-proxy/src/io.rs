@@ -142,11 +142,6 @@ impl<T> Coalesce<T> {
             deferred: false,
         }
     }
-
-    /// The wrapped connection.
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
 }
 
 impl<T: AsyncWrite + Unpin> Coalesce<T> {
