@@ -372,9 +372,10 @@ type poller struct {
 	rc    syscall.RawConn
 	file  *os.File
 	last  int // size of the previous batch
-	// hot waiting (synchronous handlers only): the host's descriptor, whether this poller
-	// holds one of the hotWaiters places, and how long it has waited in vain
+	// the host's descriptor (-1: none, or it failed: the blocking poll_n)
 	rawfd int
+	// hot waiting (synchronous handlers only): whether this poller may, whether it holds one
+	// of the hotWaiters places, and how long it has waited in vain
 	hotOK bool
 	hot   bool
 	idle  time.Duration
@@ -448,11 +449,11 @@ func (p *poller) next() []task {
 		}
 		return []task{{t}}
 	}
-	if p.rawfd < 0 {
-		n := int(C.pg_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
-		return p.take(n)
-	}
 	for {
+		if p.rawfd < 0 {
+			n := int(C.pg_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
+			return p.take(n)
+		}
 		n := int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
 		// spin only after a batch of one: a sequential caller; under load batches are larger
 		// and the spin would take CPU from the gateway
@@ -493,8 +494,6 @@ func (p *poller) next() []task {
 			// the descriptor failed: fall back to the blocking poll
 			p.unregister()
 			p.rawfd = -1
-			n := int(C.pg_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
-			return p.take(n)
 		}
 	}
 }
