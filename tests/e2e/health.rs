@@ -122,23 +122,6 @@ impl Node {
     }
 }
 
-fn metrics_port(gw: &Gateway) -> u16 {
-    let log = gw.stderr();
-    let line = log
-        .lines()
-        .find(|l| l.contains("metrics on http://"))
-        .expect("metrics listener");
-    let addr = line.split("http://").nth(1).unwrap();
-    addr.split('/')
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// A node's status in `/v1/healthcheck/{which}` (`upstreams/u`, `routes/r`).
 async fn node_status(mport: u16, which: &str, node: &Node) -> String {
     let r = get(mport, &format!("/v1/healthcheck/{which}")).await;
@@ -191,7 +174,7 @@ routes:
         )
     };
     let gw = gateway_with_metrics(&upstream(""));
-    let mport = metrics_port(&gw);
+    let mport = gw.metrics_port();
 
     assert!(spread(gw.port, 10).await.iter().all(|s| *s == 200));
     assert!(b.hits() > 0, "both nodes get traffic while healthy");
@@ -289,7 +272,7 @@ async fn passive_checks_move_traffic_off_a_failing_node() {
         pa = a.addr.port(),
         pb = b.addr.port()
     ));
-    let mport = metrics_port(&gw);
+    let mport = gw.metrics_port();
     b.failing.store(true, Ordering::SeqCst);
     // B answers 500 to real traffic: two of those take it out
     let mut saw_500 = 0;
@@ -355,7 +338,7 @@ routes:
         ph = high.addr.port(),
         pl = low.addr.port()
     ));
-    let mport = metrics_port(&gw);
+    let mport = gw.metrics_port();
     spread(gw.port, 5).await;
     assert_eq!((high.hits(), low.hits()), (5, 0), "the higher tier serves");
 
@@ -431,7 +414,7 @@ async fn https_probes_with_and_without_verification() {
         upstream("verified", true),
         upstream("unverified", false)
     ));
-    let mport = metrics_port(&gw);
+    let mport = gw.metrics_port();
     // both probe kinds see healthy nodes (the CA is trusted; the name matches)
     let healthy = |which: &'static str| async move {
         let r = get(mport, &format!("/v1/healthcheck/upstreams/{which}")).await;

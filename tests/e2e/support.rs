@@ -756,10 +756,22 @@ pub mod libs {
 impl Gateway {
     /// The Admin API's port, from the "admin API on" log line.
     pub fn admin_port(&self) -> u16 {
+        self.logged_port("admin API on http://")
+    }
+
+    /// The metrics listener's port, from the "metrics on" log line.
+    pub fn metrics_port(&self) -> u16 {
+        self.logged_port("metrics on http://")
+    }
+
+    /// The port of the address logged right after `marker`, waiting up to 10 s for the line:
+    /// the side listeners are logged after the main listener accepts, so a test that starts
+    /// right away can look before the line is written.
+    fn logged_port(&self, marker: &str) -> u16 {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(p) = self.stderr().lines().find_map(|l| {
-                let rest = l.split("admin API on http://").nth(1)?;
+                let rest = l.split(marker).nth(1)?;
                 let addr = rest.split('/').next()?;
                 addr.rsplit(':').next()?.parse::<u16>().ok()
             }) {
@@ -767,7 +779,7 @@ impl Gateway {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("no admin API in the log:\n{}", self.stderr());
+        panic!("no \"{marker}\" in the log:\n{}", self.stderr());
     }
 }
 

@@ -294,6 +294,15 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
         graceful: polygate_model::secs(gw.timeouts.graceful_shutdown),
         send_timeout: polygate_model::secs(gw.timeouts.client_send),
     };
+    // the bound addresses (a port 0 in the configuration shows the one the system chose),
+    // logged together before the workers start
+    for (addr, p) in &bound {
+        tracing::info!(
+            "listening on {addr} (tls: {}, http2: {}), {workers} worker threads",
+            p.tls,
+            p.http2
+        );
+    }
     let mut handles = Vec::new();
     for (w, ls) in listeners.into_iter().enumerate() {
         let shared = shared.clone();
@@ -316,14 +325,6 @@ pub fn serve(source: ConfigSource, started: Started, stop: StopSignals) -> Resul
             })
             .map_err(|e| StartError::Other(format!("spawn worker: {e}")))?;
         handles.push(h);
-    }
-    // the bound addresses (a port 0 in the configuration shows the one the system chose)
-    for (addr, p) in &bound {
-        tracing::info!(
-            "listening on {addr} (tls: {}, http2: {}), {workers} worker threads",
-            p.tls,
-            p.http2
-        );
     }
 
     main_rt.block_on(async {
