@@ -254,21 +254,52 @@ impl PluginFactory for FfiFactory {
     }
 }
 
+/// Bytes a JSON string can hold as they are: printable ASCII except `"` and `\\`.
+static PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0x20;
+    while c < 0x7f {
+        t[c] = c != b'"' as usize && c != b'\\' as usize;
+        c += 1;
+    }
+    t
+};
+
 /// Serialises the request description (the JSON of [`RequestDoc`], written directly: header
 /// names sorted, a repeated header as a list), with room for the NUL the host appends.
 pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     use std::io::Write as _;
+    fn plain(b: &[u8]) -> bool {
+        b.iter().all(|&c| PLAIN[c as usize])
+    }
+    /// A JSON string of text that may need escapes.
     fn string(out: &mut Vec<u8>, s: &str) {
-        let b = s.as_bytes();
-        if b.iter().all(|&c| c >= 0x20 && c != b'"' && c != b'\\') {
+        if plain(s.as_bytes()) {
             // nothing to escape (the usual case): what serde_json writes, without its machinery
-            out.reserve(b.len() + 2);
-            out.push(b'"');
-            out.extend_from_slice(b);
-            out.push(b'"');
+            raw(out, s.as_bytes());
         } else {
             // serde_json escapes exactly as the derived serializer did
             let _ = serde_json::to_writer(&mut *out, s);
+        }
+    }
+    /// A JSON string of bytes that need no escape.
+    fn raw(out: &mut Vec<u8>, b: &[u8]) {
+        out.reserve(b.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(b);
+        out.push(b'"');
+    }
+    /// A header value: printable ASCII without quotes or backslashes is copied (one scan);
+    /// anything else as the derived serializer wrote it (text escaped, other bytes lossily).
+    fn value(out: &mut Vec<u8>, v: &HeaderValue) {
+        let b = v.as_bytes();
+        if plain(b) {
+            raw(out, b);
+        } else {
+            match v.to_str() {
+                Ok(t) => string(out, t),
+                Err(_) => string(out, &String::from_utf8_lossy(b)),
+            }
         }
     }
     use polygate_core::text::push_decimal as decimal;
@@ -289,7 +320,8 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     out.push(b'{');
     let mut first = true;
     field(&mut out, "method", &mut first);
-    string(&mut out, ctx.method.as_str());
+    // a method is a token: nothing to escape
+    raw(&mut out, ctx.method.as_str().as_bytes());
     field(&mut out, "uri", &mut first);
     string(&mut out, &ctx.request_uri);
     field(&mut out, "path", &mut first);
@@ -299,36 +331,39 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
         string(&mut out, q);
     }
     field(&mut out, "headers", &mut first);
-    let mut names: Vec<&str> = ctx.headers.keys().map(|k| k.as_str()).collect();
-    names.sort_unstable();
+    // one walk over the headers (no lookup by name): sorted by name, stably, so a repeated
+    // header's values keep their order; a name's values are adjacent, and they share the one
+    // `HeaderName` of their entry
+    let mut hs: Vec<(&HeaderName, &HeaderValue)> = Vec::with_capacity(ctx.headers.len());
+    hs.extend(ctx.headers.iter());
+    hs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
     out.push(b'{');
-    for (i, name) in names.iter().enumerate() {
+    let mut i = 0;
+    while i < hs.len() {
+        let name = hs[i].0;
+        let mut j = i + 1;
+        while j < hs.len() && std::ptr::eq(hs[j].0, name) {
+            j += 1;
+        }
         if i > 0 {
             out.push(b',');
         }
-        string(&mut out, name);
+        // a header name is a lower-case token: nothing to escape
+        raw(&mut out, name.as_str().as_bytes());
         out.push(b':');
-        let mut vals = ctx.headers.get_all(*name).iter();
-        let one = |out: &mut Vec<u8>, v: &HeaderValue| match v.to_str() {
-            Ok(t) => string(out, t),
-            Err(_) => string(out, &String::from_utf8_lossy(v.as_bytes())),
-        };
-        let (first_val, second) = (vals.next(), vals.next());
-        match (first_val, second) {
-            (Some(v), None) => one(&mut out, v),
-            (Some(a), Some(b)) => {
-                out.push(b'[');
-                one(&mut out, a);
-                out.push(b',');
-                one(&mut out, b);
-                for v in vals {
+        if j == i + 1 {
+            value(&mut out, hs[i].1);
+        } else {
+            out.push(b'[');
+            for (k, (_, v)) in hs[i..j].iter().enumerate() {
+                if k > 0 {
                     out.push(b',');
-                    one(&mut out, v);
                 }
-                out.push(b']');
+                value(&mut out, v);
             }
-            (None, _) => out.extend_from_slice(b"null"),
+            out.push(b']');
         }
+        i = j;
     }
     out.push(b'}');
     field(&mut out, "client_ip", &mut first);
@@ -654,6 +689,12 @@ mod tests {
         h.insert("x-bin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
         h.insert("accept", HeaderValue::from_static("*/*"));
         h.insert("x-tab", HeaderValue::from_static("a\tb"));
+        h.append("x-multi", HeaderValue::from_static("d, after others"));
+        h.append("a-first", HeaderValue::from_static("sorted before accept"));
+        h.insert(
+            "x-obs",
+            HeaderValue::from_bytes(b"\xc3\xa9 utf-8 text").unwrap(),
+        );
         let mut c = RequestCtx::new(
             Method::POST,
             uri,
