@@ -12,10 +12,14 @@
 #                                     # Python with a shared libpython, and libnode (as the
 #                                     # test command prepares it: $CARGO_TARGET_DIR/libnode)
 #   CALLS=20000 WORKERS=2 bench/ffi-languages.sh
+#   PIN=1 bench/ffi-languages.sh      # B with polygate's worker threads on CPU 0 and wrk and the
+#                                     # upstream on CPU 1 (runtimes' threads float): on a 2-CPU
+#                                     # VM the scheduler's placement of four busy threads moves
+#                                     # single runs by up to 40%; pinned, by less
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 CALLS="${CALLS:-100000}"; SIZE="${SIZE:-512}"
-WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-3}"
+PIN="${PIN:-0}"; WORKERS="${WORKERS:-1}"; CONNS="${CONNS:-50}"; DURATION="${DURATION:-10}"; ROUNDS="${ROUNDS:-3}"
 UP_PORT="${UP_PORT:-18080}"; PG_PORT="${PG_PORT:-18083}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/polygate-target}"
 source "$root/bench/common.sh"
@@ -71,9 +75,16 @@ YAML
 } > "$work/polygate.yaml"
 sed -i "s|^  worker_threads: .*|&\n  ffi_lib_path: [\"$work\"]\n  timeouts: {client_send: 600}|" "$work/polygate.yaml"
 
-nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
+CP=()
+if [ "$PIN" = 1 ]; then need_tools taskset; CP=(taskset -c 1); fi
+"${CP[@]}" nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
 "$rel/polygate" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!); pgpid=$!
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PG_PORT/plain" && break; sleep 0.1; done
+if [ "$PIN" = 1 ]; then
+  for t in /proc/"$pgpid"/task/*; do
+    grep -q '^polygate-worker' "$t/comm" && taskset -pc 0 "$(basename "$t")" >/dev/null
+  done
+fi
 for l in "${LANGS[@]}"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PG_PORT/ffi/$l")
   [ "$code" = 200 ] || { echo "ffi route $l answered $code"; tail -20 "$work/pg.err"; exit 1; }
@@ -85,7 +96,8 @@ for l in "${LANGS[@]}"; do
   printf "%-8s %10s µs/call\n" "$l" "$us"
 done
 
-echo; echo "== B. gateway req/s, ffi plugin on every request vs plain (workers=$WORKERS, $CONNS conns, ${DURATION}s, median of $ROUNDS)"
+pinning="unpinned"; [ "$PIN" = 1 ] && pinning="workers on CPU 0, wrk and upstream on CPU 1"
+echo; echo "== B. gateway req/s, ffi plugin on every request vs plain (workers=$WORKERS, $CONNS conns, ${DURATION}s, median of $ROUNDS, $pinning)"
 # each language's run is paired with a plain run just before it: the machine's speed drifts
 # over a round, and a ratio taken between runs far apart measures the drift
 # CPU time of every polygate thread (the scheduler's exact figure, ns), read around each run:
@@ -94,7 +106,7 @@ echo; echo "== B. gateway req/s, ffi plugin on every request vs plain (workers=$
 cpu_ns() { cat /proc/"$pgpid"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 run() { # url -> "req/s cpu-µs-per-request"
   local c0 c1 rps n
-  c0=$(cpu_ns); read -r rps _ < <(wrk_run "$work/wrk.out" "$1"); c1=$(cpu_ns)
+  c0=$(cpu_ns); read -r rps _ < <(wrk_run "$work/wrk.out" "$1" "${CP[@]}"); c1=$(cpu_ns)
   n=$(awk '/requests in/ {print $1}' "$work/wrk.out")
   echo "$rps $(python3 -c "print(round(($c1 - $c0) / 1000 / max($n, 1), 2))")"
 }

@@ -488,7 +488,8 @@ impl Ffi {
             return self.fail(format!("runtime answered rc {rc}: {detail}"));
         }
         let action: Action = match body.as_deref() {
-            None | Some(b"") => Action::default(),
+            // no answer: continue, nothing to change (what the default action does)
+            None | Some(b"") => return Ok(None),
             Some(b) => match serde_json::from_slice(b) {
                 Ok(a) => a,
                 Err(e) => return self.fail(format!("invalid action from the runtime: {e}")),
