@@ -13,6 +13,10 @@
 #   ROUTE_PLUGINS='{response-rewrite: {headers: {set: {x-wasm: bench}}}}' bench/callgrind.sh
 #   GATEWAY_EXTRA='  wasm: {plugins: [{name: add_header, file: examples/wasm/add_header.wat, priority: 1}]}' \
 #     ROUTE_PLUGINS='{add_header: {conf: bench}}' bench/callgrind.sh
+# WORKER_ONLY=1 counts polygate's worker thread alone (not the threads of an FFI runtime or of
+# the main thread), e.g. what the `ffi` plugin costs the worker:
+#   WORKER_ONLY=1 GATEWAY_EXTRA='  ffi_lib_path: [/path/to/dir]' \
+#     ROUTE_PLUGINS='{ffi: {lib: ffi_rust_echo, cfg: continue}}' bench/callgrind.sh
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -64,12 +68,22 @@ PY
 measure() {
   local n="$1"; shift
   local out="$work/cg.$n"
-  valgrind --tool=callgrind --callgrind-out-file="$out.%p" --trace-children=no -q "$@" &
+  local sep=()
+  [ "${WORKER_ONLY:-0}" = 1 ] && sep=(--separate-threads=yes)
+  valgrind --tool=callgrind "${sep[@]}" --callgrind-out-file="$out.%p" --trace-children=no -q "$@" &
   local vp=$!
   load "$n"
   kill -TERM "$vp"; wait "$vp" 2>/dev/null || true
-  # sum the totals of all threads' files
-  cat "$out".* | awk '/^(summary|totals):/ {s += $2} END {print s}'
+  # the totals of the files: every thread's, or with WORKER_ONLY=1 polygate's worker thread's
+  # (a file holds its total twice, as `summary:` and `totals:`; before 2026-12-02 this summed
+  # both and printed every figure twice, ratios unaffected)
+  local files=("$out".*)
+  if [ "${WORKER_ONLY:-0}" = 1 ]; then
+    local w
+    mapfile -t w < <(grep -l 'polygate_proxy::server::worker' "$out".* || true)
+    [ ${#w[@]} -gt 0 ] && files=("${w[@]}")
+  fi
+  cat "${files[@]}" | awk '/^totals:/ {s += $2} END {print s}'
   rm -f "$out".*
 }
 
