@@ -23,6 +23,7 @@ routes:
   - {{id: action, uri: /action/*, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: action}}}}}}
   - {{id: rewrite, uri: /rw/*, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: "rewrite:/rewritten?by=go", phase: rewrite}}}}}}
   - {{id: deny, uri: /deny, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: deny}}}}}}
+  - {{id: describe, uri: /describe/*, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: describe}}}}}}
   - {{id: fail, uri: /fail, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: fail}}}}}}
   - {{id: failopen, uri: /failopen, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: fail, on_error: fail_open}}}}}}
   - {{id: hang, uri: /hang, upstream_id: u, plugins: {{ffi: {{lib: "{lib}", cfg: hang, timeout: 0.3, error_status: 504}}}}}}
@@ -35,6 +36,48 @@ routes:
     let r = get(p, "/action/x").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.seen_header("x-go-echo").as_deref(), Some("/action/x"));
+
+    // the request description as the runtime receives it (docs/ffi.md): names sorted, a
+    // repeated header as a list in arrival order even when other headers come between its
+    // lines, quotes and backslashes escaped
+    let r = get_h(
+        p,
+        "/describe/a%20b?q=x&r=%22",
+        &[
+            ("x-multi", "one"),
+            ("accept", "*/*"),
+            ("X-Multi", "two \"quoted\" \\ back"),
+            ("b-single", "tab\there"),
+            ("x-multi", "three"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let d = r.json();
+    assert_eq!(d["method"], "GET");
+    assert_eq!(d["uri"], "/describe/a%20b?q=x&r=%22");
+    // the path after normalisation, decoded as nginx's $uri
+    assert_eq!(d["path"], "/describe/a b");
+    assert_eq!(d["query"], "q=x&r=%22");
+    assert_eq!(d["route_id"], "describe");
+    assert_eq!(d["client_ip"], "127.0.0.1");
+    assert!(d["client_port"].as_u64().is_some_and(|p| p > 0));
+    let h = &d["headers"];
+    assert_eq!(
+        h["x-multi"],
+        serde_json::json!(["one", "two \"quoted\" \\ back", "three"])
+    );
+    assert_eq!(h["accept"], "*/*");
+    assert_eq!(h["b-single"], "tab\there");
+    assert_eq!(h["host"], "localhost");
+    let names: Vec<&str> = h.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+    let raw = r.body.find("\"headers\":{").map(|i| &r.body[i..]).unwrap();
+    let mut at = 0;
+    for n in &names {
+        let i = raw.find(&format!("\"{n}\":")).unwrap();
+        assert!(i >= at, "header names sorted in {raw}");
+        at = i;
+    }
 
     let r = get(p, "/rw/abc").await;
     assert_eq!(r.json()["uri"], "/rewritten?by=go");

@@ -8,6 +8,7 @@
 //	action          continue, adding an x-go-echo header with the request path
 //	rewrite:<uri>   continue with the upstream URI replaced
 //	deny            respond 403
+//	describe        respond 200 with the request description it received (JSON)
 //	fail            answer rc 3 (an error)
 //	hang            never answer
 //	logto:<file>    append "<status> <path>" lines (for the log phase)
@@ -60,6 +61,10 @@ func init() {
 		case cfg == "deny":
 			return func(req []byte) (int, []byte) {
 				return 0, action(map[string]any{"action": "respond", "status": 403, "headers": map[string]string{"x-denied-by": "go"}, "body": "denied by a Go runtime\n"})
+			}, opts, nil
+		case cfg == "describe":
+			return func(req []byte) (int, []byte) {
+				return 0, action(map[string]any{"action": "respond", "status": 200, "headers": map[string]string{"content-type": "application/json"}, "body": string(req)})
 			}, opts, nil
 		case cfg == "fail":
 			return func(req []byte) (int, []byte) { return 3, []byte("something broke") }, opts, nil
