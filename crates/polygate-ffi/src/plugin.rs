@@ -254,7 +254,7 @@ impl PluginFactory for FfiFactory {
     }
 }
 
-/// Bytes a JSON string can hold as they are: printable ASCII except `"` and `\\`.
+/// Bytes a JSON string can hold as they are: printable ASCII except `"` and `\`.
 static PLAIN: [bool; 256] = {
     let mut t = [false; 256];
     let mut c = 0x20;
@@ -332,8 +332,7 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     }
     field(&mut out, "headers", &mut first);
     // one walk over the headers (no lookup by name): sorted by name, stably, so a repeated
-    // header's values keep their order; a name's values are adjacent, and they share the one
-    // `HeaderName` of their entry
+    // header's values are adjacent and keep their order
     let mut hs: Vec<(&HeaderName, &HeaderValue)> = Vec::with_capacity(ctx.headers.len());
     hs.extend(ctx.headers.iter());
     hs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
@@ -342,7 +341,7 @@ pub fn describe(ctx: &RequestCtx) -> Vec<u8> {
     while i < hs.len() {
         let name = hs[i].0;
         let mut j = i + 1;
-        while j < hs.len() && std::ptr::eq(hs[j].0, name) {
+        while j < hs.len() && hs[j].0 == name {
             j += 1;
         }
         if i > 0 {
