@@ -354,11 +354,11 @@ impl Gateway {
     fn wait_listening(&mut self) -> u16 {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if let Some(port) = self.stderr().lines().find_map(|l| {
-                let rest = l.split("listening on ").nth(1)?;
-                let addr = rest.split_whitespace().next()?;
-                addr.rsplit(':').next()?.parse::<u16>().ok()
-            }) {
+            if let Some(port) = self
+                .stderr()
+                .lines()
+                .find_map(|l| port_after(l, "listening on "))
+            {
                 return port;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -385,11 +385,7 @@ impl Gateway {
     pub fn ports(&self) -> Vec<u16> {
         self.stderr()
             .lines()
-            .filter_map(|l| {
-                let rest = l.split("listening on ").nth(1)?;
-                let addr = rest.split_whitespace().next()?;
-                addr.rsplit(':').next()?.parse::<u16>().ok()
-            })
+            .filter_map(|l| port_after(l, "listening on "))
             .collect()
     }
 
@@ -770,17 +766,21 @@ impl Gateway {
     fn logged_port(&self, marker: &str) -> u16 {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Some(p) = self.stderr().lines().find_map(|l| {
-                let rest = l.split(marker).nth(1)?;
-                let addr = rest.split('/').next()?;
-                addr.rsplit(':').next()?.parse::<u16>().ok()
-            }) {
+            if let Some(p) = self.stderr().lines().find_map(|l| port_after(l, marker)) {
                 return p;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("no \"{marker}\" in the log:\n{}", self.stderr());
     }
+}
+
+/// The port of the address that follows `marker` in a log line (`listening on 127.0.0.1:80 (…`,
+/// `metrics on http://127.0.0.1:9091/metrics`): the address ends at a space or a `/`.
+fn port_after(line: &str, marker: &str) -> Option<u16> {
+    let rest = line.split(marker).nth(1)?;
+    let addr = rest.split(|c: char| c == '/' || c.is_whitespace()).next()?;
+    addr.rsplit(':').next()?.parse().ok()
 }
 
 /// The key the Admin API tests use (the one APISIX's test harness uses).
