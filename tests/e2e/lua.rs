@@ -735,6 +735,47 @@ async fn load_ffi_with_go_and_rust_runtimes() {
     }
 }
 
+/// A Lua loop of FFI calls answered at once stays within the time limit: with every thread of
+/// the gateway on one CPU the runtime's poller and the worker hand the CPU to each other, so a
+/// call finds its answer without yielding; once half of the step's budget is spent a call
+/// yields anyway (and starts a new budget) instead of failing the handler.
+#[tokio::test(flavor = "multi_thread")]
+async fn ffi_call_loop_on_one_cpu_stays_within_the_time_limit() {
+    let rust = libs::rust_echo();
+    let rustdir = rust.parent().unwrap().display().to_string();
+    let u = Upstream::start("u").await;
+    let cases = vec![case(
+        "loop",
+        r#"local demo = ngx.load_ffi("ffi_rust_echo", "loop")
+        local n = 0
+        for i = 1, 20000 do
+            local ok, res = demo:echo("m" .. i)
+            if ok and res == "m" .. i then n = n + 1 end
+        end
+        ngx.say(n)"#,
+        "/loop",
+        |r| body_is(r, 200, "20000\n"),
+    )];
+    let gw = start(
+        &cases,
+        &u.node(),
+        json!({"ffi_lib_path": [rustdir], "lua": {"time_limit": 0.005}}),
+    );
+    // every thread on CPU 0; the runtime's threads, started at the first call, inherit it
+    let pinned = std::process::Command::new("taskset")
+        .args(["-a", "-cp", "0", &gw.pid().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(pinned.success());
+    run_cases(&gw, &cases).await;
+    assert!(
+        !gw.stderr().contains("time limit exceeded"),
+        "{}",
+        gw.stderr()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_and_limits_fail_one_request_only() {
     let u = Upstream::start("u").await;

@@ -59,10 +59,12 @@ impl DoneQueue {
     }
 
     /// Wakes `queue`'s poller now when no other post of this event-loop turn waits for the
-    /// flusher (a sequential caller), then hands out answers that arrived meanwhile: on one
-    /// CPU the woken runtime thread runs at once and may answer before the wake-up returns, and
-    /// the caller then finds its answer without yielding. Otherwise the wake-up is deferred as
-    /// in [`DoneQueue::defer_wake`]. False when the worker's tasks are gone.
+    /// flusher (a sequential caller), then hands out answers that arrived meanwhile: a poller
+    /// on the worker's CPU gets that CPU at once
+    /// ([`TaskQueue::wake_poller_for_answer`](crate::queue::TaskQueue::wake_poller_for_answer))
+    /// and may answer before the wake-up returns; the caller then finds its answer without
+    /// yielding. Otherwise the wake-up is deferred as in [`DoneQueue::defer_wake`]. False when
+    /// the worker's tasks are gone.
     pub fn wake_now(&self, queue: &Arc<crate::queue::TaskQueue>) -> bool {
         if !self.alive.load(Ordering::Acquire) {
             return false;
@@ -70,7 +72,7 @@ impl DoneQueue {
         if self.flush_pending.load(Ordering::Acquire) {
             return self.defer_wake(queue);
         }
-        if self.wake_pollers(|| queue.wake_poller()) {
+        if self.wake_pollers(|| queue.wake_poller_for_answer()) {
             self.drain();
         }
         true

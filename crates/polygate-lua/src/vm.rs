@@ -197,6 +197,21 @@ pub(crate) fn reset_budget() {
     }
 }
 
+/// Whether the running step has used half of its time or instruction budget. An operation
+/// that could complete without yielding (an FFI call answered at once) yields anyway then, so
+/// a loop of such operations neither runs into the limits nor keeps the worker's other
+/// requests waiting for longer than half a budget.
+pub(crate) fn half_budget_spent() -> bool {
+    let per_run = TICKS_PER_RUN.with(Cell::get);
+    if per_run != u64::MAX && TICKS_LEFT.with(Cell::get) < per_run / 2 {
+        return true;
+    }
+    match (DEADLINE.with(Cell::get), TIME_PER_RUN.with(Cell::get)) {
+        (Some(deadline), Some(limit)) => Instant::now() + limit / 2 > deadline,
+        _ => false,
+    }
+}
+
 /// Whether the running handler hit the instruction limit (pcall cannot swallow that).
 pub(crate) fn killed() -> bool {
     KILLED.with(Cell::get)

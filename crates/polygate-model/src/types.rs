@@ -538,6 +538,8 @@ pub struct LuaConfig {
     /// runaway handler cannot stall the other requests of its worker thread. Wall-clock time
     /// (time the thread was preempted counts). Default 0.02 (20 ms); 0 = none. Checked every
     /// 1000 instructions, like `instruction_limit`; with both at 0 LuaJIT's JIT compiler is on.
+    /// An `ngx.load_ffi` call answered at once does not yield, unless the step has used half
+    /// of either limit: then it yields anyway, so a loop of such calls stays within them.
     #[serde(default = "default_lua_time")]
     pub time_limit: f64,
     /// Pending `ngx.timer` timers per worker, like `lua_max_pending_timers`. Default 1024.

@@ -244,7 +244,11 @@ pub(crate) unsafe extern "C-unwind" fn post(l: *mut ffi::lua_State) -> c_int {
                 Ok(c) => c,
                 Err(e) => return Step::Done(Err(e)),
             };
-            if let Poll::Ready(r) = call.poll(&mut Context::from_waker(waker)) {
+            if crate::vm::half_budget_spent() {
+                // the step ran for half its budget: yield to the worker's other tasks (and
+                // start a new budget) even when the answer is already there
+                waker.wake_by_ref();
+            } else if let Poll::Ready(r) = call.poll(&mut Context::from_waker(waker)) {
                 return Step::Done(r);
             }
             let token = NEXT_TOKEN.with(|t| {
