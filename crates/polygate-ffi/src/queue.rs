@@ -236,7 +236,7 @@ impl TaskQueue {
     /// answers before the caller looks. Without it the kernel often lets the caller run on,
     /// and the answer then comes through the caller's event loop: a yield of the request, a
     /// sleep in `epoll_wait` and an eventfd write from the runtime's thread to wake it. A
-    /// poller in its hand-off loop ([`TaskQueue::idle_wait`]) needs no futex wake-up at all.
+    /// poller in its hand-off loop (see `idle_wait`) needs no futex wake-up at all.
     pub fn wake_poller_for_answer(&self) {
         self.wake();
         let cpu = self.poller_cpu.load(Ordering::Relaxed);
