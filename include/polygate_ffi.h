@@ -80,6 +80,12 @@ int polygate_ffi_task_queued(void *tq);
  * closes). */
 int polygate_ffi_task_queue_fd(void *tq);
 
+/* ABI 1.2. For a poller that just got 0 from try_poll_n: 1 when it runs on the CPU of the
+ * queue's last post; it should then sched_yield() and call try_poll_n again instead of waiting
+ * on the descriptor (the caller yields back after its next post), for a bounded time (the Go SDK:
+ * 32 yields or 50 us). The descriptor is not signalled until that try_poll_n. 0 otherwise. */
+int polygate_ffi_task_queue_handoff(void *tq);
+
 /* Writes into polygate's log. level: 0 error, 1 warn, 2 info, 3 debug. len < 0: NUL-terminated. */
 void polygate_ffi_log(int level, const char *msg, int len);
 

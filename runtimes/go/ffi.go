@@ -42,6 +42,7 @@ typedef int64_t (*pg_remaining_fn)(void *);
 typedef int (*pg_try_poll_n_fn)(void *, void **, int);
 typedef int (*pg_queue_fd_fn)(void *);
 typedef int (*pg_queued_fn)(void *);
+typedef int (*pg_handoff_fn)(void *);
 
 static pg_poll_n_fn pg_poll_n_p;
 static pg_respond2_fn pg_respond2_p;
@@ -50,6 +51,7 @@ static pg_remaining_fn pg_remaining_p;
 static pg_try_poll_n_fn pg_try_poll_n_p;
 static pg_queue_fd_fn pg_queue_fd_p;
 static pg_queued_fn pg_queued_p;
+static pg_handoff_fn pg_handoff_p;
 
 // Looks up polygate's extensions; 0 when the host does not have them (e.g. OpenResty).
 static int pg_detect(void) {
@@ -66,10 +68,15 @@ static int pg_detect(void) {
 		pg_queue_fd_p = (pg_queue_fd_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_queue_fd");
 		pg_queued_p = (pg_queued_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_queued");
 	}
+	// ABI 1.2: the same-CPU hand-off (optional)
+	if ((v() & 0xffff) >= 2) {
+		pg_handoff_p = (pg_handoff_fn)dlsym(RTLD_DEFAULT, "polygate_ffi_task_queue_handoff");
+	}
 	return 1;
 }
 static int pg_has_fd(void) { return pg_try_poll_n_p != NULL && pg_queue_fd_p != NULL && pg_queued_p != NULL; }
 static int pg_queued(void *tq) { return pg_queued_p(tq); }
+static int pg_handoff(void *tq) { return pg_handoff_p != NULL ? pg_handoff_p(tq) : 0; }
 static int pg_try_poll_n(void *tq, void **out, int max) { return pg_try_poll_n_p(tq, out, max); }
 static int pg_queue_fd(void *tq) { return pg_queue_fd_p(tq); }
 static int pg_poll_n(void *tq, void **out, int max) { return pg_poll_n_p(tq, out, max); }
@@ -455,6 +462,10 @@ func (p *poller) next() []task {
 			return p.take(n)
 		}
 		n := int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
+		// after a batch of one (a sequential caller) on the caller's CPU: hand the CPU over
+		if n == 0 && p.last == 1 {
+			n = p.handOff()
+		}
 		// spin only after a batch of one: a sequential caller; under load batches are larger
 		// and the spin would take CPU from the gateway
 		if n == 0 && spinAllowed && p.last == 1 && PollSpin > 0 {
@@ -496,6 +507,39 @@ func (p *poller) next() []task {
 			p.rawfd = -1
 		}
 	}
+}
+
+// handOffYields and handOffTime bound the same-CPU hand-off (see handOff): on an otherwise
+// idle CPU each yield returns at once.
+const (
+	handOffYields = 32
+	handOffTime   = 50 * time.Microsecond
+)
+
+// handOff (polygate 1.2), for a poller that just found the queue empty: while it runs on the
+// CPU of the queue's last post (every thread on one CPU, or the kernel put them together), it
+// yields that CPU to the caller and polls again, instead of waiting on the descriptor; the
+// caller yields back after its next post. A sequential caller's round trip then costs a yield
+// on each side instead of a descriptor write, a wake-up and a trip through Go's netpoller. The
+// yield is a raw system call: the goroutine keeps its P, for at most handOffYields yields or
+// handOffTime. Returns what the last poll returned (0: nothing came, wait as usual; the last
+// poll armed the descriptor again).
+func (p *poller) handOff() int {
+	var start time.Time
+	for i := 0; i < handOffYields; i++ {
+		if C.pg_handoff(p.tq) != 1 {
+			return 0
+		}
+		if i == 0 {
+			start = time.Now()
+		}
+		syscall.RawSyscall(syscall.SYS_SCHED_YIELD, 0, 0, 0)
+		n := int(C.pg_try_poll_n(p.tq, (*unsafe.Pointer)(p.buf), C.int(p.batch)))
+		if n != 0 || time.Since(start) > handOffTime {
+			return n
+		}
+	}
+	return 0
 }
 
 // waitHot waits up to hotTick for the descriptor without giving up the P (a raw system call:

@@ -743,23 +743,35 @@ async fn load_ffi_with_go_and_rust_runtimes() {
 async fn ffi_call_loop_on_one_cpu_stays_within_the_time_limit() {
     let rust = libs::rust_echo();
     let rustdir = rust.parent().unwrap().display().to_string();
+    // the Go SDK's poller waits on the queue's descriptor: it hands off through ABI 1.2
+    let go = libs::go("echo");
+    let godir = go.parent().unwrap().display().to_string();
     let u = Upstream::start("u").await;
-    let cases = vec![case(
-        "loop",
-        r#"local demo = ngx.load_ffi("ffi_rust_echo", "loop")
+    let looping = |lib: &str| {
+        format!(
+            r#"local demo = ngx.load_ffi("{lib}", "loop")
         local n = 0
         for i = 1, 20000 do
             local ok, res = demo:echo("m" .. i)
             if ok and res == "m" .. i then n = n + 1 end
         end
-        ngx.say(n)"#,
-        "/loop",
-        |r| body_is(r, 200, "20000\n"),
-    )];
+        ngx.say(n)"#
+        )
+    };
+    let cases = vec![
+        Case {
+            plugins: access(&looping("ffi_rust_echo")),
+            ..case("loop", "", "/loop", |r| body_is(r, 200, "20000\n"))
+        },
+        Case {
+            plugins: access(&looping("ffi_go_echo")),
+            ..case("goloop", "", "/goloop", |r| body_is(r, 200, "20000\n"))
+        },
+    ];
     let gw = start(
         &cases,
         &u.node(),
-        json!({"ffi_lib_path": [rustdir], "lua": {"time_limit": 0.005}}),
+        json!({"ffi_lib_path": [rustdir, godir], "lua": {"time_limit": 0.005}}),
     );
     // every thread on CPU 0; the runtime's threads, started at the first call, inherit it
     let pinned = std::process::Command::new("taskset")

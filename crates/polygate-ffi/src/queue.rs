@@ -245,6 +245,24 @@ impl TaskQueue {
         }
     }
 
+    /// For a poller that just found the queue empty with [`TaskQueue::try_poll_many`]: true
+    /// when it runs on the CPU of the queue's last post, and should give that CPU to the
+    /// caller (`sched_yield`) and look again rather than wait on the descriptor; the caller,
+    /// seeing its poller idle on its CPU, yields back after its next post
+    /// ([`TaskQueue::wake_poller_for_answer`]). The blocking polls do this themselves (see
+    /// `idle_wait`). When true the descriptor is disarmed: posts made while the poller yields
+    /// do not signal it (no write), and the poller's next [`TaskQueue::try_poll_many`] takes
+    /// them or arms it again.
+    pub fn hand_off(&self) -> bool {
+        let cpu = current_cpu();
+        if cpu < 0 || cpu != self.poster_cpu.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.poller_cpu.store(cpu, Ordering::Relaxed);
+        self.fd_armed.store(false, Ordering::Release);
+        true
+    }
+
     /// Wakes one sleeping poller (and signals the descriptor of one that waits on it); true
     /// when a poller sleeping in [`TaskQueue::poll`] or [`TaskQueue::poll_many`] was woken.
     fn wake(&self) -> bool {
@@ -288,6 +306,7 @@ impl TaskQueue {
             }
             // armed under the queue's lock: a post after this sees it when it wakes pollers
             self.fd_armed.store(true, Ordering::Release);
+            self.poller_cpu.store(current_cpu(), Ordering::Relaxed);
         }
         Ok(out)
     }
@@ -621,6 +640,41 @@ mod tests {
         }
         q.finish();
         poller.join().unwrap();
+    }
+
+    #[test]
+    fn hand_off_only_on_the_posters_cpu_and_it_disarms_the_descriptor() {
+        let cpu = current_cpu().max(0);
+        pin(cpu);
+        let q = TaskQueue::new(4);
+        q.event_fd().unwrap();
+        assert!(!q.hand_off(), "no post yet: no caller to hand off to");
+        let t = q.post_quiet(Some(b"x"), None, None).unwrap();
+        assert_eq!(q.try_poll_many(4).unwrap().len(), 1);
+        assert!(q.try_poll_many(4).unwrap().is_empty());
+        assert!(
+            q.fd_armed.load(Ordering::Acquire),
+            "an empty poll arms the descriptor"
+        );
+        assert!(q.hand_off(), "the poller runs on the caller's CPU");
+        assert!(
+            !q.fd_armed.load(Ordering::Acquire),
+            "posts during the hand-off need no write"
+        );
+        assert_eq!(q.poller_cpu.load(Ordering::Relaxed), cpu);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus > 1 {
+            let other = (cpu + 1) % cpus as i32;
+            let q2 = q.clone();
+            let handed = std::thread::spawn(move || {
+                pin(other);
+                q2.hand_off()
+            })
+            .join()
+            .unwrap();
+            assert!(!handed, "a poller on another CPU waits as usual");
+        }
+        assert!(t.complete((0, None)));
     }
 
     #[test]
