@@ -131,8 +131,8 @@ pub struct TaskQueue {
     /// A poller found the queue empty through [`TaskQueue::try_poll_many`] and waits on the
     /// descriptor: the next wake-up signals it.
     fd_armed: AtomicBool,
-    /// The CPU a poller last went idle on, to sleep or to hand off (-1: none yet); see
-    /// [`TaskQueue::wake_poller_for_answer`].
+    /// The CPU a poller last went idle on, to sleep or to hand off (-1: none yet, or a poller
+    /// took a task since); see [`TaskQueue::wake_poller_for_answer`].
     poller_cpu: AtomicI32,
     /// The CPU of the last post's caller (-1: none yet).
     poster_cpu: AtomicI32,
@@ -237,6 +237,9 @@ impl TaskQueue {
     /// and the answer then comes through the caller's event loop: a yield of the request, a
     /// sleep in `epoll_wait` and an eventfd write from the runtime's thread to wake it. A
     /// poller in its hand-off loop (see `idle_wait`) needs no futex wake-up at all.
+    ///
+    /// A poller busy with an earlier task does not count: yielding to it would only make the
+    /// caller wait behind that task.
     pub fn wake_poller_for_answer(&self) {
         self.wake();
         let cpu = self.poller_cpu.load(Ordering::Relaxed);
@@ -414,6 +417,8 @@ impl TaskQueue {
             }
             t.state.store(POLLED, Ordering::Release);
             self.outstanding.fetch_add(1, Ordering::AcqRel);
+            // busy with a task now: a caller yielding its CPU would only wait behind it
+            self.poller_cpu.store(-1, Ordering::Relaxed);
             return Some(t);
         }
         None
