@@ -308,8 +308,10 @@ impl TaskQueue {
                 return Err(());
             }
             // armed under the queue's lock: a post after this sees it when it wakes pollers
+            // (the poller's CPU is not recorded here: a runtime with an event loop may go on
+            // with other work, and a caller yielding to it would wait behind that; pollers
+            // that do wait say so through `hand_off`)
             self.fd_armed.store(true, Ordering::Release);
-            self.poller_cpu.store(current_cpu(), Ordering::Relaxed);
         }
         Ok(out)
     }
