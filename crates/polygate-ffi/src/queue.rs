@@ -227,7 +227,13 @@ impl TaskQueue {
     /// Wakes one waiting poller (nothing to do when none waits), and signals the readiness
     /// descriptor when a poller waits on it.
     pub fn wake_poller(&self) {
-        self.wake();
+        self.cond.notify_one();
+        if self.fd_armed.load(Ordering::Acquire)
+            && self.fd_armed.swap(false, Ordering::AcqRel)
+            && let Some(fd) = self.notify_fd.get()
+        {
+            fd.signal();
+        }
     }
 
     /// Wakes a poller for a caller that looks for its answer right after. When the poller went
@@ -241,7 +247,7 @@ impl TaskQueue {
     /// A poller busy with an earlier task does not count: yielding to it would only make the
     /// caller wait behind that task.
     pub fn wake_poller_for_answer(&self) {
-        self.wake();
+        self.wake_poller();
         let cpu = self.poller_cpu.load(Ordering::Relaxed);
         if cpu >= 0 && cpu == current_cpu() {
             std::thread::yield_now();
@@ -264,19 +270,6 @@ impl TaskQueue {
         self.poller_cpu.store(cpu, Ordering::Relaxed);
         self.fd_armed.store(false, Ordering::Release);
         true
-    }
-
-    /// Wakes one sleeping poller (and signals the descriptor of one that waits on it); true
-    /// when a poller sleeping in [`TaskQueue::poll`] or [`TaskQueue::poll_many`] was woken.
-    fn wake(&self) -> bool {
-        let woken = self.cond.notify_one();
-        if self.fd_armed.load(Ordering::Acquire)
-            && self.fd_armed.swap(false, Ordering::AcqRel)
-            && let Some(fd) = self.notify_fd.get()
-        {
-            fd.signal();
-        }
-        woken
     }
 
     /// The queue's readiness descriptor (created on first use): readable once tasks are queued
