@@ -12,6 +12,7 @@
 #                                     # Python with a shared libpython, and libnode (as the
 #                                     # test command prepares it: $CARGO_TARGET_DIR/libnode)
 #   CALLS=20000 WORKERS=2 bench/ffi-languages.sh
+#   LANGS="go rust" bench/ffi-languages.sh   # only these languages
 #   PIN=1 bench/ffi-languages.sh      # B with polygate's worker threads on CPU 0 and wrk and the
 #                                     # upstream on CPU 1 (runtimes' threads float)
 #   STEAL_MAX=5                       # B also gives the median over the pairs whose runs lost at
@@ -41,7 +42,7 @@ export CLASSPATH="$root/runtimes/java/sdk/target/polygate-ffi-0.1.0.jar:$root/ex
 declare -A LIB=([go]=ffi_go_echo [rust]=ffi_rust_echo [python]=ffi_python3 [java]=ffi_java [node]=ffi_nodejs)
 declare -A ECHO=([go]="" [rust]="" [python]="$root/examples/python/echo,init" [java]="example.Echo,init" [node]="$root/examples/node/echo.js,init")
 declare -A CONT=([go]="continue" [rust]="continue" [python]="$root/examples/python/echo,init_continue" [java]="example.Echo,initContinue" [node]="$root/examples/node/echo.js,continue_")
-LANGS=(go rust python java node)
+read -r -a LANGS <<< "${LANGS:-go rust python java node}"
 
 upstream_conf "$work" "$UP_PORT"
 {
@@ -133,7 +134,7 @@ for lang, plain, ffi, pcpu, fcpu, psteal, fsteal in rows:
     by.setdefault(lang, []).append(tuple(map(float, (plain, ffi, pcpu, fcpu, psteal, fsteal))))
 targets = {"go": 0.9, "rust": 0.9, "python": 0.6, "java": 0.75, "node": 0.6}
 print(f"{'route':8} {'plain req/s':>12} {'ffi req/s':>10} {'ratio':>7} {'target':>7}        {'CPU µs/req plain, ffi':>21} {'CPU ratio':>9} {'low-steal':>10}  rounds (steal %)")
-for k in ["go", "rust", "python", "java", "node"]:
+for k in [k for k in ["go", "rust", "python", "java", "node"] if k in by]:
     pairs = by[k]
     ratios = [p[1] / p[0] for p in pairs]
     ratio = statistics.median(ratios)

@@ -20,7 +20,8 @@
 #   WORKERS=2 CONNS=100 DURATION=15 ROUNDS=3 bench/tls.sh
 #
 # Prints requests/s (and p99 where the tool reports it) for both and polygate/nginx ratios
-# (median over rounds). Needs nginx, wrk, h2load (nghttp2-client) and openssl.
+# (median over rounds). Needs nginx, wrk, h2load (nghttp2-client) and openssl; with tcpdump
+# (optional) it also gives the server-side latencies of the new-connection runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -87,12 +88,28 @@ h2_run() { # url -> "req/s"
   awk '/^finished in/ {gsub(",", "", $4); print $4}' "$work/h2.out"
   if grep -qE "(^|[^0-9])0 succeeded" "$work/h2.out"; then echo "warning: h2load: no request succeeded" >&2; cat "$work/h2.out" >&2; fi
 }
-close_run() { # url [conns] -> "req/s p99 wrk-cpu%": every request on a new connection
-  local rps p99 cpu
-  cpu=$( { TIMEFORMAT=%P; time wrk -t1 -c"${2:-$CONNS}" -d"${DURATION}s" --latency -H "Connection: close" "$1" > "$work/close.out" 2>&1; } 2>&1 )
+# With tcpdump, the new-connection runs are also captured on loopback, and the server's own
+# latencies are read from the packets' times (bench/pcap_latency.py): wrk's latency starts when
+# it writes the request and ends when its one thread, busy with the client's side of every
+# handshake, gets back to the socket, so most of it is wrk's own queue; and it leaves out the
+# wait for the handshake, which a server can shorten or lengthen by how soon it accepts.
+CAPTURE=0; command -v tcpdump >/dev/null && CAPTURE=1
+close_run() { # url port [conns] -> "req/s p99 wrk-cpu% req_p50 req_p99 conn_p50 conn_p99"
+  local rps p99 cpu tp="" lat="- - - -"
+  if [ "$CAPTURE" = 1 ]; then
+    rm -f "$work/cap.pcap"
+    tcpdump -i lo -s 128 -U -w "$work/cap.pcap" "tcp port $2" 2>/dev/null & tp=$!
+    for _ in $(seq 50); do [ -s "$work/cap.pcap" ] && break; sleep 0.05; done
+    sleep 0.2
+  fi
+  cpu=$( { TIMEFORMAT=%P; time wrk -t1 -c"${3:-$CONNS}" -d"${DURATION}s" --latency -H "Connection: close" "$1" > "$work/close.out" 2>&1; } 2>&1 )
+  if [ -n "$tp" ]; then
+    sleep 0.3; kill "$tp" 2>/dev/null || true; wait "$tp" 2>/dev/null || true
+    lat=$(python3 "$here/pcap_latency.py" "$work/cap.pcap" "$2")
+  fi
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/close.out")
   p99=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' "$work/close.out")
-  echo "$rps $p99 ${cpu%.*}"
+  echo "$rps $p99 ${cpu%.*} $lat"
 }
 full_run() { # port -> "handshakes/s" (sum over $HS_CLIENTS parallel s_time loops)
   local i
@@ -126,10 +143,10 @@ printf "%-6s %-26s %12s %10s\n" round "target" "req/s" "p99(ms)"
 for r in $(seq "$ROUNDS"); do
   read -r nk nkp < <(wrk_run "$work/wrk.out" "$ngx")
   read -r pk pkp < <(wrk_run "$work/wrk.out" "$pg")
-  read -r nc ncp ncc < <(close_run "$ngx")
-  read -r pc pcp pcc < <(close_run "$pg")
-  read -r nl nlp nlc < <(close_run "$ngx" "$CLOSE_CONNS")
-  read -r pl plp plc < <(close_run "$pg" "$CLOSE_CONNS")
+  read -r nc ncp ncc ncs < <(close_run "$ngx" "$NGX_PORT")
+  read -r pc pcp pcc pcs < <(close_run "$pg" "$PG_PORT")
+  read -r nl nlp nlc nls < <(close_run "$ngx" "$NGX_PORT" "$CLOSE_CONNS")
+  read -r pl plp plc pls < <(close_run "$pg" "$PG_PORT" "$CLOSE_CONNS")
   nf=$(full_run "$NGX_PORT"); pf=$(full_run "$PG_PORT")
   nh=$(h2_run "$ngx"); ph=$(h2_run "$pg")
   read -r nr50 nr99 < <(rate_run "$ngx")
@@ -143,12 +160,18 @@ for r in $(seq "$ROUNDS"); do
     "$r" "polygate ${RATE}/s new conns p50" "$pr50" "$pr99"
   printf "%-6s wrk's CPU in the new-connection runs: c%s nginx %s%%, polygate %s%%; c%s nginx %s%%, polygate %s%%\n" \
     "$r" "$CONNS" "$ncc" "$pcc" "$CLOSE_CONNS" "$nlc" "$plc"
-  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf $nr50 $nr99 $pr50 $pr99 $nl $nlp $pl $plp" >> "$work/results"
+  if [ "$CAPTURE" = 1 ]; then
+    printf "%-6s server side (capture), ms: request p50 p99 / SYN to response p50 p99: c%s nginx %s, polygate %s; c%s nginx %s, polygate %s\n" \
+      "$r" "$CONNS" "$ncs" "$pcs" "$CLOSE_CONNS" "$nls" "$pls"
+  fi
+  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf $nr50 $nr99 $pr50 $pr99 $nl $nlp $pl $plp $ncs $pcs $nls $pls" >> "$work/results"
 done
 python3 - "$work/results" "$WORKERS" "$CONNS" "$H2_CLIENTS" "$H2_STREAMS" "$CLOSE_CONNS" <<'PY'
 import sys, statistics
-rows=[list(map(float,l.split())) for l in open(sys.argv[1]) if l.strip()]
-m=lambda i: statistics.median(r[i] for r in rows)
+rows=[[float(x) if x != "-" else None for x in l.split()] for l in open(sys.argv[1]) if l.strip()]
+def m(i):
+    v = [r[i] for r in rows if r[i] is not None]
+    return statistics.median(v) if v else None
 print(f"\nworkers={sys.argv[2]} connections={sys.argv[3]} h2: {sys.argv[4]} clients x {sys.argv[5]} streams (median of {len(rows)} rounds)")
 for name,(n,np_,p,pp) in {"https keep-alive":(m(0),m(1),m(2),m(3)),"new conn. per request":(m(4),m(5),m(6),m(7)),f"new conn., c{sys.argv[6]}":(m(16),m(17),m(18),m(19))}.items():
     print(f"{name:20s} nginx {n:9.0f} req/s p99 {np_:.2f} ms | polygate {p:9.0f} req/s p99 {pp:.2f} ms | ratio {p/n:.2f}x, p99 {pp/np_:.2f}x")
@@ -158,4 +181,14 @@ n,p=m(8),m(9)
 print(f"{'h2 (h2load)':20s} nginx {n:9.0f} req/s             | polygate {p:9.0f} req/s             | ratio {p/n:.2f}x")
 n50, n99, p50, p99 = m(12), m(13), m(14), m(15)
 print(f"{'fixed-rate new conns':20s} nginx p50 {n50:.2f} p99 {n99:.2f} ms | polygate p50 {p50:.2f} p99 {p99:.2f} ms | p99 {p99/n99 if n99 else 0:.2f}x")
+if m(20) is not None:
+    print("new connection per request, server side (packet capture): the request's time in the server,")
+    print("and from the client's SYN to the response (accept queue and handshake included), ms")
+    for c, base in ((sys.argv[3], 20), (sys.argv[6], 28)):
+        n = [m(base + k) for k in range(4)]
+        p = [m(base + 4 + k) for k in range(4)]
+        if None in n or None in p:
+            continue
+        print(f"  c{c:<3} request p50 nginx {n[0]:.2f} polygate {p[0]:.2f} ({p[0]/n[0]:.2f}x), p99 {n[1]:.2f} / {p[1]:.2f} ({p[1]/n[1]:.2f}x);"
+              f" SYN to response p50 {n[2]:.2f} / {p[2]:.2f} ({p[2]/n[2]:.2f}x), p99 {n[3]:.2f} / {p[3]:.2f} ({p[3]/n[3]:.2f}x)")
 PY
