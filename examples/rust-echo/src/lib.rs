@@ -40,10 +40,9 @@ fn init(cfg: Option<&str>) -> Result<(Echo, Options), Error> {
             json: cfg == Some("json"),
             empty: cfg == Some("continue"),
         },
-        Options {
-            pollers: 2,
-            ..Options::default()
-        },
+        // one poller (the default): the handler never blocks, and a second poller waiting
+        // while the first works would cost a wake-up per batch (see `Options::pollers`)
+        Options::default(),
     ))
 }
 
