@@ -20,8 +20,10 @@
 #   WORKERS=2 CONNS=100 DURATION=15 ROUNDS=3 bench/tls.sh
 #
 # Prints requests/s (and p99 where the tool reports it) for both and polygate/nginx ratios
-# (median over rounds). Needs nginx, wrk, h2load (nghttp2-client) and openssl; with tcpdump
-# (optional) it also gives the server-side latencies of the new-connection runs.
+# (median over rounds), and the CPU each server spends per request (keep-alive and h2: every
+# thread of polygate, every worker process of nginx; the upstream and the load tools not
+# counted). Needs nginx, wrk, h2load (nghttp2-client) and openssl; with tcpdump (optional) it
+# also gives the server-side latencies of the new-connection runs.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -76,17 +78,39 @@ $(indent "$work/key.pem")
 #END
 YAML
 nginx -p "$work" -c "$work/upstream.conf" & pids+=($!)
-nginx -p "$work" -c "$work/proxy.conf" & pids+=($!)
-"$PG" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!)
+nginx -p "$work" -c "$work/proxy.conf" & pids+=($!); ngx_master=$!
+"$PG" run -c "$work/polygate.yaml" 2>"$work/pg.err" & pids+=($!); pg_pid=$!
 for port in $NGX_PORT $PG_PORT; do
   for _ in $(seq 50); do curl -sk -o /dev/null "https://127.0.0.1:$port/" && break; sleep 0.1; done
 done
 curl -sk -o /dev/null "https://127.0.0.1:$PG_PORT/" || { echo "polygate did not start:"; cat "$work/pg.err"; exit 1; }
 
+# CPU time (ns) of every thread of the given processes, from the scheduler's exact figures: the
+# CPU one request costs each server moves less with this shared machine's speed than req/s
+cpu_ns() { for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{s += $1} END {printf "%.0f\n", s}'; }
+server_pids() { # port -> the pids serving it: nginx's workers, or polygate
+  if [ "$1" = "$NGX_PORT" ]; then pgrep -P "$ngx_master" | tr '\n' ' '; else echo "$pg_pid"; fi
+}
+ka_run() { # url port -> "req/s p99 cpu-µs-per-request"
+  local c0 c1 rps p99 n procs
+  procs=$(server_pids "$2")
+  # shellcheck disable=SC2086
+  c0=$(cpu_ns $procs); read -r rps p99 < <(wrk_run "$work/wrk.out" "$1"); c1=$(cpu_ns $procs)
+  n=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+  echo "$rps $p99 $(awk -v a="$c0" -v b="$c1" -v n="$n" 'BEGIN {printf "%.2f", (b - a) / 1000 / (n > 0 ? n : 1)}')"
+}
 h2_run() { # url -> "req/s"
   h2load -D "$DURATION" -c "$H2_CLIENTS" -m "$H2_STREAMS" -t 1 "$1" > "$work/h2.out" 2>&1 || true
   awk '/^finished in/ {gsub(",", "", $4); print $4}' "$work/h2.out"
   if grep -qE "(^|[^0-9])0 succeeded" "$work/h2.out"; then echo "warning: h2load: no request succeeded" >&2; cat "$work/h2.out" >&2; fi
+}
+h2_cpu_run() { # url port -> "req/s cpu-µs-per-request"
+  local c0 c1 rps n procs
+  procs=$(server_pids "$2")
+  # shellcheck disable=SC2086
+  c0=$(cpu_ns $procs); rps=$(h2_run "$1"); c1=$(cpu_ns $procs)
+  n=$(awk '/^requests:/ {print $8}' "$work/h2.out")
+  echo "$rps $(awk -v a="$c0" -v b="$c1" -v n="${n:-0}" 'BEGIN {printf "%.2f", (b - a) / 1000 / (n > 0 ? n : 1)}')"
 }
 # With tcpdump, the new-connection runs are also captured on loopback, and the server's own
 # latencies are read from the packets' times (bench/pcap_latency.py): wrk's latency starts when
@@ -141,14 +165,14 @@ wrk -t1 -c"$CONNS" -d2s "$ngx" >/dev/null; wrk -t1 -c"$CONNS" -d2s "$pg" >/dev/n
 printf "%-6s %-26s %12s %10s\n" round "target" "req/s" "p99(ms)"
 : > "$work/results"
 for r in $(seq "$ROUNDS"); do
-  read -r nk nkp < <(wrk_run "$work/wrk.out" "$ngx")
-  read -r pk pkp < <(wrk_run "$work/wrk.out" "$pg")
+  read -r nk nkp nkc < <(ka_run "$ngx" "$NGX_PORT")
+  read -r pk pkp pkc < <(ka_run "$pg" "$PG_PORT")
   read -r nc ncp ncc ncs < <(close_run "$ngx" "$NGX_PORT")
   read -r pc pcp pcc pcs < <(close_run "$pg" "$PG_PORT")
   read -r nl nlp nlc nls < <(close_run "$ngx" "$NGX_PORT" "$CLOSE_CONNS")
   read -r pl plp plc pls < <(close_run "$pg" "$PG_PORT" "$CLOSE_CONNS")
   nf=$(full_run "$NGX_PORT"); pf=$(full_run "$PG_PORT")
-  nh=$(h2_run "$ngx"); ph=$(h2_run "$pg")
+  read -r nh nhc < <(h2_cpu_run "$ngx" "$NGX_PORT"); read -r ph phc < <(h2_cpu_run "$pg" "$PG_PORT")
   read -r nr50 nr99 < <(rate_run "$ngx")
   read -r pr50 pr99 < <(rate_run "$pg")
   printf "%-6s %-26s %12s %10s\n" "$r" "nginx https keep-alive" "$nk" "$nkp" "$r" "polygate https keep-alive" "$pk" "$pkp" \
@@ -164,7 +188,9 @@ for r in $(seq "$ROUNDS"); do
     printf "%-6s server side (capture), ms: request p50 p99 / SYN to response p50 p99: c%s nginx %s, polygate %s; c%s nginx %s, polygate %s\n" \
       "$r" "$CONNS" "$ncs" "$pcs" "$CLOSE_CONNS" "$nls" "$pls"
   fi
-  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf $nr50 $nr99 $pr50 $pr99 $nl $nlp $pl $plp $ncs $pcs $nls $pls" >> "$work/results"
+  printf "%-6s CPU per request (every thread of the server), µs: keep-alive nginx %s, polygate %s; h2 nginx %s, polygate %s\n" \
+    "$r" "$nkc" "$pkc" "$nhc" "$phc"
+  echo "$nk $nkp $pk $pkp $nc $ncp $pc $pcp $nh $ph $nf $pf $nr50 $nr99 $pr50 $pr99 $nl $nlp $pl $plp $ncs $pcs $nls $pls $nkc $pkc $nhc $phc" >> "$work/results"
 done
 python3 - "$work/results" "$WORKERS" "$CONNS" "$H2_CLIENTS" "$H2_STREAMS" "$CLOSE_CONNS" <<'PY'
 import sys, statistics
@@ -181,6 +207,10 @@ n,p=m(8),m(9)
 print(f"{'h2 (h2load)':20s} nginx {n:9.0f} req/s             | polygate {p:9.0f} req/s             | ratio {p/n:.2f}x")
 n50, n99, p50, p99 = m(12), m(13), m(14), m(15)
 print(f"{'fixed-rate new conns':20s} nginx p50 {n50:.2f} p99 {n99:.2f} ms | polygate p50 {p50:.2f} p99 {p99:.2f} ms | p99 {p99/n99 if n99 else 0:.2f}x")
+n, p = m(36), m(37)
+print(f"CPU per request, every thread of the server: keep-alive nginx {n:.2f} polygate {p:.2f} µs ({p/n:.2f}x);", end=" ")
+n, p = m(38), m(39)
+print(f"h2 nginx {n:.2f} polygate {p:.2f} µs ({p/n:.2f}x)")
 if m(20) is not None:
     print("new connection per request, server side (packet capture): the request's time in the server,")
     print("and from the client's SYN to the response (accept queue and handshake included), ms")

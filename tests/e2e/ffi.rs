@@ -191,6 +191,11 @@ routes:
     upstream: {{nodes: {{"{n}": 1}}}}
     plugins:
       ffi: {{lib: "{lib}", cfg: json, include_body: true, max_body: 64}}
+  - id: pollers
+    uri: /pollers/*
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      ffi: {{lib: "{lib}", cfg: "json,pollers=3"}}
 "#,
         n = u.node(),
         lib = lib.display()
@@ -206,6 +211,33 @@ routes:
     );
     let big = "x".repeat(100);
     assert_eq!(request(p, "POST", "/rust/big", &[], &big).await.status, 413);
+
+    // the SDK with three pollers taking batches: every concurrent request gets its own answer
+    let pollers = || {
+        std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|c| c.starts_with("ffi-poll-"))
+            .count()
+    };
+    // the first route's runtime polls with one thread, the second's with three
+    assert_eq!(get(p, "/pollers/first").await.status, 200);
+    assert_eq!(
+        pollers(),
+        4,
+        "one poller for cfg json, three for json,pollers=3"
+    );
+    let tasks: Vec<_> = (0..300)
+        .map(|i| tokio::spawn(async move { (i, get(p, &format!("/pollers/req-{i}")).await) }))
+        .collect();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.seen_header("x-rust-echo"),
+            Some(format!("/pollers/req-{i}"))
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

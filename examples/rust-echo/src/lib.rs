@@ -2,7 +2,8 @@
 //! `lib: ffi_rust_echo`. Answers each request with its own bytes. With the cfg `"json"` it
 //! answers the `ffi` plugin's request description with a `continue` action that adds an
 //! `x-rust-echo` header carrying the request path; with `"continue"` it answers nothing (the
-//! `ffi` plugin continues unchanged: the cheapest plugin round trip, for benchmarks).
+//! `ffi` plugin continues unchanged: the cheapest plugin round trip, for benchmarks). A
+//! `,pollers=N` suffix (`"json,pollers=3"`) polls with N threads instead of one.
 #![allow(unsafe_code, reason = "the runtime! macro exports libffi_init")]
 
 use polygate_ffi_sdk::{Error, Handler, Options, runtime};
@@ -35,14 +36,24 @@ impl Handler for Echo {
 }
 
 fn init(cfg: Option<&str>) -> Result<(Echo, Options), Error> {
+    let mut parts = cfg.unwrap_or("").split(',');
+    let mode = parts.next().unwrap_or("");
+    // one poller by default (the SDK's): the handler never blocks, and a second poller waiting
+    // while the first works would cost a wake-up per batch (see `Options::pollers`)
+    let mut opts = Options::default();
+    for p in parts {
+        opts.pollers = p
+            .strip_prefix("pollers=")
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| Error::new(format!("unknown cfg part {p:?} (pollers=N, N > 0)")))?;
+    }
     Ok((
         Echo {
-            json: cfg == Some("json"),
-            empty: cfg == Some("continue"),
+            json: mode == "json",
+            empty: mode == "continue",
         },
-        // one poller (the default): the handler never blocks, and a second poller waiting
-        // while the first works would cost a wake-up per batch (see `Options::pollers`)
-        Options::default(),
+        opts,
     ))
 }
 
