@@ -48,6 +48,11 @@ http { access_log off; keepalive_requests 1000000;
 NGX
 }
 
+# cpu_ns PID...: CPU time (ns) of every thread of these processes, the scheduler's exact figure
+# (/proc/PID/task/*/schedstat): the CPU a request costs moves less with a shared machine's
+# speed than requests/s do.
+cpu_ns() { for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{s += $1} END {printf "%.0f\n", s}'; }
+
 # wrk_run OUT URL [WRAPPER...]: one wrk run of $DURATION seconds with $CONNS connections and
 # ${THREADS:-1} threads (prefixed by WRAPPER, e.g. taskset); prints "req/s p99_ms" and warns
 # about non-2xx responses.

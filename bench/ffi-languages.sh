@@ -101,10 +101,9 @@ pinning="unpinned"; [ "$PIN" = 1 ] && pinning="workers on CPU 0, wrk and upstrea
 echo; echo "== B. gateway req/s, ffi plugin on every request vs plain (workers=$WORKERS, $CONNS conns, ${DURATION}s, median of $ROUNDS, $pinning)"
 # each language's run is paired with a plain run just before it: the machine's speed drifts
 # over a round, and a ratio taken between runs far apart measures the drift
-# CPU time of every polygate thread (the scheduler's exact figure, ns), read around each run:
+# CPU time of every polygate thread (cpu_ns, bench/common.sh), read around each run:
 # the CPU one request costs the whole process, language runtimes' threads included, moves less
 # with the machine's speed than requests/s do
-cpu_ns() { cat /proc/"$pgpid"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 # the machine's CPU time and the part of it the hypervisor gave to other guests (steal), in
 # ticks: on a shared VM steal reached 35% of a run, and a run that loses that much says nothing
 # about polygate (a stolen tick also counts as CPU time of the thread it interrupted)
@@ -112,7 +111,7 @@ ticks() { awk 'NR == 1 {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9}' 
 run() { # url -> "req/s cpu-µs-per-request steal-%"
   local c0 c1 rps n t0 s0 t1 s1
   read -r t0 s0 < <(ticks)
-  c0=$(cpu_ns); read -r rps _ < <(wrk_run "$work/wrk.out" "$1" "${CP[@]}"); c1=$(cpu_ns)
+  c0=$(cpu_ns "$pgpid"); read -r rps _ < <(wrk_run "$work/wrk.out" "$1" "${CP[@]}"); c1=$(cpu_ns "$pgpid")
   read -r t1 s1 < <(ticks)
   n=$(awk '/requests in/ {print $1}' "$work/wrk.out")
   echo "$rps $(python3 -c "print(round(($c1 - $c0) / 1000 / max($n, 1), 2), round(100 * ($s1 - $s0) / max($t1 - $t0, 1), 1))")"

@@ -85,11 +85,11 @@ for port in $NGX_PORT $PG_PORT; do
 done
 curl -sk -o /dev/null "https://127.0.0.1:$PG_PORT/" || { echo "polygate did not start:"; cat "$work/pg.err"; exit 1; }
 
-# CPU time (ns) of every thread of the given processes, from the scheduler's exact figures: the
-# CPU one request costs each server moves less with this shared machine's speed than req/s
-cpu_ns() { for p in "$@"; do cat /proc/"$p"/task/*/schedstat 2>/dev/null; done | awk '{s += $1} END {printf "%.0f\n", s}'; }
 server_pids() { # port -> the pids serving it: nginx's workers, or polygate
   if [ "$1" = "$NGX_PORT" ]; then pgrep -P "$ngx_master" | tr '\n' ' '; else echo "$pg_pid"; fi
+}
+us_per() { # cpu-ns-before cpu-ns-after requests -> µs per request
+  awk -v a="$1" -v b="$2" -v n="${3:-0}" 'BEGIN {printf "%.2f", (b - a) / 1000 / (n > 0 ? n : 1)}'
 }
 ka_run() { # url port -> "req/s p99 cpu-µs-per-request"
   local c0 c1 rps p99 n procs
@@ -97,7 +97,7 @@ ka_run() { # url port -> "req/s p99 cpu-µs-per-request"
   # shellcheck disable=SC2086
   c0=$(cpu_ns $procs); read -r rps p99 < <(wrk_run "$work/wrk.out" "$1"); c1=$(cpu_ns $procs)
   n=$(awk '/requests in/ {print $1}' "$work/wrk.out")
-  echo "$rps $p99 $(awk -v a="$c0" -v b="$c1" -v n="$n" 'BEGIN {printf "%.2f", (b - a) / 1000 / (n > 0 ? n : 1)}')"
+  echo "$rps $p99 $(us_per "$c0" "$c1" "$n")"
 }
 h2_run() { # url -> "req/s"
   h2load -D "$DURATION" -c "$H2_CLIENTS" -m "$H2_STREAMS" -t 1 "$1" > "$work/h2.out" 2>&1 || true
@@ -110,7 +110,7 @@ h2_cpu_run() { # url port -> "req/s cpu-µs-per-request"
   # shellcheck disable=SC2086
   c0=$(cpu_ns $procs); rps=$(h2_run "$1"); c1=$(cpu_ns $procs)
   n=$(awk '/^requests:/ {print $8}' "$work/h2.out")
-  echo "$rps $(awk -v a="$c0" -v b="$c1" -v n="${n:-0}" 'BEGIN {printf "%.2f", (b - a) / 1000 / (n > 0 ? n : 1)}')"
+  echo "$rps $(us_per "$c0" "$c1" "$n")"
 }
 # With tcpdump, the new-connection runs are also captured on loopback, and the server's own
 # latencies are read from the packets' times (bench/pcap_latency.py): wrk's latency starts when
