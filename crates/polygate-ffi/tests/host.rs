@@ -137,7 +137,9 @@ async fn queue_full_fails_at_once() {
     let rt = host()
         .load(lib.to_str().unwrap(), Some("stuck"), &o)
         .unwrap();
-    // the poller takes one task and keeps it; fill the queue behind it
+    // the poller takes one task and keeps it (4 s); fill the queue behind it. The calls' 500 ms
+    // timeouts must fire before that answer even under valgrind, where the timer's thread can
+    // wait a second or more for its turn (CI saw the first call answered at 1 s instead)
     let first = tokio::spawn({
         let rt = rt.clone();
         async move { rt.call(Some(b"1"), Some(Duration::from_millis(500))).await }

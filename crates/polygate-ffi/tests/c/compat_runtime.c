@@ -5,7 +5,7 @@
  *   "rc"             answer rc 7 with "bad input"
  *   "null"           answer rc 0 with a NULL response
  *   "hang"           never answer
- *   "stuck"          the poll thread blocks for 1 s on each task before answering it (so
+ *   "stuck"          the poll thread blocks for 4 s on each task before answering it (so
  *                    the queue behind it fills up)
  *   "slow:<ms>"      answer each request from its own thread after <ms> milliseconds
  *   "plugin"         answer the ffi plugin with a continue action adding x-c-runtime: 1
@@ -47,7 +47,7 @@ static void *poll_loop(void *arg) {
         int len = 0;
         char *req = ngx_http_lua_ffi_get_req(tsk, &len);
         if (strcmp(r->mode, "hang") == 0) continue;
-        if (strcmp(r->mode, "stuck") == 0) usleep(1000 * 1000);
+        if (strcmp(r->mode, "stuck") == 0) usleep(4000 * 1000);
         if (strcmp(r->mode, "slow") == 0) {
             struct later *a = malloc(sizeof *a);
             a->tsk = tsk; a->ms = r->ms;
