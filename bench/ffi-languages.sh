@@ -7,6 +7,8 @@
 #     request vs the plain route, wrk with CONNS connections, DURATION s; each language run is
 #     paired with a plain run just before it, median of ROUNDS pairs; with each, polygate's CPU
 #     per request (all its threads, from /proc/PID/task/*/schedstat) and its ratio.
+#     `rust-inline` is the Rust echo with `Options::inline`: its handler runs on the gateway's
+#     worker thread (polygate_ffi_task_queue_inline), without the hop to a poller thread.
 #
 #   bench/ffi-languages.sh            # needs wrk, nginx (the upstream), Go, a JDK + Maven,
 #                                     # Python with a shared libpython, and libnode (as the
@@ -39,10 +41,10 @@ cp "$rel/libffi_rust_echo.so" "$rel/libffi_python3.so" "$rel/libffi_java.so" "$w
 export CLASSPATH="$root/runtimes/java/sdk/target/polygate-ffi-0.1.0.jar:$root/examples/java/target/polygate-java-examples-0.1.0.jar"
 
 # lang -> (lib, echo cfg, continue cfg)
-declare -A LIB=([go]=ffi_go_echo [rust]=ffi_rust_echo [python]=ffi_python3 [java]=ffi_java [node]=ffi_nodejs)
-declare -A ECHO=([go]="" [rust]="" [python]="$root/examples/python/echo,init" [java]="example.Echo,init" [node]="$root/examples/node/echo.js,init")
-declare -A CONT=([go]="continue" [rust]="continue" [python]="$root/examples/python/echo,init_continue" [java]="example.Echo,initContinue" [node]="$root/examples/node/echo.js,continue_")
-read -r -a LANGS <<< "${LANGS:-go rust python java node}"
+declare -A LIB=([go]=ffi_go_echo [rust]=ffi_rust_echo [rust-inline]=ffi_rust_echo [python]=ffi_python3 [java]=ffi_java [node]=ffi_nodejs)
+declare -A ECHO=([go]="" [rust]="" [rust-inline]=",inline" [python]="$root/examples/python/echo,init" [java]="example.Echo,init" [node]="$root/examples/node/echo.js,init")
+declare -A CONT=([go]="continue" [rust]="continue" [rust-inline]="continue,inline" [python]="$root/examples/python/echo,init_continue" [java]="example.Echo,initContinue" [node]="$root/examples/node/echo.js,continue_")
+read -r -a LANGS <<< "${LANGS:-go rust rust-inline python java node}"
 
 upstream_conf "$work" "$UP_PORT"
 {
@@ -53,8 +55,8 @@ upstream_conf "$work" "$UP_PORT"
     plugins:
       lua:
         access: |
-          local libs = {go = "ffi_go_echo", rust = "ffi_rust_echo", python = "ffi_python3", java = "ffi_java", node = "ffi_nodejs"}
-          local cfgs = {python = "${ECHO[python]}", java = "${ECHO[java]}", node = "${ECHO[node]}"}
+          local libs = {go = "ffi_go_echo", rust = "ffi_rust_echo", ["rust-inline"] = "ffi_rust_echo", python = "ffi_python3", java = "ffi_java", node = "ffi_nodejs"}
+          local cfgs = {["rust-inline"] = "${ECHO[rust-inline]}", python = "${ECHO[python]}", java = "${ECHO[java]}", node = "${ECHO[node]}"}
           local lang = ngx.var.arg_lang
           local rt = assert(ngx.load_ffi(libs[lang], cfgs[lang]))
           local n, buf = tonumber(ngx.var.arg_n), string.rep("x", tonumber(ngx.var.arg_size))
@@ -94,7 +96,7 @@ done
 echo; echo "== A. $CALLS sequential ${SIZE} B echo calls from Lua, µs per call (workers=$WORKERS)"
 for l in "${LANGS[@]}"; do
   us=$(curl -s -m 600 "http://127.0.0.1:$PG_PORT/seq?lang=$l&n=$CALLS&size=$SIZE")
-  printf "%-8s %10s µs/call\n" "$l" "$us"
+  printf "%-11s %10s µs/call\n" "$l" "$us"
 done
 
 pinning="unpinned"; [ "$PIN" = 1 ] && pinning="workers on CPU 0, wrk and upstream on CPU 1"
@@ -131,9 +133,9 @@ steal_max = float(sys.argv[2])
 by = {}
 for lang, plain, ffi, pcpu, fcpu, psteal, fsteal in rows:
     by.setdefault(lang, []).append(tuple(map(float, (plain, ffi, pcpu, fcpu, psteal, fsteal))))
-targets = {"go": 0.9, "rust": 0.9, "python": 0.6, "java": 0.75, "node": 0.6}
-print(f"{'route':8} {'plain req/s':>12} {'ffi req/s':>10} {'ratio':>7} {'target':>7}        {'CPU µs/req plain, ffi':>21} {'CPU ratio':>9} {'low-steal':>10}  rounds (steal %)")
-for k in [k for k in ["go", "rust", "python", "java", "node"] if k in by]:
+targets = {"go": 0.9, "rust": 0.9, "rust-inline": 0.9, "python": 0.6, "java": 0.75, "node": 0.6}
+print(f"{'route':11} {'plain req/s':>12} {'ffi req/s':>10} {'ratio':>7} {'target':>7}        {'CPU µs/req plain, ffi':>21} {'CPU ratio':>9} {'low-steal':>10}  rounds (steal %)")
+for k in [k for k in ["go", "rust", "rust-inline", "python", "java", "node"] if k in by]:
     pairs = by[k]
     ratios = [p[1] / p[0] for p in pairs]
     ratio = statistics.median(ratios)
@@ -146,7 +148,7 @@ for k in [k for k in ["go", "rust", "python", "java", "node"] if k in by]:
     low = f"{statistics.median(calm):.2f} ({len(calm)})" if calm else "-"
     verdict = "ok" if ratio >= targets[k] else "MISSED"
     each = ", ".join(f"{r:.2f} ({max(p[4], p[5]):.0f})" for r, p in zip(ratios, pairs))
-    print(f"{k:8} {plain:>12.0f} {ffi:>10.0f} {ratio:>7.2f} {targets[k]:>7.2f} {verdict:6}  {pc:>10.1f}, {fc:>10.1f} {cpu:>9.2f} {low:>10}  {each}")
+    print(f"{k:11} {plain:>12.0f} {ffi:>10.0f} {ratio:>7.2f} {targets[k]:>7.2f} {verdict:6}  {pc:>10.1f}, {fc:>10.1f} {cpu:>9.2f} {low:>10}  {each}")
 print("CPU ratio: the plain route's CPU per request over the ffi route's (every polygate thread)")
 print(f"low-steal: the median ratio over the pairs whose two runs each lost at most {steal_max:g}% of the")
 print("machine's CPU time to other guests (steal, /proc/stat), and how many pairs that is; the")

@@ -45,7 +45,7 @@ void ngx_http_lua_ffi_respond(void *tsk, int rc, char *rsp, int rsp_len);
 /* ---- Part 2: polygate extensions ---------------------------------------------------------- */
 
 #define POLYGATE_FFI_ABI_MAJOR 1
-#define POLYGATE_FFI_ABI_MINOR 1
+#define POLYGATE_FFI_ABI_MINOR 3
 
 /* (major << 16) | minor. */
 uint32_t polygate_ffi_abi_version(void);
@@ -85,6 +85,15 @@ int polygate_ffi_task_queue_fd(void *tq);
  * on the descriptor (the caller yields back after its next post), for a bounded time (the Go SDK:
  * 32 yields or 50 us). The descriptor is not signalled until that try_poll_n. 0 otherwise. */
 int polygate_ffi_task_queue_handoff(void *tq);
+
+/* ABI 1.3. From now on the host hands each task of `tq` to `call(ctx, tsk)` on the thread that
+ * posts it (a gateway worker) instead of queueing it for a poller: for handlers that answer in
+ * microseconds and never block. `call` answers the task exactly as a polled one (before it
+ * returns, for the whole gain, or later from any thread). Inline calls that take over 1 ms four
+ * times within a second turn them off for the runtime (logged): later tasks queue for its
+ * pollers, so keep polling. 0 when registered; -1 when tq or call is NULL or an entry was
+ * registered before. */
+int polygate_ffi_task_queue_inline(void *tq, void (*call)(void *ctx, void *tsk), void *ctx);
 
 /* Writes into polygate's log. level: 0 error, 1 warn, 2 info, 3 debug. len < 0: NUL-terminated. */
 void polygate_ffi_log(int level, const char *msg, int len);

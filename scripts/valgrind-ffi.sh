@@ -12,5 +12,5 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "host" and m.get("executable"):
         print(m["executable"])')
-valgrind --error-exitcode=9 --leak-check=full --show-leak-kinds=definite \
+POLYGATE_UNDER_VALGRIND=1 valgrind --error-exitcode=9 --leak-check=full --show-leak-kinds=definite \
   --errors-for-leak-kinds=definite -q "$bin" --test-threads=2

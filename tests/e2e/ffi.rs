@@ -196,6 +196,11 @@ routes:
     upstream: {{nodes: {{"{n}": 1}}}}
     plugins:
       ffi: {{lib: "{lib}", cfg: "json,pollers=3"}}
+  - id: inline
+    uri: /inline/*
+    upstream: {{nodes: {{"{n}": 1}}}}
+    plugins:
+      ffi: {{lib: "{lib}", cfg: "json,inline"}}
 "#,
         n = u.node(),
         lib = lib.display()
@@ -220,12 +225,13 @@ routes:
             .filter(|c| c.starts_with("ffi-poll-"))
             .count()
     };
-    // the first route's runtime polls with one thread, the second's with three
+    // the first route's runtime polls with one thread, the second's with three, the third's
+    // (inline) with one, which takes its calls if inline calls are ever turned off
     assert_eq!(get(p, "/pollers/first").await.status, 200);
     assert_eq!(
         pollers(),
-        4,
-        "one poller for cfg json, three for json,pollers=3"
+        5,
+        "one poller for cfg json, three for json,pollers=3, one for json,inline"
     );
     let tasks: Vec<_> = (0..300)
         .map(|i| tokio::spawn(async move { (i, get(p, &format!("/pollers/req-{i}")).await) }))
@@ -237,7 +243,35 @@ routes:
             r.seen_header("x-rust-echo"),
             Some(format!("/pollers/req-{i}"))
         );
+        assert!(
+            r.seen_header("x-rust-thread")
+                .is_some_and(|t| t.starts_with("ffi-poll-")),
+            "{:?}",
+            r.seen_header("x-rust-thread")
+        );
     }
+
+    // inline (`Options::inline`): the handler runs on the gateway's two worker threads, never on
+    // the runtime's poller, and concurrent requests still each get their own answer
+    let tasks: Vec<_> = (0..300)
+        .map(|i| tokio::spawn(async move { (i, get(p, &format!("/inline/req-{i}")).await) }))
+        .collect();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.seen_header("x-rust-echo"),
+            Some(format!("/inline/req-{i}"))
+        );
+        // the kernel keeps 15 bytes of a thread's name: "polygate-worker-N" reads "polygate-worker"
+        let thread = r.seen_header("x-rust-thread").unwrap_or_default();
+        assert_eq!(thread, "polygate-worker");
+    }
+    assert!(
+        !gw.stderr().contains("calls go through the queue"),
+        "{}",
+        gw.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use crate::queue::{Task, TaskQueue};
 
 /// Major and minor version of the polygate extensions (`major << 16 | minor`).
-pub const ABI_VERSION: u32 = 1 << 16 | 2;
+pub const ABI_VERSION: u32 = 1 << 16 | 3;
 
 /// Runs `f`, turning a panic into `default` (and a log line).
 fn boundary<T>(name: &str, default: T, f: impl FnOnce() -> T) -> T {
@@ -398,6 +398,50 @@ pub unsafe extern "C" fn polygate_ffi_log(level: c_int, msg: *const c_char, len:
     })
 }
 
+/// `int polygate_ffi_task_queue_inline(void *tq, void (*call)(void *ctx, void *tsk), void *ctx)`
+/// (ABI 1.3): from then on the host hands each task of `tq` to `call(ctx, tsk)` on the thread
+/// that posts it (a gateway worker) instead of queueing it for a poller. For handlers that
+/// answer within microseconds and never block: `call` answers the task (before returning, for
+/// the whole gain, or later from any thread) exactly as a polled one. An inline call that takes
+/// more than a millisecond turns inline calls off for the runtime (logged): later tasks queue
+/// for its pollers, so a runtime registering an inline entry keeps polling. 0 when registered,
+/// -1 when `tq` or `call` is NULL or an entry was registered before.
+///
+/// # Safety
+/// `tq` must be the queue handle given to `libffi_init`; `call` must be callable with `ctx`
+/// from any gateway thread for as long as the runtime is loaded.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn polygate_ffi_task_queue_inline(
+    tq: *mut c_void,
+    call: Option<unsafe extern "C" fn(*mut c_void, *mut c_void)>,
+    ctx: *mut c_void,
+) -> c_int {
+    boundary("polygate_ffi_task_queue_inline", -1, || {
+        // SAFETY: per this function's contract
+        let (Some(q), Some(call)) = (unsafe { queue_ref(tq) }, call) else {
+            return -1;
+        };
+        if q.set_inline(crate::queue::Inline {
+            call,
+            ctx: ctx as usize,
+        }) {
+            0
+        } else {
+            -1
+        }
+    })
+}
+
+/// Hands `task` to the runtime's inline entry on this thread; how long the call took.
+pub(crate) fn call_inline(entry: crate::queue::Inline, task: Arc<Task>) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    let ptr = Arc::into_raw(task) as *mut c_void;
+    // SAFETY: the runtime registered `call` for `ctx` (polygate_ffi_task_queue_inline's
+    // contract); the task pointer carries one strong reference, taken back by its answer
+    unsafe { (entry.call)(entry.ctx as *mut c_void, ptr) };
+    start.elapsed()
+}
+
 /// Logs a runtime's line: through `tracing` while the gateway runs, straight to stderr once the
 /// process is exiting (library destructors and `atexit` handlers run after the main thread's
 /// thread-locals, which the log subscriber uses, are gone).
@@ -423,7 +467,7 @@ fn log_line(level: c_int, text: &str) {
 
 /// Addresses of every export. The binary calls this so the linker keeps the functions, and
 /// exports them with `--export-dynamic-symbol` so `dlopen`ed runtimes resolve them.
-pub fn exported_symbols() -> [(&'static str, usize); 13] {
+pub fn exported_symbols() -> [(&'static str, usize); 14] {
     [
         (
             "ngx_http_lua_ffi_task_poll",
@@ -473,6 +517,10 @@ pub fn exported_symbols() -> [(&'static str, usize); 13] {
         (
             "polygate_ffi_task_queue_handoff",
             polygate_ffi_task_queue_handoff as *const () as usize,
+        ),
+        (
+            "polygate_ffi_task_queue_inline",
+            polygate_ffi_task_queue_inline as *const () as usize,
         ),
     ]
 }

@@ -138,6 +138,28 @@ pub struct TaskQueue {
     poster_cpu: AtomicI32,
     /// A poller is in its hand-off loop (see [`TaskQueue::idle_wait`]); at most one is.
     handing_off: AtomicBool,
+    /// The runtime's inline entry, once it registered one
+    /// ([`polygate_ffi_task_queue_inline`](crate::abi::polygate_ffi_task_queue_inline)).
+    inline: std::sync::OnceLock<Inline>,
+    /// Set when inline calls took too long: tasks go through the queue from then on.
+    inline_off: AtomicBool,
+    /// Slow inline calls counted in the current window, and when the window started.
+    inline_slow: Mutex<(u32, Option<Instant>)>,
+}
+
+/// Slow inline calls within [`INLINE_SLOW_WINDOW`] that turn a runtime's inline calls off.
+pub const INLINE_SLOW_CALLS: u32 = 4;
+/// See [`INLINE_SLOW_CALLS`].
+pub const INLINE_SLOW_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A runtime's inline entry: `call(ctx, task)` runs on the posting thread (a gateway worker)
+/// with each task instead of queueing it for a poller.
+#[derive(Clone, Copy, Debug)]
+pub struct Inline {
+    /// The runtime's function.
+    pub call: unsafe extern "C" fn(*mut std::ffi::c_void, *mut std::ffi::c_void),
+    /// Its first argument, as the runtime gave it.
+    pub ctx: usize,
 }
 
 /// How many times an idle poller gives its CPU to a caller on the same CPU before it sleeps.
@@ -208,6 +230,9 @@ impl TaskQueue {
             poller_cpu: AtomicI32::new(-1),
             poster_cpu: AtomicI32::new(-1),
             handing_off: AtomicBool::new(false),
+            inline: std::sync::OnceLock::new(),
+            inline_off: AtomicBool::new(false),
+            inline_slow: Mutex::new((0, None)),
         })
     }
 
@@ -355,6 +380,61 @@ impl TaskQueue {
         }
         self.poster_cpu.store(current_cpu(), Ordering::Relaxed);
         Ok(task)
+    }
+
+    /// Registers the runtime's inline entry; false when one was registered before.
+    pub fn set_inline(&self, entry: Inline) -> bool {
+        self.inline.set(entry).is_ok()
+    }
+
+    /// The inline entry, unless none was registered or inline calls were turned off.
+    pub fn inline_entry(&self) -> Option<Inline> {
+        if self.inline_off.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.inline.get().copied()
+    }
+
+    /// Counts a slow inline call; true when it turns inline calls off for good (tasks queue
+    /// for the pollers from then on): the [`INLINE_SLOW_CALLS`]th slow call within
+    /// [`INLINE_SLOW_WINDOW`]. One slow call is not enough: the first call on a thread may set
+    /// the runtime up there (Go binds the thread), and a preempted worker thread makes any
+    /// call look slow.
+    pub fn inline_slow_call(&self) -> bool {
+        let now = Instant::now();
+        let mut w = self.inline_slow.lock();
+        match w.1 {
+            Some(start) if now.duration_since(start) <= INLINE_SLOW_WINDOW => w.0 += 1,
+            _ => *w = (1, Some(now)),
+        }
+        w.0 >= INLINE_SLOW_CALLS && !self.inline_off.swap(true, Ordering::AcqRel)
+    }
+
+    /// A task for an inline call: handed to the runtime at once (counted as polled), never
+    /// queued. Fails once the queue is finished.
+    pub fn start_inline(
+        self: &Arc<Self>,
+        req: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+    ) -> Result<Arc<Task>, PostError> {
+        if self.state.lock().finished {
+            return Err(PostError::Finished);
+        }
+        let req = req.map(|mut v| {
+            v.push(0);
+            v
+        });
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        Ok(Arc::new(Task {
+            req,
+            state: AtomicU8::new(POLLED),
+            cancelled: AtomicBool::new(false),
+            deadline,
+            answer: Mutex::new(None),
+            waker: Mutex::new(None),
+            done: None,
+            queue: self.clone(),
+        }))
     }
 
     /// Marks the queue finished: tasks already queued are still handed out, then every poller

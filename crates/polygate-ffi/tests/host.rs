@@ -424,3 +424,91 @@ async fn a_runtime_waiting_on_the_queue_descriptor() {
     );
     assert_eq!((rt.outstanding(), rt.queued()), (0, 0));
 }
+
+/// Whether the test runs under valgrind (scripts/valgrind-ffi.sh says so): every thread then
+/// shares one CPU in turns, so an inline call can take over a millisecond of wall time.
+fn under_valgrind() -> bool {
+    std::env::var_os("POLYGATE_UNDER_VALGRIND").is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_calls_run_on_the_callers_thread_and_slow_ones_move_to_the_queue() {
+    let lib = build("inline_runtime");
+    let path = lib.to_str().unwrap();
+    // SAFETY: the library is loaded by the host below; this only reads a test counter
+    let clib = unsafe { libloading::Library::new(&lib) }.unwrap();
+    // SAFETY: the counter's signature
+    let last_tid: libloading::Symbol<unsafe extern "C" fn() -> libc::c_long> =
+        unsafe { clib.get(b"inline_last_tid\0") }.unwrap();
+
+    // answered inside the post, on this thread: ready at the first poll, no poller involved
+    let rt = host().load(path, Some("inline"), &opts()).unwrap();
+    let mut call = rt.start_call(Some(b"seq"), None).unwrap();
+    // SAFETY: gettid has no arguments
+    let me = unsafe { libc::syscall(libc::SYS_gettid) };
+    // SAFETY: reads an atomic
+    assert_eq!(
+        unsafe { last_tid() },
+        me,
+        "the inline entry ran on the caller's thread"
+    );
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(call.poll(cx))).await;
+    let (rc, body) = match first {
+        std::task::Poll::Ready(a) => a.unwrap(),
+        std::task::Poll::Pending => panic!("an inline answer is ready at the first poll"),
+    };
+    assert_eq!((rc, body.as_deref()), (0, Some(&b"inline:seq"[..])));
+    drop(call);
+    // concurrent calls from both threads of the runtime, none lost or mixed up
+    let calls: Vec<_> = (0..400)
+        .map(|i| {
+            let rt = rt.clone();
+            tokio::spawn(async move { rt.call(Some(format!("c{i}").as_bytes()), None).await })
+        })
+        .collect();
+    for (i, c) in calls.into_iter().enumerate() {
+        let (rc, body) = c.await.unwrap().unwrap();
+        let text = String::from_utf8(body.unwrap().to_vec()).unwrap();
+        assert_eq!(rc, 0);
+        let (how, req) = text.split_once(':').unwrap();
+        assert_eq!(req, format!("c{i}"));
+        // under valgrind a descheduled call may look slow and move the rest to the queue
+        assert!(
+            how == "inline" || (under_valgrind() && how == "poll"),
+            "{text}"
+        );
+    }
+    assert_eq!((rt.outstanding(), rt.queued(), rt.inflight()), (0, 0, 0));
+
+    // an entry that answers later, from a thread of its own
+    let rt = host().load(path, Some("later"), &opts()).unwrap();
+    let (rc, body) = rt
+        .call(Some(b"x"), Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!((rc, body.as_deref()), (0, Some(&b"later:x"[..])));
+
+    // slow inline calls (2 ms): the fourth within a second turns them off, and the poll thread
+    // answers from then on
+    let rt = host().load(path, Some("slow"), &opts()).unwrap();
+    for i in 0..4 {
+        let (_, body) = rt
+            .call(Some(format!("s{i}").as_bytes()), None)
+            .await
+            .unwrap();
+        assert_eq!(body.as_deref(), Some(format!("inline:s{i}").as_bytes()));
+    }
+    for i in 4..8 {
+        let (_, body) = rt
+            .call(Some(format!("s{i}").as_bytes()), None)
+            .await
+            .unwrap();
+        assert_eq!(body.as_deref(), Some(format!("poll:s{i}").as_bytes()));
+    }
+    // an unloaded runtime's inline entry is not called any more
+    rt.unload();
+    assert_eq!(
+        rt.call(Some(b"late"), None).await.unwrap_err(),
+        CallError::Finished
+    );
+}

@@ -3,7 +3,10 @@
 //! answers the `ffi` plugin's request description with a `continue` action that adds an
 //! `x-rust-echo` header carrying the request path; with `"continue"` it answers nothing (the
 //! `ffi` plugin continues unchanged: the cheapest plugin round trip, for benchmarks). A
-//! `,pollers=N` suffix (`"json,pollers=3"`) polls with N threads instead of one.
+//! `,pollers=N` suffix (`"json,pollers=3"`) polls with N threads instead of one; `,inline`
+//! (`"continue,inline"`) runs the handler on the gateway's thread that makes the call
+//! ([`Options::inline`]). In `json` mode an `x-rust-thread` header names the thread that ran
+//! the handler.
 #![allow(unsafe_code, reason = "the runtime! macro exports libffi_init")]
 
 use polygate_ffi_sdk::{Error, Handler, Options, runtime};
@@ -28,10 +31,15 @@ impl Handler for Echo {
             .nth(1)
             .and_then(|r| r.split('"').next())
             .ok_or_else(|| Error::with_rc(2, "no path in request"))?;
-        Ok(
-            format!("{{\"action\":\"continue\",\"set_headers\":{{\"x-rust-echo\":\"{path}\"}}}}")
-                .into_bytes(),
+        // the thread that ran the handler: a poller (`ffi-poll-N`), or with `inline` the
+        // gateway's own worker thread
+        // (the kernel's name: this library's std does not know threads the host started)
+        let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
+        let thread = comm.trim_end();
+        Ok(format!(
+            "{{\"action\":\"continue\",\"set_headers\":{{\"x-rust-echo\":\"{path}\",\"x-rust-thread\":\"{thread}\"}}}}"
         )
+        .into_bytes())
     }
 }
 
@@ -42,11 +50,19 @@ fn init(cfg: Option<&str>) -> Result<(Echo, Options), Error> {
     // while the first works would cost a wake-up per batch (see `Options::pollers`)
     let mut opts = Options::default();
     for p in parts {
+        if p == "inline" {
+            opts.inline = true;
+            continue;
+        }
         opts.pollers = p
             .strip_prefix("pollers=")
             .and_then(|n| n.parse().ok())
             .filter(|&n| n > 0)
-            .ok_or_else(|| Error::new(format!("unknown cfg part {p:?} (pollers=N, N > 0)")))?;
+            .ok_or_else(|| {
+                Error::new(format!(
+                    "unknown cfg part {p:?} (pollers=N with N > 0, or inline)"
+                ))
+            })?;
     }
     Ok((
         Echo {

@@ -92,6 +92,23 @@ pub fn queued(tq: usize) -> Option<usize> {
     Some(unsafe { f(tq as *mut c_void) }.max(0) as usize)
 }
 
+type SetInline = unsafe extern "C" fn(
+    *mut c_void,
+    Option<unsafe extern "C" fn(*mut c_void, *mut c_void)>,
+    *mut c_void,
+) -> c_int;
+
+/// The host's `polygate_ffi_task_queue_inline` (ABI 1.3), when it has it.
+pub(crate) fn set_inline() -> Option<SetInline> {
+    static F: OnceLock<Option<SetInline>> = OnceLock::new();
+    *F.get_or_init(|| {
+        ext()?;
+        let p = lookup(c"polygate_ffi_task_queue_inline");
+        // SAFETY: the host's function with this published signature
+        (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, SetInline>(p) })
+    })
+}
+
 /// The body of a loader's `libffi_init`: hands `init` the cfg as text (empty for NULL, invalid
 /// UTF-8 replaced) and the queue's address, logs its error (prefixed in stderr with `who` when
 /// the host has no log) and answers rc 1 for an error or a panic.
