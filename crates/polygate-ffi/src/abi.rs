@@ -402,10 +402,11 @@ pub unsafe extern "C" fn polygate_ffi_log(level: c_int, msg: *const c_char, len:
 /// (ABI 1.3): from then on the host hands each task of `tq` to `call(ctx, tsk)` on the thread
 /// that posts it (a gateway worker) instead of queueing it for a poller. For handlers that
 /// answer within microseconds and never block: `call` answers the task (before returning, for
-/// the whole gain, or later from any thread) exactly as a polled one. An inline call that takes
-/// more than a millisecond turns inline calls off for the runtime (logged): later tasks queue
-/// for its pollers, so a runtime registering an inline entry keeps polling. 0 when registered,
-/// -1 when `tq` or `call` is NULL or an entry was registered before.
+/// the whole gain, or later from any thread) exactly as a polled one. Inline calls that take
+/// more than a millisecond four times within a second turn inline calls off for the runtime
+/// (logged): later tasks queue for its pollers, so a runtime registering an inline entry keeps
+/// polling. 0 when registered, -1 when `tq` or `call` is NULL or an entry was registered
+/// before.
 ///
 /// # Safety
 /// `tq` must be the queue handle given to `libffi_init`; `call` must be callable with `ctx`

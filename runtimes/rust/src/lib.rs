@@ -90,8 +90,9 @@ pub struct Options {
     /// the task to a poller (polygate 1.3 and later; elsewhere ignored). Saves the hop to the
     /// poller thread and back: for handlers that answer in microseconds and never block (an
     /// inline call keeps a gateway worker and every connection on it waiting). polygate turns
-    /// inline calls off for the runtime, with a warning, after one takes over a millisecond;
-    /// the pollers are started anyway and take the calls from then on. Default false.
+    /// inline calls off for the runtime, with a warning, when four take over a millisecond
+    /// within a second; the pollers are started anyway and take the calls from then on.
+    /// Default false.
     pub inline: bool,
 }
 
