@@ -353,20 +353,7 @@ impl TaskQueue {
         deadline: Option<Instant>,
         done: Option<Arc<DoneQueue>>,
     ) -> Result<Arc<Task>, PostError> {
-        let req = req.map(|mut v| {
-            v.push(0);
-            v
-        });
-        let task = Arc::new(Task {
-            req,
-            state: AtomicU8::new(QUEUED),
-            cancelled: AtomicBool::new(false),
-            deadline,
-            answer: Mutex::new(None),
-            waker: Mutex::new(None),
-            done,
-            queue: self.clone(),
-        });
+        let task = self.new_task(req, deadline, done, QUEUED);
         {
             let mut st = self.state.lock();
             if st.finished {
@@ -420,21 +407,32 @@ impl TaskQueue {
         if self.state.lock().finished {
             return Err(PostError::Finished);
         }
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        Ok(self.new_task(req, deadline, None, POLLED))
+    }
+
+    /// A task of this queue in `state`, its request NUL-terminated in place.
+    fn new_task(
+        self: &Arc<Self>,
+        req: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+        done: Option<Arc<DoneQueue>>,
+        state: u8,
+    ) -> Arc<Task> {
         let req = req.map(|mut v| {
             v.push(0);
             v
         });
-        self.outstanding.fetch_add(1, Ordering::AcqRel);
-        Ok(Arc::new(Task {
+        Arc::new(Task {
             req,
-            state: AtomicU8::new(POLLED),
+            state: AtomicU8::new(state),
             cancelled: AtomicBool::new(false),
             deadline,
             answer: Mutex::new(None),
             waker: Mutex::new(None),
-            done: None,
+            done,
             queue: self.clone(),
-        }))
+        })
     }
 
     /// Marks the queue finished: tasks already queued are still handed out, then every poller
