@@ -233,38 +233,32 @@ routes:
         5,
         "one poller for cfg json, three for json,pollers=3, one for json,inline"
     );
-    let tasks: Vec<_> = (0..300)
-        .map(|i| tokio::spawn(async move { (i, get(p, &format!("/pollers/req-{i}")).await) }))
-        .collect();
-    for t in tasks {
-        let (i, r) = t.await.unwrap();
-        assert_eq!(r.status, 200);
-        assert_eq!(
-            r.seen_header("x-rust-echo"),
-            Some(format!("/pollers/req-{i}"))
-        );
-        assert!(
-            r.seen_header("x-rust-thread")
-                .is_some_and(|t| t.starts_with("ffi-poll-")),
-            "{:?}",
-            r.seen_header("x-rust-thread")
-        );
+    // 300 concurrent requests under `prefix`, each answered with its own path; the threads that
+    // ran the handler
+    let concurrent = |prefix: &'static str| async move {
+        let tasks: Vec<_> = (0..300)
+            .map(|i| tokio::spawn(async move { (i, get(p, &format!("{prefix}/req-{i}")).await) }))
+            .collect();
+        let mut threads = Vec::new();
+        for t in tasks {
+            let (i, r) = t.await.unwrap();
+            assert_eq!(r.status, 200);
+            assert_eq!(
+                r.seen_header("x-rust-echo"),
+                Some(format!("{prefix}/req-{i}"))
+            );
+            threads.push(r.seen_header("x-rust-thread").unwrap_or_default());
+        }
+        threads
+    };
+    for thread in concurrent("/pollers").await {
+        assert!(thread.starts_with("ffi-poll-"), "{thread:?}");
     }
 
     // inline (`Options::inline`): the handler runs on the gateway's two worker threads, never on
     // the runtime's poller, and concurrent requests still each get their own answer
-    let tasks: Vec<_> = (0..300)
-        .map(|i| tokio::spawn(async move { (i, get(p, &format!("/inline/req-{i}")).await) }))
-        .collect();
-    for t in tasks {
-        let (i, r) = t.await.unwrap();
-        assert_eq!(r.status, 200);
-        assert_eq!(
-            r.seen_header("x-rust-echo"),
-            Some(format!("/inline/req-{i}"))
-        );
+    for thread in concurrent("/inline").await {
         // the kernel keeps 15 bytes of a thread's name: "polygate-worker-N" reads "polygate-worker"
-        let thread = r.seen_header("x-rust-thread").unwrap_or_default();
         assert_eq!(thread, "polygate-worker");
     }
     assert!(
