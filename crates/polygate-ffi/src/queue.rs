@@ -147,6 +147,8 @@ pub struct TaskQueue {
     inline_slow: Mutex<(u32, Option<Instant>)>,
 }
 
+/// The longest an inline call should keep a gateway worker thread: a longer one is slow.
+pub const INLINE_MAX: std::time::Duration = std::time::Duration::from_millis(1);
 /// Slow inline calls within [`INLINE_SLOW_WINDOW`] that turn a runtime's inline calls off.
 pub const INLINE_SLOW_CALLS: u32 = 4;
 /// See [`INLINE_SLOW_CALLS`].
@@ -382,12 +384,15 @@ impl TaskQueue {
         self.inline.get().copied()
     }
 
-    /// Counts a slow inline call; true when it turns inline calls off for good (tasks queue
-    /// for the pollers from then on): the [`INLINE_SLOW_CALLS`]th slow call within
-    /// [`INLINE_SLOW_WINDOW`]. One slow call is not enough: the first call on a thread may set
-    /// the runtime up there (Go binds the thread), and a preempted worker thread makes any
-    /// call look slow.
-    pub fn inline_slow_call(&self) -> bool {
+    /// Notes an inline call that took `took`; true when it turns inline calls off for good
+    /// (tasks queue for the pollers from then on): the [`INLINE_SLOW_CALLS`]th call over
+    /// [`INLINE_MAX`] within [`INLINE_SLOW_WINDOW`]. One slow call is not enough: the first
+    /// call on a thread may set the runtime up there (Go binds the thread), and a preempted
+    /// worker thread makes any call look slow.
+    pub fn inline_slow_call(&self, took: std::time::Duration) -> bool {
+        if took <= INLINE_MAX {
+            return false;
+        }
         let now = Instant::now();
         let mut w = self.inline_slow.lock();
         match w.1 {

@@ -241,13 +241,13 @@ impl Runtime {
                 .map_err(|_| CallError::Finished)?;
             let guard = CancelOnDrop::new(task.clone());
             let took = crate::abi::call_inline(entry, task);
-            if took > INLINE_MAX && self.queue.inline_slow_call() {
+            if self.queue.inline_slow_call(took) {
                 tracing::warn!(
                     "ffi {}: inline calls took over {} µs on a gateway worker thread {} times \
                      within {} s (the last {} µs): calls go through the queue to the \
                      runtime's pollers from now on",
                     self.key,
-                    INLINE_MAX.as_micros(),
+                    crate::queue::INLINE_MAX.as_micros(),
                     crate::queue::INLINE_SLOW_CALLS,
                     crate::queue::INLINE_SLOW_WINDOW.as_secs(),
                     took.as_micros()
@@ -319,11 +319,6 @@ impl Runtime {
         self.inflight.load(Ordering::Acquire)
     }
 }
-
-/// The longest an inline call should keep a gateway worker thread: a runtime whose inline
-/// calls take longer repeatedly ([`crate::queue::INLINE_SLOW_CALLS`]) gets its later tasks
-/// through the queue.
-const INLINE_MAX: Duration = Duration::from_millis(1);
 
 /// Queue handles of libraries that stay loaded (pinned, or failed during init): their threads
 /// may still poll, so the queues live for the rest of the process, held here on purpose.

@@ -324,21 +324,20 @@ fn spin_for_next(tq: usize) {
     }
 }
 
-/// Registers `handler` as the queue's inline entry; false when the host has no inline calls.
-fn register_inline<H: Handler>(tq: *mut c_void, handler: &Arc<H>) -> bool {
+/// Registers `handler` as the queue's inline entry, when the host has inline calls (without
+/// them, or if the host refuses, the pollers take every call).
+fn register_inline<H: Handler>(tq: *mut c_void, handler: &Arc<H>) {
     let Some(set) = host::set_inline() else {
-        return false;
+        return;
     };
     // one reference for the host, kept for the rest of the process (the host may call the
     // entry until the runtime is unloaded, and a call may be under way when it is)
     let ctx = Arc::into_raw(handler.clone()) as *mut c_void;
     // SAFETY: `tq` is the host's queue handle; `inline_call::<H>` takes `ctx` as the `H` it is
-    let ok = unsafe { set(tq, Some(inline_call::<H>), ctx) } == 0;
-    if !ok {
+    if unsafe { set(tq, Some(inline_call::<H>), ctx) } != 0 {
         // SAFETY: the host refused it, so this is still the only use of that reference
         drop(unsafe { Arc::from_raw(ctx as *const H) });
     }
-    ok
 }
 
 /// The inline entry: runs the handler for one task on the calling (gateway) thread.
@@ -350,7 +349,8 @@ unsafe extern "C" fn inline_call<H: Handler>(ctx: *mut c_void, tsk: *mut c_void)
         ext: extensions(),
     };
     // a panic past the handler's own guard: the task, dropped while unwinding, answers rc 1
-    let _ = catch(|| run_task(handler, task, true));
+    // (no cancellation check: the caller posted this task a moment ago, on this thread)
+    let _ = catch(|| run_task(handler, task, false));
 }
 
 /// Answers one task with the handler's result.
